@@ -1,0 +1,174 @@
+//! The per-CPU bookkeeping of the trampoline emulation and the checks the
+//! second trap makes before it writes anything.
+//!
+//! The first trap records (return address, target, IF) here and sends the CPU
+//! through the trampoline; the second trap takes the record back. Records nest
+//! strictly (an NMI, or a site hit from a nested handler, completes its own
+//! emulation before the interrupted one resumes), so a LIFO suffices.
+
+use core::fmt;
+
+use crate::tramp::TrampLayout;
+
+/// One emulated call between its first and second trap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingCall {
+    /// The patch site (the int3's address).
+    pub site: u64,
+    /// Where the emulated call returns to (site + 5).
+    pub ret: u64,
+    /// The emulated call's destination.
+    pub target: u64,
+    /// RFLAGS.IF of the interrupted code, restored by the second trap.
+    pub interrupts: bool,
+}
+
+/// Depth of nesting the LIFO allows (one per interrupt level that may hit a
+/// site: thread, IRQ, NMI, #MC, plus room).
+pub const LIFO_DEPTH: usize = 8;
+
+/// A fixed-size LIFO of pending emulations.
+///
+/// Nesting safety: `push` reserves its slot (bumps `depth`) before it fills
+/// it, and `pop` reads its slot before it releases it; a nested user that
+/// runs between the two steps only touches slots above `depth`.
+#[derive(Debug)]
+pub struct EmulLifo {
+    slots: [PendingCall; LIFO_DEPTH],
+    depth: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LifoFull;
+
+impl Default for EmulLifo {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EmulLifo {
+    pub const fn new() -> Self {
+        EmulLifo {
+            slots: [PendingCall { site: 0, ret: 0, target: 0, interrupts: false }; LIFO_DEPTH],
+            depth: 0,
+        }
+    }
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+    pub fn push(&mut self, p: PendingCall) -> Result<(), LifoFull> {
+        let d = self.depth;
+        if d == LIFO_DEPTH {
+            return Err(LifoFull);
+        }
+        self.depth = d + 1;
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+        self.slots[d] = p;
+        Ok(())
+    }
+    pub fn top(&self) -> Option<PendingCall> {
+        self.depth.checked_sub(1).map(|d| self.slots[d])
+    }
+    pub fn pop(&mut self) -> Option<PendingCall> {
+        let p = self.top()?;
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+        self.depth -= 1;
+        Some(p)
+    }
+    /// Drop records above `depth` (used when a fault unwinds to a recovery point).
+    pub fn truncate(&mut self, depth: usize) {
+        self.depth = self.depth.min(depth);
+    }
+}
+
+/// Why the second trap refused to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuardError {
+    /// The trampoline's int3 was reached without a first trap on this CPU.
+    NoPendingEmulation,
+    /// A slot the handler would write is not inside the expected stack.
+    SlotOutsideStack { stack: StackKind, addr: u64 },
+    /// A slot does not hold the trampoline's own return address.
+    SlotMismatch { stack: StackKind, slot: u8, found: u64, expected: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StackKind {
+    Normal,
+    Shadow,
+}
+
+impl fmt::Display for GuardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GuardError::NoPendingEmulation => f.write_str("trampoline int3 reached with no pending emulation"),
+            GuardError::SlotOutsideStack { stack, addr } => {
+                write!(f, "{stack:?} stack slot {addr:#x} lies outside this CPU's stack")
+            }
+            GuardError::SlotMismatch { stack, slot, found, expected } => write!(
+                f,
+                "{stack:?} stack slot {slot} holds {found:#x}, expected the trampoline's return address {expected:#x}"
+            ),
+        }
+    }
+}
+
+/// The two slots the second trap inspects on one stack: `[top]` must be the
+/// trampoline's second return address, `[top + 8]` its first.
+pub fn check_tramp_slots(layout: &TrampLayout, stack: StackKind, slots: [u64; 2]) -> Result<(), GuardError> {
+    let expected = [layout.ret2, layout.ret1];
+    for (i, (&found, &expected)) in slots.iter().zip(expected.iter()).enumerate() {
+        if found != expected {
+            return Err(GuardError::SlotMismatch { stack, slot: i as u8, found, expected });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pc(site: u64) -> PendingCall {
+        PendingCall { site, ret: site + 5, target: 0x9000, interrupts: site % 2 == 0 }
+    }
+
+    #[test]
+    fn lifo_nesting() {
+        let mut l = EmulLifo::new();
+        assert_eq!(l.pop(), None);
+        l.push(pc(0x100)).unwrap();
+        // A nested emulation (NMI) runs to completion in between.
+        l.push(pc(0x200)).unwrap();
+        assert_eq!(l.pop(), Some(pc(0x200)));
+        assert_eq!(l.top(), Some(pc(0x100)));
+        assert_eq!(l.pop(), Some(pc(0x100)));
+        assert_eq!(l.depth(), 0);
+    }
+
+    #[test]
+    fn lifo_bounded_and_truncate() {
+        let mut l = EmulLifo::new();
+        for i in 0..LIFO_DEPTH as u64 {
+            l.push(pc(i)).unwrap();
+        }
+        assert_eq!(l.push(pc(99)), Err(LifoFull));
+        l.truncate(2);
+        assert_eq!(l.depth(), 2);
+        assert_eq!(l.top(), Some(pc(1)));
+        l.truncate(5);
+        assert_eq!(l.depth(), 2);
+    }
+
+    #[test]
+    fn slot_checks() {
+        let t = TrampLayout { base: 0x1000, entry: 0x1000, ret1: 0x1005, ret2: 0x100b, trap: 0x100c, len: 14 };
+        assert_eq!(check_tramp_slots(&t, StackKind::Shadow, [0x100b, 0x1005]), Ok(()));
+        assert_eq!(
+            check_tramp_slots(&t, StackKind::Normal, [0x100b, 0x1006]),
+            Err(GuardError::SlotMismatch { stack: StackKind::Normal, slot: 1, found: 0x1006, expected: 0x1005 })
+        );
+        assert!(check_tramp_slots(&t, StackKind::Shadow, [0x1005, 0x100b]).is_err());
+    }
+}

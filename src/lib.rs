@@ -1,0 +1,19 @@
+//! shadowcall: the pure, host-testable logic behind shadow-stack-aware int3
+//! call emulation for live kernel text patching.
+//!
+//! Everything here is `no_std` (with `alloc`) and free of privileged
+//! instructions, so it is unit-tested on the host with `cargo test`; the
+//! bare-metal kernel in `kernel/` is a thin layer that applies it to real
+//! stacks, page tables and text.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod cmdline;
+pub mod emul;
+pub mod frame;
+pub mod ktap;
+pub mod paging;
+pub mod patch;
+pub mod shstk;
+pub mod tramp;
