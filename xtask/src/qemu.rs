@@ -1,0 +1,69 @@
+//! Booting the kernel directly with `qemu-system-x86_64 -kernel`.
+
+use crate::emulator::Launch;
+use crate::error::{Error, Result};
+use crate::machines::Machine;
+use crate::rundir::RunDir;
+
+pub const KERNEL: &str = "kernel.elf";
+pub const SERIAL_LOG: &str = "serial.log";
+pub const STDERR_LOG: &str = "qemu-stderr.log";
+
+/// Whether /dev/kvm can be opened read-write; the error says why not.
+pub fn kvm_usable() -> std::result::Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| format!("cannot open /dev/kvm read-write: {e}"))
+}
+
+/// The QEMU command for one run; the kernel is `dir/kernel.elf`.
+pub fn prepare(dir: &RunDir, machine: Machine, smp: u32, words: &[String], gdb: bool) -> Result<Launch> {
+    let cpu: &[&str] = match machine {
+        Machine::Qemu => &["-cpu", "max"],
+        Machine::QemuKvm => &["-enable-kvm", "-cpu", "host"],
+        _ => return Err(Error::new(format!("`{}` is not a QEMU machine", machine.name()))),
+    };
+    let serial = format!("file:{}", dir.join(SERIAL_LOG).display());
+    let smp = smp.to_string();
+    let words = words.join(" ");
+    let mut args: Vec<String> = [
+        "-kernel", KERNEL, "-append", &words, "-m", "128", "-smp", &smp, "-display", "none", "-monitor", "none",
+        "-no-reboot", "-debugcon", "stdio", "-serial", &serial, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(cpu.iter().map(|s| s.to_string()));
+    if gdb {
+        args.extend(["-s", "-S"].map(String::from));
+    }
+    Ok(Launch {
+        program: "qemu-system-x86_64".into(),
+        args,
+        env: vec![],
+        cwd: dir.path().to_path_buf(),
+        stderr_log: dir.join(STDERR_LOG),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_arguments() {
+        let dir = RunDir::create("xtask-unit-qemu").unwrap();
+        let words = vec!["cet=auto".to_string(), "expect_cet=0".to_string()];
+        let l = prepare(&dir, Machine::Qemu, 2, &words, false).unwrap();
+        let cmd = l.args.join(" ");
+        assert!(cmd.starts_with("-kernel kernel.elf -append cet=auto expect_cet=0 -m 128 -smp 2 "), "{cmd}");
+        assert!(cmd.contains("-device isa-debug-exit,iobase=0xf4,iosize=0x04"));
+        assert!(cmd.ends_with("-cpu max"));
+        let l = prepare(&dir, Machine::QemuKvm, 1, &words, true).unwrap();
+        assert!(l.args.join(" ").ends_with("-enable-kvm -cpu host -s -S"));
+        assert!(prepare(&dir, Machine::Bochs, 1, &words, false).is_err());
+        dir.remove().unwrap();
+    }
+}

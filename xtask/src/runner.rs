@@ -1,0 +1,218 @@
+//! One boot of the kernel on one machine, from options to verdict.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use crate::emulator::{self, Launch};
+use crate::error::{Context, Error, Result};
+use crate::ktap::Report;
+use crate::machines::{kernel_words, Cet, Emul, Machine};
+use crate::rundir::RunDir;
+use crate::{bochs, elfcheck, install, kernel, qemu};
+
+/// Options of one run (`cargo xtask run ...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOptions {
+    pub machine: Machine,
+    /// CPU count, 1..=8.
+    pub smp: u32,
+    pub cet: Cet,
+    pub emul: Option<Emul>,
+    /// Extra kernel command line words.
+    pub append: Vec<String>,
+    /// None: the machine's default (180 s Bochs, 60 s QEMU).
+    pub timeout: Option<Duration>,
+    /// QEMU only: wait for gdb on :1234; no timeout.
+    pub gdb: bool,
+    /// Keep the run directory.
+    pub keep: bool,
+    /// A kernel ELF already built; None: build it first.
+    pub kernel: Option<PathBuf>,
+    /// Print the emulator's output lines as they arrive.
+    pub echo: bool,
+}
+
+impl RunOptions {
+    pub fn new(machine: Machine) -> Self {
+        RunOptions {
+            machine,
+            smp: 1,
+            cet: Cet::Auto,
+            emul: None,
+            append: Vec::new(),
+            timeout: None,
+            gdb: false,
+            keep: false,
+            kernel: None,
+            echo: true,
+        }
+    }
+
+    /// The kernel command line words of this run.
+    pub fn words(&self) -> Vec<String> {
+        kernel_words(Some(self.machine), self.cet, self.emul, &self.append)
+    }
+
+    /// The timeout in force: none with --gdb.
+    pub fn effective_timeout(&self) -> Option<Duration> {
+        if self.gdb {
+            None
+        } else {
+            Some(self.timeout.unwrap_or_else(|| self.machine.default_timeout()))
+        }
+    }
+}
+
+/// The verdict of one run.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub machine: Machine,
+    pub words: Vec<String>,
+    /// The parsed KTAP report.
+    pub report: Report,
+    /// Everything the emulator printed on stdout.
+    pub raw_output: String,
+    pub passed: bool,
+    /// Why it failed (empty when it passed).
+    pub failures: Vec<String>,
+    pub exit_status: Option<ExitStatus>,
+    pub timed_out: bool,
+    /// The run directory, when it was kept.
+    pub run_dir: Option<PathBuf>,
+}
+
+impl RunOutcome {
+    pub fn summary_line(&self) -> String {
+        self.report.summary_line()
+    }
+
+    /// The KTAP report and the verdict, for test failure messages.
+    pub fn describe(&self) -> String {
+        let mut s = format!("machine {} with `{}`\n", self.machine.name(), self.words.join(" "));
+        if self.report.header_seen {
+            s.push_str("--- KTAP report ---\n");
+            s.push_str(&self.report.text());
+        } else {
+            s.push_str("--- no KTAP report; raw emulator output ---\n");
+            s.push_str(&self.raw_output);
+        }
+        s.push_str("---\n");
+        s.push_str(&self.summary_line());
+        s.push('\n');
+        for f in &self.failures {
+            s.push_str(&format!("FAIL: {f}\n"));
+        }
+        s
+    }
+}
+
+fn validate(opts: &RunOptions) -> Result<()> {
+    if opts.gdb && opts.machine.is_bochs() {
+        return Err(Error::new("--gdb works only with the QEMU machines"));
+    }
+    if !(1..=8).contains(&opts.smp) {
+        return Err(Error::new(format!("smp must be from 1 to 8, not {}", opts.smp)));
+    }
+    for w in &opts.append {
+        crate::machines::check_cmdline_word(w).map_err(Error::new)?;
+    }
+    Ok(())
+}
+
+/// Builds (unless `opts.kernel` is given), checks and boots the kernel once,
+/// and judges the KTAP report. `Err` means the run could not be done at all
+/// (missing tools, build failure...); a failing kernel is `Ok` with
+/// `passed == false`.
+pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
+    validate(opts)?;
+    install::ensure_machines(&[opts.machine])?;
+    if opts.machine == Machine::QemuKvm {
+        qemu::kvm_usable().map_err(|e| Error::new(format!("machine qemu-kvm: /dev/kvm is not usable: {e}")))?;
+    }
+    let kernel = match &opts.kernel {
+        Some(k) => k.clone(),
+        None => kernel::build_kernel()?,
+    };
+    elfcheck::check_kernel_elf(&kernel)?;
+    let dir = RunDir::create("shadowcall-run")?;
+    let result = run_in(&dir, opts, &kernel);
+    if opts.keep {
+        println!("run directory kept: {}", dir.path().display());
+        let path = dir.path().to_path_buf();
+        return result.map(|mut o| {
+            o.run_dir = Some(path);
+            o
+        });
+    }
+    if let Err(e) = dir.remove() {
+        eprintln!("warning: {e}");
+    }
+    result
+}
+
+fn prepare(dir: &RunDir, opts: &RunOptions, words: &[String]) -> Result<Launch> {
+    let kernel = dir.join(qemu::KERNEL);
+    if opts.machine.is_bochs() {
+        bochs::prepare(dir, opts.machine, opts.smp, words, &kernel)
+    } else {
+        qemu::prepare(dir, opts.machine, opts.smp, words, opts.gdb)
+    }
+}
+
+fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> {
+    let copy = dir.join(qemu::KERNEL);
+    std::fs::copy(kernel, &copy).context(|| format!("cannot copy {} to {}", kernel.display(), copy.display()))?;
+    let words = opts.words();
+    let launch = prepare(dir, opts, &words)?;
+    std::fs::write(dir.join("command.txt"), launch.command_line() + "\n").context(|| "cannot write command.txt")?;
+    let timeout = opts.effective_timeout();
+    println!("==> booting {} (smp {}) with `{}`", opts.machine.name(), opts.smp, words.join(" "));
+    if opts.gdb {
+        println!("==> QEMU waits for gdb; no timeout. Attach with:");
+        println!("    gdb {} -ex 'target remote :1234'", copy.display());
+    }
+    let streamed = emulator::run_streaming(&launch, timeout, opts.echo, &dir.join("output.log"))?;
+    let mut failures = Vec::new();
+    if let Some(t) = streamed.timed_out {
+        failures.push(format!("timeout after {} s", t.as_secs()));
+    }
+    let report_failures = streamed.report.failure_reasons();
+    let complete = streamed.report.plan.is_some_and(|n| streamed.report.results.len() >= n as usize);
+    if streamed.timed_out.is_none() && !complete {
+        let status = streamed.exit.map_or("unknown status".to_string(), |s| s.to_string());
+        failures.push(format!("the emulator exited ({status}) before the report was complete"));
+    }
+    failures.extend(report_failures);
+    if opts.machine.is_bochs() {
+        let log = std::fs::read_to_string(dir.join(bochs::LOG)).unwrap_or_default();
+        failures.extend(bochs::log_problems(&log));
+    }
+    if streamed.killed_after_end {
+        println!("note: the emulator did not exit after the end of the report; it was killed");
+    }
+    let outcome = RunOutcome {
+        machine: opts.machine,
+        words,
+        passed: failures.is_empty(),
+        failures,
+        report: streamed.report,
+        raw_output: streamed.raw,
+        exit_status: streamed.exit,
+        timed_out: streamed.timed_out.is_some(),
+        run_dir: None,
+    };
+    print_verdict(&outcome);
+    Ok(outcome)
+}
+
+fn print_verdict(outcome: &RunOutcome) {
+    println!("{}", outcome.summary_line());
+    if outcome.passed {
+        println!("PASS: {}", outcome.machine.name());
+    } else {
+        for f in &outcome.failures {
+            println!("FAIL: {f}");
+        }
+    }
+}
