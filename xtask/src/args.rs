@@ -31,6 +31,8 @@ pub struct IsoOptions {
     pub cet: Cet,
     pub emul: Option<Emul>,
     pub append: Vec<String>,
+    /// A prebuilt kernel ELF; None: build kernel/.
+    pub kernel: Option<std::path::PathBuf>,
 }
 
 /// Walks `--flag value` / `--flag=value` words.
@@ -167,16 +169,17 @@ pub fn parse_run(args: &[String]) -> Result<RunOptions, UsageError> {
 /// `cargo xtask iso [--cet V] [--emul V] [--append WORD]...`.
 pub fn parse_iso(args: &[String]) -> Result<IsoOptions, UsageError> {
     let mut words = Words::new(args);
-    let (mut cet, mut emul, mut append) = (None, None, Vec::new());
+    let (mut cet, mut emul, mut append, mut kernel) = (None, None, Vec::new(), None);
     while let Some((name, inline)) = words.next_option()? {
         match name {
             "--cet" => set_once(&mut cet, name, parse_cet(words.value(name, inline)?)?)?,
             "--emul" => set_once(&mut emul, name, parse_emul(words.value(name, inline)?)?)?,
             "--append" => append.push(parse_word(words.value(name, inline)?)?),
+            "--kernel" => set_once(&mut kernel, name, std::path::PathBuf::from(words.value(name, inline)?))?,
             _ => return usage_err(format!("unknown option `{name}` for `iso`")),
         }
     }
-    Ok(IsoOptions { cet: cet.unwrap_or_default(), emul, append })
+    Ok(IsoOptions { cet: cet.unwrap_or_default(), emul, append, kernel })
 }
 
 /// A subcommand that takes no arguments.
@@ -253,7 +256,7 @@ mod tests {
     #[test]
     fn iso_options() {
         let o = parse_iso(&v(&["--append", "x=1", "--cet", "on"])).unwrap();
-        assert_eq!(o, IsoOptions { cet: Cet::On, emul: None, append: v(&["x=1"]) });
+        assert_eq!(o, IsoOptions { cet: Cet::On, emul: None, append: v(&["x=1"]), kernel: None });
         assert!(parse_iso(&v(&["--machine", "qemu"])).unwrap_err().0.contains("unknown option `--machine`"));
         assert!(parse_iso(&v(&["--append"])).unwrap_err().0.contains("needs a value"));
     }

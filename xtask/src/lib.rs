@@ -41,14 +41,14 @@ pub fn test_everything() -> Result<()> {
     banner("step 2/3: Rust target x86_64-unknown-none");
     install::ensure_rust_target(&kernel::kernel_dir())?;
     println!("target present");
-    banner("step 3/3: cargo test --workspace (host unit tests, then the emulator matrix)");
+    banner("step 3/3: cargo test --workspace --no-fail-fast (host unit tests and the emulator matrix)");
     let status = Command::new(kernel::cargo())
-        .args(["test", "--workspace"])
+        .args(["test", "--workspace", "--no-fail-fast"])
         .current_dir(kernel::repo_root())
         .status()
         .context(|| "cannot run cargo test")?;
     if !status.success() {
-        return Err(Error::new(format!("cargo test --workspace failed ({status})")));
+        return Err(Error::new(format!("cargo test --workspace failed ({status}); see the test output above")));
     }
     banner("all tests passed");
     Ok(())
@@ -57,7 +57,10 @@ pub fn test_everything() -> Result<()> {
 /// `cargo xtask iso`: a GRUB ISO for real hardware at target/shadowcall.iso.
 pub fn hardware_iso(opts: &args::IsoOptions) -> Result<PathBuf> {
     install::ensure(install::GRUB_ISO)?;
-    let elf = build_kernel()?;
+    let elf = match &opts.kernel {
+        Some(k) => k.clone(),
+        None => build_kernel()?,
+    };
     elfcheck::check_kernel_elf(&elf)?;
     let words = machines::kernel_words(None, opts.cet, opts.emul, &opts.append);
     let out_dir = kernel::repo_root().join("target");

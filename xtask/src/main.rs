@@ -46,7 +46,7 @@ const SUBCOMMANDS: &[Subcommand] = &[
     },
     Subcommand {
         name: "iso",
-        synopsis: "iso [--cet auto|on|off] [--emul trampoline|shadowgap|classic] [--append WORD]...\n\
+        synopsis: "iso [--cet auto|on|off] [--emul trampoline|shadowgap|classic] [--append WORD]... [--kernel ELF]\n\
                    \x20   Build a GRUB ISO for real hardware at target/shadowcall.iso.",
         run: cmd_iso,
     },
