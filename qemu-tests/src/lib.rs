@@ -41,7 +41,11 @@ pub fn boot(opts: &RunOptions) -> RunOutcome {
 
 /// Asserts the run passed and printed a diagnostic containing `path`.
 pub fn assert_passes_with_path(outcome: &RunOutcome, path: &str) {
-    assert!(outcome.passed, "the run should pass but failed:\n{}", outcome.describe());
+    assert!(
+        outcome.passed,
+        "the run should pass but failed:\n{}",
+        outcome.describe()
+    );
     assert!(
         outcome.report.has_diagnostic_containing(path),
         "the report passed but has no diagnostic containing `{path}`:\n{}",
@@ -52,7 +56,11 @@ pub fn assert_passes_with_path(outcome: &RunOutcome, path: &str) {
 /// Asserts the run failed because test `cmdline` is `not ok` and a
 /// diagnostic mentions `needle`.
 pub fn assert_cmdline_rejected(outcome: &RunOutcome, needle: &str) {
-    assert!(!outcome.passed, "the run should fail but passed:\n{}", outcome.describe());
+    assert!(
+        !outcome.passed,
+        "the run should fail but passed:\n{}",
+        outcome.describe()
+    );
     let cmdline = outcome.report.result("cmdline");
     assert!(
         cmdline.is_some_and(|r| r.status == xtask::ktap::Status::NotOk),
@@ -65,7 +73,10 @@ pub fn assert_cmdline_rejected(outcome: &RunOutcome, needle: &str) {
         outcome.describe()
     );
     assert!(
-        outcome.failures.iter().any(|f| f.contains("not ok: ") && f.contains("cmdline")),
+        outcome
+            .failures
+            .iter()
+            .any(|f| f.contains("not ok: ") && f.contains("cmdline")),
         "the failure reasons should name cmdline: {:?}",
         outcome.failures
     );

@@ -39,7 +39,8 @@ fn qemu_kvm() {
     let outcome = boot(&options(Machine::QemuKvm));
     assert_passes_with_path(&outcome, "path=");
     assert!(
-        outcome.report.has_diagnostic_containing("path=cet") || outcome.report.has_diagnostic_containing("path=fallback"),
+        outcome.report.has_diagnostic_containing("path=cet")
+            || outcome.report.has_diagnostic_containing("path=fallback"),
         "no path=cet or path=fallback diagnostic:\n{}",
         outcome.describe()
     );

@@ -47,7 +47,9 @@ impl<'a> Words<'a> {
 
     /// The next option as (name, inline value after `=`).
     fn next_option(&mut self) -> Result<Option<(&'a str, Option<&'a str>)>, UsageError> {
-        let Some(word) = self.rest.next() else { return Ok(None) };
+        let Some(word) = self.rest.next() else {
+            return Ok(None);
+        };
         if !word.starts_with("--") || word.len() == 2 {
             return usage_err(format!("unexpected argument `{word}`"));
         }
@@ -90,30 +92,41 @@ fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), UsageEr
 fn parse_machine(v: &str) -> Result<Machine, UsageError> {
     Machine::from_name(v).ok_or_else(|| {
         let names: Vec<_> = Machine::ALL.iter().map(|m| m.name()).collect();
-        UsageError(format!("unknown machine `{v}` (expected one of: {})", names.join(", ")))
+        UsageError(format!(
+            "unknown machine `{v}` (expected one of: {})",
+            names.join(", ")
+        ))
     })
 }
 
 fn parse_cet(v: &str) -> Result<Cet, UsageError> {
-    Cet::from_name(v).ok_or_else(|| UsageError(format!("bad --cet value `{v}` (expected auto, on or off)")))
+    Cet::from_name(v)
+        .ok_or_else(|| UsageError(format!("bad --cet value `{v}` (expected auto, on or off)")))
 }
 
 fn parse_emul(v: &str) -> Result<Emul, UsageError> {
-    Emul::from_name(v)
-        .ok_or_else(|| UsageError(format!("bad --emul value `{v}` (expected trampoline, shadowgap or classic)")))
+    Emul::from_name(v).ok_or_else(|| {
+        UsageError(format!(
+            "bad --emul value `{v}` (expected trampoline, shadowgap or classic)"
+        ))
+    })
 }
 
 fn parse_smp(v: &str) -> Result<u32, UsageError> {
     match v.parse::<u32>() {
         Ok(n) if (1..=8).contains(&n) => Ok(n),
-        _ => usage_err(format!("bad --smp value `{v}` (expected a number from 1 to 8)")),
+        _ => usage_err(format!(
+            "bad --smp value `{v}` (expected a number from 1 to 8)"
+        )),
     }
 }
 
 fn parse_timeout(v: &str) -> Result<Duration, UsageError> {
     match v.parse::<u64>() {
         Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
-        _ => usage_err(format!("bad --timeout value `{v}` (expected a whole number of seconds, at least 1)")),
+        _ => usage_err(format!(
+            "bad --timeout value `{v}` (expected a whole number of seconds, at least 1)"
+        )),
     }
 }
 
@@ -129,13 +142,25 @@ pub fn parse_run(args: &[String]) -> Result<RunOptions, UsageError> {
     let (mut gdb, mut keep, mut append, mut kernel) = (false, false, Vec::new(), None);
     while let Some((name, inline)) = words.next_option()? {
         match name {
-            "--machine" => set_once(&mut machine, name, parse_machine(words.value(name, inline)?)?)?,
+            "--machine" => set_once(
+                &mut machine,
+                name,
+                parse_machine(words.value(name, inline)?)?,
+            )?,
             "--smp" => set_once(&mut smp, name, parse_smp(words.value(name, inline)?)?)?,
             "--cet" => set_once(&mut cet, name, parse_cet(words.value(name, inline)?)?)?,
             "--emul" => set_once(&mut emul, name, parse_emul(words.value(name, inline)?)?)?,
-            "--timeout" => set_once(&mut timeout, name, parse_timeout(words.value(name, inline)?)?)?,
+            "--timeout" => set_once(
+                &mut timeout,
+                name,
+                parse_timeout(words.value(name, inline)?)?,
+            )?,
             "--append" => append.push(parse_word(words.value(name, inline)?)?),
-            "--kernel" => set_once(&mut kernel, name, std::path::PathBuf::from(words.value(name, inline)?))?,
+            "--kernel" => set_once(
+                &mut kernel,
+                name,
+                std::path::PathBuf::from(words.value(name, inline)?),
+            )?,
             "--gdb" => {
                 no_value(name, inline)?;
                 gdb = true;
@@ -149,7 +174,10 @@ pub fn parse_run(args: &[String]) -> Result<RunOptions, UsageError> {
     }
     let machine = machine.unwrap_or(Machine::Bochs);
     if gdb && machine.is_bochs() {
-        return usage_err(format!("`--gdb` works only with the QEMU machines, not `{}`", machine.name()));
+        return usage_err(format!(
+            "`--gdb` works only with the QEMU machines, not `{}`",
+            machine.name()
+        ));
     }
     if gdb && timeout.is_some() {
         return usage_err("`--gdb` disables the timeout; do not combine it with `--timeout`");
@@ -175,11 +203,20 @@ pub fn parse_iso(args: &[String]) -> Result<IsoOptions, UsageError> {
             "--cet" => set_once(&mut cet, name, parse_cet(words.value(name, inline)?)?)?,
             "--emul" => set_once(&mut emul, name, parse_emul(words.value(name, inline)?)?)?,
             "--append" => append.push(parse_word(words.value(name, inline)?)?),
-            "--kernel" => set_once(&mut kernel, name, std::path::PathBuf::from(words.value(name, inline)?))?,
+            "--kernel" => set_once(
+                &mut kernel,
+                name,
+                std::path::PathBuf::from(words.value(name, inline)?),
+            )?,
             _ => return usage_err(format!("unknown option `{name}` for `iso`")),
         }
     }
-    Ok(IsoOptions { cet: cet.unwrap_or_default(), emul, append, kernel })
+    Ok(IsoOptions {
+        cet: cet.unwrap_or_default(),
+        emul,
+        append,
+        kernel,
+    })
 }
 
 /// A subcommand that takes no arguments.
@@ -206,15 +243,29 @@ mod tests {
     fn run_defaults() {
         let o = parse_run(&[]).unwrap();
         assert_eq!(o.machine, Machine::Bochs);
-        assert_eq!((o.smp, o.cet, o.emul, o.timeout, o.gdb, o.keep), (1, Cet::Auto, None, None, false, false));
+        assert_eq!(
+            (o.smp, o.cet, o.emul, o.timeout, o.gdb, o.keep),
+            (1, Cet::Auto, None, None, false, false)
+        );
         assert!(o.append.is_empty());
     }
 
     #[test]
     fn run_all_options() {
         let o = parse_run(&v(&[
-            "--machine", "qemu", "--smp", "4", "--cet=off", "--emul", "classic", "--append", "a=1",
-            "--append=b", "--timeout", "30", "--keep",
+            "--machine",
+            "qemu",
+            "--smp",
+            "4",
+            "--cet=off",
+            "--emul",
+            "classic",
+            "--append",
+            "a=1",
+            "--append=b",
+            "--timeout",
+            "30",
+            "--keep",
         ]))
         .unwrap();
         assert_eq!(o.machine, Machine::Qemu);
@@ -224,7 +275,10 @@ mod tests {
         assert!(o.keep && !o.gdb);
         assert_eq!(o.kernel, None);
         let o = parse_run(&v(&["--kernel", "/tmp/k.elf"])).unwrap();
-        assert_eq!(o.kernel.as_deref(), Some(std::path::Path::new("/tmp/k.elf")));
+        assert_eq!(
+            o.kernel.as_deref(),
+            Some(std::path::Path::new("/tmp/k.elf"))
+        );
         let o = parse_run(&v(&["--machine", "qemu-kvm", "--gdb"])).unwrap();
         assert!(o.gdb);
     }
@@ -256,14 +310,31 @@ mod tests {
     #[test]
     fn iso_options() {
         let o = parse_iso(&v(&["--append", "x=1", "--cet", "on"])).unwrap();
-        assert_eq!(o, IsoOptions { cet: Cet::On, emul: None, append: v(&["x=1"]), kernel: None });
-        assert!(parse_iso(&v(&["--machine", "qemu"])).unwrap_err().0.contains("unknown option `--machine`"));
-        assert!(parse_iso(&v(&["--append"])).unwrap_err().0.contains("needs a value"));
+        assert_eq!(
+            o,
+            IsoOptions {
+                cet: Cet::On,
+                emul: None,
+                append: v(&["x=1"]),
+                kernel: None
+            }
+        );
+        assert!(parse_iso(&v(&["--machine", "qemu"]))
+            .unwrap_err()
+            .0
+            .contains("unknown option `--machine`"));
+        assert!(parse_iso(&v(&["--append"]))
+            .unwrap_err()
+            .0
+            .contains("needs a value"));
     }
 
     #[test]
     fn no_argument_subcommands() {
         assert!(parse_none("test", &[]).is_ok());
-        assert!(parse_none("test", &v(&["--fast"])).unwrap_err().0.contains("`--fast`"));
+        assert!(parse_none("test", &v(&["--fast"]))
+            .unwrap_err()
+            .0
+            .contains("`--fast`"));
     }
 }

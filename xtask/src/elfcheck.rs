@@ -42,13 +42,17 @@ pub fn load_segments(elf: &[u8]) -> std::result::Result<Vec<LoadSegment>, String
     let short = || "truncated ELF header".to_string();
     let machine = u16_at(elf, 0x12).ok_or_else(short)?;
     if machine != EM_X86_64 {
-        return Err(format!("ELF machine is {machine}, not x86-64 ({EM_X86_64})"));
+        return Err(format!(
+            "ELF machine is {machine}, not x86-64 ({EM_X86_64})"
+        ));
     }
     let phoff = u64_at(elf, 0x20).ok_or_else(short)? as usize;
     let phentsize = u16_at(elf, 0x36).ok_or_else(short)? as usize;
     let phnum = u16_at(elf, 0x38).ok_or_else(short)? as usize;
     if phentsize < 56 {
-        return Err(format!("program header entry size {phentsize} is smaller than 56"));
+        return Err(format!(
+            "program header entry size {phentsize} is smaller than 56"
+        ));
     }
     let mut segments = Vec::new();
     for i in 0..phnum {
@@ -69,7 +73,9 @@ pub fn load_segments(elf: &[u8]) -> std::result::Result<Vec<LoadSegment>, String
 
 /// The a.out-kludge rules described in the module comment.
 pub fn check_segments(segments: &[LoadSegment]) -> std::result::Result<(), String> {
-    let Some(first) = segments.first() else { return Err("the ELF has no PT_LOAD segment".into()) };
+    let Some(first) = segments.first() else {
+        return Err("the ELF has no PT_LOAD segment".into());
+    };
     let delta = first.vaddr.wrapping_sub(first.offset);
     for (i, s) in segments.iter().enumerate() {
         let d = s.vaddr.wrapping_sub(s.offset);
@@ -89,7 +95,10 @@ pub fn check_segments(segments: &[LoadSegment]) -> std::result::Result<(), Strin
         let (a, b) = (pair[0], pair[1]);
         let a_end = a.offset + a.filesz;
         if b.offset < a_end {
-            return Err(format!("PT_LOADs at vaddr {:#x} and {:#x} overlap in the file", a.vaddr, b.vaddr));
+            return Err(format!(
+                "PT_LOADs at vaddr {:#x} and {:#x} overlap in the file",
+                a.vaddr, b.vaddr
+            ));
         }
         if b.offset - a_end >= MAX_PADDING {
             return Err(format!(
@@ -101,14 +110,18 @@ pub fn check_segments(segments: &[LoadSegment]) -> std::result::Result<(), Strin
             ));
         }
     }
-    if let Some(last_file) = file_backed.last() {
-        for s in sorted.iter().filter(|s| s.vaddr < last_file.vaddr && s.memsz > s.filesz) {
-            return Err(format!(
-                "PT_LOAD at vaddr {:#x} has a zero-filled part (memsz {:#x} > filesz {:#x}) but file-backed \
-                 data follows it at {:#x}: the Multiboot loader would fill it with file bytes; put .bss last",
-                s.vaddr, s.memsz, s.filesz, last_file.vaddr
-            ));
-        }
+    let Some(last_file) = file_backed.last() else {
+        return Ok(());
+    };
+    let bss_before_data = sorted
+        .iter()
+        .find(|s| s.vaddr < last_file.vaddr && s.memsz > s.filesz);
+    if let Some(s) = bss_before_data {
+        return Err(format!(
+            "PT_LOAD at vaddr {:#x} has a zero-filled part (memsz {:#x} > filesz {:#x}) but file-backed \
+             data follows it at {:#x}: the Multiboot loader would fill it with file bytes; put .bss last",
+            s.vaddr, s.memsz, s.filesz, last_file.vaddr
+        ));
     }
     Ok(())
 }
@@ -118,8 +131,11 @@ pub fn check_segments(segments: &[LoadSegment]) -> std::result::Result<(), Strin
 pub fn check_multiboot_header(elf: &[u8]) -> std::result::Result<(), String> {
     let window = &elf[..elf.len().min(8192)];
     for at in (0..window.len().saturating_sub(11)).step_by(4) {
-        let (Some(magic), Some(flags), Some(sum)) = (u32_at(window, at), u32_at(window, at + 4), u32_at(window, at + 8))
-        else {
+        let (Some(magic), Some(flags), Some(sum)) = (
+            u32_at(window, at),
+            u32_at(window, at + 4),
+            u32_at(window, at + 8),
+        ) else {
             break;
         };
         if magic == 0x1BAD_B002 && magic.wrapping_add(flags).wrapping_add(sum) == 0 {
@@ -149,7 +165,12 @@ mod tests {
     use super::*;
 
     fn seg(offset: u64, vaddr: u64, filesz: u64, memsz: u64) -> LoadSegment {
-        LoadSegment { offset, vaddr, filesz, memsz }
+        LoadSegment {
+            offset,
+            vaddr,
+            filesz,
+            memsz,
+        }
     }
 
     /// A minimal ELF64 with the given PT_LOADs and one PT_NOTE.
@@ -170,7 +191,13 @@ mod tests {
         for s in segments {
             let mut ph = vec![0u8; 56];
             ph[..4].copy_from_slice(&PT_LOAD.to_le_bytes());
-            for (at, v) in [(8, s.offset), (16, s.vaddr), (24, s.vaddr), (32, s.filesz), (40, s.memsz)] {
+            for (at, v) in [
+                (8, s.offset),
+                (16, s.vaddr),
+                (24, s.vaddr),
+                (32, s.filesz),
+                (40, s.memsz),
+            ] {
                 ph[at..at + 8].copy_from_slice(&v.to_le_bytes());
             }
             b.extend(ph);
@@ -180,7 +207,10 @@ mod tests {
 
     #[test]
     fn parses_program_headers() {
-        let segs = [seg(0x1000, 0x100000, 0x2000, 0x2000), seg(0x3000, 0x102000, 0x100, 0x5000)];
+        let segs = [
+            seg(0x1000, 0x100000, 0x2000, 0x2000),
+            seg(0x3000, 0x102000, 0x100, 0x5000),
+        ];
         assert_eq!(load_segments(&elf(&segs)).unwrap(), segs);
         assert!(check_segments(&segs).is_ok());
     }
@@ -202,18 +232,34 @@ mod tests {
 
     #[test]
     fn rejects_different_deltas() {
-        let segs = [seg(0x1000, 0x100000, 0x1000, 0x1000), seg(0x2000, 0x200000, 0x1000, 0x1000)];
+        let segs = [
+            seg(0x1000, 0x100000, 0x1000, 0x1000),
+            seg(0x2000, 0x200000, 0x1000, 0x1000),
+        ];
         assert!(check_segments(&segs).unwrap_err().contains("same delta"));
     }
 
     #[test]
     fn rejects_file_gap_and_bss_in_the_middle() {
-        let gap = [seg(0x1000, 0x100000, 0x1000, 0x1000), seg(0x9000, 0x108000, 0x1000, 0x1000)];
+        let gap = [
+            seg(0x1000, 0x100000, 0x1000, 0x1000),
+            seg(0x9000, 0x108000, 0x1000, 0x1000),
+        ];
         assert!(check_segments(&gap).unwrap_err().contains("not contiguous"));
-        let bss_first = [seg(0x1000, 0x100000, 0x800, 0x1000), seg(0x2000, 0x101000, 0x1000, 0x1000)];
-        assert!(check_segments(&bss_first).unwrap_err().contains("zero-filled"));
-        let pure_bss_first = [seg(0x1000, 0x100000, 0, 0x1000), seg(0x2000, 0x101000, 0x10, 0x10)];
-        assert!(check_segments(&pure_bss_first).unwrap_err().contains("zero-filled"));
+        let bss_first = [
+            seg(0x1000, 0x100000, 0x800, 0x1000),
+            seg(0x2000, 0x101000, 0x1000, 0x1000),
+        ];
+        assert!(check_segments(&bss_first)
+            .unwrap_err()
+            .contains("zero-filled"));
+        let pure_bss_first = [
+            seg(0x1000, 0x100000, 0, 0x1000),
+            seg(0x2000, 0x101000, 0x10, 0x10),
+        ];
+        assert!(check_segments(&pure_bss_first)
+            .unwrap_err()
+            .contains("zero-filled"));
     }
 
     #[test]
@@ -241,8 +287,12 @@ mod tests {
     #[test]
     fn multiboot_header() {
         assert!(check_multiboot_header(&multiboot(0x10000)).is_ok());
-        assert!(check_multiboot_header(&multiboot(0x3)).unwrap_err().contains("bit 16"));
-        assert!(check_multiboot_header(&[0u8; 100]).unwrap_err().contains("no Multiboot"));
+        assert!(check_multiboot_header(&multiboot(0x3))
+            .unwrap_err()
+            .contains("bit 16"));
+        assert!(check_multiboot_header(&[0u8; 100])
+            .unwrap_err()
+            .contains("no Multiboot"));
         let mut b = multiboot(0x10000);
         b[72] ^= 1;
         assert!(check_multiboot_header(&b).is_err());

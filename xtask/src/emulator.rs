@@ -30,7 +30,11 @@ pub struct Launch {
 }
 
 fn shell_quote(word: &str) -> String {
-    if !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "_-=./:,+@%".contains(c)) {
+    if !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-=./:,+@%".contains(c))
+    {
         word.to_string()
     } else {
         format!("'{}'", word.replace('\'', "'\\''"))
@@ -40,8 +44,15 @@ fn shell_quote(word: &str) -> String {
 impl Launch {
     /// A shell command line that repeats this launch (for command.txt).
     pub fn command_line(&self) -> String {
-        let mut parts = vec![format!("cd {} &&", shell_quote(&self.cwd.to_string_lossy()))];
-        parts.extend(self.env.iter().map(|(k, v)| format!("{k}={}", shell_quote(v))));
+        let mut parts = vec![format!(
+            "cd {} &&",
+            shell_quote(&self.cwd.to_string_lossy())
+        )];
+        parts.extend(
+            self.env
+                .iter()
+                .map(|(k, v)| format!("{k}={}", shell_quote(v))),
+        );
         parts.push(shell_quote(&self.program));
         parts.extend(self.args.iter().map(|a| shell_quote(a)));
         parts.push("< /dev/null".to_string());
@@ -107,9 +118,16 @@ fn spawn_line_reader(reader: impl std::io::Read + Send + 'static) -> mpsc::Recei
 
 /// Starts the emulator, echoes (if `echo`) and parses its stdout line by
 /// line, and stops it at the timeout. Raw output is also written to `output_log`.
-pub fn run_streaming(launch: &Launch, timeout: Option<Duration>, echo: bool, output_log: &Path) -> Result<Streamed> {
-    let stderr = File::create(&launch.stderr_log).context(|| format!("cannot create {}", launch.stderr_log.display()))?;
-    let mut log = File::create(output_log).context(|| format!("cannot create {}", output_log.display()))?;
+pub fn run_streaming(
+    launch: &Launch,
+    timeout: Option<Duration>,
+    echo: bool,
+    output_log: &Path,
+) -> Result<Streamed> {
+    let stderr = File::create(&launch.stderr_log)
+        .context(|| format!("cannot create {}", launch.stderr_log.display()))?;
+    let mut log =
+        File::create(output_log).context(|| format!("cannot create {}", output_log.display()))?;
     let mut child = Command::new(&launch.program)
         .args(&launch.args)
         .envs(launch.env.iter().map(|(k, v)| (k, v)))
@@ -126,7 +144,13 @@ pub fn run_streaming(launch: &Launch, timeout: Option<Duration>, echo: bool, out
     let lines = spawn_line_reader(stdout);
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut end_deadline: Option<Instant> = None;
-    let mut out = Streamed { report: Report::new(), raw: String::new(), exit: None, timed_out: None, killed_after_end: false };
+    let mut out = Streamed {
+        report: Report::new(),
+        raw: String::new(),
+        exit: None,
+        timed_out: None,
+        killed_after_end: false,
+    };
     loop {
         let wake = match (deadline, end_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -185,23 +209,43 @@ mod tests {
     fn streams_and_parses() {
         let dir = crate::rundir::RunDir::create("xtask-unit-emu").unwrap();
         let l = sh("printf 'noise\\n<bochs:1> KTAP version 1\\n1..1\\nok 1 a\\n# shadowcall: end of report\\n'", dir.path());
-        let s = run_streaming(&l, Some(Duration::from_secs(20)), false, &dir.join("out.log")).unwrap();
+        let s = run_streaming(
+            &l,
+            Some(Duration::from_secs(20)),
+            false,
+            &dir.join("out.log"),
+        )
+        .unwrap();
         assert!(s.report.passed(), "{:?}", s.report.failure_reasons());
         assert!(s.timed_out.is_none() && !s.killed_after_end);
         assert!(s.exit.is_some_and(|e| e.success()));
-        assert!(std::fs::read_to_string(dir.join("out.log")).unwrap().starts_with("noise\n"));
+        assert!(std::fs::read_to_string(dir.join("out.log"))
+            .unwrap()
+            .starts_with("noise\n"));
         dir.remove().unwrap();
     }
 
     #[test]
     fn timeout_kills_the_child() {
         let dir = crate::rundir::RunDir::create("xtask-unit-emu").unwrap();
-        let l = sh("printf 'KTAP version 1\\n1..2\\nok 1 a\\n'; exec sleep 30", dir.path());
+        let l = sh(
+            "printf 'KTAP version 1\\n1..2\\nok 1 a\\n'; exec sleep 30",
+            dir.path(),
+        );
         let start = Instant::now();
-        let s = run_streaming(&l, Some(Duration::from_secs(1)), false, &dir.join("out.log")).unwrap();
+        let s = run_streaming(
+            &l,
+            Some(Duration::from_secs(1)),
+            false,
+            &dir.join("out.log"),
+        )
+        .unwrap();
         assert!(start.elapsed() < Duration::from_secs(10));
         assert_eq!(s.timed_out, Some(Duration::from_secs(1)));
-        assert_eq!(s.report.failure_reasons(), ["incomplete plan: 1 of 2 results"]);
+        assert_eq!(
+            s.report.failure_reasons(),
+            ["incomplete plan: 1 of 2 results"]
+        );
         dir.remove().unwrap();
     }
 
@@ -209,6 +253,9 @@ mod tests {
     fn command_line_is_quoted() {
         let mut l = sh("echo hi", Path::new("/tmp/x"));
         l.env.push(("SDL_VIDEODRIVER".into(), "dummy".into()));
-        assert_eq!(l.command_line(), "cd /tmp/x && SDL_VIDEODRIVER=dummy sh -c 'echo hi' < /dev/null");
+        assert_eq!(
+            l.command_line(),
+            "cd /tmp/x && SDL_VIDEODRIVER=dummy sh -c 'echo hi' < /dev/null"
+        );
     }
 }

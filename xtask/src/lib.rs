@@ -41,14 +41,18 @@ pub fn test_everything() -> Result<()> {
     banner("step 2/3: Rust target x86_64-unknown-none");
     install::ensure_rust_target(&kernel::kernel_dir())?;
     println!("target present");
-    banner("step 3/3: cargo test --workspace --no-fail-fast (host unit tests and the emulator matrix)");
+    banner(
+        "step 3/3: cargo test --workspace --no-fail-fast (host unit tests and the emulator matrix)",
+    );
     let status = Command::new(kernel::cargo())
         .args(["test", "--workspace", "--no-fail-fast"])
         .current_dir(kernel::repo_root())
         .status()
         .context(|| "cannot run cargo test")?;
     if !status.success() {
-        return Err(Error::new(format!("cargo test --workspace failed ({status}); see the test output above")));
+        return Err(Error::new(format!(
+            "cargo test --workspace failed ({status}); see the test output above"
+        )));
     }
     banner("all tests passed");
     Ok(())

@@ -16,7 +16,12 @@ pub enum Machine {
 }
 
 impl Machine {
-    pub const ALL: [Machine; 4] = [Machine::Bochs, Machine::BochsNocet, Machine::Qemu, Machine::QemuKvm];
+    pub const ALL: [Machine; 4] = [
+        Machine::Bochs,
+        Machine::BochsNocet,
+        Machine::Qemu,
+        Machine::QemuKvm,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -82,7 +87,9 @@ impl Cet {
     }
 
     pub fn from_name(name: &str) -> Option<Cet> {
-        [Cet::Auto, Cet::On, Cet::Off].into_iter().find(|c| c.name() == name)
+        [Cet::Auto, Cet::On, Cet::Off]
+            .into_iter()
+            .find(|c| c.name() == name)
     }
 }
 
@@ -104,7 +111,9 @@ impl Emul {
     }
 
     pub fn from_name(name: &str) -> Option<Emul> {
-        [Emul::Trampoline, Emul::Shadowgap, Emul::Classic].into_iter().find(|e| e.name() == name)
+        [Emul::Trampoline, Emul::Shadowgap, Emul::Classic]
+            .into_iter()
+            .find(|e| e.name() == name)
     }
 }
 
@@ -127,7 +136,12 @@ pub fn check_cmdline_word(word: &str) -> Result<(), String> {
 
 /// The kernel command line words for one run, in a fixed order:
 /// `cet=`, `expect_cet=` (if the machine has one), `emul=` (if given), then `extra`.
-pub fn kernel_words(machine: Option<Machine>, cet: Cet, emul: Option<Emul>, extra: &[String]) -> Vec<String> {
+pub fn kernel_words(
+    machine: Option<Machine>,
+    cet: Cet,
+    emul: Option<Emul>,
+    extra: &[String],
+) -> Vec<String> {
     let mut words = vec![format!("cet={}", cet.name())];
     if let Some(expect) = machine.and_then(Machine::expect_cet) {
         words.push(format!("expect_cet={}", u8::from(expect)));
@@ -165,7 +179,10 @@ mod tests {
             kernel_words(Some(Machine::Qemu), Cet::Off, Some(Emul::Shadowgap), &[]),
             ["cet=off", "expect_cet=0", "emul=shadowgap"]
         );
-        assert_eq!(kernel_words(Some(Machine::QemuKvm), Cet::On, None, &[]), ["cet=on"]);
+        assert_eq!(
+            kernel_words(Some(Machine::QemuKvm), Cet::On, None, &[]),
+            ["cet=on"]
+        );
         assert_eq!(kernel_words(None, Cet::Auto, None, &[]), ["cet=auto"]);
     }
 

@@ -59,7 +59,10 @@ impl RunOptions {
         if self.gdb {
             None
         } else {
-            Some(self.timeout.unwrap_or_else(|| self.machine.default_timeout()))
+            Some(
+                self.timeout
+                    .unwrap_or_else(|| self.machine.default_timeout()),
+            )
         }
     }
 }
@@ -89,7 +92,11 @@ impl RunOutcome {
 
     /// The KTAP report and the verdict, for test failure messages.
     pub fn describe(&self) -> String {
-        let mut s = format!("machine {} with `{}`\n", self.machine.name(), self.words.join(" "));
+        let mut s = format!(
+            "machine {} with `{}`\n",
+            self.machine.name(),
+            self.words.join(" ")
+        );
         if self.report.header_seen {
             s.push_str("--- KTAP report ---\n");
             s.push_str(&self.report.text());
@@ -112,7 +119,10 @@ fn validate(opts: &RunOptions) -> Result<()> {
         return Err(Error::new("--gdb works only with the QEMU machines"));
     }
     if !(1..=8).contains(&opts.smp) {
-        return Err(Error::new(format!("smp must be from 1 to 8, not {}", opts.smp)));
+        return Err(Error::new(format!(
+            "smp must be from 1 to 8, not {}",
+            opts.smp
+        )));
     }
     for w in &opts.append {
         crate::machines::check_cmdline_word(w).map_err(Error::new)?;
@@ -128,7 +138,8 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
     validate(opts)?;
     install::ensure_machines(&[opts.machine])?;
     if opts.machine == Machine::QemuKvm {
-        qemu::kvm_usable().map_err(|e| Error::new(format!("machine qemu-kvm: /dev/kvm is not usable: {e}")))?;
+        qemu::kvm_usable()
+            .map_err(|e| Error::new(format!("machine qemu-kvm: /dev/kvm is not usable: {e}")))?;
     }
     let kernel = match &opts.kernel {
         Some(k) => k.clone(),
@@ -162,12 +173,19 @@ fn prepare(dir: &RunDir, opts: &RunOptions, words: &[String]) -> Result<Launch> 
 
 fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> {
     let copy = dir.join(qemu::KERNEL);
-    std::fs::copy(kernel, &copy).context(|| format!("cannot copy {} to {}", kernel.display(), copy.display()))?;
+    std::fs::copy(kernel, &copy)
+        .context(|| format!("cannot copy {} to {}", kernel.display(), copy.display()))?;
     let words = opts.words();
     let launch = prepare(dir, opts, &words)?;
-    std::fs::write(dir.join("command.txt"), launch.command_line() + "\n").context(|| "cannot write command.txt")?;
+    std::fs::write(dir.join("command.txt"), launch.command_line() + "\n")
+        .context(|| "cannot write command.txt")?;
     let timeout = opts.effective_timeout();
-    println!("==> booting {} (smp {}) with `{}`", opts.machine.name(), opts.smp, words.join(" "));
+    println!(
+        "==> booting {} (smp {}) with `{}`",
+        opts.machine.name(),
+        opts.smp,
+        words.join(" ")
+    );
     if opts.gdb {
         println!("==> QEMU waits for gdb; no timeout. Attach with:");
         println!("    gdb {} -ex 'target remote :1234'", copy.display());
@@ -178,10 +196,17 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
         failures.push(format!("timeout after {} s", t.as_secs()));
     }
     let report_failures = streamed.report.failure_reasons();
-    let complete = streamed.report.plan.is_some_and(|n| streamed.report.results.len() >= n as usize);
+    let complete = streamed
+        .report
+        .plan
+        .is_some_and(|n| streamed.report.results.len() >= n as usize);
     if streamed.timed_out.is_none() && !complete {
-        let status = streamed.exit.map_or("unknown status".to_string(), |s| s.to_string());
-        failures.push(format!("the emulator exited ({status}) before the report was complete"));
+        let status = streamed
+            .exit
+            .map_or("unknown status".to_string(), |s| s.to_string());
+        failures.push(format!(
+            "the emulator exited ({status}) before the report was complete"
+        ));
     }
     failures.extend(report_failures);
     if opts.machine.is_bochs() {
