@@ -1,0 +1,63 @@
+//! The Multiboot (v1) information the boot loader hands over.
+
+use shadowcall::cmdline::Cmdline;
+
+pub const MULTIBOOT_BOOTLOADER_MAGIC: u64 = 0x2bad_b002;
+const MBI_FLAG_MEM: u32 = 1 << 0;
+const MBI_FLAG_CMDLINE: u32 = 1 << 2;
+const CMDLINE_MAX: usize = 512;
+/// Assumed when the loader gives no memory size.
+const DEFAULT_RAM: u64 = 128 << 20;
+
+#[derive(Clone, Copy)]
+pub struct BootInfo {
+    pub multiboot_ok: bool,
+    /// End of the RAM block at 1 MiB.
+    pub ram_end: u64,
+    cmdline: [u8; CMDLINE_MAX],
+    cmdline_len: usize,
+    pub parsed: Cmdline,
+}
+
+impl BootInfo {
+    /// Copy what we need out of the Multiboot info before anything can
+    /// overwrite it (the loader may have put it where the heap will be).
+    pub fn read(magic: u64, mbi: u64) -> Self {
+        let mut b = BootInfo {
+            multiboot_ok: magic == MULTIBOOT_BOOTLOADER_MAGIC,
+            ram_end: DEFAULT_RAM,
+            cmdline: [0; CMDLINE_MAX],
+            cmdline_len: 0,
+            parsed: Cmdline::default(),
+        };
+        if !b.multiboot_ok || mbi == 0 {
+            return b;
+        }
+        // SAFETY: a Multiboot loader passed `mbi`, identity-mapped by the boot page tables.
+        unsafe {
+            let flags = (mbi as *const u32).read_volatile();
+            if flags & MBI_FLAG_MEM != 0 {
+                let upper_kib = ((mbi + 8) as *const u32).read_volatile() as u64;
+                b.ram_end = (1 << 20) + upper_kib * 1024;
+            }
+            if flags & MBI_FLAG_CMDLINE != 0 {
+                let mut p = ((mbi + 16) as *const u32).read_volatile() as u64 as *const u8;
+                while b.cmdline_len < CMDLINE_MAX && *p != 0 {
+                    b.cmdline[b.cmdline_len] = *p;
+                    b.cmdline_len += 1;
+                    p = p.add(1);
+                }
+            }
+        }
+        b
+    }
+
+    pub fn cmdline(&self) -> &str {
+        core::str::from_utf8(&self.cmdline[..self.cmdline_len]).unwrap_or("<not UTF-8>")
+    }
+
+    pub fn with_cmdline(mut self, c: Cmdline) -> Self {
+        self.parsed = c;
+        self
+    }
+}

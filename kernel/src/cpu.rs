@@ -1,0 +1,110 @@
+//! CPU feature detection and the CET registers the `x86_64` crate lacks,
+//! one zero-sized type per MSR (like `x86_64::registers::model_specific`).
+
+use raw_cpuid::CpuId;
+use x86_64::registers::model_specific::Msr;
+
+/// IA32_PL0_SSP: the supervisor shadow-stack token SETSSBSY claims.
+pub struct Pl0Ssp;
+/// IA32_INTERRUPT_SSP_TABLE_ADDR: 8 token addresses, entry i for IST i.
+pub struct InterruptSspTable;
+/// IA32_XSS: supervisor state components managed by XSAVES.
+pub struct Xss;
+
+impl Pl0Ssp {
+    pub const MSR: u32 = 0x6a4;
+    pub fn write(token: u64) {
+        // SAFETY: only called while shadow stacks are being set up, with the
+        // address of a free supervisor token on a registered shadow stack.
+        unsafe { Msr::new(Self::MSR).write(token) }
+    }
+}
+
+impl InterruptSspTable {
+    pub const MSR: u32 = 0x6a8;
+    pub fn write(table: u64) {
+        // SAFETY: `table` points at the kernel's static SSP table whose
+        // entries are tokens on registered IST shadow stacks.
+        unsafe { Msr::new(Self::MSR).write(table) }
+    }
+}
+
+impl Xss {
+    pub const MSR: u32 = 0xda0;
+    /// XSS component bit for supervisor CET state (S_CET, PL0_SSP..).
+    pub const CET_S: u64 = 1 << 12;
+    pub fn read() -> u64 {
+        // SAFETY: reading IA32_XSS is side-effect free; only called when CPUID enumerates XSAVES.
+        unsafe { Msr::new(Self::MSR).read() }
+    }
+    pub fn write(v: u64) {
+        // SAFETY: only bits CPUID.(0xD,1):ECX enumerates are ever set.
+        unsafe { Msr::new(Self::MSR).write(v) }
+    }
+}
+
+/// What CPUID says about CET and the related features.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Features {
+    /// CPUID.(7,0):ECX[7]
+    pub cet_ss: bool,
+    /// CPUID.(7,0):EDX[20]
+    pub cet_ibt: bool,
+    /// CPUID.(7,1):EDX[18]
+    pub cet_sss: bool,
+    /// CPUID.(0xD,1):EAX[3]
+    pub xsaves: bool,
+    /// CPUID.(0xD,1):ECX[12]: XSS can hold supervisor CET state.
+    pub xss_cet_s: bool,
+    /// CPUID.(7,0):EDX[14]
+    pub serialize: bool,
+    pub vendor: [u8; 12],
+}
+
+const EDX7_CET_IBT: u32 = 1 << 20;
+const EDX7_SERIALIZE: u32 = 1 << 14;
+const EAXD1_XSAVES: u32 = 1 << 3;
+const ECXD1_CET_S: u32 = 1 << 12;
+
+impl Features {
+    pub fn detect() -> Self {
+        let id = CpuId::new();
+        let mut f = Features::default();
+        if let Some(v) = id.get_vendor_info() {
+            f.vendor.copy_from_slice(v.as_str().as_bytes());
+        }
+        if let Some(ext) = id.get_extended_feature_info() {
+            f.cet_ss = ext.has_cet_ss();
+            f.cet_sss = ext.has_cet_sss();
+        }
+        let leaf7 = raw(7, 0);
+        f.cet_ibt = leaf7.edx & EDX7_CET_IBT != 0;
+        f.serialize = leaf7.edx & EDX7_SERIALIZE != 0;
+        let max = raw(0, 0).eax;
+        if max >= 0xd {
+            let d1 = raw(0xd, 1);
+            f.xsaves = d1.eax & EAXD1_XSAVES != 0;
+            f.xss_cet_s = d1.ecx & ECXD1_CET_S != 0;
+        }
+        f
+    }
+
+    pub fn vendor(&self) -> &str {
+        core::str::from_utf8(&self.vendor).unwrap_or("?")
+    }
+}
+
+fn raw(leaf: u32, sub: u32) -> core::arch::x86_64::CpuidResult {
+    core::arch::x86_64::__cpuid_count(leaf, sub)
+}
+
+/// Execute a serializing instruction on this CPU: SERIALIZE where CPUID has
+/// it, else CPUID.
+pub fn serialize(has_serialize: bool) {
+    if has_serialize {
+        // SAFETY: SERIALIZE (0f 01 e8) only serializes; enumerated by CPUID.(7,0):EDX[14].
+        unsafe { core::arch::asm!(".byte 0x0f, 0x01, 0xe8", options(nostack)) };
+    } else {
+        let _ = raw(0, 0);
+    }
+}

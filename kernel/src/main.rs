@@ -1,0 +1,117 @@
+//! shadowcall: a bare-metal x86-64 kernel that turns on CET supervisor
+//! shadow stacks where the CPU has them, live-patches its own text with the
+//! int3 protocol, emulates calls hit mid-patch in a shadow-stack-safe way,
+//! and proves all of it with self-tests (KTAP) on every boot.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+#[macro_use]
+mod console;
+mod boot;
+mod cet;
+mod cpu;
+mod interrupts;
+mod mm;
+mod patching;
+mod percpu;
+mod selftest;
+
+use shadowcall::cmdline::{CetMode, EmulStrategy};
+use spin::Once;
+
+core::arch::global_asm!(include_str!("../../asm/boot.S"), options(att_syntax));
+
+/// What boot decided, for the code after the switch onto the shadow stack.
+pub struct BootState {
+    pub boot: boot::BootInfo,
+    pub features: cpu::Features,
+    /// Shadow stacks were requested and the CPU has them.
+    pub want_shstk: bool,
+    /// Problems with the command line (reported by the `cmdline` test).
+    pub cmdline_errors: alloc::vec::Vec<alloc::string::String>,
+    pub strategy: EmulStrategy,
+}
+
+pub static STATE: Once<BootState> = Once::new();
+
+pub fn state() -> &'static BootState {
+    STATE.get().expect("boot state")
+}
+
+#[no_mangle]
+extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
+    let boot = boot::BootInfo::read(magic, mbi);
+    let features = cpu::Features::detect();
+    mm::write_shadow_tokens();
+    mm::init_paging(boot.ram_end);
+    mm::init_heap();
+    interrupts::init();
+
+    let mut errors = alloc::vec::Vec::new();
+    if !boot.multiboot_ok {
+        errors.push(alloc::format!("not started by a Multiboot loader (magic {magic:#x})"));
+    }
+    let cmdline = match shadowcall::cmdline::parse_multiboot(boot.cmdline()) {
+        Ok(c) => c,
+        Err(e) => {
+            errors.push(alloc::format!("{e}"));
+            Default::default()
+        }
+    };
+    let want_shstk = match cmdline.cet {
+        CetMode::Auto => features.cet_ss,
+        CetMode::Off => false,
+        CetMode::On => {
+            if !features.cet_ss {
+                errors.push(alloc::string::String::from(
+                    "cet=on but this CPU has no CET supervisor shadow stacks (CPUID.(7,0):ECX[7] CET_SS=0)",
+                ));
+            }
+            features.cet_ss
+        }
+    };
+    let default = if want_shstk { EmulStrategy::Trampoline } else { EmulStrategy::Classic };
+    let strategy = match cmdline.emul {
+        None => default,
+        Some(EmulStrategy::ShadowGap) => {
+            errors.push(alloc::string::String::from("emul=shadowgap is not implemented yet"));
+            default
+        }
+        Some(s) => s,
+    };
+    STATE.call_once(|| BootState { boot: boot.with_cmdline(cmdline), features, want_shstk, cmdline_errors: errors, strategy });
+    if want_shstk {
+        cet::enable_and_continue(&features, kmain_continue)
+    } else {
+        kmain_continue()
+    }
+}
+
+/// Runs on a fresh kernel stack, on the shadow stack when CET is on. Never returns.
+extern "C" fn kmain_continue() -> ! {
+    let st = state();
+    let ok = selftest::run_all(st);
+    exit(ok)
+}
+
+/// End the run: QEMU's isa-debug-exit, then Bochs' magic breakpoint, then halt.
+pub fn exit(success: bool) -> ! {
+    use x86_64::instructions::port::Port;
+    diag!("shadowcall: end of report");
+    // SAFETY: port 0xf4 is QEMU's isa-debug-exit when present, unused otherwise.
+    unsafe { Port::<u32>::new(0xf4).write(if success { 0 } else { 1 }) };
+    // SAFETY: `xchg %bx,%bx` is a no-op except under Bochs' magic_break.
+    unsafe { core::arch::asm!("xchg bx, bx", options(nomem, nostack)) };
+    loop {
+        x86_64::instructions::interrupts::disable();
+        x86_64::instructions::hlt();
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    diag!("PANIC: {info}");
+    exit(false)
+}

@@ -1,0 +1,388 @@
+//! Live text patching with the int3 protocol, and the #BP handler that
+//! emulates a site's new instruction while the patch is in flight.
+//!
+//! The protocol (like Linux `text_poke_bp`), for a whole batch at once:
+//!   1. write int3 over the first byte of every site; sync.
+//!   2. write bytes 1..4 of every new instruction; sync.
+//!   3. write the first byte of every new instruction; sync.
+//! Between steps 1 and 3 a CPU that runs a site traps into `handle_bp`, which
+//! finds the site in the sorted batch (binary search) and emulates it.
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, Ordering};
+
+use shadowcall::cmdline::EmulStrategy;
+use shadowcall::emul::{check_tramp_slots, GuardError, PendingCall, StackKind};
+use shadowcall::frame::{TrapFrame, RFLAGS_IF};
+use shadowcall::patch::{build_batch, Batch, Entry, NewInsn, PatchError, INT3};
+use shadowcall::shstk::ShadowFrame;
+use shadowcall::tramp::{self, TrampLayout};
+use spin::Once;
+
+use crate::interrupts::{self, FaultInfo, GUARD_REFUSAL};
+use crate::percpu::{this_cpu, PerCpu};
+use crate::{cet, cpu, mm};
+
+/// Where the self-test hook (`Hook`) is called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// After step 1: every site is int3 (the emulation window).
+    Int3Written,
+    /// After step 2: int3 followed by the new tail (still the window).
+    TailsWritten,
+}
+
+/// What one `patch` call did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PatchStats {
+    pub sites: usize,
+    pub sync_rounds: u64,
+    pub table_bytes: usize,
+}
+
+static REGISTRY: Once<Vec<u64>> = Once::new();
+static TRAMP: Once<TrampLayout> = Once::new();
+static STRATEGY: AtomicU8 = AtomicU8::new(0);
+/// The batch in flight (null outside a patch).
+static ACTIVE: AtomicPtr<Batch> = AtomicPtr::new(core::ptr::null_mut());
+static IN_FLIGHT: AtomicBool = AtomicBool::new(false);
+pub static SYNC_ROUNDS: AtomicU64 = AtomicU64::new(0);
+static HAS_SERIALIZE: AtomicBool = AtomicBool::new(false);
+
+extern "C" {
+    static __sites_start: u64;
+    static __sites_end: u64;
+    static sc_tramp_page: u8;
+}
+
+fn strategy_code(s: EmulStrategy) -> u8 {
+    match s {
+        EmulStrategy::Classic => 0,
+        EmulStrategy::Trampoline => 1,
+        EmulStrategy::ShadowGap => 2,
+    }
+}
+
+/// The call-emulation strategy in force.
+pub fn strategy() -> EmulStrategy {
+    match STRATEGY.load(Ordering::Relaxed) {
+        1 => EmulStrategy::Trampoline,
+        2 => EmulStrategy::ShadowGap,
+        _ => EmulStrategy::Classic,
+    }
+}
+
+/// Sort the site registry, emit the trampoline into its text page, choose
+/// the strategy.
+pub fn init(strategy: EmulStrategy, has_serialize: bool) -> Result<(), tramp::TrampError> {
+    HAS_SERIALIZE.store(has_serialize, Ordering::Relaxed);
+    STRATEGY.store(strategy_code(strategy), Ordering::Relaxed);
+    REGISTRY.call_once(|| {
+        // SAFETY: the linker script brackets the .shadowcall_sites table with these symbols.
+        let table = unsafe {
+            let s = core::ptr::addr_of!(__sites_start);
+            let e = core::ptr::addr_of!(__sites_end);
+            core::slice::from_raw_parts(s, e.offset_from(s) as usize)
+        };
+        let mut v = table.to_vec();
+        v.sort_unstable();
+        v
+    });
+    let base = tramp_page();
+    let (bytes, layout) = tramp::emit(base)?;
+    {
+        let mut alias = mm::TextAlias::new();
+        alias.write(base, &bytes);
+    }
+    sync();
+    // Prove what is in text now (not only what we meant to write).
+    tramp::verify(tramp_bytes(&layout), &layout)?;
+    TRAMP.call_once(|| layout);
+    Ok(())
+}
+
+pub fn tramp_page() -> u64 {
+    core::ptr::addr_of!(sc_tramp_page) as u64
+}
+
+/// The trampoline as it is in text.
+pub fn tramp_bytes(l: &TrampLayout) -> &'static [u8] {
+    // SAFETY: the trampoline lies in mapped, readable kernel text.
+    unsafe { core::slice::from_raw_parts(l.base as *const u8, l.len) }
+}
+
+pub fn trampoline() -> Option<&'static TrampLayout> {
+    TRAMP.get()
+}
+
+pub fn registry() -> &'static [u64] {
+    REGISTRY.get().map(|v| v.as_slice()).unwrap_or(&[])
+}
+
+/// Make this CPU (and, with SMP, every CPU) see the text written so far.
+pub fn sync() {
+    cpu::serialize(HAS_SERIALIZE.load(Ordering::Relaxed));
+    SYNC_ROUNDS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Patch a batch of sites with the int3 protocol. `hook` runs after steps 1
+/// and 2, inside the emulation window. On error nothing has been written.
+pub fn patch(sites: &[(u64, NewInsn)], mut hook: impl FnMut(Step)) -> Result<PatchStats, PatchError> {
+    if IN_FLIGHT.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        return Err(PatchError::BatchInFlight);
+    }
+    let result = build_batch(&mm::text(), registry(), sites).map(|mut batch| {
+        let rounds0 = SYNC_ROUNDS.load(Ordering::Relaxed);
+        ACTIVE.store(&mut batch, Ordering::Release);
+        let mut alias = mm::TextAlias::new();
+
+        // 1. int3 on every site.
+        for e in batch.entries() {
+            alias.write(e.site, &[INT3]);
+        }
+        sync();
+        hook(Step::Int3Written);
+
+        // 2. the tails.
+        for e in batch.entries() {
+            alias.write(e.site + 1, &e.bytes[1..]);
+        }
+        sync();
+        hook(Step::TailsWritten);
+
+        // 3. the first bytes.
+        for e in batch.entries() {
+            alias.write(e.site, &e.bytes[..1]);
+        }
+        drop(alias);
+        sync();
+
+        ACTIVE.store(core::ptr::null_mut(), Ordering::Release);
+        PatchStats {
+            sites: batch.len(),
+            sync_rounds: SYNC_ROUNDS.load(Ordering::Relaxed) - rounds0,
+            table_bytes: batch.table_bytes(),
+        }
+    });
+    IN_FLIGHT.store(false, Ordering::Release);
+    result
+}
+
+// ---- The #BP handler ------------------------------------------------------
+
+/// Self-test hooks of the #BP handler, armed for one int3 at `sc_t_iret_int3`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BpTestHook {
+    None = 0,
+    /// Change the saved RIP only (IRET must raise #CP(2)).
+    RipOnly = 1,
+    /// Change the saved RIP and the shadow frame's LIP slot.
+    RipAndLip = 2,
+}
+
+extern "C" {
+    static sc_t_iret_int3: u8;
+    static sc_t_iret_landing: u8;
+}
+
+/// #BP: the trampoline's second trap, a site of the batch in flight, or a
+/// real breakpoint (reported, never emulated).
+pub fn handle_bp(frame: &mut TrapFrame) {
+    let addr = frame.rip - 1;
+    if let Some(t) = TRAMP.get() {
+        if addr == t.trap {
+            return second_trap(frame, t);
+        }
+    }
+    let batch = ACTIVE.load(Ordering::Acquire);
+    if !batch.is_null() {
+        // SAFETY: the patcher keeps the batch alive until after its last sync.
+        if let Some(e) = unsafe { &*batch }.lookup(addr) {
+            return emulate(frame, e);
+        }
+    }
+    if test_hook(frame, addr) {
+        return;
+    }
+    PerCpu::count(&this_cpu().counters.breakpoints);
+    crate::diag!("breakpoint at {addr:#x}: not a site of a patch in flight; not emulated");
+}
+
+fn test_hook(frame: &mut TrapFrame, addr: u64) -> bool {
+    // SAFETY: symbol addresses only.
+    let (probe, landing) = unsafe { (&sc_t_iret_int3 as *const u8 as u64, &sc_t_iret_landing as *const u8 as u64) };
+    if addr != probe {
+        return false;
+    }
+    match this_cpu().bp_test_hook.swap(BpTestHook::None as u8, Ordering::Relaxed) {
+        x if x == BpTestHook::RipOnly as u8 => {
+            frame.rip = landing;
+            true
+        }
+        x if x == BpTestHook::RipAndLip as u8 => {
+            set_ip(frame, landing);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Emulate `e`'s new instruction for the CPU that trapped on its int3.
+fn emulate(frame: &mut TrapFrame, e: &Entry) {
+    let cpu = this_cpu();
+    PerCpu::count(&cpu.counters.emulations);
+    match e.insn {
+        NewInsn::Call(target) => {
+            let forced = cpu.force_classic.load(Ordering::Relaxed) != 0;
+            match if forced { EmulStrategy::Classic } else { strategy() } {
+                EmulStrategy::Trampoline => emulate_call_trampoline(frame, e, target),
+                _ => {
+                    PerCpu::count(&cpu.counters.classic_calls);
+                    if push_normal(frame, e.ret_addr()) {
+                        set_ip(frame, target);
+                    }
+                }
+            }
+        }
+        NewInsn::Jmp(target) => set_ip(frame, target),
+        NewInsn::Nop => set_ip(frame, e.ret_addr()),
+        NewInsn::Ret => emulate_ret(frame),
+    }
+}
+
+/// First trap of the trampoline path: remember the call, run the trampoline
+/// with interrupts off until the second trap.
+fn emulate_call_trampoline(frame: &mut TrapFrame, e: &Entry, target: u64) {
+    let cpu = this_cpu();
+    let t = TRAMP.get().expect("trampoline emitted at boot");
+    let pending = PendingCall { site: e.site, ret: e.ret_addr(), target, interrupts: frame.rflags & RFLAGS_IF != 0 };
+    if cpu.lifo().push(pending).is_err() {
+        crate::diag!("PANIC: emulation nesting deeper than the per-CPU LIFO");
+        crate::exit(false);
+    }
+    PerCpu::count(&cpu.counters.tramp_calls);
+    frame.rflags &= !RFLAGS_IF;
+    set_ip(frame, t.entry);
+}
+
+/// Second trap: both stacks must hold exactly the trampoline's two return
+/// addresses; only then are they replaced by (target, return address).
+fn second_trap(frame: &mut TrapFrame, t: &TrampLayout) {
+    let cpu = this_cpu();
+    let verified = (|| -> Result<(PendingCall, Option<u64>), GuardError> {
+        let p = cpu.lifo().top().ok_or(GuardError::NoPendingEmulation)?;
+        let rsp = frame.rsp;
+        if !mm::normal_stack_of(rsp).is_some_and(|b| b.holds_slots(rsp, 2)) {
+            return Err(GuardError::SlotOutsideStack { stack: StackKind::Normal, addr: rsp });
+        }
+        // SAFETY: two slots inside a kernel stack (checked above).
+        let normal = unsafe { [(rsp as *const u64).read_volatile(), ((rsp + 8) as *const u64).read_volatile()] };
+        check_tramp_slots(t, StackKind::Normal, normal)?;
+        if !cet::active() {
+            return Ok((p, None));
+        }
+        let f = ShadowFrame::at(frame.ssp);
+        if !mm::shadow_stack_of(f.base).is_some_and(|b| b.holds_slots(f.base, ShadowFrame::SLOTS)) {
+            return Err(GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: f.base });
+        }
+        let ssp = cet::read_slot(f.prev_ssp_slot());
+        if !mm::shadow_stack_of(ssp).is_some_and(|b| b.holds_slots(ssp, 2)) {
+            return Err(GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: ssp });
+        }
+        check_tramp_slots(t, StackKind::Shadow, [cet::read_slot(ssp), cet::read_slot(ssp + 8)])?;
+        Ok((p, Some(ssp)))
+    })();
+    match verified {
+        Ok((p, ssp)) => {
+            let rsp = frame.rsp;
+            // SAFETY: slots verified above to be the trampoline's, on this CPU's stacks.
+            unsafe {
+                (rsp as *mut u64).write_volatile(p.target);
+                ((rsp + 8) as *mut u64).write_volatile(p.ret);
+                if let Some(ssp) = ssp {
+                    cet::wrss(ssp, p.target);
+                    cet::wrss(ssp + 8, p.ret);
+                }
+            }
+            cpu.counters.stack_writes.fetch_add(2, Ordering::Relaxed);
+            cpu.counters.last_second_trap_if.store(frame.rflags & RFLAGS_IF, Ordering::Relaxed);
+            cpu.lifo().pop();
+            if p.interrupts {
+                frame.rflags |= RFLAGS_IF;
+            }
+            PerCpu::count(&cpu.counters.second_traps);
+        }
+        Err(e) => refuse(frame, e),
+    }
+}
+
+/// The handler will not write: report loudly and unwind (or stop the kernel).
+fn refuse(frame: &mut TrapFrame, e: GuardError) {
+    let cpu = this_cpu();
+    PerCpu::count(&cpu.counters.refusals);
+    // SAFETY: per-CPU slot, written only here.
+    unsafe { *cpu.last_refusal.get() = Some(e) };
+    crate::diag!("SECURITY: #BP handler refused to write at rip={:#x}: {e}", frame.rip);
+    interrupts::fault(frame, FaultInfo { vector: GUARD_REFUSAL, error_code: 0, rip: frame.rip, cr2: 0 });
+}
+
+/// Emulate `push ret` on the interrupted stack (the entry stub's gap makes
+/// room). Returns false (after refusing) if the slot is not ours to write.
+fn push_normal(frame: &mut TrapFrame, ret: u64) -> bool {
+    let slot = frame.rsp - 8;
+    let frame_end = frame as *const TrapFrame as u64 + core::mem::size_of::<TrapFrame>() as u64;
+    if !mm::normal_stack_of(slot).is_some_and(|b| b.holds_slots(slot, 1)) || slot < frame_end {
+        refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Normal, addr: slot });
+        return false;
+    }
+    // SAFETY: a slot of the interrupted kernel stack above our own frame.
+    unsafe { (slot as *mut u64).write_volatile(ret) };
+    PerCpu::count(&this_cpu().counters.stack_writes);
+    frame.rsp = slot;
+    true
+}
+
+/// Emulate `ret`: pop both stacks after checking their tops agree.
+fn emulate_ret(frame: &mut TrapFrame) {
+    let rsp = frame.rsp;
+    if !mm::normal_stack_of(rsp).is_some_and(|b| b.holds_slots(rsp, 1)) {
+        return refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Normal, addr: rsp });
+    }
+    // SAFETY: a slot of a kernel stack (checked above).
+    let ret = unsafe { (rsp as *const u64).read_volatile() };
+    let new_ssp = if cet::active() {
+        let prev = cet::read_slot(ShadowFrame::at(frame.ssp).prev_ssp_slot());
+        if !mm::shadow_stack_of(prev).is_some_and(|b| b.holds_slots(prev, 1)) {
+            return refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: prev });
+        }
+        let shadow_ret = cet::read_slot(prev);
+        if shadow_ret != ret {
+            return refuse(
+                frame,
+                GuardError::SlotMismatch { stack: StackKind::Shadow, slot: 0, found: shadow_ret, expected: ret },
+            );
+        }
+        Some(prev + 8)
+    } else {
+        None
+    };
+    if let Err(why) = interrupts::redirect(frame, ret, new_ssp) {
+        crate::diag!("PANIC: RET emulation: {why}");
+        crate::exit(false);
+    }
+    frame.rsp = rsp + 8;
+}
+
+/// Change where the trapped code resumes (RIP and, with shadow stacks, LIP).
+fn set_ip(frame: &mut TrapFrame, ip: u64) {
+    if let Err(why) = interrupts::redirect(frame, ip, None) {
+        crate::diag!("PANIC: cannot redirect the #BP frame: {why}");
+        crate::exit(false);
+    }
+}
+
+/// Self-test support: record a pending emulation as a first trap would.
+pub fn test_push_pending(p: PendingCall) {
+    let _ = this_cpu().lifo().push(p);
+}

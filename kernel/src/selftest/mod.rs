@@ -1,0 +1,162 @@
+//! Self-tests, run on every boot and reported as KTAP version 1.
+//!
+//! Every test runs under a fault-recovery point: an unexpected fault makes
+//! that test `not ok` (with a readable report) and the run goes on.
+
+pub mod cet_tests;
+pub mod emul_tests;
+
+use core::mem::offset_of;
+
+use shadowcall::ktap::{Ktap, Outcome};
+
+use crate::console::CONSOLE;
+use crate::percpu::this_cpu;
+use crate::{cet, interrupts, patching, BootState};
+
+/// What the call targets in asm/selftest.S record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TargetLog {
+    /// Calls of sc_t_target_a, _b, _c.
+    pub count: [u64; 3],
+    /// Return address on the normal stack at the last target entry.
+    pub last_ret: u64,
+    /// Return address on top of the shadow stack at the last target entry (0 without CET).
+    pub last_shret: u64,
+    pub last_rflags: u64,
+    /// Sum of all return addresses targets saw.
+    pub ret_sum: u64,
+    /// Times the instruction after a SITE_FN site ran.
+    pub after: u64,
+    pub nest: u64,
+    pub rec: u64,
+    pub evil: u64,
+}
+
+#[no_mangle]
+pub static mut SC_TLOG: TargetLog =
+    TargetLog { count: [0; 3], last_ret: 0, last_shret: 0, last_rflags: 0, ret_sum: 0, after: 0, nest: 0, rec: 0, evil: 0 };
+
+/// Sites in the patch_batch_large block.
+pub const LARGE_SITES: usize = 2048;
+/// Bytes per site in that block (`call rel32; ret`).
+pub const LARGE_STRIDE: u64 = 6;
+
+core::arch::global_asm!(
+    include_str!("../../../asm/selftest.S"),
+    LOG_COUNT = const offset_of!(TargetLog, count),
+    LOG_RET = const offset_of!(TargetLog, last_ret),
+    LOG_SHRET = const offset_of!(TargetLog, last_shret),
+    LOG_RFLAGS = const offset_of!(TargetLog, last_rflags),
+    LOG_SUM = const offset_of!(TargetLog, ret_sum),
+    LOG_AFTER = const offset_of!(TargetLog, after),
+    LOG_NEST = const offset_of!(TargetLog, nest),
+    LOG_REC = const offset_of!(TargetLog, rec),
+    LOG_EVIL = const offset_of!(TargetLog, evil),
+    LARGE_SITES = const LARGE_SITES,
+    LARGE_STRIDE = const LARGE_STRIDE,
+    IST_TEST_VECTOR = const interrupts::IST_TEST_VECTOR,
+    options(att_syntax)
+);
+
+/// Snapshot of the target log.
+pub fn tlog() -> TargetLog {
+    // SAFETY: plain read; the asm targets only write it on this CPU.
+    unsafe { core::ptr::addr_of!(SC_TLOG).read_volatile() }
+}
+
+/// Zero the target log.
+pub fn tlog_reset() {
+    // SAFETY: as above.
+    unsafe { core::ptr::addr_of_mut!(SC_TLOG).write_volatile(TargetLog::default()) }
+}
+
+/// Fail the current test with a diagnostic unless `cond` holds.
+#[macro_export]
+macro_rules! check {
+    ($cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            $crate::diag!("FAIL: {}", format_args!($($arg)*));
+            return shadowcall::ktap::Outcome::Fail;
+        }
+    };
+}
+
+pub type TestFn = fn(&BootState) -> Outcome<'static>;
+
+/// The tests, in report order. Names are a contract (other tools compare runs by them).
+const TESTS: &[(&str, TestFn)] = &[
+    ("cmdline", cet_tests::cmdline),
+    ("cpuid_cet", cet_tests::cpuid_cet),
+    ("fallback_path", cet_tests::fallback_path),
+    ("shstk_enabled", cet_tests::shstk_enabled),
+    ("cp_near_ret", cet_tests::cp_near_ret),
+    ("cp_iret_rip_only", cet_tests::cp_iret_rip_only),
+    ("iret_rip_and_lip", cet_tests::iret_rip_and_lip),
+    ("shstk_write_pf", cet_tests::shstk_write_pf),
+    ("wrss_plain_pf", cet_tests::wrss_plain_pf),
+    ("ist_shstk", cet_tests::ist_shstk),
+    ("no_ro_dirty_leaf", cet_tests::no_ro_dirty_leaf),
+    ("trampoline_disp_nonzero", emul_tests::trampoline_disp_nonzero),
+    ("zero_disp_call_shadow", emul_tests::zero_disp_call_shadow),
+    ("emul_call", emul_tests::emul_call),
+    ("emul_jmp", emul_tests::emul_jmp),
+    ("emul_nop", emul_tests::emul_nop),
+    ("emul_ret", emul_tests::emul_ret),
+    ("emul_call_nested", emul_tests::emul_call_nested),
+    ("emul_call_recursive", emul_tests::emul_call_recursive),
+    ("emul_call_irq_on", emul_tests::emul_call_irq_on),
+    ("patch_roundtrip", emul_tests::patch_roundtrip),
+    ("patch_batch_large", emul_tests::patch_batch_large),
+    ("naive_emul_cp", emul_tests::naive_emul_cp),
+    ("wrss_guard", emul_tests::wrss_guard),
+    ("breakpoint_not_emulated", emul_tests::breakpoint_not_emulated),
+    ("patch_bad_input", emul_tests::patch_bad_input),
+];
+
+/// Run every test and print the report. True when none failed.
+pub fn run_all(st: &BootState) -> bool {
+    let mut k = Ktap::default();
+    {
+        let mut c = CONSOLE.lock();
+        let _ = k.header(&mut *c, TESTS.len() as u32);
+    }
+    let path = if cet::active() { "cet" } else { "fallback" };
+    crate::diag!(
+        "shadowcall: path={path}-{} cpu={} cet_ss={} cmdline='{}'",
+        patching::strategy().name(),
+        st.features.vendor(),
+        st.features.cet_ss as u8,
+        st.boot.cmdline()
+    );
+    let init = patching::init(st.strategy, st.features.serialize);
+    if let Err(e) = &init {
+        crate::diag!("FAIL: trampoline emission: {e}");
+    }
+    for &(name, test) in TESTS {
+        let mut outcome = Outcome::Fail;
+        if let Err(f) = interrupts::try_run(|| {
+            outcome = test(st);
+            0
+        }) {
+            crate::diag!("FAIL: {name}: unexpected fault: {f}");
+            outcome = Outcome::Fail;
+        }
+        let mut c = CONSOLE.lock();
+        let _ = k.result(&mut *c, name, outcome);
+    }
+    let c = &this_cpu().counters;
+    crate::diag!(
+        "emulations: {} (trampoline calls {}, second traps {}, classic calls {}), breakpoints reported {}, guard refusals {}, sync rounds {}",
+        c.emulations.load(core::sync::atomic::Ordering::Relaxed),
+        c.tramp_calls.load(core::sync::atomic::Ordering::Relaxed),
+        c.second_traps.load(core::sync::atomic::Ordering::Relaxed),
+        c.classic_calls.load(core::sync::atomic::Ordering::Relaxed),
+        c.breakpoints.load(core::sync::atomic::Ordering::Relaxed),
+        c.refusals.load(core::sync::atomic::Ordering::Relaxed),
+        patching::SYNC_ROUNDS.load(core::sync::atomic::Ordering::Relaxed)
+    );
+    crate::diag!("totals: {} passed, {} failed, {} skipped", k.passed, k.failed, k.skipped);
+    k.failed == 0
+}
