@@ -17,13 +17,10 @@ use x86_64::VirtAddr;
 use crate::percpu::{this_cpu, PerCpu};
 use crate::{cet, mm, patching, selftest};
 
-pub const VEC_DB: u64 = 1;
 pub const VEC_NMI: u64 = 2;
 pub const VEC_BP: u64 = 3;
-pub const VEC_DF: u64 = 8;
 pub const VEC_GP: u64 = 13;
 pub const VEC_PF: u64 = 14;
-pub const VEC_MC: u64 = 18;
 pub const VEC_CP: u64 = CpError::VECTOR as u64;
 /// The legacy PICs are remapped here and masked.
 pub const PIC_BASE: u8 = 0x20;
@@ -50,6 +47,8 @@ core::arch::global_asm!(
     options(att_syntax)
 );
 
+// TryCtx is only passed by pointer; asm touches its leading u64 fields.
+#[allow(improper_ctypes)]
 extern "C" {
     static SC_ISR_TABLE: [u64; 32];
     static SC_ISR_PIC_SPURIOUS: [u64; 3];
@@ -207,7 +206,7 @@ pub fn fault(frame: &mut TrapFrame, info: FaultInfo) {
     // is still active below this exception.
     let ctx = unsafe { &mut *ctx };
     ctx.fault = Some(info);
-    if let Err(why) = redirect(frame, sc_try_recover as usize as u64, Some(ctx.ssp)) {
+    if let Err(why) = redirect(frame, sc_try_recover as *const () as u64, Some(ctx.ssp)) {
         report(frame, &info);
         crate::diag!("PANIC: cannot unwind to the recovery point: {why}");
         crate::exit(false);

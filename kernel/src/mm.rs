@@ -89,8 +89,6 @@ extern "C" {
     static __text_end: u8;
     static __rodata_start: u8;
     static __rodata_end: u8;
-    static __kernel_start: u8;
-    static __bss_end: u8;
     static boot_stack_guard: u8;
     static boot_stack_bottom: u8;
     static boot_stack_top: u8;
@@ -108,10 +106,6 @@ pub fn text_range() -> (u64, u64) {
 fn rodata_range() -> (u64, u64) {
     // SAFETY: as above.
     unsafe { (sym(&__rodata_start), sym(&__rodata_end)) }
-}
-pub fn image_range() -> (u64, u64) {
-    // SAFETY: as above.
-    unsafe { (sym(&__kernel_start), sym(&__bss_end)) }
 }
 
 /// Kernel text as bytes (readable: text is mapped R+X).

@@ -306,6 +306,9 @@ fn second_trap(frame: &mut TrapFrame, t: &TrampLayout) {
                 }
             }
             cpu.counters.stack_writes.fetch_add(2, Ordering::Relaxed);
+            if ssp.is_some() {
+                cpu.counters.shadow_writes.fetch_add(2, Ordering::Relaxed);
+            }
             cpu.counters.last_second_trap_if.store(frame.rflags & RFLAGS_IF, Ordering::Relaxed);
             cpu.lifo().pop();
             if p.interrupts {

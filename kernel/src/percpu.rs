@@ -25,15 +25,17 @@ pub struct Counters {
     pub breakpoints: AtomicU64,
     /// Second traps that refused to write.
     pub refusals: AtomicU64,
-    /// Writes the #BP handler made to the interrupted normal stack.
+    /// Writes the #BP handler made to slots of the interrupted normal stack.
     pub stack_writes: AtomicU64,
+    /// WRSS writes the #BP handler made to slots of the interrupted shadow
+    /// stack (not counting the exception frame's own LIP/SSP slots).
+    pub shadow_writes: AtomicU64,
     pub nmis: AtomicU64,
     /// RFLAGS.IF seen by the last second trap (1 would mean interrupts were on inside the window).
     pub last_second_trap_if: AtomicU64,
 }
 
 pub struct PerCpu {
-    pub id: u32,
     lifo: UnsafeCell<EmulLifo>,
     tries: UnsafeCell<([*mut TryCtx; TRY_DEPTH], usize)>,
     pub last_refusal: UnsafeCell<Option<GuardError>>,
@@ -49,7 +51,6 @@ pub struct PerCpu {
 unsafe impl Sync for PerCpu {}
 
 static CPU0: PerCpu = PerCpu {
-    id: 0,
     lifo: UnsafeCell::new(EmulLifo::new()),
     tries: UnsafeCell::new(([core::ptr::null_mut(); TRY_DEPTH], 0)),
     last_refusal: UnsafeCell::new(None),
@@ -61,6 +62,7 @@ static CPU0: PerCpu = PerCpu {
         breakpoints: AtomicU64::new(0),
         refusals: AtomicU64::new(0),
         stack_writes: AtomicU64::new(0),
+        shadow_writes: AtomicU64::new(0),
         nmis: AtomicU64::new(0),
         last_second_trap_if: AtomicU64::new(0),
     },

@@ -11,10 +11,10 @@ use x86_64::registers::control::{Cr4, Cr4Flags};
 use x86_64::registers::model_specific::{CetFlags, Msr};
 
 use crate::cpu::Pl0Ssp;
-use crate::interrupts::{self, try_run, IST_TEST, VEC_CP, VEC_GP, VEC_PF};
+use crate::interrupts::{try_run, IST_TEST, VEC_CP, VEC_GP, VEC_PF};
 use crate::patching::BpTestHook;
 use crate::percpu::this_cpu;
-use crate::{cet, check, diag, mm, BootState};
+use crate::{cet, check, mm, BootState};
 
 extern "C" {
     fn sc_t_tamper_ret() -> u64;

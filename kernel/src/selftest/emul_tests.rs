@@ -23,7 +23,7 @@ use super::{tlog, tlog_reset, LARGE_SITES, LARGE_STRIDE};
 use crate::interrupts::{try_run, GUARD_REFUSAL, VEC_CP};
 use crate::patching::{self, Step};
 use crate::percpu::this_cpu;
-use crate::{cet, check, diag, mm, BootState};
+use crate::{cet, check, mm, BootState};
 
 type SiteFn = unsafe extern "C" fn(u64) -> u64;
 
@@ -75,13 +75,12 @@ macro_rules! addr {
 }
 macro_rules! fnaddr {
     ($f:ident) => {
-        $f as usize as u64
+        $f as *const () as u64
     };
 }
 
 /// RSP and SSP around one call.
 struct Call {
-    value: u64,
     rsp: [u64; 2],
     ssp: [u64; 2],
 }
@@ -95,8 +94,8 @@ impl Call {
 fn call_checked(f: SiteFn, arg: u64) -> Call {
     let mut out = [0u64; 4];
     // SAFETY: the asm wrapper calls `f(arg)` and records the stack pointers.
-    let value = unsafe { sc_call_checked(f, &mut out, arg) };
-    Call { value, rsp: [out[0], out[2]], ssp: [out[1], out[3]] }
+    unsafe { sc_call_checked(f, &mut out, arg) };
+    Call { rsp: [out[0], out[2]], ssp: [out[1], out[3]] }
 }
 
 fn emulations() -> u64 {
@@ -173,14 +172,17 @@ fn site_bytes(site: u64) -> [u8; SITE_LEN] {
 
 /// Patch `sites`, checking `check` inside the window after steps 1 and 2;
 /// collect every failure.
-fn patch_checked(sites: &[(u64, NewInsn)], mut check: impl FnMut(Step) -> Result<(), String>) -> Result<(), Vec<String>> {
+fn patch_checked(
+    sites: &[(u64, NewInsn)],
+    mut check: impl FnMut(Step) -> Result<(), String>,
+) -> Result<patching::PatchStats, Vec<String>> {
     let mut errors = Vec::new();
     let r = patching::patch(sites, |step| {
         if let Err(e) = check(step) {
             errors.push(format!("{} ({})", e, step_name(step)));
         }
     });
-    if let Err(e) = r {
+    if let Err(e) = &r {
         errors.push(format!("patch rejected: {e}"));
     }
     for &(site, insn) in sites {
@@ -188,16 +190,15 @@ fn patch_checked(sites: &[(u64, NewInsn)], mut check: impl FnMut(Step) -> Result
             errors.push(format!("site {site:#x} does not hold the new instruction"));
         }
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors)
+    match r {
+        Ok(stats) if errors.is_empty() => Ok(stats),
+        _ => Err(errors),
     }
 }
 
-fn report(r: Result<(), Vec<String>>) -> Outcome<'static> {
+fn report<T>(r: Result<T, Vec<String>>) -> Outcome<'static> {
     match r {
-        Ok(()) => Outcome::Pass,
+        Ok(_) => Outcome::Pass,
         Err(es) => {
             for e in es {
                 diag!("FAIL: {e}");
@@ -210,7 +211,7 @@ fn report(r: Result<(), Vec<String>>) -> Outcome<'static> {
 /// One site, one new instruction: in the window and after, then restore `call target_a`.
 fn single(f: SiteFn, site: u64, new: NewInsn, e: Expect) -> Outcome<'static> {
     let original = site_bytes(site);
-    let mut r = patch_checked(&[(site, new)], |_| observe("in window", f, 0, e).map(|_| ()));
+    let mut r = patch_checked(&[(site, new)], |_| observe("in window", f, 0, e).map(|_| ())).map(|_| ());
     if r.is_ok() {
         let e_after = Expect { emulations: 0, ..e };
         r = observe("after patch", f, 0, e_after).map(|_| ()).map_err(|s| alloc::vec![s]);
@@ -258,7 +259,7 @@ pub fn emul_call_nested(_st: &BootState) -> Outcome<'static> {
         }
         Ok(())
     };
-    let mut r = patch_checked(&batch, |_| run("in window", 2));
+    let mut r = patch_checked(&batch, |_| run("in window", 2)).map(|_| ());
     if r.is_ok() {
         r = run("after patch", 0).map_err(|s| alloc::vec![s]);
     }
@@ -286,7 +287,7 @@ pub fn emul_call_recursive(_st: &BootState) -> Outcome<'static> {
         }
         Ok(())
     };
-    let mut r = patch_checked(&[(site, NewInsn::Call(fnaddr!(sc_t_rec)))], |_| run("in window", DEPTH));
+    let mut r = patch_checked(&[(site, NewInsn::Call(fnaddr!(sc_t_rec)))], |_| run("in window", DEPTH)).map(|_| ());
     if r.is_ok() {
         r = run("after patch", 0).map_err(|s| alloc::vec![s]);
     }
@@ -336,7 +337,7 @@ pub fn patch_roundtrip(_st: &BootState) -> Outcome<'static> {
             return report(r);
         }
         if let Err(s) = observe(name, sc_t_fn_roundtrip, 0, Expect { emulations: 0, ..e }) {
-            return report(Err(alloc::vec![s]));
+            return report::<()>(Err(alloc::vec![s]));
         }
     }
     check!(site_bytes(site) == original, "A -> B -> NOP -> A did not give back the original bytes");
@@ -370,13 +371,13 @@ pub fn patch_batch_large(_st: &BootState) -> Outcome<'static> {
         Ok(())
     };
     let batch: Vec<(u64, NewInsn)> = sites.iter().map(|&s| (s, NewInsn::Call(b))).collect();
-    let rounds0 = patching::SYNC_ROUNDS.load(Ordering::Relaxed);
-    let mut r = patch_checked(&batch, |_| run_all("in window", true));
-    let rounds = patching::SYNC_ROUNDS.load(Ordering::Relaxed) - rounds0;
-    if r.is_ok() {
-        r = run_all("after patch", false).map_err(|s| alloc::vec![s]);
-    }
-    let table_bytes = sites.len() * core::mem::size_of::<shadowcall::patch::Entry>();
+    let stats = match patch_checked(&batch, |_| run_all("in window", true)) {
+        Ok(s) => s,
+        Err(e) => return report::<()>(Err(e)),
+    };
+    let r = run_all("after patch", false).map_err(|s| alloc::vec![s]);
+    let (table_bytes, rounds) = (stats.table_bytes, stats.sync_rounds);
+    check!(stats.sites == sites.len(), "batch holds {} sites", stats.sites);
     diag!(
         "{} sites in one batch, lookup table {} bytes ({} pages), {} sync rounds",
         sites.len(),
@@ -489,7 +490,8 @@ pub fn wrss_guard(_st: &BootState) -> Outcome<'static> {
     let cpu = this_cpu();
     let evil = addr!(SC_TLOG); // any address the attacker would like as a return target
     let attempt = |name: &str, forge_normal: bool, pending: bool| -> Result<GuardError, String> {
-        let (w0, s0) = (cet::WRSS_WRITES.load(Ordering::Relaxed), cpu.counters.stack_writes.load(Ordering::Relaxed));
+        let writes = || cpu.counters.shadow_writes.load(Ordering::Relaxed) + cpu.counters.stack_writes.load(Ordering::Relaxed);
+        let w0 = writes();
         let ssp0 = cet::rdssp();
         let r = try_run(|| {
             if pending {
@@ -505,7 +507,7 @@ pub fn wrss_guard(_st: &BootState) -> Outcome<'static> {
             }
             0
         });
-        let wrote = cet::WRSS_WRITES.load(Ordering::Relaxed) - w0 + cpu.counters.stack_writes.load(Ordering::Relaxed) - s0;
+        let wrote = writes() - w0;
         if cpu.lifo().depth() != 0 {
             return Err(format!("{name}: emulation LIFO not unwound"));
         }
@@ -626,7 +628,7 @@ pub fn patch_bad_input(_st: &BootState) -> Outcome<'static> {
         errors.push(format!("the outer batch failed: {r:?}"));
     }
     // Keeps the never-called site function referenced.
-    let _ = sc_t_fn_bad as usize;
+    let _ = sc_t_fn_bad as *const ();
     let sum1 = text_checksum();
     diag!("{} distinct errors; text checksum {sum0:#018x} -> {sum1:#018x}", seen.len());
     if seen.len() < 10 {

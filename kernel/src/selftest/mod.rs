@@ -122,6 +122,10 @@ pub fn run_all(st: &BootState) -> bool {
         let mut c = CONSOLE.lock();
         let _ = k.header(&mut *c, TESTS.len() as u32);
     }
+    let init = patching::init(st.strategy, st.features.serialize);
+    if let Err(e) = &init {
+        crate::diag!("FAIL: trampoline emission: {e}");
+    }
     let path = if cet::active() { "cet" } else { "fallback" };
     crate::diag!(
         "shadowcall: path={path}-{} cpu={} cet_ss={} cmdline='{}'",
@@ -130,10 +134,6 @@ pub fn run_all(st: &BootState) -> bool {
         st.features.cet_ss as u8,
         st.boot.cmdline()
     );
-    let init = patching::init(st.strategy, st.features.serialize);
-    if let Err(e) = &init {
-        crate::diag!("FAIL: trampoline emission: {e}");
-    }
     for &(name, test) in TESTS {
         let mut outcome = Outcome::Fail;
         if let Err(f) = interrupts::try_run(|| {
