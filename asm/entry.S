@@ -92,7 +92,7 @@ sc_isr_common:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $16, %rsp                  /* TrapFrame.ssp, TrapFrame.pad */
+    subq $16, %rsp                  /* TrapFrame.ssp, TrapFrame.shadow_push */
     movq $0, 8(%rsp)
     xorl %eax, %eax
     /* RDSSP only when shadow stacks are on: on CPUs without CET some
@@ -104,6 +104,9 @@ sc_isr_common:
     movq %rsp, %rdi
     cld
     call sc_exception_dispatch
+    cmpq $0, 8(%rsp)
+    jne sc_shadow_gap_exit
+sc_isr_exit:
     addq $16, %rsp
     popq %r15
     popq %r14
@@ -122,6 +125,31 @@ sc_isr_common:
     popq %rax
     addq $16, %rsp                  /* vector, error code */
     iretq
+
+/* Shadow-gap exit: the #BP handler emulated a call and left its return
+ * address in TrapFrame.shadow_push (it checked that the CPU's shadow frame
+ * F = TrapFrame.ssp sits right under the interrupted SSP, F+24, with room
+ * below). The handler's own calls are popped, so SSP == F again. One call
+ * with a non-zero displacement takes a shadow slot (SSP = F-8); its
+ * normal-stack copy is dropped; the frame is rebuilt one slot lower:
+ *   [F-8] = F+16 (previous SSP)  [F] = target (LIP)  [F+8] = CS
+ *   [F+16] = return address (the emulated call's shadow slot)
+ * IRET pops that frame and leaves SSP = F+16 with the return address on top;
+ * the normal stack got the same address in the entry stub's gap. */
+sc_shadow_gap_exit:
+    call 1f
+    int3
+1:  addq $8, %rsp
+    movq 0(%rsp), %rax
+    leaq 16(%rax), %rcx
+    wrssq %rcx, -8(%rax)
+    movq {FRAME_RIP}(%rsp), %rcx
+    wrssq %rcx, (%rax)
+    movq {FRAME_CS}(%rsp), %rcx
+    wrssq %rcx, 8(%rax)
+    movq 8(%rsp), %rcx
+    wrssq %rcx, 16(%rax)
+    jmp sc_isr_exit
 
 /* Stub addresses for the IDT, indexed by vector (0 = no stub). */
 .section .rodata

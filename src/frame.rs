@@ -2,7 +2,7 @@
 //! stack arithmetic of the #BP entry gap.
 
 /// What `asm/entry.S` leaves on the stack for the Rust dispatcher, lowest
-/// address first: the recorded SSP, a pad slot, the general registers, the
+/// address first: the recorded SSP, the shadow-gap request, the general registers, the
 /// vector and error code, then the hardware interrupt frame.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -10,7 +10,9 @@ pub struct TrapFrame {
     /// SSP at stub entry (RDSSP; 0 when shadow stacks are off): the base of
     /// the 3-slot shadow frame the CPU pushed.
     pub ssp: u64,
-    pub pad: u64,
+    /// Set by the #BP handler (shadow-gap strategy): a return address the
+    /// exit path must push on the interrupted shadow stack; 0 = nothing.
+    pub shadow_push: u64,
     pub r15: u64,
     pub r14: u64,
     pub r13: u64,

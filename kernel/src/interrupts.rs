@@ -44,6 +44,8 @@ core::arch::global_asm!(
     TRY_SSP = const offset_of!(TryCtx, ssp),
     TRY_RFLAGS = const offset_of!(TryCtx, rflags),
     MSR_S_CET = const 0x6a2u32,
+    FRAME_RIP = const offset_of!(TrapFrame, rip),
+    FRAME_CS = const offset_of!(TrapFrame, cs),
     options(att_syntax)
 );
 

@@ -38,6 +38,8 @@ pub struct PatchStats {
     pub sites: usize,
     pub sync_rounds: u64,
     pub table_bytes: usize,
+    /// A fault the hook raised (caught; the protocol still ran to the end).
+    pub hook_fault: Option<FaultInfo>,
 }
 
 static REGISTRY: Once<Vec<u64>> = Once::new();
@@ -126,8 +128,18 @@ pub fn sync() {
 }
 
 /// Patch a batch of sites with the int3 protocol. `hook` runs after steps 1
-/// and 2, inside the emulation window. On error nothing has been written.
+/// and 2, inside the emulation window; a fault inside it is caught so that
+/// the protocol always completes. On error nothing has been written.
 pub fn patch(sites: &[(u64, NewInsn)], mut hook: impl FnMut(Step)) -> Result<PatchStats, PatchError> {
+    let mut hook_fault = None;
+    let mut hook = |step| {
+        if let Err(f) = interrupts::try_run(|| {
+            hook(step);
+            0
+        }) {
+            hook_fault.get_or_insert(f);
+        }
+    };
     if IN_FLIGHT.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
         return Err(PatchError::BatchInFlight);
     }
@@ -162,10 +174,11 @@ pub fn patch(sites: &[(u64, NewInsn)], mut hook: impl FnMut(Step)) -> Result<Pat
             sites: batch.len(),
             sync_rounds: SYNC_ROUNDS.load(Ordering::Relaxed) - rounds0,
             table_bytes: batch.table_bytes(),
+            hook_fault: None,
         }
     });
     IN_FLIGHT.store(false, Ordering::Release);
-    result
+    result.map(|s| PatchStats { hook_fault, ..s })
 }
 
 // ---- The #BP handler ------------------------------------------------------
@@ -237,6 +250,7 @@ fn emulate(frame: &mut TrapFrame, e: &Entry) {
             let forced = cpu.force_classic.load(Ordering::Relaxed) != 0;
             match if forced { EmulStrategy::Classic } else { strategy() } {
                 EmulStrategy::Trampoline => emulate_call_trampoline(frame, e, target),
+                EmulStrategy::ShadowGap if cet::active() => emulate_call_shadow_gap(frame, e, target),
                 _ => {
                     PerCpu::count(&cpu.counters.classic_calls);
                     if push_normal(frame, e.ret_addr()) {
@@ -264,6 +278,27 @@ fn emulate_call_trampoline(frame: &mut TrapFrame, e: &Entry, target: u64) {
     PerCpu::count(&cpu.counters.tramp_calls);
     frame.rflags &= !RFLAGS_IF;
     set_ip(frame, t.entry);
+}
+
+/// Shadow-gap path: one trap. The normal stack gets the return address in
+/// the entry stub's gap; the exit path (asm/entry.S `sc_shadow_gap_exit`)
+/// pushes it on the shadow stack by rebuilding the exception frame one slot
+/// lower. Checks here that the frame is where that rebuild expects it.
+fn emulate_call_shadow_gap(frame: &mut TrapFrame, e: &Entry, target: u64) {
+    let f = ShadowFrame::at(frame.ssp);
+    // The rebuilt frame uses the slot below F, and the return address lands in F+16.
+    let room = mm::shadow_stack_of(f.base).is_some_and(|b| b.holds_slots(f.base - 8, ShadowFrame::SLOTS + 1));
+    let same_stack = cet::read_slot(f.prev_ssp_slot()) == f.above();
+    let slots_ok = cet::read_slot(f.lip_slot()) == frame.rip && cet::read_slot(f.cs_slot()) == frame.cs;
+    if !(room && same_stack && slots_ok) {
+        return refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: f.base });
+    }
+    if push_normal(frame, e.ret_addr()) {
+        PerCpu::count(&this_cpu().counters.shadow_gap_calls);
+        this_cpu().counters.shadow_writes.fetch_add(1, Ordering::Relaxed);
+        frame.rip = target;
+        frame.shadow_push = e.ret_addr();
+    }
 }
 
 /// Second trap: both stacks must hold exactly the trampoline's two return

@@ -19,6 +19,8 @@ pub struct Counters {
     pub tramp_calls: AtomicU64,
     /// Second traps that completed (both stacks rewritten).
     pub second_traps: AtomicU64,
+    /// Calls emulated with the one-trap shadow gap.
+    pub shadow_gap_calls: AtomicU64,
     /// Calls emulated the classic way (normal stack only).
     pub classic_calls: AtomicU64,
     /// int3s that were not patch sites (reported, not emulated).
@@ -58,6 +60,7 @@ static CPU0: PerCpu = PerCpu {
         emulations: AtomicU64::new(0),
         tramp_calls: AtomicU64::new(0),
         second_traps: AtomicU64::new(0),
+        shadow_gap_calls: AtomicU64::new(0),
         classic_calls: AtomicU64::new(0),
         breakpoints: AtomicU64::new(0),
         refusals: AtomicU64::new(0),

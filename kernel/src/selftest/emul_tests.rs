@@ -21,7 +21,7 @@ use shadowcall::tramp;
 use super::cet_tests::skip_without_shstk;
 use super::{tlog, tlog_reset, LARGE_SITES, LARGE_STRIDE};
 use crate::interrupts::{try_run, GUARD_REFUSAL, VEC_CP};
-use crate::patching::{self, Step};
+use crate::patching::{self, PatchStats, Step};
 use crate::percpu::this_cpu;
 use crate::{cet, check, mm, BootState};
 
@@ -182,8 +182,10 @@ fn patch_checked(
             errors.push(format!("{} ({})", e, step_name(step)));
         }
     });
-    if let Err(e) = &r {
-        errors.push(format!("patch rejected: {e}"));
+    match &r {
+        Err(e) => errors.push(format!("patch rejected: {e}")),
+        Ok(PatchStats { hook_fault: Some(f), .. }) => errors.push(format!("unexpected fault inside the window: {f}")),
+        Ok(_) => {}
     }
     for &(site, insn) in sites {
         if insn.encode(site).ok() != Some(site_bytes(site)) {

@@ -148,10 +148,11 @@ pub fn run_all(st: &BootState) -> bool {
     }
     let c = &this_cpu().counters;
     crate::diag!(
-        "emulations: {} (trampoline calls {}, second traps {}, classic calls {}), breakpoints reported {}, guard refusals {}, sync rounds {}",
+        "emulations: {} (trampoline calls {}, second traps {}, shadow-gap calls {}, classic calls {}), breakpoints reported {}, guard refusals {}, sync rounds {}",
         c.emulations.load(core::sync::atomic::Ordering::Relaxed),
         c.tramp_calls.load(core::sync::atomic::Ordering::Relaxed),
         c.second_traps.load(core::sync::atomic::Ordering::Relaxed),
+        c.shadow_gap_calls.load(core::sync::atomic::Ordering::Relaxed),
         c.classic_calls.load(core::sync::atomic::Ordering::Relaxed),
         c.breakpoints.load(core::sync::atomic::Ordering::Relaxed),
         c.refusals.load(core::sync::atomic::Ordering::Relaxed),
