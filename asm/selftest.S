@@ -98,12 +98,13 @@ sc_t_unregistered:
     call sc_t_target_a
     ret
 
-/* patch_batch_large: {LARGE_SITES} sites, each `call sc_t_target_a; ret`,
- * {LARGE_STRIDE} bytes apart; the test calls site i as a function. */
+/* A block of {SITE_BLOCK_LEN} sites, each `call sc_t_target_a; ret`,
+ * {LARGE_STRIDE} bytes apart (patch_batch_large and the benchmarks); site i
+ * is called as a function. */
 .align 16
 .globl sc_t_large_base
 sc_t_large_base:
-.rept {LARGE_SITES}
+.rept {SITE_BLOCK_LEN}
     .pushsection .shadowcall_sites, "a"
     .quad 1f
     .popsection

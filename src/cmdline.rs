@@ -44,11 +44,13 @@ pub struct Cmdline {
     /// `expect_cet=0|1`: what the runner knows about the machine's CPUID.
     pub expect_cet: Option<bool>,
     pub emul: Option<EmulStrategy>,
+    /// `bench=0|1`: run the benchmarks after the self-tests.
+    pub bench: bool,
 }
 
 impl Default for Cmdline {
     fn default() -> Self {
-        Cmdline { cet: CetMode::Auto, expect_cet: None, emul: None }
+        Cmdline { cet: CetMode::Auto, expect_cet: None, emul: None, bench: false }
     }
 }
 
@@ -88,7 +90,7 @@ pub fn parse_multiboot(line: &str) -> Result<Cmdline, CmdlineError<'_>> {
 /// Parse command-line words (no image name).
 pub fn parse_words<'a>(words: impl Iterator<Item = &'a str>) -> Result<Cmdline, CmdlineError<'a>> {
     let mut c = Cmdline::default();
-    let (mut seen_cet, mut seen_expect, mut seen_emul) = (false, false, false);
+    let (mut seen_cet, mut seen_expect, mut seen_emul, mut seen_bench) = (false, false, false, false);
     for w in words {
         let Some((key, value)) = w.split_once('=') else {
             return Err(CmdlineError::UnknownWord(w));
@@ -126,6 +128,14 @@ pub fn parse_words<'a>(words: impl Iterator<Item = &'a str>) -> Result<Cmdline, 
                     }
                 });
             }
+            "bench" => {
+                once(&mut seen_bench, "bench")?;
+                c.bench = match value {
+                    "0" => false,
+                    "1" => true,
+                    _ => return Err(CmdlineError::BadValue { key: "bench", value, allowed: "0|1" }),
+                };
+            }
             _ => return Err(CmdlineError::UnknownWord(w)),
         }
     }
@@ -153,6 +163,8 @@ mod tests {
         assert_eq!(c.expect_cet, Some(true));
         assert_eq!(c.emul, Some(EmulStrategy::Classic));
         assert_eq!(parse_multiboot("kernel.elf cet=on").unwrap().cet, CetMode::On);
+        assert!(parse_multiboot("bench=1").unwrap().bench);
+        assert!(!parse_multiboot("bench=0").unwrap().bench);
     }
 
     #[test]
@@ -170,6 +182,7 @@ mod tests {
         assert!(matches!(parse_multiboot("cet=maybe"), Err(CmdlineError::BadValue { key: "cet", .. })));
         assert!(matches!(parse_multiboot("expect_cet=2"), Err(CmdlineError::BadValue { key: "expect_cet", .. })));
         assert!(matches!(parse_multiboot("emul=fast"), Err(CmdlineError::BadValue { key: "emul", .. })));
+        assert!(matches!(parse_multiboot("bench=yes"), Err(CmdlineError::BadValue { key: "bench", .. })));
         assert_eq!(parse_multiboot("cet=on cet=off"), Err(CmdlineError::Repeated("cet")));
     }
 }

@@ -9,6 +9,7 @@ extern crate alloc;
 
 #[macro_use]
 mod console;
+mod bench;
 mod boot;
 mod cet;
 mod cpu;
@@ -42,6 +43,7 @@ pub fn state() -> &'static BootState {
 
 #[no_mangle]
 extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
+    bench::TSC_KMAIN.store(bench::rdtsc(), core::sync::atomic::Ordering::Relaxed);
     let boot = boot::BootInfo::read(magic, mbi);
     let features = cpu::Features::detect();
     mm::write_shadow_tokens();
@@ -88,6 +90,10 @@ extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
 extern "C" fn kmain_continue() -> ! {
     let st = state();
     let ok = selftest::run_all(st);
+    let tsc_tests_end = bench::rdtsc();
+    if st.boot.parsed.bench {
+        bench::run_all(st, tsc_tests_end);
+    }
     exit(ok)
 }
 

@@ -19,7 +19,7 @@ use shadowcall::shstk::CpError;
 use shadowcall::tramp;
 
 use super::cet_tests::skip_without_shstk;
-use super::{tlog, tlog_reset, LARGE_SITES, LARGE_STRIDE};
+use super::{block_site, tlog, tlog_reset, LARGE_SITES};
 use crate::interrupts::{try_run, GUARD_REFUSAL, VEC_CP};
 use crate::patching::{self, PatchStats, Step};
 use crate::percpu::this_cpu;
@@ -58,7 +58,6 @@ extern "C" {
     static sc_t_site_unsupported: u8;
     static sc_t_site_undecodable: u8;
     static sc_t_unregistered: u8;
-    static sc_t_large_base: u8;
     fn sc_t_zero_disp_call() -> u64;
     static sc_t_zero_disp_call_insn: u8;
     fn sc_t_one_disp_call() -> u64;
@@ -347,8 +346,7 @@ pub fn patch_roundtrip(_st: &BootState) -> Outcome<'static> {
 }
 
 pub fn patch_batch_large(_st: &BootState) -> Outcome<'static> {
-    let base = addr!(sc_t_large_base);
-    let sites: Vec<u64> = (0..LARGE_SITES as u64).map(|i| base + i * LARGE_STRIDE).collect();
+    let sites: Vec<u64> = (0..LARGE_SITES).map(block_site).collect();
     let (a, b) = (fnaddr!(sc_t_target_a), fnaddr!(sc_t_target_b));
     let run_all = |what: &str, emulated: bool| -> Result<(), String> {
         tlog_reset();

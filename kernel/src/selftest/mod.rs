@@ -38,13 +38,24 @@ pub struct TargetLog {
 pub static mut SC_TLOG: TargetLog =
     TargetLog { count: [0; 3], last_ret: 0, last_shret: 0, last_rflags: 0, ret_sum: 0, after: 0, nest: 0, rec: 0, evil: 0 };
 
-/// Sites in the patch_batch_large block.
+/// Sites in the block of registered sites (`sc_t_large_base`): enough for
+/// the 65,536-site benchmarks.
+pub const SITE_BLOCK_LEN: usize = 65536;
+/// Sites patch_batch_large patches in one batch (more than a page of entries).
 pub const LARGE_SITES: usize = 2048;
 /// Bytes per site in that block (`call rel32; ret`).
 pub const LARGE_STRIDE: u64 = 6;
 
+/// The address of site `i` of the block.
+pub fn block_site(i: usize) -> u64 {
+    extern "C" {
+        static sc_t_large_base: u8;
+    }
+    core::ptr::addr_of!(sc_t_large_base) as u64 + i as u64 * LARGE_STRIDE
+}
+
 core::arch::global_asm!(
-    include_str!("../../../asm/selftest.S"),
+    concat!(include_str!("../../../asm/selftest.S"), include_str!("../../../asm/bench.S")),
     LOG_COUNT = const offset_of!(TargetLog, count),
     LOG_RET = const offset_of!(TargetLog, last_ret),
     LOG_SHRET = const offset_of!(TargetLog, last_shret),
@@ -54,11 +65,21 @@ core::arch::global_asm!(
     LOG_NEST = const offset_of!(TargetLog, nest),
     LOG_REC = const offset_of!(TargetLog, rec),
     LOG_EVIL = const offset_of!(TargetLog, evil),
-    LARGE_SITES = const LARGE_SITES,
+    SITE_BLOCK_LEN = const SITE_BLOCK_LEN,
     LARGE_STRIDE = const LARGE_STRIDE,
     IST_TEST_VECTOR = const interrupts::IST_TEST_VECTOR,
     options(att_syntax)
 );
+
+/// Address of call target 0 (sc_t_target_a), 1 (_b) or 2 (_c).
+pub fn target_addr(i: usize) -> u64 {
+    extern "C" {
+        fn sc_t_target_a();
+        fn sc_t_target_b();
+        fn sc_t_target_c();
+    }
+    [sc_t_target_a as *const () as u64, sc_t_target_b as *const () as u64, sc_t_target_c as *const () as u64][i]
+}
 
 /// Snapshot of the target log.
 pub fn tlog() -> TargetLog {

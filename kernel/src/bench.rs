@@ -1,0 +1,148 @@
+//! Benchmarks (`bench=1` on the command line): tight loops timed with
+//! RDTSC, printed as one JSON object per `# bench ` line for `cargo xtask
+//! bench`. On Bochs with `clock: sync=none` the unit is retired
+//! instructions (deterministic); on QEMU/KVM it is TSC cycles, so every
+//! figure is measured `REPS` times and the runner reports median and spread.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Write;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use shadowcall::cmdline::EmulStrategy;
+use shadowcall::patch::NewInsn;
+
+use crate::patching::{self, Step};
+use crate::selftest::block_site;
+use crate::{cet, BootState};
+
+/// Repetitions of every measurement.
+const REPS: usize = 5;
+/// Iterations per emulation measurement.
+const ITERS: u64 = 200;
+/// Batch sizes of the lookup and whole-batch benchmarks.
+const SIZES: [usize; 5] = [1, 16, 256, 4096, 65536];
+
+/// TSC at kmain entry.
+pub static TSC_KMAIN: AtomicU64 = AtomicU64::new(0);
+
+extern "C" {
+    fn sc_b_loop(f: unsafe extern "C" fn(), n: u64) -> u64;
+    fn sc_b_ret();
+    fn sc_b_int3_fn();
+    fn sc_b_target();
+    fn sc_b_fn_call();
+    fn sc_b_fn_jmp();
+    fn sc_b_fn_nop();
+    fn sc_b_fn_ret();
+    static sc_b_site_call: u8;
+    static sc_b_site_jmp: u8;
+    static sc_b_site_nop: u8;
+    static sc_b_site_ret: u8;
+}
+
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC is unprivileged and side-effect free.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Per-op figures of `REPS` runs of `n` calls of `f`.
+fn measure(f: unsafe extern "C" fn(), n: u64) -> Vec<u64> {
+    (0..REPS)
+        .map(|_| {
+            // SAFETY: `f` is one of the asm bench functions, balanced on both stacks.
+            unsafe { sc_b_loop(f, n) / n }
+        })
+        .collect()
+}
+
+/// One `# bench {json}` line.
+fn emit(name: &str, strategy: Option<EmulStrategy>, extra: &[(&str, u64)], per_op: &[u64]) {
+    let mut s = String::new();
+    let _ = write!(s, "{{\"name\":\"{name}\",\"shstk\":{}", cet::active());
+    if let Some(st) = strategy {
+        let _ = write!(s, ",\"strategy\":\"{}\"", st.name());
+    }
+    for (k, v) in extra {
+        let _ = write!(s, ",\"{k}\":{v}");
+    }
+    let _ = write!(s, ",\"per_op\":[");
+    for (i, v) in per_op.iter().enumerate() {
+        let _ = write!(s, "{}{v}", if i > 0 { "," } else { "" });
+    }
+    s.push_str("]}");
+    crate::diag!("bench {s}");
+}
+
+/// The strategies that work on this machine (classic needs shadow stacks off).
+fn strategies() -> Vec<EmulStrategy> {
+    if cet::active() {
+        alloc::vec![EmulStrategy::Trampoline, EmulStrategy::ShadowGap]
+    } else {
+        alloc::vec![EmulStrategy::Classic, EmulStrategy::Trampoline]
+    }
+}
+
+pub fn run_all(st: &BootState, tsc_tests_end: u64) {
+    crate::diag!("bench: start (unit: TSC ticks; instructions on Bochs with clock sync=none)");
+    emit("boot", None, &[("tsc_kmain", TSC_KMAIN.load(Ordering::Relaxed)), ("tsc_tests_end", tsc_tests_end)], &[]);
+    emit("direct_call", None, &[("n", ITERS)], &measure(sc_b_ret, ITERS));
+    emit("int3_iret", None, &[("n", ITERS)], &measure(sc_b_int3_fn, ITERS));
+
+    // Emulation of each kind, under each strategy, inside one window.
+    let target = sc_b_target as *const () as u64;
+    let kinds: [(&str, u64, unsafe extern "C" fn(), NewInsn); 4] = [
+        ("emul_call", core::ptr::addr_of!(sc_b_site_call) as u64, sc_b_fn_call, NewInsn::Call(target)),
+        ("emul_jmp", core::ptr::addr_of!(sc_b_site_jmp) as u64, sc_b_fn_jmp, NewInsn::Jmp(target)),
+        ("emul_nop", core::ptr::addr_of!(sc_b_site_nop) as u64, sc_b_fn_nop, NewInsn::Nop),
+        ("emul_ret", core::ptr::addr_of!(sc_b_site_ret) as u64, sc_b_fn_ret, NewInsn::Ret),
+    ];
+    let batch: Vec<(u64, NewInsn)> = kinds.iter().map(|k| (k.1, k.3)).collect();
+    let mut results: Vec<(&str, EmulStrategy, Vec<u64>)> = Vec::new();
+    let _ = patching::patch(&batch, |step| {
+        if step != Step::Int3Written {
+            return;
+        }
+        for s in strategies() {
+            patching::set_strategy(s);
+            for k in &kinds {
+                results.push((k.0, s, measure(k.2, ITERS)));
+            }
+        }
+        patching::set_strategy(st.strategy);
+    });
+    for (name, s, v) in &results {
+        emit(name, Some(*s), &[("n", ITERS)], v);
+    }
+    // The same sites after the patch: no trap at all.
+    emit("patched_call", None, &[("n", ITERS)], &measure(sc_b_fn_call, ITERS));
+    let restore: Vec<(u64, NewInsn)> = kinds.iter().map(|k| (k.1, NewInsn::Call(sc_b_ret as *const () as u64))).collect();
+    let _ = patching::patch(&restore, |_| {});
+
+    // Whole-batch patching and lookup cost as the batch grows.
+    let (a, b) = (
+        crate::selftest::target_addr(0),
+        crate::selftest::target_addr(1),
+    );
+    for &n in &SIZES {
+        let there: Vec<(u64, NewInsn)> = (0..n).map(|i| (block_site(i), NewInsn::Call(b))).collect();
+        let back: Vec<(u64, NewInsn)> = (0..n).map(|i| (block_site(i), NewInsn::Call(a))).collect();
+        let t0 = rdtsc();
+        let stats = patching::patch(&there, |_| {});
+        let total = rdtsc() - t0;
+        let rounds = stats.map(|s| s.sync_rounds).unwrap_or(0);
+        emit("patch_batch", None, &[("sites", n as u64), ("sync_rounds", rounds), ("total", total)], &[total / n as u64]);
+        // Lookup: emulate the middle site while the batch of n entries is active.
+        let mid = block_site(n / 2);
+        // SAFETY: each block entry is `call rel32; ret`, a function.
+        let f: unsafe extern "C" fn() = unsafe { core::mem::transmute(mid as usize) };
+        let mut per_op = Vec::new();
+        let _ = patching::patch(&back, |step| {
+            if step == Step::Int3Written {
+                per_op = measure(f, ITERS / 4);
+            }
+        });
+        emit("lookup", Some(patching::strategy()), &[("sites", n as u64), ("n", ITERS / 4)], &per_op);
+    }
+    crate::diag!("bench: done");
+}
