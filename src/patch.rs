@@ -105,6 +105,7 @@ pub enum PatchError {
     TargetOutOfRange { site: u64, target: u64 },
     TargetOutsideText { site: u64, target: u64 },
     BatchInFlight,
+    TooManySites { count: usize },
 }
 
 impl fmt::Display for PatchError {
@@ -134,6 +135,7 @@ impl fmt::Display for PatchError {
                 write!(f, "site {site:#x}: target {target:#x} is outside kernel text")
             }
             BatchInFlight => f.write_str("another patch batch is in flight"),
+            TooManySites { count } => write!(f, "{count} sites in one batch; at most 2^32 - 1"),
         }
     }
 }
@@ -174,10 +176,23 @@ impl Entry {
     }
 }
 
-/// A validated batch, sorted by site address.
+/// A validated batch, sorted by site address, with a search index.
+///
+/// The index is the sorted site addresses laid out as an implicit binary
+/// search tree in breadth-first (Eytzinger) order: node k's children are 2k
+/// and 2k+1. A lookup is the same binary search as on the sorted array, but
+/// each step is a compare and an add-with-carry (`k = 2k + (key < x)`), so
+/// the #BP handler pays a few instructions per doubling of the batch. The
+/// tree is complete (padded with `u64::MAX` keys, which are never a site),
+/// so every search takes exactly `depth` steps and needs no bounds checks.
 #[derive(Debug, Default)]
 pub struct Batch {
     entries: Vec<Entry>,
+    /// `tree[k]` (1 <= k < 2^depth) is a site address or padding; `tree[0]` is unused.
+    tree: Vec<u64>,
+    /// `slot[k]`: the index in `entries` of `tree[k]`.
+    slot: Vec<u32>,
+    depth: u32,
 }
 
 impl Batch {
@@ -190,13 +205,63 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-    /// Bytes of the lookup table.
+    /// Bytes of the lookup table (entries and search index).
     pub fn table_bytes(&self) -> usize {
-        self.entries.len() * core::mem::size_of::<Entry>()
+        self.entries.len() * core::mem::size_of::<Entry>() + self.tree.len() * 8 + self.slot.len() * 4
     }
-    /// The entry for the int3 at `site`: binary search.
+    /// The entry for the int3 at `site`: binary search over the index.
     pub fn lookup(&self, site: u64) -> Option<&Entry> {
-        self.entries.binary_search_by_key(&site, |e| e.site).ok().map(|i| &self.entries[i])
+        if self.depth == 0 {
+            return None;
+        }
+        let tree = &self.tree[..];
+        let mut k = 1usize;
+        for _ in 0..self.depth {
+            // SAFETY: k < 2^depth == tree.len() before each step: it starts
+            // at 1 and each of the `depth` steps at most doubles it plus one,
+            // staying below 2^(step+1) <= 2^depth.
+            let key = unsafe { *tree.get_unchecked(k) };
+            k = 2 * k + (key < site) as usize;
+        }
+        // Undo the trailing "go right" steps and the last "go left": k is
+        // then the node of the smallest key >= site (0: none).
+        k >>= (!k).trailing_zeros() + 1;
+        if k != 0 && tree[k] == site {
+            // Padding nodes have no entry (slot u32::MAX): `get` says None.
+            self.entries.get(self.slot[k] as usize)
+        } else {
+            None
+        }
+    }
+
+    fn from_sorted(entries: Vec<Entry>) -> Self {
+        let n = entries.len();
+        if n == 0 {
+            return Batch::default();
+        }
+        // Smallest complete tree with at least n nodes: 2^depth - 1 nodes.
+        let depth = usize::BITS - n.leading_zeros();
+        let nodes = (1usize << depth) - 1;
+        let mut b = Batch { tree: alloc::vec![u64::MAX; nodes + 1], slot: alloc::vec![u32::MAX; nodes + 1], entries, depth };
+        let mut next = 0usize;
+        // In-order walk of the implicit tree assigns the sorted keys, then the padding.
+        let mut stack: Vec<usize> = Vec::new();
+        let mut k = 1usize;
+        while k <= nodes || !stack.is_empty() {
+            if k <= nodes {
+                stack.push(k);
+                k *= 2;
+            } else {
+                k = stack.pop().unwrap_or(0);
+                if next < n {
+                    b.tree[k] = b.entries[next].site;
+                    b.slot[k] = next as u32;
+                }
+                next += 1;
+                k = 2 * k + 1;
+            }
+        }
+        b
     }
 }
 
@@ -220,10 +285,13 @@ pub fn build_batch(text: &Text<'_>, registry: &[u64], sites: &[(u64, NewInsn)]) 
             return Err(PatchError::OverlappingSites { first: a, second: b });
         }
     }
+    if entries.len() > u32::MAX as usize {
+        return Err(PatchError::TooManySites { count: entries.len() });
+    }
     for e in entries.iter_mut() {
         e.bytes = check_site(text, registry, e.site, e.insn)?;
     }
-    Ok(Batch { entries })
+    Ok(Batch::from_sorted(entries))
 }
 
 fn check_site(text: &Text<'_>, registry: &[u64], site: u64, insn: NewInsn) -> Result<[u8; SITE_LEN], PatchError> {
@@ -358,6 +426,31 @@ mod tests {
             assert!(!alloc::format!("{want}").is_empty());
         }
         assert!(matches!(build(&[(BASE + 20, NewInsn::Nop)]), Err(UnsupportedInstruction { len: 5, .. })));
+    }
+
+    #[test]
+    fn lookup_matches_a_linear_search_for_every_size() {
+        // Batches of 1..=70 sites at irregular addresses; probe every address around them.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for n in 1..=70usize {
+            let mut addrs: Vec<u64> = Vec::new();
+            let mut a = BASE;
+            for _ in 0..n {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                a += 5 + seed % 11;
+                addrs.push(a);
+            }
+            let entries: Vec<Entry> = addrs.iter().map(|&s| Entry { site: s, insn: NewInsn::Nop, bytes: NOP5 }).collect();
+            let b = Batch::from_sorted(entries);
+            for probe in BASE..a + 20 {
+                let want = addrs.iter().position(|&s| s == probe);
+                assert_eq!(b.lookup(probe).map(|e| e.site), want.map(|i| addrs[i]), "n={n} probe={probe:#x}");
+            }
+            assert!(b.lookup(0).is_none() && b.lookup(u64::MAX).is_none());
+        }
+        assert!(Batch::default().lookup(BASE).is_none());
     }
 
     #[test]

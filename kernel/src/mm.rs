@@ -139,11 +139,14 @@ fn is_shadow_page(addr: u64) -> bool {
         || (1..=IST_COUNT).any(|i| ist_shadow_stack(i).lo == addr)
         || addr == spare_shadow_page()
 }
-/// Every registered shadow stack (for bounds checks).
+/// The registered shadow stack holding `addr`, if any (the primary one is
+/// checked first: the #BP handler's common case).
 pub fn shadow_stack_of(addr: u64) -> Option<StackBounds> {
-    core::iter::once(primary_shadow_stack())
-        .chain((1..=IST_COUNT).map(ist_shadow_stack))
-        .find(|b| addr >= b.lo && addr < b.hi)
+    let p = primary_shadow_stack();
+    if addr >= p.lo && addr < p.hi {
+        return Some(p);
+    }
+    (1..=IST_COUNT).map(ist_shadow_stack).find(|b| addr >= b.lo && addr < b.hi)
 }
 
 /// The boot CPU's kernel stack.
@@ -157,11 +160,13 @@ pub fn ist_stack(ist: usize) -> StackBounds {
     let s = unsafe { addr_of!((*IST_STACKS.0.get())[ist - 1].stack) } as u64;
     StackBounds { lo: s, hi: s + IST_STACK_SIZE as u64 }
 }
-/// The kernel stack holding `addr`, if any.
+/// The kernel stack holding `addr`, if any (the boot CPU's kernel stack first).
 pub fn normal_stack_of(addr: u64) -> Option<StackBounds> {
-    core::iter::once(boot_stack())
-        .chain((1..=IST_COUNT).map(ist_stack))
-        .find(|b| addr >= b.lo && addr < b.hi)
+    let k = boot_stack();
+    if addr >= k.lo && addr < k.hi {
+        return Some(k);
+    }
+    (1..=IST_COUNT).map(ist_stack).find(|b| addr >= b.lo && addr < b.hi)
 }
 
 fn is_guard_page(addr: u64) -> bool {
