@@ -70,6 +70,7 @@ pub fn prepare(
         env: vec![("SDL_VIDEODRIVER".into(), "dummy".into())],
         cwd: dir.path().to_path_buf(),
         stderr_log: dir.join(STDERR_LOG),
+        fatal_stderr: vec![],
     })
 }
 

@@ -27,6 +27,9 @@ pub struct Launch {
     pub cwd: PathBuf,
     /// The emulator's stderr goes here.
     pub stderr_log: PathBuf,
+    /// Stderr text meaning the guest is dead although the emulator keeps
+    /// running (QEMU pauses on "KVM internal error"): stop it at once.
+    pub fatal_stderr: Vec<&'static str>,
 }
 
 fn shell_quote(word: &str) -> String {
@@ -66,12 +69,32 @@ pub struct Streamed {
     pub report: Report,
     /// All of the emulator's stdout.
     pub raw: String,
+    /// The last lines of the emulator's stderr.
+    pub stderr_tail: Vec<String>,
     /// Exit status (after a kill this is the kill's status).
     pub exit: Option<ExitStatus>,
     /// Set when the timeout hit and the emulator was killed.
     pub timed_out: Option<Duration>,
     /// Set when the report ended but the emulator did not exit by itself.
     pub killed_after_end: bool,
+    /// A stderr line matching [`Launch::fatal_stderr`]; the emulator was then stopped.
+    pub fatal: Option<String>,
+}
+
+const STDERR_TAIL: usize = 20;
+/// How long to collect more stderr after a fatal message before killing.
+const GRACE_AFTER_FATAL: Duration = Duration::from_secs(1);
+
+enum Line {
+    Out(String),
+    Err(String),
+}
+
+/// Why the emulator is stopped before the timeout.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    EndOfReport,
+    Fatal,
 }
 
 fn kill(child: &mut Child) -> Option<ExitStatus> {
@@ -92,9 +115,12 @@ fn wait_or_kill(child: &mut Child, grace: Duration) -> (Option<ExitStatus>, bool
     (kill(child), true)
 }
 
-/// Reads `reader` line by line into a channel; the channel closes at EOF.
-fn spawn_line_reader(reader: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
+/// Sends `reader`'s lines into `tx` until EOF.
+fn spawn_line_reader(
+    reader: impl std::io::Read + Send + 'static,
+    tx: mpsc::Sender<Line>,
+    wrap: fn(String) -> Line,
+) {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(reader);
         let mut buf = Vec::new();
@@ -106,25 +132,28 @@ fn spawn_line_reader(reader: impl std::io::Read + Send + 'static) -> mpsc::Recei
                     if buf.last() == Some(&b'\n') {
                         buf.pop();
                     }
-                    if tx.send(String::from_utf8_lossy(&buf).into_owned()).is_err() {
+                    if tx
+                        .send(wrap(String::from_utf8_lossy(&buf).into_owned()))
+                        .is_err()
+                    {
                         break;
                     }
                 }
             }
         }
     });
-    rx
 }
 
 /// Starts the emulator, echoes (if `echo`) and parses its stdout line by
-/// line, and stops it at the timeout. Raw output is also written to `output_log`.
+/// line, and stops it at the timeout. Raw output is also written to
+/// `output_log`, stderr to `launch.stderr_log`.
 pub fn run_streaming(
     launch: &Launch,
     timeout: Option<Duration>,
     echo: bool,
     output_log: &Path,
 ) -> Result<Streamed> {
-    let stderr = File::create(&launch.stderr_log)
+    let mut err_log = File::create(&launch.stderr_log)
         .context(|| format!("cannot create {}", launch.stderr_log.display()))?;
     let mut log =
         File::create(output_log).context(|| format!("cannot create {}", output_log.display()))?;
@@ -134,34 +163,38 @@ pub fn run_streaming(
         .current_dir(&launch.cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::from(stderr))
+        .stderr(Stdio::piped())
         .spawn()
         .context(|| format!("cannot start {}", launch.program))?;
-    let Some(stdout) = child.stdout.take() else {
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         kill(&mut child);
-        return Err(crate::error::Error::new("emulator stdout was not captured"));
+        return Err(crate::error::Error::new("emulator output was not captured"));
     };
-    let lines = spawn_line_reader(stdout);
+    let (tx, lines) = mpsc::channel();
+    spawn_line_reader(stdout, tx.clone(), Line::Out);
+    spawn_line_reader(stderr, tx, Line::Err);
     let deadline = timeout.map(|t| Instant::now() + t);
-    let mut end_deadline: Option<Instant> = None;
+    let mut stop: Option<(Instant, Stop)> = None;
     let mut out = Streamed {
         report: Report::new(),
         raw: String::new(),
+        stderr_tail: Vec::new(),
         exit: None,
         timed_out: None,
         killed_after_end: false,
+        fatal: None,
     };
     loop {
-        let wake = match (deadline, end_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let wake = match (deadline, stop) {
+            (Some(a), Some((b, _))) => Some(a.min(b)),
+            (a, b) => a.or(b.map(|(t, _)| t)),
         };
         let next = match wake {
             Some(w) => lines.recv_timeout(w.saturating_duration_since(Instant::now())),
             None => lines.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         match next {
-            Ok(line) => {
+            Ok(Line::Out(line)) => {
                 if echo {
                     println!("{line}");
                 }
@@ -169,15 +202,29 @@ pub fn run_streaming(
                 out.raw.push_str(&line);
                 out.raw.push('\n');
                 out.report.feed_line(&line);
-                if out.report.end_seen && end_deadline.is_none() {
-                    end_deadline = Some(Instant::now() + GRACE_AFTER_END);
+                if out.report.end_seen && stop.is_none() {
+                    stop = Some((Instant::now() + GRACE_AFTER_END, Stop::EndOfReport));
                 }
             }
+            Ok(Line::Err(line)) => {
+                let _ = writeln!(err_log, "{line}");
+                let fatal = launch.fatal_stderr.iter().any(|p| line.contains(p));
+                if fatal && out.fatal.is_none() {
+                    out.fatal = Some(line.clone());
+                    stop = Some((Instant::now() + GRACE_AFTER_FATAL, Stop::Fatal));
+                }
+                if out.stderr_tail.len() == STDERR_TAIL {
+                    out.stderr_tail.remove(0);
+                }
+                out.stderr_tail.push(line);
+            }
             Err(RecvTimeoutError::Timeout) => {
-                if end_deadline.is_some_and(|e| Instant::now() >= e) {
-                    out.killed_after_end = true;
-                } else {
-                    out.timed_out = timeout;
+                match stop {
+                    Some((t, Stop::EndOfReport)) if Instant::now() >= t => {
+                        out.killed_after_end = true
+                    }
+                    Some((t, Stop::Fatal)) if Instant::now() >= t => {}
+                    _ => out.timed_out = timeout,
                 }
                 out.exit = kill(&mut child);
                 return Ok(out);
@@ -202,6 +249,7 @@ mod tests {
             env: vec![],
             cwd: dir.to_path_buf(),
             stderr_log: dir.join("stderr.log"),
+            fatal_stderr: vec!["FATAL-MARK"],
         }
     }
 
@@ -246,6 +294,27 @@ mod tests {
             s.report.failure_reasons(),
             ["incomplete plan: 1 of 2 results"]
         );
+        dir.remove().unwrap();
+    }
+
+    #[test]
+    fn fatal_stderr_stops_early() {
+        let dir = crate::rundir::RunDir::create("xtask-unit-emu").unwrap();
+        let l = sh("printf 'KTAP version 1\\n1..2\\n'; echo 'FATAL-MARK x' >&2; echo more >&2; exec sleep 30", dir.path());
+        let start = Instant::now();
+        let s = run_streaming(
+            &l,
+            Some(Duration::from_secs(20)),
+            false,
+            &dir.join("out.log"),
+        )
+        .unwrap();
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert_eq!(s.fatal.as_deref(), Some("FATAL-MARK x"));
+        assert_eq!(s.stderr_tail, ["FATAL-MARK x", "more"]);
+        assert!(s.timed_out.is_none() && !s.killed_after_end);
+        let err = std::fs::read_to_string(dir.join("stderr.log")).unwrap();
+        assert_eq!(err, "FATAL-MARK x\nmore\n");
         dir.remove().unwrap();
     }
 

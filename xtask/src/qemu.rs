@@ -76,6 +76,8 @@ pub fn prepare(
         env: vec![],
         cwd: dir.path().to_path_buf(),
         stderr_log: dir.join(STDERR_LOG),
+        // On an internal error QEMU pauses the guest instead of exiting.
+        fatal_stderr: vec!["KVM internal error"],
     })
 }
 

@@ -200,7 +200,9 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
         .report
         .plan
         .is_some_and(|n| streamed.report.results.len() >= n as usize);
-    if streamed.timed_out.is_none() && !complete {
+    if let Some(fatal) = &streamed.fatal {
+        failures.push(format!("the emulator stopped the guest: {fatal}"));
+    } else if streamed.timed_out.is_none() && !complete {
         let status = streamed
             .exit
             .map_or("unknown status".to_string(), |s| s.to_string());
@@ -212,6 +214,13 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
     if opts.machine.is_bochs() {
         let log = std::fs::read_to_string(dir.join(bochs::LOG)).unwrap_or_default();
         failures.extend(bochs::log_problems(&log));
+    }
+    if !opts.machine.is_bochs() && !complete && !streamed.stderr_tail.is_empty() {
+        println!("--- end of the emulator's stderr ---");
+        for line in &streamed.stderr_tail {
+            println!("{line}");
+        }
+        println!("---");
     }
     if streamed.killed_after_end {
         println!("note: the emulator did not exit after the end of the report; it was killed");
