@@ -29,7 +29,8 @@ pub const S_CET_FLAGS: CetFlags = CetFlags::SS_ENABLE.union(CetFlags::SS_WRITE_E
 
 #[repr(C, align(64))]
 struct SspTable([u64; SSP_TABLE_ENTRIES]);
-static mut SSP_TABLE: SspTable = SspTable([0; SSP_TABLE_ENTRIES]);
+/// One interrupt SSP table per CPU.
+static mut SSP_TABLES: [SspTable; mm::MAX_CPUS] = [const { SspTable([0; SSP_TABLE_ENTRIES]) }; mm::MAX_CPUS];
 
 extern "C" {
     fn sc_cet_enter(s_cet: u64, cont: extern "C" fn() -> !, rsp: u64) -> !;
@@ -69,17 +70,17 @@ pub unsafe fn wrss(addr: u64, value: u64) {
     unsafe { core::arch::asm!("wrssq {v}, ({a})", a = in(reg) addr, v = in(reg) value, options(att_syntax, nostack)) };
 }
 
-/// Point IA32_PL0_SSP and the interrupt SSP table at the free tokens, set
-/// CR4.CET, then switch shadow stacks on and continue in `cont` on a fresh
-/// kernel stack. Never returns.
-pub fn enable_and_continue(features: &Features, cont: extern "C" fn() -> !) -> ! {
+/// Point IA32_PL0_SSP and the interrupt SSP table of CPU `cpu` at its free
+/// tokens, set CR4.CET, then switch shadow stacks on and continue in `cont`
+/// at the top of the CPU's kernel stack. Never returns.
+pub fn enable_and_continue(features: &Features, cpu: usize, cont: extern "C" fn() -> !) -> ! {
     // SAFETY: CR0.WP is set by the boot code; S_CET is still 0, so CR4.CET alone changes nothing.
     unsafe { Cr4::update(|f| f.insert(Cr4Flags::CONTROL_FLOW_ENFORCEMENT)) };
-    Pl0Ssp::write(shstk::token_addr(mm::primary_shadow_stack().hi));
-    // SAFETY: single-threaded boot; the table is only read by the CPU afterwards.
-    let table = unsafe { &mut *core::ptr::addr_of_mut!(SSP_TABLE) };
+    Pl0Ssp::write(shstk::token_addr(mm::primary_shadow_stack(cpu).hi));
+    // SAFETY: only this CPU writes its table, before the CPU reads it.
+    let table = unsafe { &mut (*core::ptr::addr_of_mut!(SSP_TABLES))[cpu] };
     for ist in 1..=mm::IST_COUNT {
-        let token = shstk::token_addr(mm::ist_shadow_stack(ist).hi);
+        let token = shstk::token_addr(mm::ist_shadow_stack(cpu, ist).hi);
         assert!(shstk::ist_token_well_placed(token));
         table.0[ist] = token;
     }
@@ -87,7 +88,7 @@ pub fn enable_and_continue(features: &Features, cont: extern "C" fn() -> !) -> !
     if features.xsaves && features.xss_cet_s {
         Xss::write(Xss::read() | Xss::CET_S);
     }
-    let rsp = mm::boot_stack().hi - 8;
+    let rsp = mm::kernel_stack(cpu).hi - 8;
     // SAFETY: everything sc_cet_enter needs is in place (tokens, CR4.CET,
     // PL0_SSP); it never returns and `cont` never returns either.
     unsafe { sc_cet_enter(S_CET_FLAGS.bits(), cont, rsp) }
@@ -98,8 +99,9 @@ pub fn s_cet() -> CetFlags {
     SCet::read().0
 }
 
-/// The SSP table entry for IST `ist`.
+/// The running CPU's SSP table entry for IST `ist`.
 pub fn ssp_table_entry(ist: usize) -> u64 {
-    // SAFETY: plain read of a static written once at boot.
-    unsafe { (*core::ptr::addr_of!(SSP_TABLE)).0[ist] }
+    let cpu = crate::percpu::this_cpu().index;
+    // SAFETY: plain read of a table written once when the CPU came up.
+    unsafe { (*core::ptr::addr_of!(SSP_TABLES))[cpu].0[ist] }
 }

@@ -86,20 +86,20 @@ struct Tables {
     tss: SegmentSelector,
 }
 
-static TSS: Once<TaskStateSegment> = Once::new();
-static GDT: Once<Tables> = Once::new();
+static TSS: [Once<TaskStateSegment>; mm::MAX_CPUS] = [const { Once::new() }; mm::MAX_CPUS];
+static GDT: [Once<Tables>; mm::MAX_CPUS] = [const { Once::new() }; mm::MAX_CPUS];
 static IDT: Once<InterruptDescriptorTable> = Once::new();
 
-/// Load the GDT with a TSS carrying the IST stacks, and the IDT.
-pub fn init() {
-    let tss = TSS.call_once(|| {
+/// Load this CPU's GDT with its TSS (carrying its IST stacks), and the shared IDT.
+pub fn init(cpu: usize) {
+    let tss = TSS[cpu].call_once(|| {
         let mut tss = TaskStateSegment::new();
         for ist in 1..=mm::IST_COUNT {
-            tss.interrupt_stack_table[ist - 1] = VirtAddr::new(mm::ist_stack(ist).hi);
+            tss.interrupt_stack_table[ist - 1] = VirtAddr::new(mm::ist_stack(cpu, ist).hi);
         }
         tss
     });
-    let t = GDT.call_once(|| {
+    let t = GDT[cpu].call_once(|| {
         let mut gdt = GlobalDescriptorTable::new();
         let code = gdt.append(Descriptor::kernel_code_segment());
         let data = gdt.append(Descriptor::kernel_data_segment());
@@ -116,7 +116,9 @@ pub fn init() {
         load_tss(t.tss);
     }
     IDT.call_once(build_idt).load();
-    mask_legacy_pic();
+    if cpu == 0 {
+        mask_legacy_pic();
+    }
 }
 
 fn build_idt() -> InterruptDescriptorTable {

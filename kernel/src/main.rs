@@ -44,12 +44,13 @@ pub fn state() -> &'static BootState {
 #[no_mangle]
 extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
     bench::TSC_KMAIN.store(bench::rdtsc(), core::sync::atomic::Ordering::Relaxed);
+    percpu::init_this(0);
     let boot = boot::BootInfo::read(magic, mbi);
     let features = cpu::Features::detect();
     mm::write_shadow_tokens();
     mm::init_paging(boot.ram_end);
     mm::init_heap();
-    interrupts::init();
+    interrupts::init(0);
 
     let mut errors = alloc::vec::Vec::new();
     if !boot.multiboot_ok {
@@ -80,7 +81,7 @@ extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
     let strategy = cmdline.emul.unwrap_or(default);
     STATE.call_once(|| BootState { boot: boot.with_cmdline(cmdline), features, want_shstk, cmdline_errors: errors, strategy });
     if want_shstk {
-        cet::enable_and_continue(&features, kmain_continue)
+        cet::enable_and_continue(&features, 0, kmain_continue)
     } else {
         kmain_continue()
     }

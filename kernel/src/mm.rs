@@ -31,38 +31,54 @@ pub const POKE_ALIAS_VA: u64 = POKE_PD_INDEX as u64 * LARGE_PAGE_SIZE;
 /// RAM above this is not mapped (the alias's 2 MiB slot is reserved).
 const RAM_MAP_LIMIT: u64 = POKE_ALIAS_VA;
 
-/// Pages of the boot CPU's shadow stack.
+/// CPUs this kernel can run (stacks are allocated statically for each).
+pub const MAX_CPUS: usize = 8;
+/// Pages of each CPU's shadow stack.
 pub const PRIMARY_SHSTK_PAGES: usize = 4;
 /// IST stacks: #DF, NMI, #MC, #DB and the self-test vector.
 pub const IST_COUNT: usize = 5;
 pub const IST_STACK_SIZE: usize = 16 * 1024;
+/// Kernel stack of each application processor (the boot CPU uses the boot stack).
+pub const KSTACK_SIZE: usize = 64 * 1024;
 
 #[repr(C, align(4096))]
 struct Page([u8; PAGE_SIZE as usize]);
 
-/// Shadow stacks, each between unmapped guard pages:
+/// Shadow stacks of one CPU, each between unmapped guard pages:
 /// guard | primary (PRIMARY_SHSTK_PAGES) | guard | ist1 | guard | ... | ist5 | guard | spare | guard.
 /// The spare page is a shadow-stack page no CPU uses (the write-fault test
 /// stores to it).
 const SHADOW_AREA_PAGES: usize = 1 + PRIMARY_SHSTK_PAGES + 1 + 2 * IST_COUNT + 2;
-#[repr(C, align(4096))]
-struct ShadowArea([Page; SHADOW_AREA_PAGES]);
 
-/// Normal IST stacks, each above an unmapped guard page.
+/// A normal stack above an unmapped guard page.
 #[repr(C, align(4096))]
-struct IstStack {
+struct Guarded<const N: usize> {
     guard: Page,
-    stack: [u8; IST_STACK_SIZE],
+    stack: [u8; N],
+}
+
+/// Every stack of one CPU.
+#[repr(C, align(4096))]
+struct CpuStacks {
+    kernel: Guarded<KSTACK_SIZE>,
+    ist: [Guarded<IST_STACK_SIZE>; IST_COUNT],
+    shadow: [Page; SHADOW_AREA_PAGES],
 }
 
 struct Shared<T>(UnsafeCell<T>);
 // SAFETY: the contents are only touched during single-threaded boot, by the
-// CPU itself (shadow stacks), or through the poke lock (page tables).
+// CPU that owns them (stacks), or through the poke lock (page tables).
 unsafe impl<T> Sync for Shared<T> {}
 
-static SHADOW_AREA : Shared<ShadowArea> = Shared(UnsafeCell::new(ShadowArea([const { Page([0; 4096]) }; SHADOW_AREA_PAGES])));
-static IST_STACKS : Shared<[IstStack; IST_COUNT]> =
-    Shared(UnsafeCell::new([const { IstStack { guard: Page([0; 4096]), stack: [0; IST_STACK_SIZE] } }; IST_COUNT]));
+static STACKS: Shared<[CpuStacks; MAX_CPUS]> = Shared(UnsafeCell::new(
+    [const {
+        CpuStacks {
+            kernel: Guarded { guard: Page([0; 4096]), stack: [0; KSTACK_SIZE] },
+            ist: [const { Guarded { guard: Page([0; 4096]), stack: [0; IST_STACK_SIZE] } }; IST_COUNT],
+            shadow: [const { Page([0; 4096]) }; SHADOW_AREA_PAGES],
+        }
+    }; MAX_CPUS],
+));
 
 #[repr(C, align(4096))]
 struct Table([u64; ENTRIES]);
@@ -116,96 +132,127 @@ pub fn text() -> shadowcall::patch::Text<'static> {
     shadowcall::patch::Text { base: s, bytes: unsafe { core::slice::from_raw_parts(s as *const u8, (e - s) as usize) } }
 }
 
-fn shadow_page(i: usize) -> u64 {
-    SHADOW_AREA.0.get() as u64 + i as u64 * PAGE_SIZE
+fn stacks(cpu: usize) -> *const CpuStacks {
+    // SAFETY: only the address is computed.
+    unsafe { addr_of!((*STACKS.0.get())[cpu]) }
+}
+fn shadow_page(cpu: usize, i: usize) -> u64 {
+    // SAFETY: only the address is computed.
+    unsafe { addr_of!((*stacks(cpu)).shadow) as u64 + i as u64 * PAGE_SIZE }
 }
 
-/// The boot CPU's shadow stack.
-pub fn primary_shadow_stack() -> StackBounds {
-    StackBounds { lo: shadow_page(1), hi: shadow_page(1 + PRIMARY_SHSTK_PAGES) }
+/// CPU `cpu`'s shadow stack.
+pub fn primary_shadow_stack(cpu: usize) -> StackBounds {
+    StackBounds { lo: shadow_page(cpu, 1), hi: shadow_page(cpu, 1 + PRIMARY_SHSTK_PAGES) }
 }
-/// The shadow stack of IST `ist` (1-based).
-pub fn ist_shadow_stack(ist: usize) -> StackBounds {
-    let p = shadow_page(2 + PRIMARY_SHSTK_PAGES + 2 * (ist - 1));
+/// CPU `cpu`'s shadow stack for IST `ist` (1-based).
+pub fn ist_shadow_stack(cpu: usize, ist: usize) -> StackBounds {
+    let p = shadow_page(cpu, 2 + PRIMARY_SHSTK_PAGES + 2 * (ist - 1));
     StackBounds { lo: p, hi: p + PAGE_SIZE }
 }
 /// A shadow-stack page that no CPU uses.
 pub fn spare_shadow_page() -> u64 {
-    shadow_page(SHADOW_AREA_PAGES - 2)
+    shadow_page(0, SHADOW_AREA_PAGES - 2)
 }
-fn is_shadow_page(addr: u64) -> bool {
-    let p = primary_shadow_stack();
-    (addr >= p.lo && addr < p.hi)
-        || (1..=IST_COUNT).any(|i| ist_shadow_stack(i).lo == addr)
-        || addr == spare_shadow_page()
+/// CPU `cpu`'s kernel stack.
+pub fn kernel_stack(cpu: usize) -> StackBounds {
+    if cpu == 0 {
+        // SAFETY: linker/asm symbols; only their addresses are used.
+        return unsafe { StackBounds { lo: sym(&boot_stack_bottom), hi: sym(&boot_stack_top) } };
+    }
+    // SAFETY: only the address is computed.
+    let s = unsafe { addr_of!((*stacks(cpu)).kernel.stack) } as u64;
+    StackBounds { lo: s, hi: s + KSTACK_SIZE as u64 }
 }
-/// The registered shadow stack holding `addr`, if any (the primary one is
-/// checked first: the #BP handler's common case).
+/// CPU `cpu`'s normal stack for IST `ist` (1-based).
+pub fn ist_stack(cpu: usize, ist: usize) -> StackBounds {
+    // SAFETY: only the address is computed.
+    let s = unsafe { addr_of!((*stacks(cpu)).ist[ist - 1].stack) } as u64;
+    StackBounds { lo: s, hi: s + IST_STACK_SIZE as u64 }
+}
+
+fn this() -> usize {
+    crate::percpu::this_cpu().index
+}
+
+/// The shadow stack of the running CPU that holds `addr`, if any (its
+/// primary stack is checked first: the #BP handler's common case). Stacks
+/// of other CPUs never qualify: a handler writes only to its own CPU's stacks.
 pub fn shadow_stack_of(addr: u64) -> Option<StackBounds> {
-    let p = primary_shadow_stack();
+    let cpu = this();
+    let p = primary_shadow_stack(cpu);
     if addr >= p.lo && addr < p.hi {
         return Some(p);
     }
-    (1..=IST_COUNT).map(ist_shadow_stack).find(|b| addr >= b.lo && addr < b.hi)
+    (1..=IST_COUNT).map(|i| ist_shadow_stack(cpu, i)).find(|b| addr >= b.lo && addr < b.hi)
 }
 
-/// The boot CPU's kernel stack.
-pub fn boot_stack() -> StackBounds {
-    // SAFETY: linker/asm symbols; only their addresses are used.
-    unsafe { StackBounds { lo: sym(&boot_stack_bottom), hi: sym(&boot_stack_top) } }
-}
-/// Top of the normal stack of IST `ist` (1-based).
-pub fn ist_stack(ist: usize) -> StackBounds {
-    // SAFETY: only the address of the static is taken.
-    let s = unsafe { addr_of!((*IST_STACKS.0.get())[ist - 1].stack) } as u64;
-    StackBounds { lo: s, hi: s + IST_STACK_SIZE as u64 }
-}
-/// The kernel stack holding `addr`, if any (the boot CPU's kernel stack first).
+/// The running CPU's normal stack holding `addr`, if any (kernel stack first).
 pub fn normal_stack_of(addr: u64) -> Option<StackBounds> {
-    let k = boot_stack();
+    let cpu = this();
+    let k = kernel_stack(cpu);
     if addr >= k.lo && addr < k.hi {
         return Some(k);
     }
-    (1..=IST_COUNT).map(ist_stack).find(|b| addr >= b.lo && addr < b.hi)
+    (1..=IST_COUNT).map(|i| ist_stack(cpu, i)).find(|b| addr >= b.lo && addr < b.hi)
 }
 
-fn is_guard_page(addr: u64) -> bool {
+/// What a page of the static stack area is.
+#[derive(PartialEq, Eq)]
+enum StackPage {
+    Guard,
+    Shadow,
+    Normal,
+}
+
+fn stack_page(addr: u64) -> Option<StackPage> {
+    let base = stacks(0) as u64;
+    let size = core::mem::size_of::<CpuStacks>() as u64;
     // SAFETY: symbol address only.
-    let boot_guard = unsafe { sym(&boot_stack_guard) };
-    if addr == boot_guard {
-        return true;
+    if addr == unsafe { sym(&boot_stack_guard) } {
+        return Some(StackPage::Guard);
     }
-    if (1..=IST_COUNT).any(|i| ist_stack(i).lo - PAGE_SIZE == addr) {
-        return true;
+    if addr < base || addr >= base + size * MAX_CPUS as u64 {
+        return None;
     }
-    let area = shadow_page(0);
-    if addr >= area && addr < shadow_page(SHADOW_AREA_PAGES) {
-        return !is_shadow_page(addr);
+    let cpu = ((addr - base) / size) as usize;
+    if addr == kernel_stack(cpu).lo - PAGE_SIZE || (1..=IST_COUNT).any(|i| ist_stack(cpu, i).lo - PAGE_SIZE == addr) {
+        return Some(StackPage::Guard);
     }
-    false
+    let area = shadow_page(cpu, 0);
+    if addr >= area {
+        let i = ((addr - area) / PAGE_SIZE) as usize;
+        let shadow = (1..=PRIMARY_SHSTK_PAGES).contains(&i)
+            || (i > PRIMARY_SHSTK_PAGES + 1 && i < SHADOW_AREA_PAGES - 2 && (i - PRIMARY_SHSTK_PAGES) % 2 == 0)
+            || (cpu == 0 && i == SHADOW_AREA_PAGES - 2);
+        return Some(if shadow { StackPage::Shadow } else { StackPage::Guard });
+    }
+    Some(StackPage::Normal)
 }
 
 /// How the page at `addr` is mapped (None: not present).
 pub fn classify(addr: u64) -> Option<Kind> {
     let (ts, te) = text_range();
     let (rs, re) = rodata_range();
-    if addr < PAGE_SIZE || is_guard_page(addr) {
+    let page = stack_page(addr);
+    if addr < PAGE_SIZE || page == Some(StackPage::Guard) {
         None
     } else if addr >= ts && addr < te {
         Some(Kind::Text)
     } else if addr >= rs && addr < re {
         Some(Kind::Rodata)
-    } else if is_shadow_page(addr) {
+    } else if page == Some(StackPage::Shadow) {
         Some(Kind::ShadowStack)
     } else {
         Some(Kind::Data)
     }
 }
 
-/// Write the free supervisor tokens at the top of every shadow stack. Must
-/// run before `init_paging` makes those pages read-only.
+/// Write the free supervisor tokens at the top of every shadow stack of
+/// every CPU. Must run before `init_paging` makes those pages read-only.
 pub fn write_shadow_tokens() {
-    for b in core::iter::once(primary_shadow_stack()).chain((1..=IST_COUNT).map(ist_shadow_stack)) {
+    let all = (0..MAX_CPUS).flat_map(|c| core::iter::once(primary_shadow_stack(c)).chain((1..=IST_COUNT).map(move |i| ist_shadow_stack(c, i))));
+    for b in all {
         let t = shstk::token_addr(b.hi);
         // SAFETY: the page is still an ordinary writable data page (boot tables).
         unsafe { (t as *mut u64).write_volatile(shstk::supervisor_token(t)) };

@@ -1,8 +1,13 @@
-//! Per-CPU state. Only the boot CPU runs today; every access goes through
-//! `this_cpu()` so that SMP can switch it to a GS-based lookup unchanged.
+//! Per-CPU state, found through the GS base: `gs:[0]` holds a pointer to
+//! the running CPU's `PerCpu` (set by `init_this` before any other use).
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+use x86_64::registers::model_specific::GsBase;
+use x86_64::VirtAddr;
+
+use crate::mm::MAX_CPUS;
 
 use shadowcall::emul::{EmulLifo, GuardError};
 
@@ -37,7 +42,21 @@ pub struct Counters {
     pub last_second_trap_if: AtomicU64,
 }
 
+#[repr(C)]
 pub struct PerCpu {
+    /// Must stay first: `this_cpu` reads it at gs:[0].
+    self_ptr: AtomicU64,
+    pub index: usize,
+    pub apic_id: AtomicU32,
+    pub online: AtomicBool,
+    /// Sync IPIs this CPU handled (each ends in a serializing IRET).
+    pub syncs: AtomicU64,
+    /// How many #BP handlers are running on this CPU (they may be using the batch in flight).
+    pub bp_active: AtomicU64,
+    /// Work the boot CPU hands an application processor (see smp::run_on).
+    pub work: AtomicU64,
+    pub work_arg: AtomicU64,
+    pub work_done: AtomicU64,
     lifo: UnsafeCell<EmulLifo>,
     tries: UnsafeCell<([*mut TryCtx; TRY_DEPTH], usize)>,
     pub last_refusal: UnsafeCell<Option<GuardError>>,
@@ -52,29 +71,74 @@ pub struct PerCpu {
 // handlers) follow the LIFO discipline documented on EmulLifo and TryCtx.
 unsafe impl Sync for PerCpu {}
 
-static CPU0: PerCpu = PerCpu {
-    lifo: UnsafeCell::new(EmulLifo::new()),
-    tries: UnsafeCell::new(([core::ptr::null_mut(); TRY_DEPTH], 0)),
-    last_refusal: UnsafeCell::new(None),
-    counters: Counters {
-        emulations: AtomicU64::new(0),
-        tramp_calls: AtomicU64::new(0),
-        second_traps: AtomicU64::new(0),
-        shadow_gap_calls: AtomicU64::new(0),
-        classic_calls: AtomicU64::new(0),
-        breakpoints: AtomicU64::new(0),
-        refusals: AtomicU64::new(0),
-        stack_writes: AtomicU64::new(0),
-        shadow_writes: AtomicU64::new(0),
-        nmis: AtomicU64::new(0),
-        last_second_trap_if: AtomicU64::new(0),
-    },
-    bp_test_hook: AtomicU8::new(0),
-    force_classic: AtomicU8::new(0),
-};
+const fn new_cpu(index: usize) -> PerCpu {
+    PerCpu {
+        self_ptr: AtomicU64::new(0),
+        index,
+        apic_id: AtomicU32::new(0),
+        online: AtomicBool::new(false),
+        syncs: AtomicU64::new(0),
+        bp_active: AtomicU64::new(0),
+        work: AtomicU64::new(0),
+        work_arg: AtomicU64::new(0),
+        work_done: AtomicU64::new(0),
+        lifo: UnsafeCell::new(EmulLifo::new()),
+        tries: UnsafeCell::new(([core::ptr::null_mut(); TRY_DEPTH], 0)),
+        last_refusal: UnsafeCell::new(None),
+        counters: Counters {
+            emulations: AtomicU64::new(0),
+            tramp_calls: AtomicU64::new(0),
+            second_traps: AtomicU64::new(0),
+            shadow_gap_calls: AtomicU64::new(0),
+            classic_calls: AtomicU64::new(0),
+            breakpoints: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
+            stack_writes: AtomicU64::new(0),
+            shadow_writes: AtomicU64::new(0),
+            nmis: AtomicU64::new(0),
+            last_second_trap_if: AtomicU64::new(0),
+        },
+        bp_test_hook: AtomicU8::new(0),
+        force_classic: AtomicU8::new(0),
+    }
+}
 
+static CPUS: [PerCpu; MAX_CPUS] = [
+    new_cpu(0),
+    new_cpu(1),
+    new_cpu(2),
+    new_cpu(3),
+    new_cpu(4),
+    new_cpu(5),
+    new_cpu(6),
+    new_cpu(7),
+];
+
+/// Point this CPU's GS base at `CPUS[index]`. First thing every CPU does.
+pub fn init_this(index: usize) {
+    let c = &CPUS[index];
+    let addr = c as *const PerCpu as u64;
+    c.self_ptr.store(addr, Ordering::Relaxed);
+    GsBase::write(VirtAddr::new(addr));
+}
+
+/// The running CPU's state.
 pub fn this_cpu() -> &'static PerCpu {
-    &CPU0
+    let p: u64;
+    // SAFETY: gs:[0] is the self pointer of this CPU's PerCpu (init_this ran first).
+    unsafe { core::arch::asm!("mov {}, gs:[0]", out(reg) p, options(nostack, readonly, preserves_flags)) };
+    // SAFETY: it points into the static CPUS array.
+    unsafe { &*(p as *const PerCpu) }
+}
+
+/// CPU `index`'s state.
+pub fn cpu(index: usize) -> &'static PerCpu {
+    &CPUS[index]
+}
+
+/// The CPUs that are online.
+pub fn online() -> impl Iterator<Item = &'static PerCpu> {
+    CPUS.iter().filter(|c| c.online.load(Ordering::Acquire))
 }
 
 impl PerCpu {

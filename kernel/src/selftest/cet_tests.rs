@@ -100,7 +100,7 @@ pub fn shstk_enabled(st: &BootState) -> Outcome<'static> {
     need_shstk!(st);
     let s_cet = cet::s_cet();
     let ssp = cet::rdssp();
-    let stack = mm::primary_shadow_stack();
+    let stack = mm::primary_shadow_stack(this_cpu().index);
     let token = shstk::token_addr(stack.hi);
     let token_val = cet::read_slot(token);
     // SAFETY: reading IA32_PL0_SSP has no side effects.
@@ -237,7 +237,7 @@ pub fn ist_probe(frame: &mut TrapFrame) {
 
 pub fn ist_shstk(st: &BootState) -> Outcome<'static> {
     need_shstk!(st);
-    let stack = mm::ist_shadow_stack(IST_TEST);
+    let stack = mm::ist_shadow_stack(this_cpu().index, IST_TEST);
     let token = cet::ssp_table_entry(IST_TEST);
     check!(token == shstk::token_addr(stack.hi), "SSP table entry {token:#x} is not the IST stack's token");
     check!(shstk::ist_token_well_placed(token), "token {token:#x} and frame not in one aligned 32-byte region");
@@ -254,7 +254,7 @@ pub fn ist_shstk(st: &BootState) -> Outcome<'static> {
     let frame = ShadowFrame::at(seen_ssp);
     check!(frame.above() == token, "frame not right below the IST token");
     check!(shstk::token_is_busy(seen_token, token), "token not busy inside the handler");
-    let ist = mm::ist_stack(IST_TEST);
+    let ist = mm::ist_stack(this_cpu().index, IST_TEST);
     check!(seen_rsp >= ist.lo && seen_rsp < ist.hi, "handler not on the IST normal stack");
     check!(shstk::token_is_free(cet::read_slot(token), token), "token still busy after IRET");
     check!(cet::rdssp() == ssp0, "SSP changed across the interrupt");
@@ -307,7 +307,8 @@ pub fn no_ro_dirty_leaf(_st: &BootState) -> Outcome<'static> {
             diag!("FAIL: text leaf at {addr:#x} is writable or Dirty ({e:#x})");
         }
     });
-    let expected = (mm::PRIMARY_SHSTK_PAGES + mm::IST_COUNT + 1) as u64;
+    // Every CPU's primary and IST shadow stacks, and the one spare page.
+    let expected = ((mm::PRIMARY_SHSTK_PAGES + mm::IST_COUNT) * mm::MAX_CPUS + 1) as u64;
     diag!("leaves={leaves} shadow-stack pages={shadow_pages} (expected {expected}) W+X={wx}");
     check!(bad == 0 && wx == 0 && text_bad == 0, "page-table invariant broken");
     check!(shadow_pages == expected, "found {shadow_pages} shadow-stack pages, expected {expected}");
