@@ -71,6 +71,150 @@ pub fn load_segments(elf: &[u8]) -> std::result::Result<Vec<LoadSegment>, String
     Ok(segments)
 }
 
+const SHT_SYMTAB: u32 = 2;
+
+/// One section header, with its name resolved through `.shstrtab`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section {
+    pub name: String,
+    pub kind: u32,
+    pub addr: u64,
+    pub offset: u64,
+    pub size: u64,
+    pub link: u32,
+}
+
+fn cstr_at(b: &[u8], at: usize) -> Option<&str> {
+    let tail = b.get(at..)?;
+    let len = tail.iter().position(|&c| c == 0)?;
+    std::str::from_utf8(&tail[..len]).ok()
+}
+
+/// The section headers of a little-endian ELF64 (checked as in [`load_segments`]).
+pub fn sections(elf: &[u8]) -> std::result::Result<Vec<Section>, String> {
+    load_segments(elf)?;
+    let short = || "truncated ELF header".to_string();
+    let shoff = u64_at(elf, 0x28).ok_or_else(short)? as usize;
+    let shentsize = u16_at(elf, 0x3a).ok_or_else(short)? as usize;
+    let shnum = u16_at(elf, 0x3c).ok_or_else(short)? as usize;
+    let shstrndx = u16_at(elf, 0x3e).ok_or_else(short)? as usize;
+    if shnum == 0 {
+        return Ok(Vec::new());
+    }
+    if shentsize < 64 {
+        return Err(format!(
+            "section header entry size {shentsize} is smaller than 64"
+        ));
+    }
+    let mut raw = Vec::new();
+    for i in 0..shnum {
+        let at = shoff + i * shentsize;
+        let bad = || format!("section header {i} lies outside the file");
+        raw.push((
+            u32_at(elf, at).ok_or_else(bad)?,
+            Section {
+                name: String::new(),
+                kind: u32_at(elf, at + 4).ok_or_else(bad)?,
+                addr: u64_at(elf, at + 16).ok_or_else(bad)?,
+                offset: u64_at(elf, at + 24).ok_or_else(bad)?,
+                size: u64_at(elf, at + 32).ok_or_else(bad)?,
+                link: u32_at(elf, at + 40).ok_or_else(bad)?,
+            },
+        ));
+    }
+    let strtab = raw
+        .get(shstrndx)
+        .map(|(_, s)| s.offset as usize)
+        .ok_or_else(|| format!("section name table index {shstrndx} out of range"))?;
+    raw.into_iter()
+        .map(|(name_off, mut s)| {
+            s.name = cstr_at(elf, strtab + name_off as usize)
+                .ok_or_else(|| "a section name lies outside the file".to_string())?
+                .to_string();
+            Ok(s)
+        })
+        .collect()
+}
+
+/// The bytes of `section` in the file (empty for NOBITS).
+pub fn section_bytes<'a>(
+    elf: &'a [u8],
+    section: &Section,
+) -> std::result::Result<&'a [u8], String> {
+    if section.kind == 8 {
+        return Ok(&[]);
+    }
+    let (start, size) = (section.offset as usize, section.size as usize);
+    elf.get(start..start.saturating_add(size))
+        .ok_or_else(|| format!("section {} lies outside the file", section.name))
+}
+
+/// The value of the first symbol called `name` in `.symtab`, if any.
+pub fn symbol(elf: &[u8], name: &str) -> std::result::Result<Option<u64>, String> {
+    let secs = sections(elf)?;
+    for symtab in secs.iter().filter(|s| s.kind == SHT_SYMTAB) {
+        let strtab = secs
+            .get(symtab.link as usize)
+            .ok_or_else(|| "the symbol table links to no string table".to_string())?;
+        let table = section_bytes(elf, symtab)?;
+        for sym in table.chunks_exact(24) {
+            let name_off = u32_at(sym, 0).unwrap_or(0) as usize;
+            if name_off == 0 {
+                continue;
+            }
+            if cstr_at(elf, strtab.offset as usize + name_off) == Some(name) {
+                return Ok(u64_at(sym, 8));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// `len` bytes at virtual address `vaddr`, from the file-backed part of a PT_LOAD.
+pub fn bytes_at_vaddr(elf: &[u8], vaddr: u64, len: u64) -> Option<&[u8]> {
+    let seg = load_segments(elf).ok()?.into_iter().find(|s| {
+        vaddr >= s.vaddr
+            && vaddr
+                .checked_add(len)
+                .is_some_and(|e| e <= s.vaddr + s.filesz)
+    })?;
+    let start = (seg.offset + (vaddr - seg.vaddr)) as usize;
+    elf.get(start..start + len as usize)
+}
+
+/// The kernel's registered patch sites: the little-endian u64 addresses of
+/// the `.shadowcall_sites` section, or, when the linker script merged that
+/// input section into `.rodata`, of the table between the symbols
+/// `__sites_start` and `__sites_end`.
+pub fn patch_sites(elf: &[u8]) -> std::result::Result<Vec<u64>, String> {
+    let secs = sections(elf)?;
+    let table = if let Some(s) = secs.iter().find(|s| s.name == ".shadowcall_sites") {
+        section_bytes(elf, s)?
+    } else {
+        match (symbol(elf, "__sites_start")?, symbol(elf, "__sites_end")?) {
+            (Some(start), Some(end)) if end >= start => bytes_at_vaddr(elf, start, end - start)
+                .ok_or_else(|| {
+                    format!("the site table {start:#x}..{end:#x} is not file-backed in a PT_LOAD")
+                })?,
+            _ => {
+                return Err(
+                    "no .shadowcall_sites section and no __sites_start/__sites_end symbols".into(),
+                )
+            }
+        }
+    };
+    if table.len() % 8 != 0 {
+        return Err(format!(
+            "the site table is {} bytes, not a multiple of 8",
+            table.len()
+        ));
+    }
+    Ok(table
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect())
+}
+
 /// The a.out-kludge rules described in the module comment.
 pub fn check_segments(segments: &[LoadSegment]) -> std::result::Result<(), String> {
     let Some(first) = segments.first() else {
@@ -158,6 +302,124 @@ pub fn check_kernel_elf(path: &Path) -> Result<()> {
     let segments = load_segments(&bytes).map_err(fail)?;
     check_segments(&segments).map_err(fail)?;
     check_multiboot_header(&bytes).map_err(fail)
+}
+
+/// Tiny synthetic kernels for unit tests.
+#[cfg(test)]
+pub(crate) mod synth {
+    /// An ELF64 with one PT_LOAD holding `text` at `base`, directly followed
+    /// by the site table (`sites` as LE u64s). With `as_section` the table is
+    /// a `.shadowcall_sites` section; otherwise it is only bracketed by the
+    /// symbols `__sites_start`/`__sites_end` in `.symtab` (as in the real
+    /// kernel, whose linker script merges it into `.rodata`).
+    pub fn elf(base: u64, text: &[u8], sites: &[u64], as_section: bool) -> Vec<u8> {
+        let put16 =
+            |b: &mut Vec<u8>, at: usize, v: u16| b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        let put32 =
+            |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        let put64 =
+            |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        let mut b = vec![0u8; 0x200];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[6] = 1;
+        put16(&mut b, 0x12, super::EM_X86_64);
+        put64(&mut b, 0x20, 64);
+        put16(&mut b, 0x36, 56);
+        put16(&mut b, 0x38, 1);
+        let load_off = b.len();
+        b.extend(text);
+        let table_vaddr = base + text.len() as u64;
+        let table_off = b.len();
+        b.extend(sites.iter().flat_map(|s| s.to_le_bytes()));
+        let filesz = (b.len() - load_off) as u64;
+        put32(&mut b, 64, super::PT_LOAD);
+        put64(&mut b, 64 + 8, load_off as u64);
+        put64(&mut b, 64 + 16, base);
+        put64(&mut b, 64 + 24, base);
+        put64(&mut b, 64 + 32, filesz);
+        put64(&mut b, 64 + 40, filesz);
+        // String tables and the symbol table.
+        let shstr = b"\0.text\0.shadowcall_sites\0.symtab\0.strtab\0.shstrtab\0";
+        let name = |n: &str| {
+            let pat = format!("\0{n}\0");
+            shstr
+                .windows(pat.len())
+                .position(|w| w == pat.as_bytes())
+                .unwrap() as u32
+                + 1
+        };
+        let shstr_off = b.len();
+        b.extend(shstr);
+        let str_off = b.len();
+        b.extend(b"\0__sites_start\0__sites_end\0");
+        let sym_off = b.len();
+        b.extend([0u8; 24]);
+        let table_len = (sites.len() * 8) as u64;
+        for (name_off, value) in [(1u32, table_vaddr), (15, table_vaddr + table_len)] {
+            let mut sym = [0u8; 24];
+            sym[..4].copy_from_slice(&name_off.to_le_bytes());
+            sym[6..8].copy_from_slice(&1u16.to_le_bytes());
+            sym[8..16].copy_from_slice(&value.to_le_bytes());
+            b.extend(sym);
+        }
+        let sym_len = (b.len() - sym_off) as u64;
+        // (name, type, addr, offset, size, link)
+        let mut headers = vec![
+            (0, 0, 0, 0, 0, 0),
+            (
+                name(".text"),
+                1,
+                base,
+                load_off as u64,
+                text.len() as u64,
+                0,
+            ),
+        ];
+        if as_section {
+            headers.push((
+                name(".shadowcall_sites"),
+                1,
+                table_vaddr,
+                table_off as u64,
+                table_len,
+                0,
+            ));
+        }
+        let n = headers.len() as u32;
+        if !as_section {
+            headers.push((name(".symtab"), 2, 0, sym_off as u64, sym_len, n + 1));
+        }
+        headers.push((name(".strtab"), 3, 0, str_off as u64, 27, 0));
+        headers.push((
+            name(".shstrtab"),
+            3,
+            0,
+            shstr_off as u64,
+            shstr.len() as u64,
+            0,
+        ));
+        while b.len() % 8 != 0 {
+            b.push(0);
+        }
+        let shoff = b.len();
+        for (nm, kind, addr, off, size, link) in &headers {
+            let at = b.len();
+            b.extend([0u8; 64]);
+            put32(&mut b, at, *nm);
+            put32(&mut b, at + 4, *kind);
+            put64(&mut b, at + 16, *addr);
+            put64(&mut b, at + 24, *off);
+            put64(&mut b, at + 32, *size);
+            put32(&mut b, at + 40, *link);
+        }
+        put64(&mut b, 0x28, shoff as u64);
+        put16(&mut b, 0x3a, 64);
+        put16(&mut b, 0x3c, headers.len() as u16);
+        put16(&mut b, 0x3e, headers.len() as u16 - 1);
+        b
+    }
 }
 
 #[cfg(test)]
@@ -296,5 +558,39 @@ mod tests {
         let mut b = multiboot(0x10000);
         b[72] ^= 1;
         assert!(check_multiboot_header(&b).is_err());
+    }
+
+    #[test]
+    fn sections_symbols_and_sites() {
+        let text = [0x90u8, 0xcc, 0xe8, 1, 2, 3, 4, 0xc3];
+        let sites = [0x100002u64, 0x100000];
+        for as_section in [true, false] {
+            let elf = synth::elf(0x100000, &text, &sites, as_section);
+            let secs = sections(&elf).unwrap();
+            assert_eq!(secs[1].name, ".text");
+            assert_eq!(
+                secs.iter().any(|s| s.name == ".shadowcall_sites"),
+                as_section
+            );
+            assert_eq!(patch_sites(&elf).unwrap(), sites, "as_section={as_section}");
+            assert_eq!(bytes_at_vaddr(&elf, 0x100001, 2), Some(&[0xcc, 0xe8][..]));
+            assert_eq!(bytes_at_vaddr(&elf, 0x0fffff, 1), None);
+            assert_eq!(bytes_at_vaddr(&elf, 0x100000 + 8 + 16, 1), None);
+        }
+        let elf = synth::elf(0x100000, &text, &sites, false);
+        assert_eq!(symbol(&elf, "__sites_start").unwrap(), Some(0x100008));
+        assert_eq!(symbol(&elf, "__sites_end").unwrap(), Some(0x100018));
+        assert_eq!(symbol(&elf, "nope").unwrap(), None);
+        // No table at all: an error that says what was looked for.
+        let mut bare = synth::elf(0x100000, &text, &[], true);
+        let secs = sections(&bare).unwrap();
+        let shoff = u64_at(&bare, 0x28).unwrap() as usize;
+        let i = secs
+            .iter()
+            .position(|s| s.name == ".shadowcall_sites")
+            .unwrap();
+        bare[shoff + i * 64 + 4] = 0; // make it unnamed-type, keep name
+        bare[shoff + i * 64] = 0;
+        assert!(patch_sites(&bare).unwrap_err().contains("__sites_start"));
     }
 }

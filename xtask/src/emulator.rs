@@ -79,6 +79,8 @@ pub struct Streamed {
     pub killed_after_end: bool,
     /// A stderr line matching [`Launch::fatal_stderr`]; the emulator was then stopped.
     pub fatal: Option<String>,
+    /// Wall-clock time from the start of the emulator to the end-of-report line.
+    pub end_after: Option<Duration>,
 }
 
 const STDERR_TAIL: usize = 20;
@@ -166,6 +168,7 @@ pub fn run_streaming(
         .stderr(Stdio::piped())
         .spawn()
         .context(|| format!("cannot start {}", launch.program))?;
+    let started = Instant::now();
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         kill(&mut child);
         return Err(crate::error::Error::new("emulator output was not captured"));
@@ -183,6 +186,7 @@ pub fn run_streaming(
         timed_out: None,
         killed_after_end: false,
         fatal: None,
+        end_after: None,
     };
     loop {
         let wake = match (deadline, stop) {
@@ -202,6 +206,9 @@ pub fn run_streaming(
                 out.raw.push_str(&line);
                 out.raw.push('\n');
                 out.report.feed_line(&line);
+                if out.report.end_seen && out.end_after.is_none() {
+                    out.end_after = Some(started.elapsed());
+                }
                 if out.report.end_seen && stop.is_none() {
                     stop = Some((Instant::now() + GRACE_AFTER_END, Stop::EndOfReport));
                 }
@@ -267,6 +274,7 @@ mod tests {
         assert!(s.report.passed(), "{:?}", s.report.failure_reasons());
         assert!(s.timed_out.is_none() && !s.killed_after_end);
         assert!(s.exit.is_some_and(|e| e.success()));
+        assert!(s.end_after.is_some_and(|t| t < Duration::from_secs(20)));
         assert!(std::fs::read_to_string(dir.join("out.log"))
             .unwrap()
             .starts_with("noise\n"));

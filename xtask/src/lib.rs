@@ -13,6 +13,7 @@ pub mod install;
 pub mod iso;
 pub mod kernel;
 pub mod ktap;
+pub mod kvm;
 pub mod machines;
 pub mod qemu;
 pub mod rundir;

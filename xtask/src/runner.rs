@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::emulator::{self, Launch};
 use crate::error::{Context, Error, Result};
 use crate::ktap::Report;
+use crate::kvm::{self as kvmerr, KvmInternalError};
 use crate::machines::{kernel_words, Cet, Emul, Machine};
 use crate::rundir::RunDir;
 use crate::{bochs, elfcheck, install, kernel, qemu};
@@ -83,6 +84,10 @@ pub struct RunOutcome {
     pub timed_out: bool,
     /// The run directory, when it was kept.
     pub run_dir: Option<PathBuf>,
+    /// QEMU stopped on "KVM internal error": what it was (see [`crate::kvm`]).
+    pub kvm_internal_error: Option<KvmInternalError>,
+    /// Wall-clock time from the emulator's start to the end of the report.
+    pub boot_to_end: Option<Duration>,
 }
 
 impl RunOutcome {
@@ -192,6 +197,15 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
     }
     let streamed = emulator::run_streaming(&launch, timeout, opts.echo, &dir.join("output.log"))?;
     let mut failures = Vec::new();
+    let kvm_internal_error = streamed
+        .fatal
+        .as_deref()
+        .filter(|line| !opts.machine.is_bochs() && line.contains(kvmerr::INTERNAL_ERROR))
+        .map(|line| {
+            let stderr = std::fs::read_to_string(dir.join(qemu::STDERR_LOG)).unwrap_or_default();
+            let elf = std::fs::read(&copy).unwrap_or_default();
+            KvmInternalError::new(line, &stderr, &elf, &streamed.report)
+        });
     if let Some(t) = streamed.timed_out {
         failures.push(format!("timeout after {} s", t.as_secs()));
     }
@@ -200,7 +214,9 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
         .report
         .plan
         .is_some_and(|n| streamed.report.results.len() >= n as usize);
-    if let Some(fatal) = &streamed.fatal {
+    if let Some(k) = &kvm_internal_error {
+        failures.push(k.to_string());
+    } else if let Some(fatal) = &streamed.fatal {
         failures.push(format!("the emulator stopped the guest: {fatal}"));
     } else if streamed.timed_out.is_none() && !complete {
         let status = streamed
@@ -235,8 +251,16 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
         exit_status: streamed.exit,
         timed_out: streamed.timed_out.is_some(),
         run_dir: None,
+        kvm_internal_error,
+        boot_to_end: streamed.end_after,
     };
     print_verdict(&outcome);
+    if let Some(k) = &outcome.kvm_internal_error {
+        // Straight to the stderr handle: a test harness capturing
+        // `eprintln!` must not hide it.
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(k.banner().as_bytes());
+    }
     Ok(outcome)
 }
 
