@@ -9,7 +9,8 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use xtask::{Machine, RunOptions, RunOutcome};
+use xtask::ktap::Status;
+use xtask::{Cet, Emul, Machine, RunOptions, RunOutcome};
 
 /// Builds the kernel on first use; later calls get the same result.
 pub fn kernel() -> PathBuf {
@@ -29,6 +30,78 @@ pub fn options(machine: Machine) -> RunOptions {
     let mut opts = RunOptions::new(machine);
     opts.kernel = Some(kernel());
     opts
+}
+
+/// Options with `--cet` and `--emul` set.
+pub fn options_with(machine: Machine, cet: Cet, emul: Option<Emul>) -> RunOptions {
+    let mut opts = options(machine);
+    opts.cet = cet;
+    opts.emul = emul;
+    opts
+}
+
+/// The tests that emulate a CALL: with classic emulation and shadow stacks
+/// on, each must fail with #CP (near-return mismatch).
+pub const EMULATED_CALL_TESTS: [&str; 6] = [
+    "emul_call",
+    "emul_call_nested",
+    "emul_call_recursive",
+    "emul_call_irq_on",
+    "patch_roundtrip",
+    "patch_batch_large",
+];
+
+/// The negative control: exactly [`EMULATED_CALL_TESTS`] are `not ok`, each
+/// preceded by a `NEAR-RET` diagnostic; all others ok or skip; the plan complete.
+pub fn assert_classic_fails_with_cp(outcome: &RunOutcome) {
+    let report = &outcome.report;
+    let ctx = || outcome.describe();
+    assert!(
+        report.header_seen && report.errors.is_empty() && report.panic.is_none(),
+        "bad or missing KTAP report:\n{}",
+        ctx()
+    );
+    let plan = report.plan.expect("no plan line") as usize;
+    assert_eq!(report.results.len(), plan, "incomplete plan:\n{}", ctx());
+    assert!(
+        !outcome.timed_out && outcome.kvm_internal_error.is_none(),
+        "the run did not end normally:\n{}",
+        ctx()
+    );
+    for name in EMULATED_CALL_TESTS {
+        assert!(
+            report.result(name).is_some(),
+            "test `{name}` is missing from the report:\n{}",
+            ctx()
+        );
+    }
+    for r in &report.results {
+        let should_fail = EMULATED_CALL_TESTS.contains(&r.name.as_str());
+        if should_fail {
+            assert_eq!(
+                r.status,
+                Status::NotOk,
+                "`{}` must be not ok under classic emulation with shadow stacks:\n{}",
+                r.name,
+                ctx()
+            );
+            let diags = report.diagnostics_before(&r.name).unwrap_or_default();
+            assert!(
+                diags.iter().any(|d| d.contains("NEAR-RET")),
+                "`{}` failed without a NEAR-RET #CP diagnostic before it: {diags:?}\n{}",
+                r.name,
+                ctx()
+            );
+        } else {
+            assert_ne!(
+                r.status,
+                Status::NotOk,
+                "only the emulated-CALL tests may fail, not `{}`:\n{}",
+                r.name,
+                ctx()
+            );
+        }
+    }
 }
 
 /// Boots once; a run that could not even start (missing tool...) panics.

@@ -226,6 +226,23 @@ impl Report {
         self.diagnostics.iter().any(|d| d.contains(needle))
     }
 
+    /// The diagnostic lines between the previous result line and the
+    /// result line of test `name` (None if there is no such result).
+    pub fn diagnostics_before(&self, name: &str) -> Option<Vec<&str>> {
+        let mut since_last = Vec::new();
+        for line in &self.lines {
+            if line.starts_with('#') {
+                since_last.push(line.as_str());
+            } else if let Some(Ok(r)) = parse_result(line) {
+                if r.name == name {
+                    return Some(since_last);
+                }
+                since_last.clear();
+            }
+        }
+        None
+    }
+
     /// Why this report is not a pass; empty when it is one.
     pub fn failure_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
@@ -467,5 +484,14 @@ ok 4 patch_race
     #[test]
     fn empty_plan_passes() {
         assert!(parse("KTAP version 1\n1..0\n").passed());
+    }
+
+    #[test]
+    fn diagnostics_before_a_result() {
+        let r = parse("KTAP version 1\n1..3\n# head\nok 1 a\n# x1\n# x2\nnot ok 2 b\nok 3 c\n");
+        assert_eq!(r.diagnostics_before("a"), Some(vec!["# head"]));
+        assert_eq!(r.diagnostics_before("b"), Some(vec!["# x1", "# x2"]));
+        assert_eq!(r.diagnostics_before("c"), Some(vec![]));
+        assert_eq!(r.diagnostics_before("d"), None);
     }
 }
