@@ -219,6 +219,56 @@ pub fn parse_iso(args: &[String]) -> Result<IsoOptions, UsageError> {
     })
 }
 
+/// `cargo xtask bench [--machine M]... [--runs N] [--kernel ELF]`.
+pub fn parse_bench(args: &[String]) -> Result<crate::bench::BenchOptions, UsageError> {
+    use crate::bench::{BenchMachine, BENCH_MACHINES, DEFAULT_LABELS};
+    let mut words = Words::new(args);
+    let (mut machines, mut runs, mut kernel) = (Vec::new(), None, None);
+    while let Some((name, inline)) = words.next_option()? {
+        match name {
+            "--machine" => {
+                let v = words.value(name, inline)?;
+                let m = BenchMachine::from_label(v).ok_or_else(|| {
+                    let names: Vec<_> = BENCH_MACHINES.iter().map(|m| m.label).collect();
+                    UsageError(format!(
+                        "unknown bench machine `{v}` (expected one of: {})",
+                        names.join(", ")
+                    ))
+                })?;
+                if machines.contains(&m) {
+                    return usage_err(format!("machine `{v}` given more than once"));
+                }
+                machines.push(m);
+            }
+            "--runs" => {
+                let v = words.value(name, inline)?;
+                let n = match v.parse::<u32>() {
+                    Ok(n) if (1..=50).contains(&n) => n,
+                    _ => return usage_err(format!("bad --runs value `{v}` (expected 1 to 50)")),
+                };
+                set_once(&mut runs, name, n)?;
+            }
+            "--kernel" => set_once(
+                &mut kernel,
+                name,
+                std::path::PathBuf::from(words.value(name, inline)?),
+            )?,
+            _ => return usage_err(format!("unknown option `{name}` for `bench`")),
+        }
+    }
+    if machines.is_empty() {
+        machines = DEFAULT_LABELS
+            .iter()
+            .filter_map(|l| BenchMachine::from_label(l))
+            .collect();
+    }
+    Ok(crate::bench::BenchOptions {
+        machines,
+        runs: runs.unwrap_or(3),
+        kernel,
+    })
+}
+
 /// A subcommand that takes no arguments.
 pub fn parse_none(subcommand: &str, args: &[String]) -> Result<(), UsageError> {
     match args.first() {
@@ -336,5 +386,30 @@ mod tests {
             .unwrap_err()
             .0
             .contains("`--fast`"));
+    }
+
+    #[test]
+    fn bench_options() {
+        let o = parse_bench(&[]).unwrap();
+        let labels: Vec<_> = o.machines.iter().map(|m| m.label).collect();
+        assert_eq!(labels, ["bochs", "bochs-cetoff", "qemu", "qemu-kvm"]);
+        assert_eq!((o.runs, o.kernel), (3, None));
+        let o = parse_bench(&v(&[
+            "--machine",
+            "qemu",
+            "--machine=bochs-cetoff",
+            "--runs",
+            "5",
+        ]))
+        .unwrap();
+        let labels: Vec<_> = o.machines.iter().map(|m| m.label).collect();
+        assert_eq!(labels, ["qemu", "bochs-cetoff"]);
+        assert_eq!(o.machines[1].cet, Cet::Off);
+        assert_eq!(o.runs, 5);
+        let err = |w: &[&str]| parse_bench(&v(w)).unwrap_err().0;
+        assert!(err(&["--machine", "vmware"]).contains("unknown bench machine `vmware`"));
+        assert!(err(&["--machine", "qemu", "--machine", "qemu"]).contains("more than once"));
+        assert!(err(&["--runs", "0"]).contains("bad --runs value `0`"));
+        assert!(err(&["--cet", "on"]).contains("unknown option `--cet`"));
     }
 }

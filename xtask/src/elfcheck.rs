@@ -400,7 +400,7 @@ pub(crate) mod synth {
             shstr.len() as u64,
             0,
         ));
-        while b.len() % 8 != 0 {
+        while !b.len().is_multiple_of(8) {
             b.push(0);
         }
         let shoff = b.len();

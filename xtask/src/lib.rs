@@ -5,6 +5,8 @@
 //! `qemu-tests` crate uses [`run`] to boot the test matrix.
 
 pub mod args;
+pub mod bench;
+pub mod benchchart;
 pub mod bochs;
 pub mod elfcheck;
 pub mod emulator;

@@ -50,6 +50,14 @@ const SUBCOMMANDS: &[Subcommand] = &[
                    \x20   Build a GRUB ISO for real hardware at target/shadowcall.iso.",
         run: cmd_iso,
     },
+    Subcommand {
+        name: "bench",
+        synopsis: "bench [--machine bochs|bochs-cetoff|bochs-nocet|qemu|qemu-kvm]... [--runs N] [--kernel ELF]\n\
+                   \x20   Boot with bench=1 on each machine (default: bochs, bochs-cetoff, qemu, and qemu-kvm\n\
+                   \x20   when this host can run it), QEMU --runs times (default 3); write bench/results/\n\
+                   \x20   (JSON, Markdown, SVG) and the README section between the bench markers.",
+        run: cmd_bench,
+    },
     Subcommand { name: "help", synopsis: "help\n    Print this text.", run: cmd_help },
 ];
 
@@ -111,6 +119,21 @@ fn cmd_iso(argv: &[String]) -> Outcome {
             "    sudo dd if={} of=/dev/sdX bs=4M conv=fsync status=progress",
             iso.display()
         );
+        Outcome::Success
+    })
+}
+
+fn cmd_bench(argv: &[String]) -> Outcome {
+    let opts = match args::parse_bench(argv) {
+        Ok(o) => o,
+        Err(e) => return Outcome::Usage(e),
+    };
+    from_result(xtask::bench::run_bench(&opts), |r| {
+        println!("\n======== targets ========");
+        print!("{}", xtask::bench::markdown_targets(&r));
+        for n in &r.not_covered {
+            println!("NOT COVERED: {n}");
+        }
         Outcome::Success
     })
 }

@@ -1,0 +1,959 @@
+//! `cargo xtask bench`: boots the kernel with `bench=1` on each machine,
+//! collects its `# bench {json}` lines, merges repeated runs, checks the
+//! design targets and writes bench/results/ (JSON, Markdown, SVG) and the
+//! README section between `<!-- bench:begin -->` and `<!-- bench:end -->`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Context, Error, Result};
+use crate::machines::{Cet, Machine};
+use crate::runner::RunOptions;
+
+/// The diagnostic prefix of one figure.
+pub const PREFIX: &str = "# bench ";
+
+/// One `# bench {json}` line as the kernel prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct BenchLine {
+    pub name: String,
+    pub shstk: bool,
+    #[serde(default)]
+    pub strategy: Option<String>,
+    #[serde(default)]
+    pub n: Option<u64>,
+    #[serde(default)]
+    pub sites: Option<u64>,
+    #[serde(default)]
+    pub sync_rounds: Option<u64>,
+    #[serde(default)]
+    pub total: Option<u64>,
+    #[serde(default)]
+    pub tsc_kmain: Option<u64>,
+    #[serde(default)]
+    pub tsc_tests_end: Option<u64>,
+    pub per_op: Vec<u64>,
+}
+
+impl BenchLine {
+    /// The row this line belongs to: `emul_call/shadowgap`, `lookup[4096]`,
+    /// `patch_batch[256]`, `direct_call`... `boot` becomes `boot_selftests`
+    /// (ticks from kmain to the end of the self-tests).
+    pub fn key(&self) -> String {
+        match (self.name.as_str(), &self.strategy, self.sites) {
+            ("boot", _, _) => "boot_selftests".to_string(),
+            (name, _, Some(sites)) => format!("{name}[{sites}]"),
+            (name, Some(s), None) => format!("{name}/{s}"),
+            (name, None, None) => name.to_string(),
+        }
+    }
+
+    /// The per-operation figures (for `boot`: the self-test span).
+    pub fn values(&self) -> Vec<u64> {
+        match (self.name.as_str(), self.tsc_kmain, self.tsc_tests_end) {
+            ("boot", Some(a), Some(b)) => vec![b.saturating_sub(a)],
+            _ => self.per_op.clone(),
+        }
+    }
+}
+
+/// Parses one diagnostic line: `None` if it is not a bench figure.
+pub fn parse_line(diag: &str) -> Option<std::result::Result<BenchLine, String>> {
+    let json = diag.strip_prefix(PREFIX)?.trim();
+    if !json.starts_with('{') {
+        return None; // `# bench: start ...`
+    }
+    Some(serde_json::from_str(json).map_err(|e| format!("bad bench line `{diag}`: {e}")))
+}
+
+/// All figures of one boot's diagnostics.
+pub fn parse_diagnostics(diags: &[String]) -> std::result::Result<Vec<BenchLine>, String> {
+    diags.iter().filter_map(|d| parse_line(d)).collect()
+}
+
+/// Median (mean of the middle two for an even count).
+pub fn median(values: &[u64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2] as f64),
+        _ => Some((v[n / 2 - 1] as f64 + v[n / 2] as f64) / 2.0),
+    }
+}
+
+/// One row of one machine: every repetition of every run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Figure {
+    pub key: String,
+    pub name: String,
+    pub strategy: Option<String>,
+    pub sites: Option<u64>,
+    pub shstk: bool,
+    pub median: f64,
+    pub min: u64,
+    pub max: u64,
+    /// All repetitions of all runs, in order.
+    pub raw: Vec<u64>,
+    /// Other integer fields (n, sync_rounds, total, tsc_*), one value per run.
+    pub fields: BTreeMap<String, Vec<u64>>,
+}
+
+/// Merges the lines of several runs of one machine, keeping first-seen order.
+pub fn merge_runs(runs: &[Vec<BenchLine>]) -> Vec<Figure> {
+    let mut order: Vec<String> = Vec::new();
+    type Acc = (BenchLine, Vec<u64>, BTreeMap<String, Vec<u64>>);
+    let mut by_key: BTreeMap<String, Acc> = BTreeMap::new();
+    for line in runs.iter().flatten() {
+        let key = line.key();
+        if !by_key.contains_key(&key) {
+            order.push(key.clone());
+        }
+        let entry = by_key
+            .entry(key)
+            .or_insert_with(|| (line.clone(), Vec::new(), BTreeMap::new()));
+        entry.1.extend(line.values());
+        for (k, v) in [
+            ("n", line.n),
+            ("sync_rounds", line.sync_rounds),
+            ("total", line.total),
+            ("tsc_kmain", line.tsc_kmain),
+            ("tsc_tests_end", line.tsc_tests_end),
+        ] {
+            if let Some(v) = v {
+                entry.2.entry(k.to_string()).or_default().push(v);
+            }
+        }
+    }
+    order
+        .into_iter()
+        .filter_map(|key| {
+            let (line, raw, fields) = by_key.remove(&key)?;
+            Some(Figure {
+                median: median(&raw)?,
+                min: *raw.iter().min()?,
+                max: *raw.iter().max()?,
+                key,
+                name: line.name,
+                strategy: line.strategy,
+                sites: line.sites,
+                shstk: line.shstk,
+                raw,
+                fields,
+            })
+        })
+        .collect()
+}
+
+/// A machine configuration of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BenchMachine {
+    pub label: &'static str,
+    pub machine: Machine,
+    pub cet: Cet,
+}
+
+pub const BENCH_MACHINES: [BenchMachine; 5] = [
+    BenchMachine {
+        label: "bochs",
+        machine: Machine::Bochs,
+        cet: Cet::Auto,
+    },
+    BenchMachine {
+        label: "bochs-cetoff",
+        machine: Machine::Bochs,
+        cet: Cet::Off,
+    },
+    BenchMachine {
+        label: "bochs-nocet",
+        machine: Machine::BochsNocet,
+        cet: Cet::Auto,
+    },
+    BenchMachine {
+        label: "qemu",
+        machine: Machine::Qemu,
+        cet: Cet::Auto,
+    },
+    BenchMachine {
+        label: "qemu-kvm",
+        machine: Machine::QemuKvm,
+        cet: Cet::Auto,
+    },
+];
+
+/// The default set (qemu-kvm is dropped, loudly, when it cannot run).
+pub const DEFAULT_LABELS: [&str; 4] = ["bochs", "bochs-cetoff", "qemu", "qemu-kvm"];
+
+impl BenchMachine {
+    pub fn from_label(label: &str) -> Option<BenchMachine> {
+        BENCH_MACHINES.into_iter().find(|m| m.label == label)
+    }
+
+    /// Bochs with `clock: sync=none` counts retired instructions.
+    pub fn unit(self) -> &'static str {
+        if self.machine.is_bochs() {
+            "instructions"
+        } else {
+            "cycles"
+        }
+    }
+
+    /// Bochs is deterministic: one run is enough.
+    pub fn runs(self, requested: u32) -> u32 {
+        if self.machine.is_bochs() {
+            1
+        } else {
+            requested
+        }
+    }
+}
+
+/// The results of one machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineResult {
+    pub machine: String,
+    pub unit: String,
+    /// Shadow stacks were on in the kernel.
+    pub shstk: bool,
+    pub runs: u32,
+    /// Wall-clock seconds from emulator start to end of report, one per run.
+    pub wall_boot_to_end_s: Vec<f64>,
+    pub figures: Vec<Figure>,
+}
+
+impl MachineResult {
+    pub fn figure(&self, key: &str) -> Option<&Figure> {
+        self.figures.iter().find(|f| f.key == key)
+    }
+}
+
+/// A design target and whether it is met.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    pub name: String,
+    /// The rule, in words.
+    pub rule: String,
+    /// The measured ratio or difference (None: data missing).
+    pub actual: Option<f64>,
+    pub limit: f64,
+    /// None when the data is missing.
+    pub met: Option<bool>,
+    /// How `actual` was computed.
+    pub detail: String,
+}
+
+/// Everything one `cargo xtask bench` measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchResults {
+    /// UTC, `YYYY-MM-DDTHH:MM:SSZ`.
+    pub date: String,
+    pub host: String,
+    pub cpu_model: String,
+    /// The kernel's source: git commit, and whether kernel/, asm/, src/ had
+    /// uncommitted changes when it was built.
+    #[serde(default)]
+    pub kernel_source: String,
+    pub machines: Vec<MachineResult>,
+    /// Machines that were asked for but could not be measured, and why.
+    pub not_covered: Vec<String>,
+    pub targets: Vec<Target>,
+}
+
+impl BenchResults {
+    pub fn machine(&self, label: &str) -> Option<&MachineResult> {
+        self.machines.iter().find(|m| m.machine == label)
+    }
+
+    fn median_of(&self, label: &str, key: &str) -> std::result::Result<f64, String> {
+        self.machine(label)
+            .and_then(|m| m.figure(key))
+            .map(|f| f.median)
+            .ok_or_else(|| format!("no {label} {key}"))
+    }
+}
+
+fn ratio_target(
+    r: &BenchResults,
+    name: &str,
+    rule: &str,
+    (la, ka): (&str, &str),
+    (lb, kb): (&str, &str),
+    limit: f64,
+) -> Target {
+    let computed = r.median_of(la, ka).and_then(|a| {
+        let b = r.median_of(lb, kb)?;
+        Ok((a / b, format!("{la} {ka} {a} / {lb} {kb} {b}")))
+    });
+    finish(name, rule, limit, computed)
+}
+
+fn finish(
+    name: &str,
+    rule: &str,
+    limit: f64,
+    computed: std::result::Result<(f64, String), String>,
+) -> Target {
+    let (actual, detail) = match computed {
+        Ok((v, d)) => (Some(v), d),
+        Err(e) => (None, format!("missing data: {e}")),
+    };
+    Target {
+        name: name.into(),
+        rule: rule.into(),
+        actual,
+        limit,
+        met: actual.map(|v| v <= limit + 1e-9),
+        detail,
+    }
+}
+
+/// Evaluates the design targets on the Bochs figures.
+pub fn evaluate_targets(r: &BenchResults) -> Vec<Target> {
+    let mut t = vec![
+        ratio_target(
+            r,
+            "shadowgap vs classic",
+            "bochs emul_call/shadowgap (CET on) <= 1.15 x bochs-cetoff emul_call/classic",
+            ("bochs", "emul_call/shadowgap"),
+            ("bochs-cetoff", "emul_call/classic"),
+            1.15,
+        ),
+        ratio_target(
+            r,
+            "shadowgap vs bare trap",
+            "bochs emul_call/shadowgap <= 1.6 x bochs int3_iret (CET on)",
+            ("bochs", "emul_call/shadowgap"),
+            ("bochs", "int3_iret"),
+            1.6,
+        ),
+        ratio_target(
+            r,
+            "trampoline vs classic",
+            "bochs emul_call/trampoline (CET on) <= 2.5 x bochs-cetoff emul_call/classic",
+            ("bochs", "emul_call/trampoline"),
+            ("bochs-cetoff", "emul_call/classic"),
+            2.5,
+        ),
+    ];
+    let lookup = r.median_of("bochs", "lookup[65536]").and_then(|big| {
+        let small = r.median_of("bochs", "lookup[16]")?;
+        Ok((
+            big - small,
+            format!("lookup[65536] {big} - lookup[16] {small} instructions"),
+        ))
+    });
+    t.push(finish(
+        "lookup growth",
+        "bochs lookup(65536) - lookup(16) <= 60 instructions",
+        60.0,
+        lookup,
+    ));
+    let per_site = (|| {
+        let sizes = [256u64, 4096, 65536];
+        let v: Vec<f64> = sizes
+            .iter()
+            .map(|s| r.median_of("bochs", &format!("patch_batch[{s}]")))
+            .collect::<std::result::Result<_, _>>()?;
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        if lo <= 0.0 {
+            return Err("a zero per-site cost".to_string());
+        }
+        Ok((
+            hi / lo,
+            format!("per-site cost at 256/4096/65536 sites: {v:?}; max/min"),
+        ))
+    })();
+    t.push(finish(
+        "batch patching per site",
+        "bochs patch_batch per-site cost max/min over 256..65536 sites <= 1.5",
+        1.5,
+        per_site,
+    ));
+    let rounds = (|| {
+        let m = r.machine("bochs").ok_or("no bochs results")?;
+        let all: Vec<(u64, Vec<u64>)> = m
+            .figures
+            .iter()
+            .filter(|f| f.name == "patch_batch")
+            .map(|f| {
+                (
+                    f.sites.unwrap_or(0),
+                    f.fields.get("sync_rounds").cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        if all.is_empty() {
+            return Err("no patch_batch figures".to_string());
+        }
+        let bad = all
+            .iter()
+            .filter(|(_, r)| r.is_empty() || r.iter().any(|&x| x != 3))
+            .count();
+        let desc: Vec<String> = all.iter().map(|(s, r)| format!("{s}:{r:?}")).collect();
+        // 0 when every size took exactly 3 rounds.
+        Ok((
+            bad as f64,
+            format!("sync_rounds per size: {}", desc.join(" ")),
+        ))
+    })();
+    let mut rounds_target = finish(
+        "sync rounds",
+        "bochs patch_batch sync_rounds == 3 for every size (actual: sizes that differ)",
+        0.0,
+        rounds,
+    );
+    rounds_target.met = rounds_target.actual.map(|v| v == 0.0);
+    t.push(rounds_target);
+    t
+}
+
+// ---------------------------------------------------------------- rendering
+
+fn fmt_num(v: f64) -> String {
+    if v.fract() == 0.0 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// One table cell: the median, and the spread when it is not a single value.
+pub fn cell(f: &Figure) -> String {
+    if f.min == f.max {
+        fmt_num(f.median)
+    } else {
+        format!("{} ({}–{})", fmt_num(f.median), f.min, f.max)
+    }
+}
+
+fn column_title(m: &MachineResult) -> String {
+    format!(
+        "{} (CET {}) [{}]",
+        m.machine,
+        if m.shstk { "on" } else { "off" },
+        m.unit
+    )
+}
+
+/// Table order: boot, bare costs, emulation by kind and strategy, lookup, patching.
+fn row_rank(f: &Figure) -> (usize, usize, u64) {
+    const NAMES: [&str; 10] = [
+        "boot",
+        "direct_call",
+        "patched_call",
+        "int3_iret",
+        "emul_call",
+        "emul_jmp",
+        "emul_nop",
+        "emul_ret",
+        "lookup",
+        "patch_batch",
+    ];
+    const STRATEGIES: [&str; 3] = ["classic", "trampoline", "shadowgap"];
+    let name = NAMES
+        .iter()
+        .position(|n| *n == f.name)
+        .unwrap_or(NAMES.len());
+    let strategy = match (&f.strategy, f.sites) {
+        (Some(s), None) => STRATEGIES
+            .iter()
+            .position(|x| x == s)
+            .unwrap_or(STRATEGIES.len()),
+        _ => 0,
+    };
+    (name, strategy, f.sites.unwrap_or(0))
+}
+
+/// The Markdown table: one row per figure, one column per machine.
+pub fn markdown_table(r: &BenchResults) -> String {
+    let mut rows: Vec<&Figure> = Vec::new();
+    for m in &r.machines {
+        for f in &m.figures {
+            if !rows.iter().any(|x| x.key == f.key) {
+                rows.push(f);
+            }
+        }
+    }
+    rows.sort_by_key(|f| row_rank(f));
+    let keys: Vec<String> = rows.iter().map(|f| f.key.clone()).collect();
+    let mut s = String::from("| figure (per op) |");
+    for m in &r.machines {
+        s.push_str(&format!(" {} |", column_title(m)));
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---:|".repeat(r.machines.len()));
+    s.push('\n');
+    for key in &keys {
+        s.push_str(&format!("| `{key}` |"));
+        for m in &r.machines {
+            let c = m.figure(key).map_or("–".to_string(), cell);
+            s.push_str(&format!(" {c} |"));
+        }
+        s.push('\n');
+    }
+    s.push_str("| wall-clock boot to end of report (s) |");
+    for m in &r.machines {
+        let v: Vec<String> = m
+            .wall_boot_to_end_s
+            .iter()
+            .map(|t| format!("{t:.1}"))
+            .collect();
+        s.push_str(&format!(" {} |", v.join(", ")));
+    }
+    s.push('\n');
+    s
+}
+
+/// The "Targets" section body (a list).
+pub fn markdown_targets(r: &BenchResults) -> String {
+    let mut s = String::new();
+    for t in &r.targets {
+        let verdict = match t.met {
+            Some(true) => "**met**",
+            Some(false) => "**MISSED**",
+            None => "**not measured**",
+        };
+        let ratio = !matches!(t.name.as_str(), "lookup growth" | "sync rounds");
+        let actual = t.actual.map_or("–".to_string(), |v| {
+            if ratio {
+                format!("{v:.3}")
+            } else {
+                fmt_num(v)
+            }
+        });
+        s.push_str(&format!(
+            "- {verdict} — {}: {} (actual {actual}, limit {}; {})\n",
+            t.name, t.rule, t.limit, t.detail
+        ));
+    }
+    s
+}
+
+/// The whole latest.md (also the README section, with the chart).
+pub fn markdown(r: &BenchResults, with_chart: bool) -> String {
+    let mut s = format!(
+        "Measured {} on `{}` ({}); kernel {}. Per-operation figures: median of all repetitions \
+         (5 per run; QEMU: all runs), with min–max when they differ. Bochs counts retired \
+         instructions (deterministic); QEMU counts TSC cycles.\n\n",
+        r.date, r.host, r.cpu_model, r.kernel_source
+    );
+    for n in &r.not_covered {
+        s.push_str(&format!("**NOT COVERED:** {n}\n\n"));
+    }
+    s.push_str(&markdown_table(r));
+    s.push_str("\n### Targets\n\n");
+    s.push_str(&markdown_targets(r));
+    if with_chart {
+        s.push_str("\n![benchmark chart](bench/results/latest.svg)\n");
+    }
+    s
+}
+
+pub const BEGIN: &str = "<!-- bench:begin -->";
+pub const END: &str = "<!-- bench:end -->";
+
+/// Replaces the text between the markers; adds a `## Benchmarks` section
+/// with the markers when they are missing (or the file is empty).
+pub fn update_readme(readme: Option<&str>, body: &str) -> String {
+    let block = format!("{BEGIN}\n{}\n{END}", body.trim_end());
+    if let Some(text) = readme {
+        if let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) {
+            if b < e {
+                return format!("{}{block}{}", &text[..b], &text[e + END.len()..]);
+            }
+        }
+        if !text.trim().is_empty() {
+            let sep = if text.ends_with('\n') { "\n" } else { "\n\n" };
+            return format!("{text}{sep}## Benchmarks\n\n{block}\n");
+        }
+    }
+    format!("## Benchmarks\n\n{block}\n")
+}
+
+// ------------------------------------------------------------------ running
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (proleptic Gregorian).
+pub fn utc_timestamp(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Shift the epoch to 0000-03-01 so leap days end each 4/100/400 cycle.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+/// The `model name` of /proc/cpuinfo.
+pub fn cpu_model(cpuinfo: &str) -> String {
+    cpuinfo
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == "model name").then(|| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// `git <commit>`, noting uncommitted changes under kernel/, asm/, src/.
+fn kernel_source() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(crate::kernel::repo_root())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(head) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return "unknown source (no git)".into();
+    };
+    match git(&["status", "--porcelain", "--", "kernel", "asm", "src"]) {
+        Some(s) if s.is_empty() => format!("git {head}"),
+        Some(_) => format!("git {head} + uncommitted changes in kernel/, asm/ or src/"),
+        None => format!("git {head}"),
+    }
+}
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchOptions {
+    pub machines: Vec<BenchMachine>,
+    pub runs: u32,
+    pub kernel: Option<PathBuf>,
+}
+
+fn loud(msg: &str) {
+    let bar = "!".repeat(78);
+    eprintln!("\n{bar}\n!!! {msg}\n{bar}\n");
+}
+
+/// Boots `m` `runs` times; `Ok(Err(why))` when qemu-kvm cannot be measured here.
+fn measure(
+    m: BenchMachine,
+    runs: u32,
+    kernel: &Path,
+) -> Result<std::result::Result<MachineResult, String>> {
+    let mut lines = Vec::new();
+    let mut walls = Vec::new();
+    let mut shstk = None;
+    for i in 1..=runs {
+        println!("==> bench {} run {i}/{runs}", m.label);
+        let mut opts = RunOptions::new(m.machine);
+        opts.cet = m.cet;
+        opts.append = vec!["bench=1".to_string()];
+        opts.kernel = Some(kernel.to_path_buf());
+        opts.echo = false;
+        let outcome = match crate::run(&opts) {
+            Ok(o) => o,
+            Err(e) if m.machine == Machine::QemuKvm => {
+                loud(&format!("qemu-kvm NOT BENCHMARKED: {e}"));
+                return Ok(Err(e.to_string()));
+            }
+            Err(e) => return Err(e),
+        };
+        if !outcome.passed {
+            if m.machine == Machine::QemuKvm {
+                let why = outcome
+                    .kvm_internal_error
+                    .as_ref()
+                    .map_or(outcome.failures.join("; "), |k| k.to_string());
+                loud(&format!("qemu-kvm NOT BENCHMARKED on this host: {why}"));
+                return Ok(Err(why));
+            }
+            return Err(Error::new(format!(
+                "bench run on {} failed; not publishing figures of a failing kernel:\n{}",
+                m.label,
+                outcome.describe()
+            )));
+        }
+        let parsed = parse_diagnostics(&outcome.report.diagnostics).map_err(Error::new)?;
+        if parsed.is_empty() {
+            return Err(Error::new(format!(
+                "{}: the kernel printed no `# bench {{...}}` lines (does it know bench=1?)",
+                m.label
+            )));
+        }
+        shstk = shstk.or(parsed.first().map(|l| l.shstk));
+        walls.push(outcome.boot_to_end.unwrap_or(Duration::ZERO).as_secs_f64());
+        lines.push(parsed);
+    }
+    Ok(Ok(MachineResult {
+        machine: m.label.to_string(),
+        unit: m.unit().to_string(),
+        shstk: shstk.unwrap_or(false),
+        runs,
+        wall_boot_to_end_s: walls,
+        figures: merge_runs(&lines),
+    }))
+}
+
+/// Runs the whole benchmark and writes the results.
+pub fn run_bench(opts: &BenchOptions) -> Result<BenchResults> {
+    let kernel = match &opts.kernel {
+        Some(k) => k.clone(),
+        None => crate::build_kernel()?,
+    };
+    let mut results = BenchResults {
+        date: utc_timestamp(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        ),
+        host: hostname(),
+        cpu_model: cpu_model(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default()),
+        kernel_source: match &opts.kernel {
+            Some(k) => format!("prebuilt {}", k.display()),
+            None => kernel_source(),
+        },
+        machines: Vec::new(),
+        not_covered: Vec::new(),
+        targets: Vec::new(),
+    };
+    for &m in &opts.machines {
+        match measure(m, m.runs(opts.runs), &kernel)? {
+            Ok(r) => results.machines.push(r),
+            Err(why) => results.not_covered.push(format!("{}: {why}", m.label)),
+        }
+    }
+    results.targets = evaluate_targets(&results);
+    write_results(&results, &crate::kernel::repo_root())?;
+    Ok(results)
+}
+
+/// Writes bench/results/* and the README section under `root`.
+pub fn write_results(r: &BenchResults, root: &Path) -> Result<()> {
+    let dir = root.join("bench/results");
+    std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
+    let json = serde_json::to_string_pretty(r).context(|| "cannot serialise the results")? + "\n";
+    let day = r.date.get(..10).unwrap_or("unknown-date");
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).context(|| format!("cannot write {}", p.display()))?;
+        println!("wrote {}", p.display());
+        Ok::<(), Error>(())
+    };
+    write(&format!("{day}-{}.json", r.host), &json)?;
+    write("latest.json", &json)?;
+    write(
+        "latest.md",
+        &format!("# shadowcall benchmarks\n\n{}", markdown(r, false)),
+    )?;
+    write("latest.svg", &crate::benchchart::svg(r)?)?;
+    let readme = root.join("README.md");
+    let old = std::fs::read_to_string(&readme).ok();
+    let new = update_readme(old.as_deref(), &markdown(r, true));
+    std::fs::write(&readme, new).context(|| format!("cannot write {}", readme.display()))?;
+    println!("updated {} (between the bench markers)", readme.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOCHS: &str = r#"# bench: start (unit: TSC ticks; instructions on Bochs with clock sync=none)
+# bench {"name":"boot","shstk":true,"tsc_kmain":1000,"tsc_tests_end":5000,"per_op":[]}
+# bench {"name":"direct_call","shstk":true,"n":200,"per_op":[4,4,4,4,4]}
+# bench {"name":"int3_iret","shstk":true,"n":200,"per_op":[100,100,100,100,100]}
+# bench {"name":"emul_call","shstk":true,"strategy":"trampoline","n":200,"per_op":[500,500,500,500,500]}
+# bench {"name":"emul_call","shstk":true,"strategy":"shadowgap","n":200,"per_op":[150,150,150,150,150]}
+# bench {"name":"patch_batch","shstk":true,"sites":256,"sync_rounds":3,"total":25600,"per_op":[100]}
+# bench {"name":"lookup","shstk":true,"strategy":"shadowgap","sites":16,"n":50,"per_op":[300,300,300,300,300]}
+# bench {"name":"patch_batch","shstk":true,"sites":4096,"sync_rounds":3,"total":4096000,"per_op":[1000]}
+# bench {"name":"patch_batch","shstk":true,"sites":65536,"sync_rounds":4,"total":6553600,"per_op":[100]}
+# bench {"name":"lookup","shstk":true,"strategy":"shadowgap","sites":65536,"n":50,"per_op":[370,370,370,370,370]}
+# bench: done
+"#;
+    const CETOFF: &str = r#"# bench {"name":"emul_call","shstk":false,"strategy":"classic","n":200,"per_op":[200,200,200,200,200]}
+"#;
+
+    fn lines(text: &str) -> Vec<BenchLine> {
+        let diags: Vec<String> = text.lines().map(String::from).collect();
+        parse_diagnostics(&diags).unwrap()
+    }
+
+    fn results() -> BenchResults {
+        let mk = |label: &str, text: &str, shstk| MachineResult {
+            machine: label.into(),
+            unit: "instructions".into(),
+            shstk,
+            runs: 1,
+            wall_boot_to_end_s: vec![3.5],
+            figures: merge_runs(&[lines(text)]),
+        };
+        let mut r = BenchResults {
+            date: "2025-01-02T03:04:05Z".into(),
+            host: "h".into(),
+            cpu_model: "cpu".into(),
+            kernel_source: "git abc".into(),
+            machines: vec![mk("bochs", BOCHS, true), mk("bochs-cetoff", CETOFF, false)],
+            not_covered: vec!["qemu-kvm: no".into()],
+            targets: vec![],
+        };
+        r.targets = evaluate_targets(&r);
+        r
+    }
+
+    #[test]
+    fn parses_lines_and_keys() {
+        let l = lines(BOCHS);
+        assert_eq!(l.len(), 10, "the start/done lines are not figures");
+        assert_eq!(l[0].key(), "boot_selftests");
+        assert_eq!(l[0].values(), [4000]);
+        assert_eq!(l[3].key(), "emul_call/trampoline");
+        assert_eq!(l[3].strategy.as_deref(), Some("trampoline"));
+        assert_eq!(l[5].key(), "patch_batch[256]");
+        assert_eq!((l[5].sync_rounds, l[5].total), (Some(3), Some(25600)));
+        assert_eq!(l[6].key(), "lookup[16]");
+        assert!(parse_line("# something else").is_none());
+        assert!(parse_line("# bench: done").is_none());
+        assert!(parse_line("# bench {\"name\":1}").unwrap().is_err());
+        assert!(parse_line(
+            "# bench {\"name\":\"x\",\"shstk\":true,\"per_op\":[1],\"new_field\":2}"
+        )
+        .unwrap()
+        .is_ok());
+    }
+
+    #[test]
+    fn median_and_spread_over_runs() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[5, 1, 3]), Some(3.0));
+        assert_eq!(median(&[4, 1, 3, 2]), Some(2.5));
+        let run = |v: &str, rounds: u64| {
+            lines(&format!(
+                "# bench {{\"name\":\"emul_call\",\"shstk\":false,\"strategy\":\"classic\",\"n\":200,\"per_op\":[{v}]}}\n\
+                 # bench {{\"name\":\"patch_batch\",\"shstk\":false,\"sites\":16,\"sync_rounds\":{rounds},\"total\":160,\"per_op\":[10]}}"
+            ))
+        };
+        let figs = merge_runs(&[
+            run("1347,1171,1162,1169,1242", 3),
+            run("1100,1200,1300,1400,1500", 3),
+            run("9,9,9,9,9", 4),
+        ]);
+        assert_eq!(figs.len(), 2);
+        let f = &figs[0];
+        assert_eq!(f.key, "emul_call/classic");
+        assert_eq!(f.raw.len(), 15);
+        assert_eq!((f.min, f.max), (9, 1500));
+        assert_eq!(f.median, 1169.0);
+        assert_eq!(cell(f), "1169 (9–1500)");
+        assert_eq!(figs[1].fields["sync_rounds"], [3, 3, 4]);
+        let single = merge_runs(&[lines(CETOFF)]);
+        assert_eq!(cell(&single[0]), "200");
+    }
+
+    #[test]
+    fn targets_are_evaluated() {
+        let r = results();
+        let t = |name: &str| r.targets.iter().find(|t| t.name == name).unwrap().clone();
+        let a = t("shadowgap vs classic");
+        assert_eq!((a.actual, a.met), (Some(0.75), Some(true)));
+        let b = t("shadowgap vs bare trap");
+        assert_eq!((b.actual, b.met), (Some(1.5), Some(true)));
+        let c = t("trampoline vs classic");
+        assert_eq!(
+            (c.actual, c.met),
+            (Some(2.5), Some(true)),
+            "equal to the limit is met"
+        );
+        let d = t("lookup growth");
+        assert_eq!((d.actual, d.met), (Some(70.0), Some(false)));
+        let e = t("batch patching per site");
+        assert_eq!((e.actual, e.met), (Some(10.0), Some(false)));
+        let f = t("sync rounds");
+        assert_eq!((f.actual, f.met), (Some(1.0), Some(false)), "{}", f.detail);
+        assert!(f.detail.contains("65536:[4]"), "{}", f.detail);
+        // Missing machine: not measured, not met.
+        let mut r2 = r.clone();
+        r2.machines.truncate(1);
+        let t2 = evaluate_targets(&r2);
+        assert_eq!(t2[0].met, None);
+        assert!(t2[0].detail.contains("no bochs-cetoff"), "{}", t2[0].detail);
+    }
+
+    #[test]
+    fn markdown_has_table_and_targets() {
+        let md = markdown(&results(), true);
+        assert!(md.contains("| figure (per op) | bochs (CET on) [instructions] | bochs-cetoff (CET off) [instructions] |"), "{md}");
+        assert!(md.contains("| `emul_call/shadowgap` | 150 | – |"), "{md}");
+        assert!(md.contains("| `emul_call/classic` | – | 200 |"), "{md}");
+        assert!(md.contains("**met** — shadowgap vs classic"), "{md}");
+        assert!(md.contains("actual 0.750, limit 1.15"), "{md}");
+        assert!(md.contains("**MISSED** — lookup growth"), "{md}");
+        assert!(md.contains("**NOT COVERED:** qemu-kvm"), "{md}");
+        assert!(md.contains("![benchmark chart](bench/results/latest.svg)"));
+        assert!(md.contains("| wall-clock boot to end of report (s) | 3.5 | 3.5 |"));
+    }
+
+    #[test]
+    fn readme_markers() {
+        assert_eq!(
+            update_readme(None, "X\n"),
+            format!("## Benchmarks\n\n{BEGIN}\nX\n{END}\n")
+        );
+        let old = format!(
+            "# shadowcall\n\nintro\n\n## Benchmarks\n\n{BEGIN}\nold\n{END}\n\n## Other\nkeep\n"
+        );
+        let new = update_readme(Some(&old), "new");
+        assert_eq!(
+            new,
+            format!(
+                "# shadowcall\n\nintro\n\n## Benchmarks\n\n{BEGIN}\nnew\n{END}\n\n## Other\nkeep\n"
+            )
+        );
+        let no_markers = update_readme(Some("# shadowcall\ntext\n"), "B");
+        assert_eq!(
+            no_markers,
+            format!("# shadowcall\ntext\n\n## Benchmarks\n\n{BEGIN}\nB\n{END}\n")
+        );
+    }
+
+    #[test]
+    fn timestamps_and_cpu() {
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_timestamp(1_764_210_645), "2025-11-27T02:30:45Z");
+        assert_eq!(
+            cpu_model("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags: x\n"),
+            "AMD EPYC 7B13"
+        );
+        assert_eq!(cpu_model(""), "unknown CPU");
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let r = results();
+        let text = serde_json::to_string(&r).unwrap();
+        let back: BenchResults = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+    }
+}
