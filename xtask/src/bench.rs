@@ -740,6 +740,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchResults> {
     for &m in &opts.machines {
         match measure(m, m.runs(opts.runs), &kernel)? {
             Ok(r) => results.machines.push(r),
+            Err(why) if why.starts_with(m.label) => results.not_covered.push(why),
             Err(why) => results.not_covered.push(format!("{}: {why}", m.label)),
         }
     }

@@ -120,6 +120,20 @@ where
                 label_style.clone(),
             )
         }))?;
+        // Paths a configuration cannot take (classic with shadow stacks, shadow gap without).
+        let missing: Vec<f64> = values[si]
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_none())
+            .map(|(i, _)| i as f64 + 0.1 + si as f64 * width)
+            .collect();
+        chart.draw_series(missing.iter().map(|&x| {
+            Text::new(
+                "n/a",
+                (x + width * 0.475, ymax * 0.01),
+                label_style.color(&colour),
+            )
+        }))?;
     }
     // Category names under the groups, in pixel space.
     let name_style =
