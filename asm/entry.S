@@ -60,6 +60,11 @@ ISR_NOERR 39
 ISR_NOERR 47
 /* The self-test vector routed through its own IST stack. */
 ISR_NOERR {IST_TEST_VECTOR}
+/* Local APIC: wake-up, sync, timer, spurious. */
+ISR_NOERR {VEC_WAKE}
+ISR_NOERR {VEC_SYNC}
+ISR_NOERR {VEC_TIMER}
+ISR_NOERR {VEC_SPURIOUS}
 
 /* #BP: move the hardware frame down by {BP_GAP} bytes before anything else,
  * leaving a gap under the interrupted stack pointer so the handler can
@@ -166,6 +171,9 @@ SC_ISR_PIC_SPURIOUS:
 .globl SC_ISR_IST_TEST
 SC_ISR_IST_TEST:
     .quad sc_isr_{IST_TEST_VECTOR}
+.globl SC_ISR_APIC
+SC_ISR_APIC:
+    .quad sc_isr_{VEC_WAKE}, sc_isr_{VEC_SYNC}, sc_isr_{VEC_TIMER}, sc_isr_{VEC_SPURIOUS}
 
 .section .text
 

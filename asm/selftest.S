@@ -234,3 +234,30 @@ sc_t_forge_normal:
 .globl sc_tramp_page
 sc_tramp_page:
     .fill 4096, 1, 0xcc
+
+.section .text
+/* SMP stress and interrupt tests: a site whose targets count with locked
+ * increments (several CPUs call it at once), and a second site the NMI
+ * handler calls (nested emulation from NMI context). */
+.macro STRESS_TARGET name, idx
+.globl \name
+\name:
+    lock incq SC_STRESS_COUNTS+8*\idx(%rip)
+    ret
+.endm
+
+STRESS_TARGET sc_s_target_0, 0
+STRESS_TARGET sc_s_target_1, 1
+STRESS_TARGET sc_s_target_2, 2
+
+.globl sc_s_fn
+sc_s_fn:
+    SITE sc_s_site
+    call sc_s_target_0
+    ret
+
+.globl sc_s_nmi_fn
+sc_s_nmi_fn:
+    SITE sc_s_nmi_site
+    call sc_s_target_0
+    ret

@@ -46,11 +46,13 @@ pub struct Cmdline {
     pub emul: Option<EmulStrategy>,
     /// `bench=0|1`: run the benchmarks after the self-tests.
     pub bench: bool,
+    /// `stress=0|1`: run the long (soak) version of the SMP stress test.
+    pub stress: bool,
 }
 
 impl Default for Cmdline {
     fn default() -> Self {
-        Cmdline { cet: CetMode::Auto, expect_cet: None, emul: None, bench: false }
+        Cmdline { cet: CetMode::Auto, expect_cet: None, emul: None, bench: false, stress: false }
     }
 }
 
@@ -74,9 +76,10 @@ impl fmt::Display for CmdlineError<'_> {
     }
 }
 
-/// Parse a Multiboot command line. Boot loaders put the kernel image's name
-/// first (GRUB: `/boot/shadowcall.elf`, QEMU: the `-kernel` path); a first
-/// word without `=` is taken as that name and skipped.
+/// Parse a Multiboot command line. Some boot loaders put the kernel image's
+/// name first (QEMU `-kernel`: its path; GRUB's `multiboot` passes only the
+/// words after the path); a first word without `=` that looks like a path
+/// or an `.elf` file is taken as that name and skipped.
 pub fn parse_multiboot(line: &str) -> Result<Cmdline, CmdlineError<'_>> {
     let mut words = line.split_ascii_whitespace().peekable();
     if let Some(first) = words.peek() {
@@ -90,7 +93,8 @@ pub fn parse_multiboot(line: &str) -> Result<Cmdline, CmdlineError<'_>> {
 /// Parse command-line words (no image name).
 pub fn parse_words<'a>(words: impl Iterator<Item = &'a str>) -> Result<Cmdline, CmdlineError<'a>> {
     let mut c = Cmdline::default();
-    let (mut seen_cet, mut seen_expect, mut seen_emul, mut seen_bench) = (false, false, false, false);
+    let (mut seen_cet, mut seen_expect, mut seen_emul) = (false, false, false);
+    let (mut seen_bench, mut seen_stress) = (false, false);
     for w in words {
         let Some((key, value)) = w.split_once('=') else {
             return Err(CmdlineError::UnknownWord(w));
@@ -130,16 +134,24 @@ pub fn parse_words<'a>(words: impl Iterator<Item = &'a str>) -> Result<Cmdline, 
             }
             "bench" => {
                 once(&mut seen_bench, "bench")?;
-                c.bench = match value {
-                    "0" => false,
-                    "1" => true,
-                    _ => return Err(CmdlineError::BadValue { key: "bench", value, allowed: "0|1" }),
-                };
+                c.bench = flag("bench", value)?;
+            }
+            "stress" => {
+                once(&mut seen_stress, "stress")?;
+                c.stress = flag("stress", value)?;
             }
             _ => return Err(CmdlineError::UnknownWord(w)),
         }
     }
     Ok(c)
+}
+
+fn flag<'a>(key: &'static str, value: &'a str) -> Result<bool, CmdlineError<'a>> {
+    match value {
+        "0" => Ok(false),
+        "1" => Ok(true),
+        _ => Err(CmdlineError::BadValue { key, value, allowed: "0|1" }),
+    }
 }
 
 fn once(seen: &mut bool, key: &'static str) -> Result<(), CmdlineError<'static>> {
@@ -165,6 +177,7 @@ mod tests {
         assert_eq!(parse_multiboot("kernel.elf cet=on").unwrap().cet, CetMode::On);
         assert!(parse_multiboot("bench=1").unwrap().bench);
         assert!(!parse_multiboot("bench=0").unwrap().bench);
+        assert!(parse_multiboot("stress=1").unwrap().stress);
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub enum Kind {
     ShadowStack,
     /// The temporary writable alias used to poke text: writable, not executable.
     PokeAlias,
+    /// Device registers (the local APIC): writable, uncached, not executable.
+    Mmio,
 }
 
 impl Kind {
@@ -53,6 +55,7 @@ impl Kind {
                 .union(Pte::DIRTY)
                 .union(Pte::NO_EXECUTE),
             Kind::ShadowStack => Pte::PRESENT.union(Pte::ACCESSED).union(Pte::DIRTY).union(Pte::NO_EXECUTE),
+            Kind::Mmio => Kind::Data.flags().union(Pte::NO_CACHE).union(Pte::WRITE_THROUGH),
         }
     }
 }
@@ -104,6 +107,8 @@ mod tests {
         assert_ne!(leaf(0x10_1000, Kind::ShadowStack) & Pte::NO_EXECUTE.bits(), 0);
         assert_eq!(leaf(0x10_1000, Kind::Text) & Pte::NO_EXECUTE.bits(), 0);
         assert!(!is_shadow_stack_leaf(0));
+        assert!(!is_shadow_stack_leaf(leaf(0xfee0_0000, Kind::Mmio)));
+        assert_ne!(leaf(0xfee0_0000, Kind::Mmio) & Pte::NO_CACHE.bits(), 0);
         assert_eq!(large_leaf(0x20_0000, Kind::Data) & Pte::HUGE.bits(), Pte::HUGE.bits());
         assert_eq!(table(0x5000), 0x5003);
     }

@@ -6,6 +6,8 @@ pub const MULTIBOOT_BOOTLOADER_MAGIC: u64 = 0x2bad_b002;
 const MBI_FLAG_MEM: u32 = 1 << 0;
 const MBI_FLAG_CMDLINE: u32 = 1 << 2;
 const CMDLINE_MAX: usize = 512;
+/// BIOS data area word holding the EBDA's real-mode segment.
+const EBDA_SEGMENT_PTR: u64 = 0x40e;
 /// Assumed when the loader gives no memory size.
 const DEFAULT_RAM: u64 = 128 << 20;
 
@@ -14,6 +16,9 @@ pub struct BootInfo {
     pub multiboot_ok: bool,
     /// End of the RAM block at 1 MiB.
     pub ram_end: u64,
+    /// Physical address of the Extended BIOS Data Area (where an ACPI RSDP may
+    /// live), read from the BIOS data area before page 0 is unmapped.
+    pub ebda: u64,
     cmdline: [u8; CMDLINE_MAX],
     cmdline_len: usize,
     pub parsed: Cmdline,
@@ -26,6 +31,8 @@ impl BootInfo {
         let mut b = BootInfo {
             multiboot_ok: magic == MULTIBOOT_BOOTLOADER_MAGIC,
             ram_end: DEFAULT_RAM,
+            // SAFETY: the BIOS data area word at 0x40e; page 0 is still mapped by the boot tables.
+            ebda: unsafe { ((EBDA_SEGMENT_PTR as *const u16).read_volatile() as u64) << 4 },
             cmdline: [0; CMDLINE_MAX],
             cmdline_len: 0,
             parsed: Cmdline::default(),

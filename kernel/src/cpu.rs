@@ -58,9 +58,15 @@ pub struct Features {
     pub xss_cet_s: bool,
     /// CPUID.(7,0):EDX[14]
     pub serialize: bool,
+    /// CPUID.1:ECX[21]
+    pub x2apic: bool,
     pub vendor: [u8; 12],
+    /// CPUID.0x40000000 hypervisor signature (zeros on bare metal).
+    pub hypervisor: [u8; 12],
 }
 
+const ECX1_X2APIC: u32 = 1 << 21;
+const ECX1_HYPERVISOR: u32 = 1 << 31;
 const EDX7_CET_IBT: u32 = 1 << 20;
 const EDX7_SERIALIZE: u32 = 1 << 14;
 const EAXD1_XSAVES: u32 = 1 << 3;
@@ -77,9 +83,16 @@ impl Features {
             f.cet_ss = ext.has_cet_ss();
             f.cet_sss = ext.has_cet_sss();
         }
+        f.x2apic = raw(1, 0).ecx & ECX1_X2APIC != 0;
         let leaf7 = raw(7, 0);
         f.cet_ibt = leaf7.edx & EDX7_CET_IBT != 0;
         f.serialize = leaf7.edx & EDX7_SERIALIZE != 0;
+        if raw(1, 0).ecx & ECX1_HYPERVISOR != 0 {
+            let h = raw(0x4000_0000, 0);
+            for (i, r) in [h.ebx, h.ecx, h.edx].iter().enumerate() {
+                f.hypervisor[i * 4..i * 4 + 4].copy_from_slice(&r.to_le_bytes());
+            }
+        }
         let max = raw(0, 0).eax;
         if max >= 0xd {
             let d1 = raw(0xd, 1);
@@ -91,6 +104,11 @@ impl Features {
 
     pub fn vendor(&self) -> &str {
         core::str::from_utf8(&self.vendor).unwrap_or("?")
+    }
+
+    /// Running under QEMU's TCG (software) emulation?
+    pub fn is_tcg(&self) -> bool {
+        &self.hypervisor == b"TCGTCGTCGTCG"
     }
 }
 

@@ -14,8 +14,8 @@ use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::structures::tss::TaskStateSegment;
 use x86_64::VirtAddr;
 
-use crate::percpu::{this_cpu, PerCpu};
-use crate::{cet, mm, patching, selftest};
+use crate::percpu::this_cpu;
+use crate::{apic, cet, mm, patching, selftest, smp};
 
 pub const VEC_NMI: u64 = 2;
 pub const VEC_BP: u64 = 3;
@@ -44,6 +44,10 @@ core::arch::global_asm!(
     TRY_SSP = const offset_of!(TryCtx, ssp),
     TRY_RFLAGS = const offset_of!(TryCtx, rflags),
     MSR_S_CET = const 0x6a2u32,
+    VEC_WAKE = const smp::VEC_WAKE,
+    VEC_SYNC = const smp::VEC_SYNC,
+    VEC_TIMER = const smp::VEC_TIMER,
+    VEC_SPURIOUS = const apic::SPURIOUS_VECTOR,
     FRAME_RIP = const offset_of!(TrapFrame, rip),
     FRAME_CS = const offset_of!(TrapFrame, cs),
     options(att_syntax)
@@ -55,6 +59,7 @@ extern "C" {
     static SC_ISR_TABLE: [u64; 32];
     static SC_ISR_PIC_SPURIOUS: [u64; 3];
     static SC_ISR_IST_TEST: u64;
+    static SC_ISR_APIC: [u64; 4];
     fn sc_try_call(f: extern "C" fn(u64) -> u64, arg: u64, ctx: *mut TryCtx) -> u64;
     fn sc_try_recover();
 }
@@ -77,6 +82,7 @@ pub struct TryCtx {
     pub rflags: u64,
     pub fault: Option<FaultInfo>,
     lifo_depth: usize,
+    window_depth: u64,
 }
 
 struct Tables {
@@ -162,6 +168,9 @@ fn build_idt() -> InterruptDescriptorTable {
         idt[IST_TEST_VECTOR]
             .set_handler_addr(VirtAddr::new(SC_ISR_IST_TEST))
             .set_stack_index((IST_TEST - 1) as u16);
+        for (i, v) in [smp::VEC_WAKE, smp::VEC_SYNC, smp::VEC_TIMER, apic::SPURIOUS_VECTOR].into_iter().enumerate() {
+            idt[v].set_handler_addr(VirtAddr::new(SC_ISR_APIC[i]));
+        }
     }
     idt
 }
@@ -192,7 +201,18 @@ fn mask_legacy_pic() {
 extern "C" fn sc_exception_dispatch(frame: &mut TrapFrame) {
     match frame.vector {
         VEC_BP => patching::handle_bp(frame),
-        VEC_NMI => PerCpu::count(&this_cpu().counters.nmis),
+        VEC_NMI => selftest::smp_tests::nmi(frame),
+        v if v == smp::VEC_WAKE as u64 => apic::eoi(),
+        v if v == smp::VEC_SYNC as u64 => {
+            // The IRET that ends this handler serializes this CPU.
+            this_cpu().syncs.fetch_add(1, core::sync::atomic::Ordering::Release);
+            apic::eoi();
+        }
+        v if v == smp::VEC_TIMER as u64 => {
+            selftest::smp_tests::timer_tick();
+            apic::eoi();
+        }
+        v if v == apic::SPURIOUS_VECTOR as u64 => {}
         v if v == IST_TEST_VECTOR as u64 => selftest::cet_tests::ist_probe(frame),
         v if (PIC_BASE as u64..PIC_BASE as u64 + 16).contains(&v) => {}
         _ => fault(frame, FaultInfo { vector: frame.vector, error_code: frame.error_code, rip: frame.rip, cr2: Cr2::read_raw() }),
@@ -218,6 +238,7 @@ pub fn fault(frame: &mut TrapFrame, info: FaultInfo) {
     frame.rsp = ctx.rsp;
     frame.rflags = ctx.rflags;
     cpu.lifo().truncate(ctx.lifo_depth);
+    cpu.counters.window_depth.store(ctx.window_depth, core::sync::atomic::Ordering::Relaxed);
 }
 
 /// Make the IRET of `frame` go to `rip` (and, with shadow stacks, continue on
@@ -261,7 +282,11 @@ pub fn try_run<F: FnMut() -> u64>(mut f: F) -> Result<u64, FaultInfo> {
         f()
     }
     let cpu = this_cpu();
-    let mut ctx = TryCtx { lifo_depth: cpu.lifo().depth(), ..TryCtx::default() };
+    let mut ctx = TryCtx {
+        lifo_depth: cpu.lifo().depth(),
+        window_depth: cpu.counters.window_depth.load(core::sync::atomic::Ordering::Relaxed),
+        ..TryCtx::default()
+    };
     cpu.push_try(&mut ctx);
     // SAFETY: sc_try_call calls `call::<F>` with our pointer and returns
     // normally or through sc_try_recover with all callee-saved registers restored.

@@ -18,11 +18,17 @@ mod mm;
 mod patching;
 mod percpu;
 mod selftest;
+mod apic;
+mod smp;
 
 use shadowcall::cmdline::{CetMode, EmulStrategy};
 use spin::Once;
 
-core::arch::global_asm!(include_str!("../../asm/boot.S"), options(att_syntax));
+core::arch::global_asm!(
+    concat!(include_str!("../../asm/boot.S"), include_str!("../../asm/ap_boot.S")),
+    AP_TRAMPOLINE = const smp::AP_TRAMPOLINE,
+    options(att_syntax)
+);
 
 /// What boot decided, for the code after the switch onto the shadow stack.
 pub struct BootState {
@@ -34,6 +40,9 @@ pub struct BootState {
     pub cmdline_errors: alloc::vec::Vec<alloc::string::String>,
     pub strategy: EmulStrategy,
 }
+
+/// What SMP start-up found (set once on the boot CPU).
+pub static TOPOLOGY: Once<smp::Topology> = Once::new();
 
 pub static STATE: Once<BootState> = Once::new();
 
@@ -90,6 +99,8 @@ extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
 /// Runs on a fresh kernel stack, on the shadow stack when CET is on. Never returns.
 extern "C" fn kmain_continue() -> ! {
     let st = state();
+    apic::init(st.features.x2apic);
+    TOPOLOGY.call_once(|| smp::start_aps(st.boot.ebda, &st.features));
     let ok = selftest::run_all(st);
     let tsc_tests_end = bench::rdtsc();
     if st.boot.parsed.bench {

@@ -88,6 +88,9 @@ struct Tables {
     pd: Table,
     fine: [Table; FINE_PTS],
     poke: Table,
+    /// 3..4 GiB: only the local APIC's page.
+    pd_high: Table,
+    pt_apic: Table,
 }
 static TABLES : Shared<Tables> = Shared(UnsafeCell::new(Tables {
     pml4: Table([0; ENTRIES]),
@@ -95,7 +98,13 @@ static TABLES : Shared<Tables> = Shared(UnsafeCell::new(Tables {
     pd: Table([0; ENTRIES]),
     fine: [const { Table([0; ENTRIES]) }; FINE_PTS],
     poke: Table([0; ENTRIES]),
+    pd_high: Table([0; ENTRIES]),
+    pt_apic: Table([0; ENTRIES]),
 }));
+
+/// The local APIC's registers (xAPIC mode).
+pub const LAPIC_BASE: u64 = 0xfee0_0000;
+const GIB: u64 = 1 << 30;
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -259,9 +268,12 @@ pub fn write_shadow_tokens() {
     }
 }
 
-/// Build the final page tables for `ram_end` bytes of RAM and switch to them.
+/// Build the final page tables and switch to them. Everything of the first
+/// GiB above the finely mapped part is mapped RW+NX (RAM, and the ACPI
+/// tables the firmware keeps at its top); `ram_end` must leave room for the heap.
 pub fn init_paging(ram_end: u64) {
-    let ram_end = ram_end.min(RAM_MAP_LIMIT) & !(LARGE_PAGE_SIZE - 1);
+    assert!(ram_end >= HEAP_START + HEAP_SIZE, "shadowcall needs at least {} MiB of RAM", (HEAP_START + HEAP_SIZE) >> 20);
+    let ram_end = RAM_MAP_LIMIT;
     // SAFETY: single-threaded boot; nothing else references the tables yet.
     let t = unsafe { &mut *TABLES.0.get() };
     let phys = |p: *const Table| p as u64;
@@ -285,6 +297,9 @@ pub fn init_paging(ram_end: u64) {
         addr += LARGE_PAGE_SIZE;
     }
     t.pd.0[POKE_PD_INDEX] = paging::table(phys(&t.poke));
+    t.pdpt.0[(LAPIC_BASE / GIB) as usize] = paging::table(phys(&t.pd_high));
+    t.pd_high.0[((LAPIC_BASE % GIB) / LARGE_PAGE_SIZE) as usize] = paging::table(phys(&t.pt_apic));
+    t.pt_apic.0[((LAPIC_BASE % LARGE_PAGE_SIZE) / PAGE_SIZE) as usize] = paging::leaf(LAPIC_BASE, Kind::Mmio);
     let frame = PhysFrame::containing_address(PhysAddr::new(phys(&t.pml4)));
     // SAFETY: the new tables map the running code, stack and data exactly as
     // before (identity), only with tighter permissions.

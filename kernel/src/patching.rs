@@ -50,6 +50,16 @@ static ACTIVE: AtomicPtr<Batch> = AtomicPtr::new(core::ptr::null_mut());
 static IN_FLIGHT: AtomicBool = AtomicBool::new(false);
 pub static SYNC_ROUNDS: AtomicU64 = AtomicU64::new(0);
 static HAS_SERIALIZE: AtomicBool = AtomicBool::new(false);
+/// QEMU TCG workaround. TCG keeps translated code per physical page and
+/// drops it when a store hits a page it tracks; with several vCPUs, a store
+/// through an alias whose TLB entry was filled while the page had no
+/// translations can miss a translation another vCPU made just before, which
+/// then runs the old bytes forever (seen with 4 vCPUs: a CPU executing the
+/// old `call` over an int3 in memory). Writing each step a second time
+/// through a freshly mapped alias makes TCG drop every translation made from
+/// the old bytes (any made after the first write already saw the new ones).
+/// Identical stores: harmless anywhere, only enabled under TCG.
+static REWRITE_STEPS: AtomicBool = AtomicBool::new(false);
 
 extern "C" {
     static __sites_start: u64;
@@ -81,8 +91,9 @@ pub fn set_strategy(s: EmulStrategy) {
 
 /// Sort the site registry, emit the trampoline into its text page, choose
 /// the strategy.
-pub fn init(strategy: EmulStrategy, has_serialize: bool) -> Result<(), tramp::TrampError> {
+pub fn init(strategy: EmulStrategy, has_serialize: bool, tcg: bool) -> Result<(), tramp::TrampError> {
     HAS_SERIALIZE.store(has_serialize, Ordering::Relaxed);
+    REWRITE_STEPS.store(tcg, Ordering::Relaxed);
     STRATEGY.store(strategy_code(strategy), Ordering::Relaxed);
     REGISTRY.call_once(|| {
         // SAFETY: the linker script brackets the .shadowcall_sites table with these symbols.
@@ -126,11 +137,17 @@ pub fn registry() -> &'static [u64] {
     REGISTRY.get().map(|v| v.as_slice()).unwrap_or(&[])
 }
 
-/// Make this CPU (and, with SMP, every CPU) see the text written so far.
+/// Make every CPU see the text written so far: this CPU serializes itself
+/// (SERIALIZE or CPUID), every other online CPU takes a sync IPI whose
+/// handler ends in IRET, and we wait until each one has.
 pub fn sync() {
     cpu::serialize(HAS_SERIALIZE.load(Ordering::Relaxed));
+    crate::smp::sync_others();
     SYNC_ROUNDS.fetch_add(1, Ordering::Relaxed);
 }
+
+/// #BP handlers that may be looking at the batch in flight (all CPUs).
+static BATCH_USERS: AtomicU64 = AtomicU64::new(0);
 
 /// Patch a batch of sites with the int3 protocol. `hook` runs after steps 1
 /// and 2, inside the emulation window; a fault inside it is caught so that
@@ -151,30 +168,41 @@ pub fn patch(sites: &[(u64, NewInsn)], mut hook: impl FnMut(Step)) -> Result<Pat
     let result = build_batch(&mm::text(), registry(), sites).map(|mut batch| {
         let rounds0 = SYNC_ROUNDS.load(Ordering::Relaxed);
         ACTIVE.store(&mut batch, Ordering::Release);
-        let mut alias = mm::TextAlias::new();
+        // Each step writes through a fresh alias, removed (and its TLB entry
+        // flushed) before the sync. Under QEMU TCG the step is written twice:
+        // see REWRITE_STEPS.
+        let write_all = |what: &dyn Fn(&Entry) -> (u64, &[u8])| {
+            for _ in 0..if REWRITE_STEPS.load(Ordering::Relaxed) { 2 } else { 1 } {
+                let mut alias = mm::TextAlias::new();
+                for e in batch.entries() {
+                    let (at, bytes) = what(e);
+                    alias.write(at, bytes);
+                }
+            }
+        };
 
         // 1. int3 on every site.
-        for e in batch.entries() {
-            alias.write(e.site, &[INT3]);
-        }
+        write_all(&|e| (e.site, &[INT3]));
         sync();
         hook(Step::Int3Written);
 
         // 2. the tails.
-        for e in batch.entries() {
-            alias.write(e.site + 1, &e.bytes[1..]);
-        }
+        write_all(&|e| (e.site + 1, &e.bytes[1..]));
         sync();
         hook(Step::TailsWritten);
 
         // 3. the first bytes.
-        for e in batch.entries() {
-            alias.write(e.site, &e.bytes[..1]);
-        }
-        drop(alias);
+        write_all(&|e| (e.site, &e.bytes[..1]));
         sync();
 
-        ACTIVE.store(core::ptr::null_mut(), Ordering::Release);
+        // Retire the batch: no CPU can fetch one of its int3s any more (sync
+        // above), and a handler that did has finished (it ran with interrupts
+        // off, so it acked the sync only after leaving) or is counted in
+        // BATCH_USERS, which it raised before it read ACTIVE.
+        ACTIVE.store(core::ptr::null_mut(), Ordering::SeqCst);
+        while BATCH_USERS.load(Ordering::SeqCst) != 0 {
+            core::hint::spin_loop();
+        }
         PatchStats {
             sites: batch.len(),
             sync_rounds: SYNC_ROUNDS.load(Ordering::Relaxed) - rounds0,
@@ -214,14 +242,28 @@ pub fn handle_bp(frame: &mut TrapFrame) {
             return second_trap(frame, t);
         }
     }
-    let batch = ACTIVE.load(Ordering::Acquire);
+    BATCH_USERS.fetch_add(1, Ordering::SeqCst);
+    let batch = ACTIVE.load(Ordering::SeqCst);
     if !batch.is_null() {
-        // SAFETY: the patcher keeps the batch alive until after its last sync.
+        // SAFETY: the patcher keeps the batch alive while BATCH_USERS > 0.
         if let Some(e) = unsafe { &*batch }.lookup(addr) {
-            return emulate(frame, e);
+            emulate(frame, e);
+            BATCH_USERS.fetch_sub(1, Ordering::SeqCst);
+            return;
         }
     }
+    BATCH_USERS.fetch_sub(1, Ordering::SeqCst);
     if test_hook(frame, addr) {
+        return;
+    }
+    // SAFETY: addr is the int3 the CPU just executed: mapped, readable text.
+    let now = unsafe { (addr as *const u8).read_volatile() };
+    if now != INT3 && registry().binary_search(&addr).is_ok() {
+        // A stale int3: this CPU executed the int3 of a batch that has
+        // since been completed (the site holds its new instruction). Run
+        // that instruction: resume at the site.
+        PerCpu::count(&this_cpu().counters.stale_int3);
+        set_ip(frame, addr);
         return;
     }
     PerCpu::count(&this_cpu().counters.breakpoints);
@@ -250,10 +292,66 @@ fn test_hook(frame: &mut TrapFrame, addr: u64) -> bool {
     }
 }
 
+/// Self-test switches for the window (irq_in_window, nmi_in_window).
+pub static WATCH_IRQ: AtomicBool = AtomicBool::new(false);
+pub static INJECT_NMI: AtomicBool = AtomicBool::new(false);
+
+/// Where in the window the nmi_in_window test sends this CPU an NMI.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NmiPoint {
+    FirstTrapEntry = 0,
+    FirstTrapExit = 1,
+    SecondTrap = 2,
+}
+
+fn nmi_point(point: NmiPoint) {
+    let cpu = this_cpu();
+    if INJECT_NMI.load(Ordering::Relaxed)
+        && !cpu.in_nmi.load(Ordering::Relaxed)
+        && cpu.nmi_rotor.load(Ordering::Relaxed) % 3 == point as u64
+    {
+        crate::apic::send(cpu.apic_id.load(Ordering::Relaxed), crate::apic::Delivery::Nmi, 0);
+    }
+}
+
+/// A CPU entered an emulation window (first trap at a site).
+fn window_enter() {
+    let cpu = this_cpu();
+    cpu.counters.window_depth.fetch_add(1, Ordering::Relaxed);
+    if INJECT_NMI.load(Ordering::Relaxed) {
+        cpu.nmi_rotor.fetch_add(1, Ordering::Relaxed);
+        nmi_point(NmiPoint::FirstTrapEntry);
+    }
+}
+
+/// The emulated instruction has taken effect: the window ends when this
+/// handler returns. A timer interrupt pending now is delivered right after.
+fn window_exit() {
+    let cpu = this_cpu();
+    cpu.counters.window_depth.fetch_sub(1, Ordering::Relaxed);
+    if WATCH_IRQ.load(Ordering::Relaxed) && crate::apic::irr_pending(crate::smp::VEC_TIMER) {
+        PerCpu::count(&cpu.counters.irq_pending_at_exit);
+        cpu.irq_expect_after.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Emulate `e`'s new instruction for the CPU that trapped on its int3.
 fn emulate(frame: &mut TrapFrame, e: &Entry) {
     let cpu = this_cpu();
     PerCpu::count(&cpu.counters.emulations);
+    window_enter();
+    let via_trampoline = matches!(e.insn, NewInsn::Call(_))
+        && cpu.force_classic.load(Ordering::Relaxed) == 0
+        && strategy() == EmulStrategy::Trampoline;
+    emulate_insn(frame, e);
+    nmi_point(NmiPoint::FirstTrapExit);
+    if !via_trampoline {
+        window_exit();
+    }
+}
+
+fn emulate_insn(frame: &mut TrapFrame, e: &Entry) {
+    let cpu = this_cpu();
     match e.insn {
         NewInsn::Call(target) => {
             let forced = cpu.force_classic.load(Ordering::Relaxed) != 0;
@@ -314,6 +412,7 @@ fn emulate_call_shadow_gap(frame: &mut TrapFrame, e: &Entry, target: u64) {
 /// addresses; only then are they replaced by (target, return address).
 fn second_trap(frame: &mut TrapFrame, t: &TrampLayout) {
     let cpu = this_cpu();
+    nmi_point(NmiPoint::SecondTrap);
     let verified = (|| -> Result<(PendingCall, Option<u64>), GuardError> {
         let p = cpu.lifo().top().ok_or(GuardError::NoPendingEmulation)?;
         let rsp = frame.rsp;
@@ -359,6 +458,7 @@ fn second_trap(frame: &mut TrapFrame, t: &TrampLayout) {
                 frame.rflags |= RFLAGS_IF;
             }
             PerCpu::count(&cpu.counters.second_traps);
+            window_exit();
         }
         Err(e) => refuse(frame, e),
     }

@@ -30,6 +30,8 @@ pub struct Counters {
     pub classic_calls: AtomicU64,
     /// int3s that were not patch sites (reported, not emulated).
     pub breakpoints: AtomicU64,
+    /// int3s of a completed batch executed late (resumed at the site).
+    pub stale_int3: AtomicU64,
     /// Second traps that refused to write.
     pub refusals: AtomicU64,
     /// Writes the #BP handler made to slots of the interrupted normal stack.
@@ -38,6 +40,20 @@ pub struct Counters {
     /// stack (not counting the exception frame's own LIP/SSP slots).
     pub shadow_writes: AtomicU64,
     pub nmis: AtomicU64,
+    /// Emulation windows this CPU is inside (first trap .. instruction in effect).
+    pub window_depth: AtomicU64,
+    /// Timer interrupts pending in the IRR when a window ended.
+    pub irq_pending_at_exit: AtomicU64,
+    /// Of those, delivered as the first thing after the window.
+    pub irq_delivered_after: AtomicU64,
+    /// Timer interrupts taken while inside a window.
+    pub irq_taken_in_window: AtomicU64,
+    pub timer_ticks: AtomicU64,
+    pub nmi_in_window: AtomicU64,
+    /// NMIs that arrived while a trampoline emulation was between its two traps.
+    pub nmi_between_traps: AtomicU64,
+    /// Emulations done from inside an NMI handler.
+    pub nmi_nested: AtomicU64,
     /// RFLAGS.IF seen by the last second trap (1 would mean interrupts were on inside the window).
     pub last_second_trap_if: AtomicU64,
 }
@@ -65,6 +81,12 @@ pub struct PerCpu {
     pub bp_test_hook: AtomicU8,
     /// Self-test override: emulate calls the classic way even with shadow stacks on.
     pub force_classic: AtomicU8,
+    /// Inside the NMI handler.
+    pub in_nmi: AtomicBool,
+    /// A timer interrupt was pending when a window ended; the next tick is it.
+    pub irq_expect_after: AtomicBool,
+    /// Rotates the NMI injection point of the nmi_in_window test.
+    pub nmi_rotor: AtomicU64,
 }
 
 // SAFETY: each PerCpu is only touched by its own CPU; nested users (exception
@@ -93,13 +115,25 @@ const fn new_cpu(index: usize) -> PerCpu {
             classic_calls: AtomicU64::new(0),
             breakpoints: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
+            stale_int3: AtomicU64::new(0),
             stack_writes: AtomicU64::new(0),
             shadow_writes: AtomicU64::new(0),
             nmis: AtomicU64::new(0),
+            window_depth: AtomicU64::new(0),
+            irq_pending_at_exit: AtomicU64::new(0),
+            irq_delivered_after: AtomicU64::new(0),
+            irq_taken_in_window: AtomicU64::new(0),
+            timer_ticks: AtomicU64::new(0),
+            nmi_in_window: AtomicU64::new(0),
+            nmi_between_traps: AtomicU64::new(0),
+            nmi_nested: AtomicU64::new(0),
             last_second_trap_if: AtomicU64::new(0),
         },
         bp_test_hook: AtomicU8::new(0),
         force_classic: AtomicU8::new(0),
+        in_nmi: AtomicBool::new(false),
+        irq_expect_after: AtomicBool::new(false),
+        nmi_rotor: AtomicU64::new(0),
     }
 }
 

@@ -25,7 +25,7 @@ use crate::patching::{self, PatchStats, Step};
 use crate::percpu::this_cpu;
 use crate::{cet, check, mm, BootState};
 
-type SiteFn = unsafe extern "C" fn(u64) -> u64;
+pub(crate) type SiteFn = unsafe extern "C" fn(u64) -> u64;
 
 extern "C" {
     fn sc_call_checked(f: SiteFn, out: *mut [u64; 4], arg: u64) -> u64;
@@ -79,18 +79,18 @@ macro_rules! fnaddr {
 }
 
 /// RSP and SSP around one call.
-struct Call {
+pub(crate) struct Call {
     rsp: [u64; 2],
     ssp: [u64; 2],
 }
 
 impl Call {
-    fn balanced(&self) -> bool {
+    pub(crate) fn balanced(&self) -> bool {
         self.rsp[0] == self.rsp[1] && self.ssp[0] == self.ssp[1]
     }
 }
 
-fn call_checked(f: SiteFn, arg: u64) -> Call {
+pub(crate) fn call_checked(f: SiteFn, arg: u64) -> Call {
     let mut out = [0u64; 4];
     // SAFETY: the asm wrapper calls `f(arg)` and records the stack pointers.
     unsafe { sc_call_checked(f, &mut out, arg) };

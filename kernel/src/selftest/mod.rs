@@ -5,6 +5,7 @@
 
 pub mod cet_tests;
 pub mod emul_tests;
+pub mod smp_tests;
 
 use core::mem::offset_of;
 
@@ -134,6 +135,11 @@ const TESTS: &[(&str, TestFn)] = &[
     ("wrss_guard", emul_tests::wrss_guard),
     ("breakpoint_not_emulated", emul_tests::breakpoint_not_emulated),
     ("patch_bad_input", emul_tests::patch_bad_input),
+    ("smp_online", smp_tests::smp_online),
+    ("smp_sync", smp_tests::smp_sync),
+    ("smp_patch_stress", smp_tests::smp_patch_stress),
+    ("irq_in_window", smp_tests::irq_in_window),
+    ("nmi_in_window", smp_tests::nmi_in_window),
 ];
 
 /// Run every test and print the report. True when none failed.
@@ -143,7 +149,10 @@ pub fn run_all(st: &BootState) -> bool {
         let mut c = CONSOLE.lock();
         let _ = k.header(&mut *c, TESTS.len() as u32);
     }
-    let init = patching::init(st.strategy, st.features.serialize);
+    let init = patching::init(st.strategy, st.features.serialize, st.features.is_tcg());
+    if st.features.is_tcg() {
+        crate::diag!("QEMU TCG detected: each patching step is written twice (TCG cross-modifying-code workaround, DESIGN.md)");
+    }
     if let Err(e) = &init {
         crate::diag!("FAIL: trampoline emission: {e}");
     }

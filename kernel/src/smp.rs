@@ -1,0 +1,204 @@
+//! Finding and starting the other CPUs (ACPI MADT, INIT-SIPI-SIPI), and
+//! running work on them.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use shadowcall::acpi;
+
+use crate::apic::{self, Delivery};
+use crate::percpu::{self, this_cpu};
+use crate::{cet, cpu, interrupts, mm};
+
+/// Where the real-mode start-up code is copied (page 8: below 1 MiB, free).
+pub const AP_TRAMPOLINE: u64 = 0x8000;
+/// Vector of the IPI that wakes a CPU to look for work.
+pub const VEC_WAKE: u8 = 0xf0;
+/// Vector of the patcher's sync IPI.
+pub const VEC_SYNC: u8 = 0xf1;
+/// Vector of the local APIC timer.
+pub const VEC_TIMER: u8 = 0xf2;
+
+extern "C" {
+    static sc_ap_tramp_start: u8;
+    static sc_ap_tramp_end: u8;
+    static mut sc_ap_cr3: u64;
+    static mut sc_ap_stack: u64;
+    static mut sc_ap_index: u64;
+}
+
+/// What start-up found.
+#[derive(Default, Debug)]
+pub struct Topology {
+    /// APIC ids the firmware reports, boot CPU included.
+    pub reported: Vec<u32>,
+    pub source: &'static str,
+    pub errors: Vec<String>,
+}
+
+fn phys(addr: u64, len: usize) -> &'static [u8] {
+    // SAFETY: the first GiB is identity-mapped readable; callers pass
+    // firmware-table addresses below it.
+    unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
+}
+
+const LOW_GIB: u64 = 1 << 30;
+
+fn table(addr: u64) -> Option<&'static [u8]> {
+    if addr == 0 || addr + acpi::SDT_HEADER_LEN as u64 >= LOW_GIB {
+        return None;
+    }
+    let len = u32::from_le_bytes(phys(addr + 4, 4).try_into().ok()?) as usize;
+    (len >= acpi::SDT_HEADER_LEN && addr + (len as u64) < LOW_GIB).then(|| phys(addr, len))
+}
+
+/// The MADT, found through the RSDP (EBDA first KiB, then the BIOS area).
+fn find_madt(ebda: u64) -> Option<acpi::Madt> {
+    let regions = [(ebda, 1024usize), (0xe0000, 0x20000)];
+    let (_, root) = regions.iter().filter(|r| r.0 >= 0x1000).find_map(|&(base, len)| acpi::find_rsdp(phys(base, len), base))?;
+    let root_addr = match root {
+        acpi::Root::Rsdt(a) | acpi::Root::Xsdt(a) => a,
+    };
+    let entries = acpi::root_entries(table(root_addr)?, root)?;
+    entries.into_iter().filter_map(table).find_map(acpi::parse_madt)
+}
+
+/// Start every CPU the firmware reports (up to mm::MAX_CPUS).
+pub fn start_aps(ebda: u64, features: &cpu::Features) -> Topology {
+    let mut topo = Topology::default();
+    let bsp = apic::id();
+    this_cpu().apic_id.store(bsp, Ordering::Relaxed);
+    this_cpu().online.store(true, Ordering::Release);
+    let Some(madt) = find_madt(ebda) else {
+        topo.source = "none (no ACPI MADT): boot CPU only";
+        topo.reported.push(bsp);
+        return topo;
+    };
+    topo.source = "ACPI MADT";
+    topo.reported = madt.cpus.iter().filter(|c| c.enabled).map(|c| c.apic_id).collect();
+    if !topo.reported.contains(&bsp) {
+        topo.errors.push(alloc::format!("the boot CPU's APIC id {bsp} is not in the MADT"));
+    }
+    let aps: Vec<u32> = topo.reported.iter().copied().filter(|&id| id != bsp).collect();
+    if aps.len() + 1 > mm::MAX_CPUS {
+        topo.errors.push(alloc::format!("{} CPUs reported; this kernel runs at most {}", aps.len() + 1, mm::MAX_CPUS));
+    }
+    if aps.is_empty() {
+        return topo;
+    }
+    // The real-mode code, below 1 MiB (an ordinary data page: it runs with paging off).
+    // SAFETY: symbol addresses; the page at AP_TRAMPOLINE is free RAM mapped RW.
+    unsafe {
+        let s = core::ptr::addr_of!(sc_ap_tramp_start);
+        let len = core::ptr::addr_of!(sc_ap_tramp_end).offset_from(s) as usize;
+        core::ptr::copy_nonoverlapping(s, AP_TRAMPOLINE as *mut u8, len);
+        *core::ptr::addr_of_mut!(sc_ap_cr3) = x86_64::registers::control::Cr3::read().0.start_address().as_u64();
+    }
+    let _ = features;
+    for (i, &id) in aps.iter().take(mm::MAX_CPUS - 1).enumerate() {
+        let index = i + 1;
+        let c = percpu::cpu(index);
+        c.apic_id.store(id, Ordering::Relaxed);
+        // SAFETY: read by the AP we are about to start, which waits for nothing else.
+        unsafe {
+            *core::ptr::addr_of_mut!(sc_ap_stack) = mm::kernel_stack(index).hi;
+            *core::ptr::addr_of_mut!(sc_ap_index) = index as u64;
+        }
+        apic::send(id, Delivery::Init, 0);
+        delay(10_000);
+        for _ in 0..2 {
+            apic::send(id, Delivery::Startup, (AP_TRAMPOLINE >> 12) as u8);
+            delay(200);
+        }
+        let mut spins = 0u64;
+        while !c.online.load(Ordering::Acquire) && spins < 200_000_000 {
+            core::hint::spin_loop();
+            spins += 1;
+        }
+        if !c.online.load(Ordering::Acquire) {
+            topo.errors.push(alloc::format!("CPU {index} (APIC id {id}) did not come online"));
+        }
+    }
+    topo
+}
+
+/// Busy-wait about `us` microseconds (coarse; only the INIT/SIPI spacing needs it).
+fn delay(us: u64) {
+    for _ in 0..us * 20 {
+        core::hint::spin_loop();
+    }
+}
+
+/// Rust entry of an application processor (from asm/ap_boot.S).
+#[no_mangle]
+extern "C" fn ap_main(index: u64) -> ! {
+    let index = index as usize;
+    percpu::init_this(index);
+    interrupts::init(index);
+    apic::enable_local();
+    let st = crate::state();
+    if st.want_shstk {
+        cet::enable_and_continue(&st.features, index, ap_idle)
+    } else {
+        ap_idle()
+    }
+}
+
+/// An AP's life after start-up: run work handed to it, sleep otherwise.
+extern "C" fn ap_idle() -> ! {
+    let me = this_cpu();
+    me.online.store(true, Ordering::Release);
+    loop {
+        x86_64::instructions::interrupts::disable();
+        let work = me.work.swap(0, Ordering::Acquire);
+        if work != 0 {
+            x86_64::instructions::interrupts::enable();
+            // SAFETY: `run_on` stores a `fn(u64)` pointer.
+            let f: fn(u64) = unsafe { core::mem::transmute(work as usize) };
+            f(me.work_arg.load(Ordering::Relaxed));
+            me.work_done.fetch_add(1, Ordering::Release);
+        } else {
+            // STI; HLT: an interrupt between the check and the halt still wakes us.
+            x86_64::instructions::interrupts::enable_and_hlt();
+        }
+    }
+}
+
+/// Hand `f(arg)` to CPU `index`; returns the ticket to wait on.
+pub fn run_on(index: usize, f: fn(u64), arg: u64) -> u64 {
+    let c = percpu::cpu(index);
+    let ticket = c.work_done.load(Ordering::Acquire) + 1;
+    c.work_arg.store(arg, Ordering::Relaxed);
+    c.work.store(f as usize as u64, Ordering::Release);
+    apic::send(c.apic_id.load(Ordering::Relaxed), Delivery::Fixed, VEC_WAKE);
+    ticket
+}
+
+/// Wait until CPU `index` has finished the work of `ticket`.
+pub fn wait(index: usize, ticket: u64) {
+    while percpu::cpu(index).work_done.load(Ordering::Acquire) < ticket {
+        core::hint::spin_loop();
+    }
+}
+
+/// Sync IPIs sent (for diagnostics).
+pub static SYNC_IPIS: AtomicU64 = AtomicU64::new(0);
+
+/// Make every other online CPU execute a serializing instruction and wait
+/// until each has: an IPI whose handler ends in IRET (serializing) after
+/// counting. The caller serializes itself.
+pub fn sync_others() {
+    let me = this_cpu().index;
+    let mut targets: [(usize, u64); mm::MAX_CPUS] = [(usize::MAX, 0); mm::MAX_CPUS];
+    for c in percpu::online().filter(|c| c.index != me) {
+        targets[c.index] = (c.index, c.syncs.load(Ordering::Acquire));
+        apic::send(c.apic_id.load(Ordering::Relaxed), Delivery::Fixed, VEC_SYNC);
+        SYNC_IPIS.fetch_add(1, Ordering::Relaxed);
+    }
+    for &(index, before) in targets.iter().filter(|t| t.0 != usize::MAX) {
+        while percpu::cpu(index).syncs.load(Ordering::Acquire) == before {
+            core::hint::spin_loop();
+        }
+    }
+}
