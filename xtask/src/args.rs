@@ -140,6 +140,7 @@ pub fn parse_run(args: &[String]) -> Result<RunOptions, UsageError> {
     let mut words = Words::new(args);
     let (mut machine, mut smp, mut cet, mut emul, mut timeout) = (None, None, None, None, None);
     let (mut gdb, mut keep, mut append, mut kernel) = (false, false, Vec::new(), None);
+    let mut stress = false;
     while let Some((name, inline)) = words.next_option()? {
         match name {
             "--machine" => set_once(
@@ -169,6 +170,13 @@ pub fn parse_run(args: &[String]) -> Result<RunOptions, UsageError> {
                 no_value(name, inline)?;
                 keep = true;
             }
+            "--stress" => {
+                no_value(name, inline)?;
+                if stress {
+                    return usage_err("option `--stress` given more than once");
+                }
+                stress = true;
+            }
             _ => return usage_err(format!("unknown option `{name}` for `run`")),
         }
     }
@@ -182,7 +190,13 @@ pub fn parse_run(args: &[String]) -> Result<RunOptions, UsageError> {
     if gdb && timeout.is_some() {
         return usage_err("`--gdb` disables the timeout; do not combine it with `--timeout`");
     }
+    if stress && smp.unwrap_or(1) < 2 {
+        return usage_err(
+            "`--stress` needs at least two CPUs (one patches, the others call): add `--smp 2` or more",
+        );
+    }
     let mut opts = RunOptions::new(machine);
+    opts.stress = stress;
     opts.smp = smp.unwrap_or(1);
     opts.cet = cet.unwrap_or_default();
     opts.emul = emul;
@@ -294,10 +308,53 @@ mod tests {
         let o = parse_run(&[]).unwrap();
         assert_eq!(o.machine, Machine::Bochs);
         assert_eq!(
-            (o.smp, o.cet, o.emul, o.timeout, o.gdb, o.keep),
-            (1, Cet::Auto, None, None, false, false)
+            (o.smp, o.cet, o.emul, o.timeout, o.gdb, o.keep, o.stress),
+            (1, Cet::Auto, None, None, false, false, false)
         );
         assert!(o.append.is_empty());
+        assert_eq!(o.effective_timeout(), Some(Duration::from_secs(180)));
+        let o = parse_run(&v(&["--machine", "qemu"])).unwrap();
+        assert_eq!(o.effective_timeout(), Some(Duration::from_secs(60)));
+        let o = parse_run(&v(&["--machine", "qemu", "--smp", "4"])).unwrap();
+        assert_eq!(o.effective_timeout(), Some(Duration::from_secs(300)));
+        let o = parse_run(&v(&["--machine", "bochs", "--smp", "2"])).unwrap();
+        assert_eq!(o.effective_timeout(), Some(Duration::from_secs(180)));
+    }
+
+    #[test]
+    fn run_stress() {
+        let o = parse_run(&v(&["--machine", "qemu", "--smp", "4", "--stress"])).unwrap();
+        assert!(o.stress);
+        assert_eq!(o.words(), ["cet=auto", "expect_cet=0", "stress=1"]);
+        assert_eq!(o.effective_timeout(), Some(Duration::from_secs(1800)));
+        let o = parse_run(&v(&[
+            "--stress",
+            "--smp=2",
+            "--timeout",
+            "90",
+            "--append",
+            "x=1",
+        ]))
+        .unwrap();
+        assert_eq!(o.words(), ["cet=auto", "expect_cet=1", "x=1", "stress=1"]);
+        assert_eq!(o.effective_timeout(), Some(Duration::from_secs(90)));
+        // Given both ways, the word appears once.
+        let o = parse_run(&v(&["--stress", "--smp", "2", "--append", "stress=1"])).unwrap();
+        assert_eq!(o.words().iter().filter(|w| *w == "stress=1").count(), 1);
+        let o = parse_run(&v(&[
+            "--machine",
+            "qemu",
+            "--smp",
+            "2",
+            "--stress",
+            "--gdb",
+        ]))
+        .unwrap();
+        assert_eq!(o.effective_timeout(), None);
+        assert!(run_err(&["--stress"]).contains("needs at least two CPUs"));
+        assert!(run_err(&["--stress", "--smp", "1"]).contains("`--smp 2`"));
+        assert!(run_err(&["--stress=yes", "--smp", "2"]).contains("takes no value"));
+        assert!(run_err(&["--stress", "--stress", "--smp", "2"]).contains("more than once"));
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod machines;
 pub mod qemu;
 pub mod rundir;
 pub mod runner;
+pub mod smp;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -58,6 +58,16 @@ impl Machine {
         }
     }
 
+    /// The default timeout with `smp` CPUs: QEMU TCG runs the multi-CPU
+    /// tests (the patch stress above all) far slower, so 300 s from 2 CPUs.
+    pub fn default_timeout_for(self, smp: u32) -> Duration {
+        if !self.is_bochs() && smp > 1 {
+            Duration::from_secs(300)
+        } else {
+            self.default_timeout()
+        }
+    }
+
     /// The Bochs `cpu: model=` value.
     pub fn bochs_cpu_model(self) -> Option<&'static str> {
         match self {

@@ -29,9 +29,13 @@ const SUBCOMMANDS: &[Subcommand] = &[
         name: "run",
         synopsis: "run [--machine bochs|bochs-nocet|qemu|qemu-kvm] [--smp N] [--cet auto|on|off]\n\
                    \x20       [--emul trampoline|shadowgap|classic] [--append WORD]... [--timeout SECS]\n\
-                   \x20       [--gdb] [--keep] [--kernel ELF]\n\
+                   \x20       [--gdb] [--keep] [--kernel ELF] [--stress]\n\
                    \x20   Build the kernel, boot it (default machine: bochs) and check its KTAP report.\n\
-                   \x20   --kernel boots a prebuilt ELF instead of building kernel/.",
+                   \x20   --kernel boots a prebuilt ELF instead of building kernel/.\n\
+                   \x20   Default timeout: 180 s Bochs, 60 s QEMU (300 s with --smp 2 or more).\n\
+                   \x20   --stress (needs --smp 2 or more): the smp_patch_stress soak (`stress=1`: at least\n\
+                   \x20   10,000,000 calls and 100 rounds); timeout 1800 s unless --timeout; ends with a\n\
+                   \x20   `stress: ...` line (calls, patches, emulated, stale int3s, targets, lost/misrouted).",
         run: cmd_run,
     },
     Subcommand {

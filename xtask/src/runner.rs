@@ -10,7 +10,11 @@ use crate::ktap::Report;
 use crate::kvm::{self as kvmerr, KvmInternalError};
 use crate::machines::{kernel_words, Cet, Emul, Machine};
 use crate::rundir::RunDir;
+use crate::smp::{self, StressFigures};
 use crate::{bochs, elfcheck, install, kernel, qemu};
+
+/// The default timeout of a `--stress` run.
+pub const STRESS_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// Options of one run (`cargo xtask run ...`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +26,7 @@ pub struct RunOptions {
     pub emul: Option<Emul>,
     /// Extra kernel command line words.
     pub append: Vec<String>,
-    /// None: the machine's default (180 s Bochs, 60 s QEMU).
+    /// None: the default (see [`RunOptions::effective_timeout`]).
     pub timeout: Option<Duration>,
     /// QEMU only: wait for gdb on :1234; no timeout.
     pub gdb: bool,
@@ -32,6 +36,9 @@ pub struct RunOptions {
     pub kernel: Option<PathBuf>,
     /// Print the emulator's output lines as they arrive.
     pub echo: bool,
+    /// The soak: `stress=1` on the command line, a long default timeout,
+    /// and the `smp_patch_stress` figures required and summarised.
+    pub stress: bool,
 }
 
 impl RunOptions {
@@ -47,24 +54,33 @@ impl RunOptions {
             keep: false,
             kernel: None,
             echo: true,
+            stress: false,
         }
     }
 
     /// The kernel command line words of this run.
     pub fn words(&self) -> Vec<String> {
-        kernel_words(Some(self.machine), self.cet, self.emul, &self.append)
+        let mut words = kernel_words(Some(self.machine), self.cet, self.emul, &self.append);
+        if self.stress && !words.iter().any(|w| w == smp::STRESS_WORD) {
+            words.push(smp::STRESS_WORD.to_string());
+        }
+        words
     }
 
-    /// The timeout in force: none with --gdb.
+    /// The timeout in force: none with --gdb; else `timeout` if set; else
+    /// [`STRESS_TIMEOUT`] with `stress`; else the machine's default for
+    /// this CPU count ([`Machine::default_timeout_for`]).
     pub fn effective_timeout(&self) -> Option<Duration> {
         if self.gdb {
-            None
-        } else {
-            Some(
-                self.timeout
-                    .unwrap_or_else(|| self.machine.default_timeout()),
-            )
+            return None;
         }
+        Some(self.timeout.unwrap_or_else(|| {
+            if self.stress {
+                STRESS_TIMEOUT
+            } else {
+                self.machine.default_timeout_for(self.smp)
+            }
+        }))
     }
 }
 
@@ -93,6 +109,29 @@ pub struct RunOutcome {
 impl RunOutcome {
     pub fn summary_line(&self) -> String {
         self.report.summary_line()
+    }
+
+    /// The `smp_patch_stress` figures (see [`smp::stress_figures`]).
+    pub fn stress_figures(&self) -> Option<std::result::Result<StressFigures, String>> {
+        smp::stress_figures(&self.report)
+    }
+
+    /// The `stress: ...` line `--stress` prints at the end.
+    pub fn stress_summary(&self) -> String {
+        let wall = self
+            .boot_to_end
+            .map(|t| format!("; boot to end of report {:.1} s", t.as_secs_f64()))
+            .unwrap_or_default();
+        match self.stress_figures() {
+            Some(Ok(f)) => format!("stress: {f}{wall}"),
+            Some(Err(e)) => format!("stress: no figures: {e}"),
+            None => match smp::last_soak_progress(&self.report) {
+                Some((rounds, calls)) => format!(
+                    "stress: no final figures (smp_patch_stress did not finish); last progress: {rounds} rounds, {calls} calls"
+                ),
+                None => "stress: no smp_patch_stress figures in the report".to_string(),
+            },
+        }
     }
 
     /// The KTAP report and the verdict, for test failure messages.
@@ -227,6 +266,9 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
         ));
     }
     failures.extend(report_failures);
+    if opts.stress {
+        failures.extend(stress_problems(&streamed.report));
+    }
     if opts.machine.is_bochs() {
         let log = std::fs::read_to_string(dir.join(bochs::LOG)).unwrap_or_default();
         failures.extend(bochs::log_problems(&log));
@@ -255,6 +297,9 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
         boot_to_end: streamed.end_after,
     };
     print_verdict(&outcome);
+    if opts.stress {
+        println!("{}", outcome.stress_summary());
+    }
     if let Some(k) = &outcome.kvm_internal_error {
         // Straight to the stderr handle: a test harness capturing
         // `eprintln!` must not hide it.
@@ -262,6 +307,39 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
         let _ = std::io::stderr().write_all(k.banner().as_bytes());
     }
     Ok(outcome)
+}
+
+/// What makes a `--stress` run fail beyond the report's own verdict: no
+/// figures (the test skipped or never finished), or figures that do not add up.
+fn stress_problems(report: &crate::ktap::Report) -> Vec<String> {
+    let skipped = report
+        .result("smp_patch_stress")
+        .is_some_and(|r| matches!(r.status, crate::ktap::Status::Skip(_)));
+    match smp::stress_figures(report) {
+        None if skipped => {
+            vec!["--stress: smp_patch_stress was skipped (it needs at least two CPUs)".into()]
+        }
+        None => vec!["--stress: the report has no smp_patch_stress figures".into()],
+        Some(Err(e)) => vec![format!("--stress: {e}")],
+        Some(Ok(f)) => {
+            let mut v = Vec::new();
+            if f.lost_or_misrouted() != 0 {
+                v.push(format!(
+                    "--stress: {} calls made, targets counted {}: {} lost or misrouted",
+                    f.calls,
+                    f.counted,
+                    f.lost_or_misrouted()
+                ));
+            }
+            if !f.targets_add_up() {
+                v.push(format!(
+                    "--stress: the per-target counts {:?} do not add up to {}",
+                    f.per_target, f.counted
+                ));
+            }
+            v
+        }
+    }
 }
 
 fn print_verdict(outcome: &RunOutcome) {
