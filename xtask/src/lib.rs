@@ -46,7 +46,8 @@ pub fn test_everything() -> Result<()> {
     install::ensure_rust_target(&kernel::kernel_dir())?;
     println!("target present");
     banner(
-        "step 3/3: cargo test --workspace --no-fail-fast (host unit tests and the emulator matrix)",
+        "step 3/3: cargo test --workspace --no-fail-fast (host unit tests and the emulator matrix,\n\
+         SMP included: qemu --smp 4 and bochs --smp 2 print an `SMP ...` line each)",
     );
     let status = Command::new(kernel::cargo())
         .args(["test", "--workspace", "--no-fail-fast"])

@@ -261,8 +261,15 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
         let status = streamed
             .exit
             .map_or("unknown status".to_string(), |s| s.to_string());
+        // QEMU exits with status 0 when another process signals it.
+        let signalled = streamed
+            .stderr_tail
+            .iter()
+            .find(|l| l.contains("terminating on signal"))
+            .map(|l| format!("; it was stopped from outside: `{l}`"))
+            .unwrap_or_default();
         failures.push(format!(
-            "the emulator exited ({status}) before the report was complete"
+            "the emulator exited ({status}) before the report was complete{signalled}"
         ));
     }
     failures.extend(report_failures);
