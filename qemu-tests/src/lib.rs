@@ -154,3 +154,103 @@ pub fn assert_cmdline_rejected(outcome: &RunOutcome, needle: &str) {
         outcome.failures
     );
 }
+
+/// The kernel's SMP tests: each must be `ok` (not skipped) on a run with
+/// two CPUs or more.
+pub const SMP_TESTS: [&str; 5] = [
+    "smp_online",
+    "smp_sync",
+    "smp_patch_stress",
+    "irq_in_window",
+    "nmi_in_window",
+];
+
+/// The SMP checks of a run with `cpus` CPUs: the run passed with a
+/// diagnostic containing `path`; every test in [`SMP_TESTS`] is `ok`;
+/// exactly `cpus` `# CPU <i> APIC id <n> online` lines, for CPUs 0..cpus
+/// with distinct APIC ids; with `own_shadow_stacks`, none says "NOT ITS
+/// OWN" or "shadow stacks off"; the stress figures parse, with
+/// `cpus - 1` callers, calls == targets counted and emulated > 0.
+/// Returns a one-line summary for the test output.
+pub fn assert_smp(outcome: &RunOutcome, cpus: u32, path: &str, own_shadow_stacks: bool) -> String {
+    let ctx = || outcome.describe();
+    assert_passes_with_path(outcome, path);
+    for name in SMP_TESTS {
+        let status = outcome.report.result(name).map(|r| &r.status);
+        assert_eq!(
+            status,
+            Some(&Status::Ok),
+            "`{name}` must be ok (not skipped, not missing) with {cpus} CPUs:\n{}",
+            ctx()
+        );
+    }
+    let online = xtask::smp::cpus_online(&outcome.report);
+    let lines: Vec<&str> = online.iter().map(|c| c.line.as_str()).collect();
+    assert_eq!(
+        online.len(),
+        cpus as usize,
+        "expected exactly {cpus} `# CPU ... online` lines, got {lines:#?}\n{}",
+        ctx()
+    );
+    let mut indexes: Vec<u32> = online.iter().map(|c| c.index).collect();
+    indexes.sort_unstable();
+    assert_eq!(
+        indexes,
+        (0..cpus).collect::<Vec<_>>(),
+        "the CPU lines should number the CPUs 0..{cpus}: {lines:#?}"
+    );
+    let mut apic_ids: Vec<u32> = online.iter().map(|c| c.apic_id).collect();
+    apic_ids.sort_unstable();
+    apic_ids.dedup();
+    assert_eq!(apic_ids.len(), online.len(), "APIC ids repeat: {lines:#?}");
+    if own_shadow_stacks {
+        for c in &online {
+            assert!(
+                !c.not_its_own && !c.shadow_stacks_off,
+                "CPU {} is not on its own shadow stack: `{}`\n{}",
+                c.index,
+                c.line,
+                ctx()
+            );
+        }
+    }
+    let figures = match outcome.stress_figures() {
+        Some(Ok(f)) => f,
+        Some(Err(e)) => panic!("smp_patch_stress figures: {e}\n{}", ctx()),
+        None => panic!("no smp_patch_stress figures line:\n{}", ctx()),
+    };
+    assert_eq!(
+        figures.callers,
+        u64::from(cpus - 1),
+        "all CPUs but one should call: {figures}"
+    );
+    assert_eq!(
+        figures.calls,
+        figures.counted,
+        "calls made != targets counted: {figures}\n{}",
+        ctx()
+    );
+    assert!(figures.targets_add_up(), "per-target counts: {figures}");
+    assert!(
+        figures.emulated > 0,
+        "no call went through the emulation: {figures}"
+    );
+    let ids: Vec<String> = online.iter().map(|c| c.apic_id.to_string()).collect();
+    format!(
+        "{cpus} CPUs online (APIC ids {}){}; {} ok; stress: {figures}",
+        ids.join(", "),
+        if own_shadow_stacks {
+            ", each on its own shadow stack"
+        } else {
+            ""
+        },
+        SMP_TESTS.join(", ")
+    )
+}
+
+/// Prints `line` on the real stderr, so `cargo test` shows it even for a
+/// passing test (its `println!`/`eprintln!` capture would hide it).
+pub fn show(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}

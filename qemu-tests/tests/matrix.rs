@@ -1,11 +1,42 @@
 //! The emulator matrix: one test per configuration. Each boots the kernel
 //! (built once) in its own run directory and checks the KTAP verdict.
 
+use std::time::Duration;
+
 use qemu_tests::{
-    assert_classic_fails_with_cp, assert_cmdline_rejected, assert_passes_with_path, boot, options,
-    options_with,
+    assert_classic_fails_with_cp, assert_cmdline_rejected, assert_passes_with_path, assert_smp,
+    boot, options, options_with, show,
 };
 use xtask::{Cet, Emul, Machine};
+
+/// libtest starts tests in name order, two at a time on this machine: this
+/// module's name sorts first so that the longest boot (QEMU TCG, 4 CPUs)
+/// starts at once and the others run beside it instead of before it.
+mod a_long_first {
+    use super::*;
+
+    /// Every CPU online, the cross-CPU sync, patching while 3 CPUs call
+    /// the site, interrupts and NMIs in the emulation window.
+    #[test]
+    fn qemu_smp4() {
+        let mut opts = options(Machine::Qemu);
+        opts.smp = 4;
+        opts.timeout = Some(Duration::from_secs(300));
+        let outcome = boot(&opts);
+        let summary = assert_smp(&outcome, 4, "path=fallback", false);
+        show(&format!("SMP qemu --smp 4: {summary}"));
+    }
+}
+
+/// Two CPUs with CET: each on its own shadow stack.
+#[test]
+fn bochs_smp2() {
+    let mut opts = options(Machine::Bochs);
+    opts.smp = 2;
+    let outcome = boot(&opts);
+    let summary = assert_smp(&outcome, 2, "path=cet-", true);
+    show(&format!("SMP bochs --smp 2: {summary}"));
+}
 
 /// CET on, default strategy: the one-trap shadow gap.
 #[test]
