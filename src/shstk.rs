@@ -86,10 +86,10 @@ pub struct StackBounds {
 
 impl StackBounds {
     /// Do `n` aligned slots starting at `addr` lie inside?
+    #[inline]
     pub fn holds_slots(&self, addr: u64, n: u64) -> bool {
-        addr % SLOT == 0
-            && addr >= self.lo
-            && n.checked_mul(SLOT).and_then(|len| addr.checked_add(len)).is_some_and(|end| end <= self.hi)
+        // `hi - addr` cannot underflow once addr < hi; no sum can overflow.
+        addr % SLOT == 0 && addr >= self.lo && addr < self.hi && n <= (self.hi - addr) / SLOT
     }
 }
 

@@ -187,22 +187,34 @@ fn this() -> usize {
 /// The shadow stack of the running CPU that holds `addr`, if any (its
 /// primary stack is checked first: the #BP handler's common case). Stacks
 /// of other CPUs never qualify: a handler writes only to its own CPU's stacks.
+#[inline]
 pub fn shadow_stack_of(addr: u64) -> Option<StackBounds> {
-    let cpu = this();
-    let p = primary_shadow_stack(cpu);
+    let p = crate::percpu::this_cpu().shadow_stack();
     if addr >= p.lo && addr < p.hi {
         return Some(p);
     }
+    ist_shadow_stack_of(addr)
+}
+
+#[inline(never)]
+fn ist_shadow_stack_of(addr: u64) -> Option<StackBounds> {
+    let cpu = this();
     (1..=IST_COUNT).map(|i| ist_shadow_stack(cpu, i)).find(|b| addr >= b.lo && addr < b.hi)
 }
 
 /// The running CPU's normal stack holding `addr`, if any (kernel stack first).
+#[inline]
 pub fn normal_stack_of(addr: u64) -> Option<StackBounds> {
-    let cpu = this();
-    let k = kernel_stack(cpu);
+    let k = crate::percpu::this_cpu().kernel_stack();
     if addr >= k.lo && addr < k.hi {
         return Some(k);
     }
+    ist_stack_of(addr)
+}
+
+#[inline(never)]
+fn ist_stack_of(addr: u64) -> Option<StackBounds> {
+    let cpu = this();
     (1..=IST_COUNT).map(|i| ist_stack(cpu, i)).find(|b| addr >= b.lo && addr < b.hi)
 }
 

@@ -45,6 +45,9 @@ pub struct PatchStats {
 static REGISTRY: Once<Vec<u64>> = Once::new();
 static TRAMP: Once<TrampLayout> = Once::new();
 static STRATEGY: AtomicU8 = AtomicU8::new(0);
+/// What the #BP handler does for a CALL: STRATEGY, except that the shadow
+/// gap without shadow stacks is the classic emulation (nothing to push).
+static CALL_CODE: AtomicU8 = AtomicU8::new(0);
 /// The batch in flight (null outside a patch).
 static ACTIVE: AtomicPtr<Batch> = AtomicPtr::new(core::ptr::null_mut());
 static IN_FLIGHT: AtomicBool = AtomicBool::new(false);
@@ -67,19 +70,23 @@ extern "C" {
     static sc_tramp_page: u8;
 }
 
+const CODE_CLASSIC: u8 = 0;
+const CODE_TRAMPOLINE: u8 = 1;
+const CODE_SHADOW_GAP: u8 = 2;
+
 fn strategy_code(s: EmulStrategy) -> u8 {
     match s {
-        EmulStrategy::Classic => 0,
-        EmulStrategy::Trampoline => 1,
-        EmulStrategy::ShadowGap => 2,
+        EmulStrategy::Classic => CODE_CLASSIC,
+        EmulStrategy::Trampoline => CODE_TRAMPOLINE,
+        EmulStrategy::ShadowGap => CODE_SHADOW_GAP,
     }
 }
 
 /// The call-emulation strategy in force.
 pub fn strategy() -> EmulStrategy {
     match STRATEGY.load(Ordering::Relaxed) {
-        1 => EmulStrategy::Trampoline,
-        2 => EmulStrategy::ShadowGap,
+        CODE_TRAMPOLINE => EmulStrategy::Trampoline,
+        CODE_SHADOW_GAP => EmulStrategy::ShadowGap,
         _ => EmulStrategy::Classic,
     }
 }
@@ -87,6 +94,11 @@ pub fn strategy() -> EmulStrategy {
 /// Switch the call-emulation strategy (benchmarks compare them in one boot).
 pub fn set_strategy(s: EmulStrategy) {
     STRATEGY.store(strategy_code(s), Ordering::Relaxed);
+    let code = match s {
+        EmulStrategy::ShadowGap if !cet::active() => CODE_CLASSIC,
+        _ => strategy_code(s),
+    };
+    CALL_CODE.store(code, Ordering::Relaxed);
 }
 
 /// Sort the site registry, emit the trampoline into its text page, choose
@@ -94,7 +106,7 @@ pub fn set_strategy(s: EmulStrategy) {
 pub fn init(strategy: EmulStrategy, has_serialize: bool, tcg: bool) -> Result<(), tramp::TrampError> {
     HAS_SERIALIZE.store(has_serialize, Ordering::Relaxed);
     REWRITE_STEPS.store(tcg, Ordering::Relaxed);
-    STRATEGY.store(strategy_code(strategy), Ordering::Relaxed);
+    set_strategy(strategy);
     REGISTRY.call_once(|| {
         // SAFETY: the linker script brackets the .shadowcall_sites table with these symbols.
         let table = unsafe {
@@ -340,29 +352,33 @@ fn emulate(frame: &mut TrapFrame, e: &Entry) {
     let cpu = this_cpu();
     PerCpu::count(&cpu.counters.emulations);
     window_enter();
-    let via_trampoline = matches!(e.insn, NewInsn::Call(_))
-        && cpu.force_classic.load(Ordering::Relaxed) == 0
-        && strategy() == EmulStrategy::Trampoline;
-    emulate_insn(frame, e);
+    // The trampoline's window lasts until its second trap.
+    let window_open = emulate_insn(cpu, frame, e);
     nmi_point(NmiPoint::FirstTrapExit);
-    if !via_trampoline {
+    if !window_open {
         window_exit();
     }
 }
 
-fn emulate_insn(frame: &mut TrapFrame, e: &Entry) {
-    let cpu = this_cpu();
+/// Returns true when the emulation continues in the trampoline.
+#[inline(always)]
+fn emulate_insn(cpu: &PerCpu, frame: &mut TrapFrame, e: &Entry) -> bool {
     match e.insn {
         NewInsn::Call(target) => {
-            let forced = cpu.force_classic.load(Ordering::Relaxed) != 0;
-            match if forced { EmulStrategy::Classic } else { strategy() } {
-                EmulStrategy::Trampoline => emulate_call_trampoline(frame, e, target),
-                EmulStrategy::ShadowGap if cet::active() => emulate_call_shadow_gap(frame, e, target),
-                _ => {
-                    PerCpu::count(&cpu.counters.classic_calls);
-                    if push_normal(frame, e.ret_addr()) {
-                        set_ip(frame, target);
-                    }
+            let code = if cpu.force_classic.load(Ordering::Relaxed) != 0 {
+                CODE_CLASSIC
+            } else {
+                CALL_CODE.load(Ordering::Relaxed)
+            };
+            if code == CODE_SHADOW_GAP {
+                emulate_call_shadow_gap(cpu, frame, e, target);
+            } else if code == CODE_TRAMPOLINE {
+                emulate_call_trampoline(frame, e, target);
+                return true;
+            } else {
+                PerCpu::count(&cpu.counters.classic_calls);
+                if push_normal(cpu, frame, e.ret_addr()) {
+                    set_ip(frame, target);
                 }
             }
         }
@@ -370,6 +386,7 @@ fn emulate_insn(frame: &mut TrapFrame, e: &Entry) {
         NewInsn::Nop => set_ip(frame, e.ret_addr()),
         NewInsn::Ret => emulate_ret(frame),
     }
+    false
 }
 
 /// First trap of the trampoline path: remember the call, run the trampoline
@@ -391,20 +408,22 @@ fn emulate_call_trampoline(frame: &mut TrapFrame, e: &Entry, target: u64) {
 /// the entry stub's gap; the exit path (asm/entry.S `sc_shadow_gap_exit`)
 /// pushes it on the shadow stack by rebuilding the exception frame one slot
 /// lower. Checks here that the frame is where that rebuild expects it.
-fn emulate_call_shadow_gap(frame: &mut TrapFrame, e: &Entry, target: u64) {
+#[inline(always)]
+fn emulate_call_shadow_gap(cpu: &PerCpu, frame: &mut TrapFrame, e: &Entry, target: u64) {
     let f = ShadowFrame::at(frame.ssp);
-    // The rebuilt frame uses the slot below F, and the return address lands in F+16.
-    let room = mm::shadow_stack_of(f.base).is_some_and(|b| b.holds_slots(f.base - 8, ShadowFrame::SLOTS + 1));
+    // The rebuilt frame uses the slot below F, and the return address lands
+    // in F+16: F-8 .. F+24 must lie in one of this CPU's shadow stacks.
+    let room = own_shadow_slots(cpu, f.base.wrapping_sub(8), ShadowFrame::SLOTS + 1);
     let same_stack = cet::read_slot(f.prev_ssp_slot()) == f.above();
     let slots_ok = cet::read_slot(f.lip_slot()) == frame.rip && cet::read_slot(f.cs_slot()) == frame.cs;
     if !(room && same_stack && slots_ok) {
         return refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: f.base });
     }
-    if push_normal(frame, e.ret_addr()) {
-        PerCpu::count(&this_cpu().counters.shadow_gap_calls);
-        this_cpu().counters.shadow_writes.fetch_add(1, Ordering::Relaxed);
+    let ret = e.ret_addr();
+    if push_normal(cpu, frame, ret) {
+        PerCpu::count(&cpu.counters.shadow_gap_calls);
         frame.rip = target;
-        frame.shadow_push = e.ret_addr();
+        frame.shadow_push = ret;
     }
 }
 
@@ -416,7 +435,7 @@ fn second_trap(frame: &mut TrapFrame, t: &TrampLayout) {
     let verified = (|| -> Result<(PendingCall, Option<u64>), GuardError> {
         let p = cpu.lifo().top().ok_or(GuardError::NoPendingEmulation)?;
         let rsp = frame.rsp;
-        if !mm::normal_stack_of(rsp).is_some_and(|b| b.holds_slots(rsp, 2)) {
+        if !own_normal_slots(cpu, rsp, 2) {
             return Err(GuardError::SlotOutsideStack { stack: StackKind::Normal, addr: rsp });
         }
         // SAFETY: two slots inside a kernel stack (checked above).
@@ -426,11 +445,11 @@ fn second_trap(frame: &mut TrapFrame, t: &TrampLayout) {
             return Ok((p, None));
         }
         let f = ShadowFrame::at(frame.ssp);
-        if !mm::shadow_stack_of(f.base).is_some_and(|b| b.holds_slots(f.base, ShadowFrame::SLOTS)) {
+        if !own_shadow_slots(cpu, f.base, ShadowFrame::SLOTS) {
             return Err(GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: f.base });
         }
         let ssp = cet::read_slot(f.prev_ssp_slot());
-        if !mm::shadow_stack_of(ssp).is_some_and(|b| b.holds_slots(ssp, 2)) {
+        if !own_shadow_slots(cpu, ssp, 2) {
             return Err(GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: ssp });
         }
         check_tramp_slots(t, StackKind::Shadow, [cet::read_slot(ssp), cet::read_slot(ssp + 8)])?;
@@ -476,16 +495,30 @@ fn refuse(frame: &mut TrapFrame, e: GuardError) {
 
 /// Emulate `push ret` on the interrupted stack (the entry stub's gap makes
 /// room). Returns false (after refusing) if the slot is not ours to write.
-fn push_normal(frame: &mut TrapFrame, ret: u64) -> bool {
-    let slot = frame.rsp - 8;
+/// Are `n` slots at `addr` inside one of this CPU's normal stacks? (Its
+/// kernel stack first, from the per-CPU cache: the common case.)
+#[inline(always)]
+fn own_normal_slots(cpu: &PerCpu, addr: u64, n: u64) -> bool {
+    cpu.kernel_stack().holds_slots(addr, n) || mm::normal_stack_of(addr).is_some_and(|b| b.holds_slots(addr, n))
+}
+
+/// Are `n` slots at `addr` inside one of this CPU's shadow stacks?
+#[inline(always)]
+fn own_shadow_slots(cpu: &PerCpu, addr: u64, n: u64) -> bool {
+    cpu.shadow_stack().holds_slots(addr, n) || mm::shadow_stack_of(addr).is_some_and(|b| b.holds_slots(addr, n))
+}
+
+#[inline(always)]
+fn push_normal(cpu: &PerCpu, frame: &mut TrapFrame, ret: u64) -> bool {
+    let slot = frame.rsp.wrapping_sub(8);
     let frame_end = frame as *const TrapFrame as u64 + core::mem::size_of::<TrapFrame>() as u64;
-    if !mm::normal_stack_of(slot).is_some_and(|b| b.holds_slots(slot, 1)) || slot < frame_end {
+    if !own_normal_slots(cpu, slot, 1) || slot < frame_end {
         refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Normal, addr: slot });
         return false;
     }
     // SAFETY: a slot of the interrupted kernel stack above our own frame.
     unsafe { (slot as *mut u64).write_volatile(ret) };
-    PerCpu::count(&this_cpu().counters.stack_writes);
+    PerCpu::count(&cpu.counters.stack_writes);
     frame.rsp = slot;
     true
 }

@@ -64,6 +64,9 @@ pub struct PerCpu {
     self_ptr: AtomicU64,
     pub index: usize,
     pub apic_id: AtomicU32,
+    /// This CPU's kernel stack and shadow stack (cached for the #BP handler).
+    pub kstack: [AtomicU64; 2],
+    pub shstk: [AtomicU64; 2],
     pub online: AtomicBool,
     /// Sync IPIs this CPU handled (each ends in a serializing IRET).
     pub syncs: AtomicU64,
@@ -98,6 +101,8 @@ const fn new_cpu(index: usize) -> PerCpu {
         self_ptr: AtomicU64::new(0),
         index,
         apic_id: AtomicU32::new(0),
+        kstack: [AtomicU64::new(0), AtomicU64::new(0)],
+        shstk: [AtomicU64::new(0), AtomicU64::new(0)],
         online: AtomicBool::new(false),
         syncs: AtomicU64::new(0),
         bp_active: AtomicU64::new(0),
@@ -153,6 +158,10 @@ pub fn init_this(index: usize) {
     let c = &CPUS[index];
     let addr = c as *const PerCpu as u64;
     c.self_ptr.store(addr, Ordering::Relaxed);
+    let (k, s) = (crate::mm::kernel_stack(index), crate::mm::primary_shadow_stack(index));
+    for (slot, v) in c.kstack.iter().zip([k.lo, k.hi]).chain(c.shstk.iter().zip([s.lo, s.hi])) {
+        slot.store(v, Ordering::Relaxed);
+    }
     GsBase::write(VirtAddr::new(addr));
 }
 
@@ -176,6 +185,15 @@ pub fn online() -> impl Iterator<Item = &'static PerCpu> {
 }
 
 impl PerCpu {
+    #[inline]
+    pub fn kernel_stack(&self) -> shadowcall::shstk::StackBounds {
+        shadowcall::shstk::StackBounds { lo: self.kstack[0].load(Ordering::Relaxed), hi: self.kstack[1].load(Ordering::Relaxed) }
+    }
+    #[inline]
+    pub fn shadow_stack(&self) -> shadowcall::shstk::StackBounds {
+        shadowcall::shstk::StackBounds { lo: self.shstk[0].load(Ordering::Relaxed), hi: self.shstk[1].load(Ordering::Relaxed) }
+    }
+
     /// The emulation LIFO. Only this CPU uses it, with interrupts off or from
     /// an exception handler.
     #[allow(clippy::mut_from_ref)]
