@@ -46,29 +46,11 @@ sc_ap_tramp_end:
 .section .text.boot, "ax"
 .code32
 sc_ap_start32:
-    movl %cr4, %eax
-    orl $CR4_PAE, %eax
-    movl %eax, %cr4
     movl sc_ap_cr3, %eax
-    movl %eax, %cr3
-    movl $MSR_EFER, %ecx
-    rdmsr
-    orl $(EFER_LME | EFER_NXE), %eax
-    wrmsr
-    movl %cr0, %eax
-    orl $(CR0_PE | CR0_WP | CR0_PG), %eax
-    movl %eax, %cr0
-    lgdt boot_gdt_ptr
-    ljmp $BOOT_CS, $sc_ap_start64
+    ENTER_LONG_MODE sc_ap_start64
 .code64
 sc_ap_start64:
-    movw $BOOT_DS, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    xorl %eax, %eax
-    movw %ax, %fs
-    movw %ax, %gs
+    LOAD_DATA_SEGMENTS
     movq sc_ap_stack(%rip), %rsp
     movq sc_ap_index(%rip), %rdi
     xorl %ebp, %ebp

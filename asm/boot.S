@@ -21,6 +21,35 @@
 .set BOOT_CS, 0x08
 .set BOOT_DS, 0x10
 
+/* 32-bit protected mode (paging off) -> long mode with the page tables
+ * whose address is in %eax, then a far jump to the 64-bit `target`. */
+.macro ENTER_LONG_MODE target
+    movl %eax, %cr3
+    movl %cr4, %eax
+    orl $CR4_PAE, %eax
+    movl %eax, %cr4
+    movl $MSR_EFER, %ecx
+    rdmsr
+    orl $(EFER_LME | EFER_NXE), %eax
+    wrmsr
+    movl %cr0, %eax
+    orl $(CR0_PE | CR0_WP | CR0_PG), %eax
+    movl %eax, %cr0
+    lgdt boot_gdt_ptr
+    ljmp $BOOT_CS, $\target
+.endm
+
+/* First thing in 64-bit mode: flat data segments, FS = GS = 0. */
+.macro LOAD_DATA_SEGMENTS
+    movw $BOOT_DS, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    xorl %eax, %eax
+    movw %ax, %fs
+    movw %ax, %gs
+.endm
+
 .section .multiboot, "a"
 .align 4
 mb_header:
@@ -59,30 +88,12 @@ _start32:
     cmpl $512, %ecx
     jb 1b
 
-    movl %cr4, %eax
-    orl $CR4_PAE, %eax
-    movl %eax, %cr4
     movl $boot_pml4, %eax
-    movl %eax, %cr3
-    movl $MSR_EFER, %ecx
-    rdmsr
-    orl $(EFER_LME | EFER_NXE), %eax
-    wrmsr
-    movl %cr0, %eax
-    orl $(CR0_PE | CR0_WP | CR0_PG), %eax
-    movl %eax, %cr0
-    lgdt boot_gdt_ptr
-    ljmp $BOOT_CS, $start64
+    ENTER_LONG_MODE start64
 
 .code64
 start64:
-    movw $BOOT_DS, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    xorl %eax, %eax
-    movw %ax, %fs
-    movw %ax, %gs
+    LOAD_DATA_SEGMENTS
     /* The upper halves are undefined after the mode switch. */
     movl %edi, %edi
     movl %esi, %esi

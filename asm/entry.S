@@ -9,6 +9,28 @@
  * sc_isr_common, which saves the registers, records the SSP and calls
  * sc_exception_dispatch(&mut TrapFrame). */
 
+/* Restore the registers saved by sc_isr_common and return from the exception. */
+.macro ISR_EXIT
+    addq $16, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rbp
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rbx
+    popq %rax
+    addq $16, %rsp                  /* TrapFrame.vector, .error_code */
+    iretq
+.endm
+
 .macro ISR_NOERR vec
 sc_isr_\vec:
     pushq $0
@@ -112,24 +134,7 @@ sc_isr_common:
     cmpq $0, 8(%rsp)
     jne sc_shadow_gap_exit
 sc_isr_exit:
-    addq $16, %rsp
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rbp
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
-    popq %rbx
-    popq %rax
-    addq $16, %rsp                  /* vector, error code */
-    iretq
+    ISR_EXIT
 
 /* Shadow-gap exit: the #BP handler emulated a call and left its return
  * address in TrapFrame.shadow_push (it checked that the CPU's shadow frame
@@ -155,24 +160,7 @@ sc_shadow_gap_exit:
     movq 8(%rsp), %rcx
     wrssq %rcx, 16(%rax)
     /* The common exit, repeated here to spare a jump on the hot path. */
-    addq $16, %rsp
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rbp
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
-    popq %rbx
-    popq %rax
-    addq $16, %rsp
-    iretq
+    ISR_EXIT
 
 /* Stub addresses for the IDT, indexed by vector (0 = no stub). */
 .section .rodata
