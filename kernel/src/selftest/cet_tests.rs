@@ -280,6 +280,29 @@ pub fn ist_shstk(st: &BootState) -> Outcome<'static> {
     Outcome::Pass
 }
 
+/// The page below each of this CPU's stacks is unmapped: running off a stack
+/// faults instead of corrupting its neighbour.
+pub fn guard_pages(_st: &BootState) -> Outcome<'static> {
+    let cpu = this_cpu().index;
+    let probes = [
+        ("kernel stack", mm::kernel_stack(cpu).lo - 8),
+        ("shadow stack", mm::primary_shadow_stack(cpu).lo - 8),
+        ("NMI IST stack", mm::ist_stack(cpu, crate::interrupts::IST_NMI).lo - 8),
+        ("NMI IST shadow stack", mm::ist_shadow_stack(cpu, crate::interrupts::IST_NMI).lo - 8),
+    ];
+    for (name, addr) in probes {
+        // SAFETY: a deliberate read of an unmapped guard page; the #PF is caught.
+        let r = try_run(|| unsafe { (addr as *const u64).read_volatile() });
+        let Err(f) = r else {
+            diag!("FAIL: the guard page below the {name} is readable ({addr:#x})");
+            return Outcome::Fail;
+        };
+        check!(f.vector == VEC_PF && f.error_code & PF_PRESENT == 0 && f.cr2 == addr, "{name} guard: expected a not-present #PF at {addr:#x}, got {f}");
+        diag!("guard page below the {name}: {f}");
+    }
+    Outcome::Pass
+}
+
 pub fn no_ro_dirty_leaf(_st: &BootState) -> Outcome<'static> {
     let (mut leaves, mut shadow_pages, mut bad, mut wx, mut text_bad) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let (ts, te) = mm::text_range();

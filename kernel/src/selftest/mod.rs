@@ -120,6 +120,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("wrss_plain_pf", cet_tests::wrss_plain_pf),
     ("ist_shstk", cet_tests::ist_shstk),
     ("no_ro_dirty_leaf", cet_tests::no_ro_dirty_leaf),
+    ("guard_pages", cet_tests::guard_pages),
     ("trampoline_disp_nonzero", emul_tests::trampoline_disp_nonzero),
     ("zero_disp_call_shadow", emul_tests::zero_disp_call_shadow),
     ("emul_call", emul_tests::emul_call),
