@@ -129,6 +129,9 @@ static WORKER_FAULTS: AtomicU64 = AtomicU64::new(0);
 
 fn stress_worker(_: u64) {
     let me = this_cpu().index;
+    // Each calling CPU runs its local APIC timer meanwhile: interrupts land
+    // around (and become pending inside) the emulation windows.
+    apic::timer(smp::VEC_TIMER, STRESS_TIMER_COUNT);
     let r = crate::interrupts::try_run(|| {
         let (mut calls, mut bad) = (0u64, 0u64);
         while !STOP.load(Ordering::Relaxed) {
@@ -143,11 +146,15 @@ fn stress_worker(_: u64) {
         UNBALANCED[me].store(bad, Ordering::SeqCst);
         0
     });
+    apic::timer(smp::VEC_TIMER, 0);
     if let Err(f) = r {
         WORKER_FAULTS.fetch_add(1, Ordering::SeqCst);
         diag!("FAIL: CPU {me}: fault in the stress loop: {f}");
     }
 }
+
+/// Timer period on the calling CPUs during the stress test.
+const STRESS_TIMER_COUNT: u32 = 20_000;
 
 pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
     let me = this_cpu().index;
@@ -166,6 +173,9 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
         UNBALANCED[w].store(0, Ordering::SeqCst);
     }
     let faults0 = WORKER_FAULTS.load(Ordering::SeqCst);
+    let (ticks0, pend0, deliv0) =
+        (sum(|c| &c.counters.timer_ticks), sum(|c| &c.counters.irq_pending_at_exit), sum(|c| &c.counters.irq_delivered_after));
+    patching::WATCH_IRQ.store(true, Ordering::SeqCst);
     let refusals0 = sum(|c| &c.counters.refusals);
     let bps0 = sum(|c| &c.counters.breakpoints);
     let em_total0 = sum(|c| &c.counters.emulations);
@@ -206,6 +216,17 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
     STOP.store(true, Ordering::SeqCst);
     for &(w, tk) in &tickets {
         smp::wait(w, tk);
+    }
+    patching::WATCH_IRQ.store(false, Ordering::SeqCst);
+    let (ticks, pend, deliv) = (
+        sum(|c| &c.counters.timer_ticks) - ticks0,
+        sum(|c| &c.counters.irq_pending_at_exit) - pend0,
+        sum(|c| &c.counters.irq_delivered_after) - deliv0,
+    );
+    diag!("timer on the calling CPUs: {ticks} interrupts, {pend} pending at a window's end, {deliv} of those delivered right after it");
+    // A CPU may stop with one flagged tick still to come; anything more is a loss.
+    if pend.saturating_sub(deliv) > workers.len() as u64 {
+        errors.push(format!("{} timer interrupts pending at a window's end were not delivered after it", pend - deliv));
     }
     let calls: u64 = workers.iter().map(|&w| CALLS[w].load(Ordering::SeqCst)).sum();
     let unbalanced: u64 = workers.iter().map(|&w| UNBALANCED[w].load(Ordering::SeqCst)).sum();
