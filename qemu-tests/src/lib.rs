@@ -7,7 +7,7 @@
 //! kernel/ (for testing the runner itself against a stand-in kernel).
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 
 use xtask::ktap::Status;
 use xtask::{Cet, Emul, Machine, RunOptions, RunOutcome};
@@ -104,12 +104,39 @@ pub fn assert_classic_fails_with_cp(outcome: &RunOutcome) {
     }
 }
 
-/// Boots once; a run that could not even start (missing tool...) panics.
-pub fn boot(opts: &RunOptions) -> RunOutcome {
+/// Held shared by every boot, exclusively by a boot that must have the
+/// host to itself (see [`boot_needing_host_cpus`]).
+static HOST: RwLock<()> = RwLock::new(());
+
+fn run_or_panic(opts: &RunOptions) -> RunOutcome {
     match xtask::run(opts) {
         Ok(outcome) => outcome,
         Err(e) => panic!("could not run {}: {e}", opts.machine.name()),
     }
+}
+
+/// Boots once; a run that could not even start (missing tool...) panics.
+pub fn boot(opts: &RunOptions) -> RunOutcome {
+    let _shared = HOST.read().unwrap_or_else(|e| e.into_inner());
+    run_or_panic(opts)
+}
+
+/// Boots once, alone on the host when it has fewer than `cpus` CPUs: the
+/// other boots wait. QEMU TCG gives each guest CPU a host thread, and
+/// `smp_patch_stress` with 4 guest CPUs sharing 2 host CPUs with another
+/// emulator ran past 300 s (82 s alone).
+pub fn boot_needing_host_cpus(opts: &RunOptions, cpus: usize) -> RunOutcome {
+    let host = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if host >= cpus {
+        return boot(opts);
+    }
+    let _alone = HOST.write().unwrap_or_else(|e| e.into_inner());
+    show(&format!(
+        "note: {} --smp {} runs alone: this host has {host} CPUs, it needs {cpus}",
+        opts.machine.name(),
+        opts.smp
+    ));
+    run_or_panic(opts)
 }
 
 /// Asserts the run passed and printed a diagnostic containing `path`.

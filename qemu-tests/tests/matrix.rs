@@ -5,13 +5,15 @@ use std::time::Duration;
 
 use qemu_tests::{
     assert_classic_fails_with_cp, assert_cmdline_rejected, assert_passes_with_path, assert_smp,
-    boot, options, options_with, show,
+    boot, boot_needing_host_cpus, options, options_with, show,
 };
 use xtask::{Cet, Emul, Machine};
 
-/// libtest starts tests in name order, two at a time on this machine: this
+/// libtest starts tests in name order, two at a time on a 2-CPU host: this
 /// module's name sorts first so that the longest boot (QEMU TCG, 4 CPUs)
-/// starts at once and the others run beside it instead of before it.
+/// starts at once instead of after the others. On a host with fewer than 4
+/// CPUs it runs alone (the others wait; see `boot_needing_host_cpus`),
+/// elsewhere beside them.
 mod a_long_first {
     use super::*;
 
@@ -22,7 +24,7 @@ mod a_long_first {
         let mut opts = options(Machine::Qemu);
         opts.smp = 4;
         opts.timeout = Some(Duration::from_secs(300));
-        let outcome = boot(&opts);
+        let outcome = boot_needing_host_cpus(&opts, 4);
         let summary = assert_smp(&outcome, 4, "path=fallback", false);
         show(&format!("SMP qemu --smp 4: {summary}"));
     }
