@@ -14,7 +14,7 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, Ordering};
 use shadowcall::cmdline::EmulStrategy;
 use shadowcall::emul::{check_tramp_slots, GuardError, PendingCall, StackKind};
 use shadowcall::frame::{TrapFrame, RFLAGS_IF};
-use shadowcall::patch::{build_batch, Batch, Entry, NewInsn, PatchError, INT3};
+use shadowcall::patch::{build_batch, classify, Batch, Entry, NewInsn, PatchError, SiteKind, INT3, SITE_LEN};
 use shadowcall::shstk::ShadowFrame;
 use shadowcall::tramp::{self, TrampLayout};
 use spin::Once;
@@ -272,11 +272,22 @@ pub fn handle_bp(frame: &mut TrapFrame) {
     let now = unsafe { (addr as *const u8).read_volatile() };
     if now != INT3 && registry().binary_search(&addr).is_ok() {
         // A stale int3: this CPU executed the int3 of a batch that has
-        // since been completed (the site holds its new instruction). Run
-        // that instruction: resume at the site.
+        // since been completed (the site holds its new instruction, which
+        // no batch is changing: a site being patched is in ACTIVE). Emulate
+        // that instruction, as decoded from text now, rather than resume at
+        // the site: a CPU (an emulator) that still sees the stale int3 would
+        // only trap again.
         PerCpu::count(&this_cpu().counters.stale_int3);
-        set_ip(frame, addr);
-        return;
+        // SAFETY: a registered site: 5 bytes of mapped, readable text.
+        let bytes: [u8; SITE_LEN] = unsafe { (addr as *const [u8; SITE_LEN]).read_volatile() };
+        let insn = match classify(&bytes, addr) {
+            Ok(SiteKind::Call(t)) => NewInsn::Call(t),
+            Ok(SiteKind::Jmp(t)) => NewInsn::Jmp(t),
+            Ok(SiteKind::Nop) => NewInsn::Nop,
+            Ok(SiteKind::Ret) => NewInsn::Ret,
+            Err(_) => return set_ip(frame, addr),
+        };
+        return emulate(frame, &Entry { site: addr, insn, bytes });
     }
     PerCpu::count(&this_cpu().counters.breakpoints);
     crate::diag!("breakpoint at {addr:#x}: not a site of a patch in flight; not emulated");

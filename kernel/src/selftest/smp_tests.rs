@@ -213,7 +213,7 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
         min_em = min_em.min(em);
         max_em = max_em.max(em);
         rounds += 1;
-        if soak && rounds % 1000 == 0 {
+        if soak && rounds % 10 == 0 {
             diag!("soak: {rounds} rounds, {} calls", total_calls());
         }
     }
