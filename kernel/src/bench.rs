@@ -74,14 +74,6 @@ fn emit(name: &str, strategy: Option<EmulStrategy>, extra: &[(&str, u64)], per_o
     crate::diag!("bench {s}");
 }
 
-/// The strategies that work on this machine (classic needs shadow stacks off).
-fn strategies() -> Vec<EmulStrategy> {
-    if cet::active() {
-        alloc::vec![EmulStrategy::Trampoline, EmulStrategy::ShadowGap]
-    } else {
-        alloc::vec![EmulStrategy::Classic, EmulStrategy::Trampoline]
-    }
-}
 
 pub fn run_all(st: &BootState, tsc_tests_end: u64) {
     crate::diag!("bench: start (unit: TSC ticks; instructions on Bochs with clock sync=none)");
@@ -103,7 +95,7 @@ pub fn run_all(st: &BootState, tsc_tests_end: u64) {
         if step != Step::Int3Written {
             return;
         }
-        for s in strategies() {
+        for s in patching::strategies_here() {
             patching::set_strategy(s);
             for k in &kinds {
                 results.push((k.0, s, measure(k.2, ITERS)));

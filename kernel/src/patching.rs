@@ -91,6 +91,16 @@ pub fn strategy() -> EmulStrategy {
     }
 }
 
+/// The strategies that work with this CPU's shadow-stack setting (classic
+/// needs shadow stacks off; the shadow gap without them is classic).
+pub fn strategies_here() -> alloc::vec::Vec<EmulStrategy> {
+    if cet::active() {
+        alloc::vec![EmulStrategy::Trampoline, EmulStrategy::ShadowGap]
+    } else {
+        alloc::vec![EmulStrategy::Classic, EmulStrategy::Trampoline]
+    }
+}
+
 /// Switch the call-emulation strategy (benchmarks compare them in one boot).
 pub fn set_strategy(s: EmulStrategy) {
     STRATEGY.store(strategy_code(s), Ordering::Relaxed);
@@ -268,6 +278,17 @@ pub fn handle_bp(frame: &mut TrapFrame) {
     if test_hook(frame, addr) {
         return;
     }
+    if stale_int3(frame, addr) {
+        return;
+    }
+    PerCpu::count(&this_cpu().counters.breakpoints);
+    crate::diag!("breakpoint at {addr:#x}: not a site of a patch in flight; not emulated");
+}
+
+/// An int3 at a registered site that no longer holds one: see below.
+#[cold]
+#[inline(never)]
+fn stale_int3(frame: &mut TrapFrame, addr: u64) -> bool {
     // SAFETY: addr is the int3 the CPU just executed: mapped, readable text.
     let now = unsafe { (addr as *const u8).read_volatile() };
     if now != INT3 && registry().binary_search(&addr).is_ok() {
@@ -285,12 +306,15 @@ pub fn handle_bp(frame: &mut TrapFrame) {
             Ok(SiteKind::Jmp(t)) => NewInsn::Jmp(t),
             Ok(SiteKind::Nop) => NewInsn::Nop,
             Ok(SiteKind::Ret) => NewInsn::Ret,
-            Err(_) => return set_ip(frame, addr),
+            Err(_) => {
+                set_ip(frame, addr);
+                return true;
+            }
         };
-        return emulate(frame, &Entry { site: addr, insn, bytes });
+        emulate(frame, &Entry { site: addr, insn, bytes });
+        return true;
     }
-    PerCpu::count(&this_cpu().counters.breakpoints);
-    crate::diag!("breakpoint at {addr:#x}: not a site of a patch in flight; not emulated");
+    false
 }
 
 fn test_hook(frame: &mut TrapFrame, addr: u64) -> bool {
@@ -359,6 +383,7 @@ fn window_exit() {
 }
 
 /// Emulate `e`'s new instruction for the CPU that trapped on its int3.
+#[inline(always)]
 fn emulate(frame: &mut TrapFrame, e: &Entry) {
     let cpu = this_cpu();
     PerCpu::count(&cpu.counters.emulations);

@@ -198,15 +198,7 @@ fn patch_checked(
 }
 
 fn report<T>(r: Result<T, Vec<String>>) -> Outcome<'static> {
-    match r {
-        Ok(_) => Outcome::Pass,
-        Err(es) => {
-            for e in es {
-                diag!("FAIL: {e}");
-            }
-            Outcome::Fail
-        }
-    }
+    super::outcome_of(r.err().as_deref().unwrap_or(&[]))
 }
 
 /// One site, one new instruction: in the window and after, then restore `call target_a`.

@@ -94,6 +94,18 @@ pub fn tlog_reset() {
     unsafe { core::ptr::addr_of_mut!(SC_TLOG).write_volatile(TargetLog::default()) }
 }
 
+/// A test's outcome from the failures it collected (each printed as a diagnostic).
+pub fn outcome_of(errors: &[alloc::string::String]) -> Outcome<'static> {
+    for e in errors {
+        crate::diag!("FAIL: {e}");
+    }
+    if errors.is_empty() {
+        Outcome::Pass
+    } else {
+        Outcome::Fail
+    }
+}
+
 /// Fail the current test with a diagnostic unless `cond` holds.
 #[macro_export]
 macro_rules! check {

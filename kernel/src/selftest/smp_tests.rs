@@ -7,7 +7,6 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use shadowcall::cmdline::EmulStrategy;
 use shadowcall::frame::TrapFrame;
 use shadowcall::ktap::Outcome;
 use shadowcall::patch::NewInsn;
@@ -260,14 +259,7 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
     if !restore_site() {
         errors.push(String::from("could not restore the site"));
     }
-    for e in &errors {
-        diag!("FAIL: {e}");
-    }
-    if errors.is_empty() {
-        Outcome::Pass
-    } else {
-        Outcome::Fail
-    }
+    super::outcome_of(&errors)
 }
 
 // ---- irq_in_window ----------------------------------------------------------
@@ -299,7 +291,7 @@ pub fn irq_in_window(_st: &BootState) -> Outcome<'static> {
         (get(&counters.irq_pending_at_exit), get(&counters.irq_delivered_after), get(&counters.irq_taken_in_window), get(&counters.timer_ticks));
     let mut errors: Vec<String> = Vec::new();
     let (mut emulated, mut calls) = (0, 0);
-    let strategies = strategies_here();
+    let strategies = patching::strategies_here();
     for s in strategies.iter().copied() {
         patching::set_strategy(s);
         let r = patching::patch(&[(site(), NewInsn::Call(targets()[1]))], |step| {
@@ -357,24 +349,9 @@ pub fn irq_in_window(_st: &BootState) -> Outcome<'static> {
     if !restore_site() {
         errors.push(String::from("could not restore the site"));
     }
-    for e in &errors {
-        diag!("FAIL: {e}");
-    }
-    if errors.is_empty() {
-        Outcome::Pass
-    } else {
-        Outcome::Fail
-    }
+    super::outcome_of(&errors)
 }
 
-/// The strategies that work with this CPU's shadow-stack setting.
-fn strategies_here() -> Vec<EmulStrategy> {
-    if cet::active() {
-        alloc::vec![EmulStrategy::Trampoline, EmulStrategy::ShadowGap]
-    } else {
-        alloc::vec![EmulStrategy::Classic, EmulStrategy::Trampoline]
-    }
-}
 
 // ---- nmi_in_window ----------------------------------------------------------
 
@@ -417,7 +394,7 @@ pub fn nmi_in_window(_st: &BootState) -> Outcome<'static> {
     let mut errors: Vec<String> = Vec::new();
     let mut calls = 0u64;
     let nmi_site = core::ptr::addr_of!(sc_s_nmi_site) as u64;
-    let strategies = strategies_here();
+    let strategies = patching::strategies_here();
     for s in strategies.iter().copied() {
         patching::set_strategy(s);
         let batch = [(site(), NewInsn::Call(t[1])), (nmi_site, NewInsn::Call(t[2]))];
@@ -465,12 +442,5 @@ pub fn nmi_in_window(_st: &BootState) -> Outcome<'static> {
     if NMI_UNBALANCED.load(Ordering::SeqCst) != unb0 {
         errors.push(String::from("a nested call from the NMI handler returned unbalanced"));
     }
-    for e in &errors {
-        diag!("FAIL: {e}");
-    }
-    if errors.is_empty() {
-        Outcome::Pass
-    } else {
-        Outcome::Fail
-    }
+    super::outcome_of(&errors)
 }
