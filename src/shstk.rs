@@ -39,7 +39,7 @@ pub const fn token_addr(top: u64) -> u64 {
 /// naturally aligned 32-byte region as the token (the SDM's IST requirement).
 pub const fn ist_token_well_placed(token: u64) -> bool {
     let frame = token - ShadowFrame::SLOTS * SLOT;
-    frame % IST_REGION_ALIGN == 0 && frame / IST_REGION_ALIGN == (token + SLOT - 1) / IST_REGION_ALIGN
+    frame.is_multiple_of(IST_REGION_ALIGN) && frame / IST_REGION_ALIGN == (token + SLOT - 1) / IST_REGION_ALIGN
 }
 
 /// The 3-slot frame the CPU pushes on the shadow stack when it delivers an
@@ -89,7 +89,7 @@ impl StackBounds {
     #[inline]
     pub fn holds_slots(&self, addr: u64, n: u64) -> bool {
         // `hi - addr` cannot underflow once addr < hi; no sum can overflow.
-        addr % SLOT == 0 && addr >= self.lo && addr < self.hi && n <= (self.hi - addr) / SLOT
+        addr.is_multiple_of(SLOT) && addr >= self.lo && addr < self.hi && n <= (self.hi - addr) / SLOT
     }
 }
 

@@ -244,7 +244,7 @@ fn stack_page(addr: u64) -> Option<StackPage> {
     if addr >= area {
         let i = ((addr - area) / PAGE_SIZE) as usize;
         let shadow = (1..=PRIMARY_SHSTK_PAGES).contains(&i)
-            || (i > PRIMARY_SHSTK_PAGES + 1 && i < SHADOW_AREA_PAGES - 2 && (i - PRIMARY_SHSTK_PAGES) % 2 == 0)
+            || (i > PRIMARY_SHSTK_PAGES + 1 && i < SHADOW_AREA_PAGES - 2 && (i - PRIMARY_SHSTK_PAGES).is_multiple_of(2))
             || (cpu == 0 && i == SHADOW_AREA_PAGES - 2);
         return Some(if shadow { StackPage::Shadow } else { StackPage::Guard });
     }

@@ -5,6 +5,7 @@
 //!   1. write int3 over the first byte of every site; sync.
 //!   2. write bytes 1..4 of every new instruction; sync.
 //!   3. write the first byte of every new instruction; sync.
+//!
 //! Between steps 1 and 3 a CPU that runs a site traps into `handle_bp`, which
 //! finds the site in the sorted batch (binary search) and emulates it.
 

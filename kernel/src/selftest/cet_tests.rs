@@ -89,10 +89,7 @@ pub fn fallback_path(st: &BootState) -> Outcome<'static> {
     let why = if st.features.cet_ss { "cet=off" } else { "CPU has no CET_SS" };
     diag!("fallback path: {why}; call emulation strategy {}", crate::patching::strategy().name());
     check!(!st.want_shstk, "shadow stacks were wanted but are not on");
-    check!(
-        Cr4::read().contains(Cr4Flags::CONTROL_FLOW_ENFORCEMENT) == false,
-        "CR4.CET is set on the fallback path"
-    );
+    check!(!Cr4::read().contains(Cr4Flags::CONTROL_FLOW_ENFORCEMENT), "CR4.CET is set on the fallback path");
     Outcome::Pass
 }
 
