@@ -68,6 +68,12 @@ fn bochs_cet_off_trampoline() {
 }
 
 #[test]
+fn bochs_cet_off_shadowgap() {
+    let opts = options_with(Machine::Bochs, Cet::Off, Some(Emul::Shadowgap));
+    assert_passes_with_path(&boot(&opts), "path=fallback-shadowgap");
+}
+
+#[test]
 fn bochs_cet_off() {
     let mut opts = options(Machine::Bochs);
     opts.cet = Cet::Off;
