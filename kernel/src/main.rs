@@ -100,7 +100,7 @@ extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
 extern "C" fn kmain_continue() -> ! {
     let st = state();
     apic::init(st.features.x2apic);
-    TOPOLOGY.call_once(|| smp::start_aps(st.boot.ebda, &st.features));
+    TOPOLOGY.call_once(|| smp::start_aps(st.boot.ebda));
     let ok = selftest::run_all(st);
     let tsc_tests_end = bench::rdtsc();
     if st.boot.parsed.bench {

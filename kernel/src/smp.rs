@@ -9,7 +9,7 @@ use shadowcall::acpi;
 
 use crate::apic::{self, Delivery};
 use crate::percpu::{self, this_cpu};
-use crate::{cet, cpu, interrupts, mm};
+use crate::{cet, interrupts, mm};
 
 /// Where the real-mode start-up code is copied (page 8: below 1 MiB, free).
 pub const AP_TRAMPOLINE: u64 = 0x8000;
@@ -65,7 +65,7 @@ fn find_madt(ebda: u64) -> Option<acpi::Madt> {
 }
 
 /// Start every CPU the firmware reports (up to mm::MAX_CPUS).
-pub fn start_aps(ebda: u64, features: &cpu::Features) -> Topology {
+pub fn start_aps(ebda: u64) -> Topology {
     let mut topo = Topology::default();
     let bsp = apic::id();
     this_cpu().apic_id.store(bsp, Ordering::Relaxed);
@@ -95,7 +95,6 @@ pub fn start_aps(ebda: u64, features: &cpu::Features) -> Topology {
         core::ptr::copy_nonoverlapping(s, AP_TRAMPOLINE as *mut u8, len);
         *core::ptr::addr_of_mut!(sc_ap_cr3) = x86_64::registers::control::Cr3::read().0.start_address().as_u64();
     }
-    let _ = features;
     for (i, &id) in aps.iter().take(mm::MAX_CPUS - 1).enumerate() {
         let index = i + 1;
         let c = percpu::cpu(index);
