@@ -159,7 +159,11 @@ mod tests {
         assert_eq!(m.local_apic_addr, 0xfee0_0000);
         assert_eq!(
             m.cpus,
-            vec![Cpu { apic_id: 0, enabled: true }, Cpu { apic_id: 1, enabled: true }, Cpu { apic_id: 300, enabled: false }]
+            vec![
+                Cpu { apic_id: 0, enabled: true },
+                Cpu { apic_id: 1, enabled: true },
+                Cpu { apic_id: 300, enabled: false }
+            ]
         );
     }
 

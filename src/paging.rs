@@ -49,11 +49,9 @@ impl Kind {
         match self {
             Kind::Text => Pte::PRESENT.union(Pte::ACCESSED),
             Kind::Rodata => Pte::PRESENT.union(Pte::ACCESSED).union(Pte::NO_EXECUTE),
-            Kind::Data | Kind::PokeAlias => Pte::PRESENT
-                .union(Pte::WRITABLE)
-                .union(Pte::ACCESSED)
-                .union(Pte::DIRTY)
-                .union(Pte::NO_EXECUTE),
+            Kind::Data | Kind::PokeAlias => {
+                Pte::PRESENT.union(Pte::WRITABLE).union(Pte::ACCESSED).union(Pte::DIRTY).union(Pte::NO_EXECUTE)
+            }
             Kind::ShadowStack => Pte::PRESENT.union(Pte::ACCESSED).union(Pte::DIRTY).union(Pte::NO_EXECUTE),
             Kind::Mmio => Kind::Data.flags().union(Pte::NO_CACHE).union(Pte::WRITE_THROUGH),
         }

@@ -242,7 +242,8 @@ impl Batch {
         // Smallest complete tree with at least n nodes: 2^depth - 1 nodes.
         let depth = usize::BITS - n.leading_zeros();
         let nodes = (1usize << depth) - 1;
-        let mut b = Batch { tree: alloc::vec![u64::MAX; nodes + 1], slot: alloc::vec![u32::MAX; nodes + 1], entries, depth };
+        let mut b =
+            Batch { tree: alloc::vec![u64::MAX; nodes + 1], slot: alloc::vec![u32::MAX; nodes + 1], entries, depth };
         let mut next = 0usize;
         // In-order walk of the implicit tree assigns the sorted keys, then the padding.
         let mut stack: Vec<usize> = Vec::new();
@@ -442,7 +443,8 @@ mod tests {
                 a += 5 + seed % 11;
                 addrs.push(a);
             }
-            let entries: Vec<Entry> = addrs.iter().map(|&s| Entry { site: s, insn: NewInsn::Nop, bytes: NOP5 }).collect();
+            let entries: Vec<Entry> =
+                addrs.iter().map(|&s| Entry { site: s, insn: NewInsn::Nop, bytes: NOP5 }).collect();
             let b = Batch::from_sorted(entries);
             for probe in BASE..a + 20 {
                 let want = addrs.iter().position(|&s| s == probe);

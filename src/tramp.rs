@@ -49,7 +49,9 @@ impl TrampLayout {
 pub enum TrampError {
     Assemble,
     /// A call whose target is the next instruction: it would not push the shadow stack.
-    ZeroDisplacementCall { at: u64 },
+    ZeroDisplacementCall {
+        at: u64,
+    },
     /// The bytes do not have the trampoline's shape.
     Shape(&'static str),
 }

@@ -74,7 +74,6 @@ fn emit(name: &str, strategy: Option<EmulStrategy>, extra: &[(&str, u64)], per_o
     crate::diag!("bench {s}");
 }
 
-
 pub fn run_all(st: &BootState, tsc_tests_end: u64) {
     crate::diag!("bench: start (unit: TSC ticks; instructions on Bochs with clock sync=none)");
     emit("boot", None, &[("tsc_kmain", TSC_KMAIN.load(Ordering::Relaxed)), ("tsc_tests_end", tsc_tests_end)], &[]);
@@ -108,14 +107,12 @@ pub fn run_all(st: &BootState, tsc_tests_end: u64) {
     }
     // The same sites after the patch: no trap at all.
     emit("patched_call", None, &[("n", ITERS)], &measure(sc_b_fn_call, ITERS));
-    let restore: Vec<(u64, NewInsn)> = kinds.iter().map(|k| (k.1, NewInsn::Call(sc_b_ret as *const () as u64))).collect();
+    let restore: Vec<(u64, NewInsn)> =
+        kinds.iter().map(|k| (k.1, NewInsn::Call(sc_b_ret as *const () as u64))).collect();
     let _ = patching::patch(&restore, |_| {});
 
     // Whole-batch patching and lookup cost as the batch grows.
-    let (a, b) = (
-        crate::selftest::target_addr(0),
-        crate::selftest::target_addr(1),
-    );
+    let (a, b) = (crate::selftest::target_addr(0), crate::selftest::target_addr(1));
     for &n in &SIZES {
         let there: Vec<(u64, NewInsn)> = (0..n).map(|i| (block_site(i), NewInsn::Call(b))).collect();
         let back: Vec<(u64, NewInsn)> = (0..n).map(|i| (block_site(i), NewInsn::Call(a))).collect();
@@ -123,7 +120,12 @@ pub fn run_all(st: &BootState, tsc_tests_end: u64) {
         let stats = patching::patch(&there, |_| {});
         let total = rdtsc() - t0;
         let rounds = stats.map(|s| s.sync_rounds).unwrap_or(0);
-        emit("patch_batch", None, &[("sites", n as u64), ("sync_rounds", rounds), ("total", total)], &[total / n as u64]);
+        emit(
+            "patch_batch",
+            None,
+            &[("sites", n as u64), ("sync_rounds", rounds), ("total", total)],
+            &[total / n as u64],
+        );
         // Lookup: emulate the middle site while the batch of n entries is active.
         let mid = block_site(n / 2);
         // SAFETY: each block entry is `call rel32; ret`, a function.

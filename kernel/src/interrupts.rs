@@ -139,35 +139,33 @@ fn build_idt() -> InterruptDescriptorTable {
     // SAFETY: every stub saves all registers and ends in IRETQ with the stack
     // as the CPU left it; the TSS has a stack for each IST index used.
     unsafe {
-    set!(divide_error, 0);
-    set!(debug, 1).set_stack_index((IST_DB - 1) as u16);
-    set!(non_maskable_interrupt, 2).set_stack_index((IST_NMI - 1) as u16);
-    set!(breakpoint, 3);
-    set!(overflow, 4);
-    set!(bound_range_exceeded, 5);
-    set!(invalid_opcode, 6);
-    set!(device_not_available, 7);
-    set!(double_fault, 8).set_stack_index((IST_DF - 1) as u16);
-    set!(invalid_tss, 10);
-    set!(segment_not_present, 11);
-    set!(stack_segment_fault, 12);
-    set!(general_protection_fault, 13);
-    set!(page_fault, 14);
-    set!(x87_floating_point, 16);
-    set!(alignment_check, 17);
-    set!(machine_check, 18).set_stack_index((IST_MC - 1) as u16);
-    set!(simd_floating_point, 19);
-    set!(virtualization, 20);
-    set!(cp_protection_exception, 21);
-    set!(hv_injection_exception, 28);
-    set!(vmm_communication_exception, 29);
-    set!(security_exception, 30);
+        set!(divide_error, 0);
+        set!(debug, 1).set_stack_index((IST_DB - 1) as u16);
+        set!(non_maskable_interrupt, 2).set_stack_index((IST_NMI - 1) as u16);
+        set!(breakpoint, 3);
+        set!(overflow, 4);
+        set!(bound_range_exceeded, 5);
+        set!(invalid_opcode, 6);
+        set!(device_not_available, 7);
+        set!(double_fault, 8).set_stack_index((IST_DF - 1) as u16);
+        set!(invalid_tss, 10);
+        set!(segment_not_present, 11);
+        set!(stack_segment_fault, 12);
+        set!(general_protection_fault, 13);
+        set!(page_fault, 14);
+        set!(x87_floating_point, 16);
+        set!(alignment_check, 17);
+        set!(machine_check, 18).set_stack_index((IST_MC - 1) as u16);
+        set!(simd_floating_point, 19);
+        set!(virtualization, 20);
+        set!(cp_protection_exception, 21);
+        set!(hv_injection_exception, 28);
+        set!(vmm_communication_exception, 29);
+        set!(security_exception, 30);
         for (i, irq) in [0usize, 7, 15].into_iter().enumerate() {
             idt[PIC_BASE + irq as u8].set_handler_addr(VirtAddr::new(SC_ISR_PIC_SPURIOUS[i]));
         }
-        idt[IST_TEST_VECTOR]
-            .set_handler_addr(VirtAddr::new(SC_ISR_IST_TEST))
-            .set_stack_index((IST_TEST - 1) as u16);
+        idt[IST_TEST_VECTOR].set_handler_addr(VirtAddr::new(SC_ISR_IST_TEST)).set_stack_index((IST_TEST - 1) as u16);
         for (i, v) in [smp::VEC_WAKE, smp::VEC_SYNC, smp::VEC_TIMER, apic::SPURIOUS_VECTOR].into_iter().enumerate() {
             idt[v].set_handler_addr(VirtAddr::new(SC_ISR_APIC[i]));
         }
@@ -215,7 +213,10 @@ extern "C" fn sc_exception_dispatch(frame: &mut TrapFrame) {
         v if v == apic::SPURIOUS_VECTOR as u64 => {}
         v if v == IST_TEST_VECTOR as u64 => selftest::cet_tests::ist_probe(frame),
         v if (PIC_BASE as u64..PIC_BASE as u64 + 16).contains(&v) => {}
-        _ => fault(frame, FaultInfo { vector: frame.vector, error_code: frame.error_code, rip: frame.rip, cr2: Cr2::read_raw() }),
+        _ => fault(
+            frame,
+            FaultInfo { vector: frame.vector, error_code: frame.error_code, rip: frame.rip, cr2: Cr2::read_raw() },
+        ),
     }
 }
 
@@ -248,7 +249,9 @@ pub fn fault(frame: &mut TrapFrame, info: FaultInfo) {
 pub fn redirect(frame: &mut TrapFrame, rip: u64, new_ssp: Option<u64>) -> Result<(), &'static str> {
     if cet::active() {
         let f = ShadowFrame::at(frame.ssp);
-        let Some(stack) = mm::shadow_stack_of(f.base) else { return Err("shadow frame not on a registered shadow stack") };
+        let Some(stack) = mm::shadow_stack_of(f.base) else {
+            return Err("shadow frame not on a registered shadow stack");
+        };
         if !stack.holds_slots(f.base, ShadowFrame::SLOTS) {
             return Err("shadow frame crosses its stack's end");
         }
@@ -334,7 +337,15 @@ pub fn report(frame: &TrapFrame, info: &FaultInfo) {
 
 impl core::fmt::Display for FaultInfo {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "{} (vector {}) error={:#x} rip={:#x} cr2={:#x}", vector_name(self.vector), self.vector, self.error_code, self.rip, self.cr2)?;
+        write!(
+            f,
+            "{} (vector {}) error={:#x} rip={:#x} cr2={:#x}",
+            vector_name(self.vector),
+            self.vector,
+            self.error_code,
+            self.rip,
+            self.cr2
+        )?;
         if self.vector == VEC_CP {
             write!(f, " [{}]", CpError::decode(self.error_code))?;
         }

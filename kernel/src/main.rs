@@ -9,6 +9,7 @@ extern crate alloc;
 
 #[macro_use]
 mod console;
+mod apic;
 mod bench;
 mod boot;
 mod cet;
@@ -18,7 +19,6 @@ mod mm;
 mod patching;
 mod percpu;
 mod selftest;
-mod apic;
 mod smp;
 
 use shadowcall::cmdline::{CetMode, EmulStrategy};
@@ -88,7 +88,13 @@ extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
     // shows it is the cheapest CET path; DESIGN.md); without them, classic.
     let default = if want_shstk { EmulStrategy::ShadowGap } else { EmulStrategy::Classic };
     let strategy = cmdline.emul.unwrap_or(default);
-    STATE.call_once(|| BootState { boot: boot.with_cmdline(cmdline), features, want_shstk, cmdline_errors: errors, strategy });
+    STATE.call_once(|| BootState {
+        boot: boot.with_cmdline(cmdline),
+        features,
+        want_shstk,
+        cmdline_errors: errors,
+        strategy,
+    });
     if want_shstk {
         cet::enable_and_continue(&features, 0, kmain_continue)
     } else {

@@ -92,7 +92,7 @@ struct Tables {
     pd_high: Table,
     pt_apic: Table,
 }
-static TABLES : Shared<Tables> = Shared(UnsafeCell::new(Tables {
+static TABLES: Shared<Tables> = Shared(UnsafeCell::new(Tables {
     pml4: Table([0; ENTRIES]),
     pdpt: Table([0; ENTRIES]),
     pd: Table([0; ENTRIES]),
@@ -244,7 +244,9 @@ fn stack_page(addr: u64) -> Option<StackPage> {
     if addr >= area {
         let i = ((addr - area) / PAGE_SIZE) as usize;
         let shadow = (1..=PRIMARY_SHSTK_PAGES).contains(&i)
-            || (i > PRIMARY_SHSTK_PAGES + 1 && i < SHADOW_AREA_PAGES - 2 && (i - PRIMARY_SHSTK_PAGES).is_multiple_of(2))
+            || (i > PRIMARY_SHSTK_PAGES + 1
+                && i < SHADOW_AREA_PAGES - 2
+                && (i - PRIMARY_SHSTK_PAGES).is_multiple_of(2))
             || (cpu == 0 && i == SHADOW_AREA_PAGES - 2);
         return Some(if shadow { StackPage::Shadow } else { StackPage::Guard });
     }
@@ -272,7 +274,9 @@ pub fn classify(addr: u64) -> Option<Kind> {
 /// Write the free supervisor tokens at the top of every shadow stack of
 /// every CPU. Must run before `init_paging` makes those pages read-only.
 pub fn write_shadow_tokens() {
-    let all = (0..MAX_CPUS).flat_map(|c| core::iter::once(primary_shadow_stack(c)).chain((1..=IST_COUNT).map(move |i| ist_shadow_stack(c, i))));
+    let all = (0..MAX_CPUS).flat_map(|c| {
+        core::iter::once(primary_shadow_stack(c)).chain((1..=IST_COUNT).map(move |i| ist_shadow_stack(c, i)))
+    });
     for b in all {
         let t = shstk::token_addr(b.hi);
         // SAFETY: the page is still an ordinary writable data page (boot tables).
@@ -284,7 +288,11 @@ pub fn write_shadow_tokens() {
 /// GiB above the finely mapped part is mapped RW+NX (RAM, and the ACPI
 /// tables the firmware keeps at its top); `ram_end` must leave room for the heap.
 pub fn init_paging(ram_end: u64) {
-    assert!(ram_end >= HEAP_START + HEAP_SIZE, "shadowcall needs at least {} MiB of RAM", (HEAP_START + HEAP_SIZE) >> 20);
+    assert!(
+        ram_end >= HEAP_START + HEAP_SIZE,
+        "shadowcall needs at least {} MiB of RAM",
+        (HEAP_START + HEAP_SIZE) >> 20
+    );
     let ram_end = RAM_MAP_LIMIT;
     // SAFETY: single-threaded boot; nothing else references the tables yet.
     let t = unsafe { &mut *TABLES.0.get() };

@@ -142,16 +142,8 @@ const fn new_cpu(index: usize) -> PerCpu {
     }
 }
 
-static CPUS: [PerCpu; MAX_CPUS] = [
-    new_cpu(0),
-    new_cpu(1),
-    new_cpu(2),
-    new_cpu(3),
-    new_cpu(4),
-    new_cpu(5),
-    new_cpu(6),
-    new_cpu(7),
-];
+static CPUS: [PerCpu; MAX_CPUS] =
+    [new_cpu(0), new_cpu(1), new_cpu(2), new_cpu(3), new_cpu(4), new_cpu(5), new_cpu(6), new_cpu(7)];
 
 /// Point this CPU's GS base at `CPUS[index]`. First thing every CPU does.
 pub fn init_this(index: usize) {
@@ -187,11 +179,17 @@ pub fn online() -> impl Iterator<Item = &'static PerCpu> {
 impl PerCpu {
     #[inline]
     pub fn kernel_stack(&self) -> shadowcall::shstk::StackBounds {
-        shadowcall::shstk::StackBounds { lo: self.kstack[0].load(Ordering::Relaxed), hi: self.kstack[1].load(Ordering::Relaxed) }
+        shadowcall::shstk::StackBounds {
+            lo: self.kstack[0].load(Ordering::Relaxed),
+            hi: self.kstack[1].load(Ordering::Relaxed),
+        }
     }
     #[inline]
     pub fn shadow_stack(&self) -> shadowcall::shstk::StackBounds {
-        shadowcall::shstk::StackBounds { lo: self.shstk[0].load(Ordering::Relaxed), hi: self.shstk[1].load(Ordering::Relaxed) }
+        shadowcall::shstk::StackBounds {
+            lo: self.shstk[0].load(Ordering::Relaxed),
+            hi: self.shstk[1].load(Ordering::Relaxed),
+        }
     }
 
     /// The emulation LIFO. Only this CPU uses it, with interrupts off or from

@@ -56,7 +56,8 @@ fn table(addr: u64) -> Option<&'static [u8]> {
 /// The MADT, found through the RSDP (EBDA first KiB, then the BIOS area).
 fn find_madt(ebda: u64) -> Option<acpi::Madt> {
     let regions = [(ebda, 1024usize), (0xe0000, 0x20000)];
-    let (_, root) = regions.iter().filter(|r| r.0 >= 0x1000).find_map(|&(base, len)| acpi::find_rsdp(phys(base, len), base))?;
+    let (_, root) =
+        regions.iter().filter(|r| r.0 >= 0x1000).find_map(|&(base, len)| acpi::find_rsdp(phys(base, len), base))?;
     let root_addr = match root {
         acpi::Root::Rsdt(a) | acpi::Root::Xsdt(a) => a,
     };

@@ -63,17 +63,9 @@ pub fn assert_classic_fails_with_cp(outcome: &RunOutcome) {
     );
     let plan = report.plan.expect("no plan line") as usize;
     assert_eq!(report.results.len(), plan, "incomplete plan:\n{}", ctx());
-    assert!(
-        !outcome.timed_out && outcome.kvm_internal_error.is_none(),
-        "the run did not end normally:\n{}",
-        ctx()
-    );
+    assert!(!outcome.timed_out && outcome.kvm_internal_error.is_none(), "the run did not end normally:\n{}", ctx());
     for name in EMULATED_CALL_TESTS {
-        assert!(
-            report.result(name).is_some(),
-            "test `{name}` is missing from the report:\n{}",
-            ctx()
-        );
+        assert!(report.result(name).is_some(), "test `{name}` is missing from the report:\n{}", ctx());
     }
     for r in &report.results {
         let should_fail = EMULATED_CALL_TESTS.contains(&r.name.as_str());
@@ -93,13 +85,7 @@ pub fn assert_classic_fails_with_cp(outcome: &RunOutcome) {
                 ctx()
             );
         } else {
-            assert_ne!(
-                r.status,
-                Status::NotOk,
-                "only the emulated-CALL tests may fail, not `{}`:\n{}",
-                r.name,
-                ctx()
-            );
+            assert_ne!(r.status, Status::NotOk, "only the emulated-CALL tests may fail, not `{}`:\n{}", r.name, ctx());
         }
     }
 }
@@ -141,11 +127,7 @@ pub fn boot_needing_host_cpus(opts: &RunOptions, cpus: usize) -> RunOutcome {
 
 /// Asserts the run passed and printed a diagnostic containing `path`.
 pub fn assert_passes_with_path(outcome: &RunOutcome, path: &str) {
-    assert!(
-        outcome.passed,
-        "the run should pass but failed:\n{}",
-        outcome.describe()
-    );
+    assert!(outcome.passed, "the run should pass but failed:\n{}", outcome.describe());
     assert!(
         outcome.report.has_diagnostic_containing(path),
         "the report passed but has no diagnostic containing `{path}`:\n{}",
@@ -156,11 +138,7 @@ pub fn assert_passes_with_path(outcome: &RunOutcome, path: &str) {
 /// Asserts the run failed because test `cmdline` is `not ok` and a
 /// diagnostic mentions `needle`.
 pub fn assert_cmdline_rejected(outcome: &RunOutcome, needle: &str) {
-    assert!(
-        !outcome.passed,
-        "the run should fail but passed:\n{}",
-        outcome.describe()
-    );
+    assert!(!outcome.passed, "the run should fail but passed:\n{}", outcome.describe());
     let cmdline = outcome.report.result("cmdline");
     assert!(
         cmdline.is_some_and(|r| r.status == xtask::ktap::Status::NotOk),
@@ -173,10 +151,7 @@ pub fn assert_cmdline_rejected(outcome: &RunOutcome, needle: &str) {
         outcome.describe()
     );
     assert!(
-        outcome
-            .failures
-            .iter()
-            .any(|f| f.contains("not ok: ") && f.contains("cmdline")),
+        outcome.failures.iter().any(|f| f.contains("not ok: ") && f.contains("cmdline")),
         "the failure reasons should name cmdline: {:?}",
         outcome.failures
     );
@@ -184,13 +159,7 @@ pub fn assert_cmdline_rejected(outcome: &RunOutcome, needle: &str) {
 
 /// The kernel's SMP tests: each must be `ok` (not skipped) on a run with
 /// two CPUs or more.
-pub const SMP_TESTS: [&str; 5] = [
-    "smp_online",
-    "smp_sync",
-    "smp_patch_stress",
-    "irq_in_window",
-    "nmi_in_window",
-];
+pub const SMP_TESTS: [&str; 5] = ["smp_online", "smp_sync", "smp_patch_stress", "irq_in_window", "nmi_in_window"];
 
 /// The SMP checks of a run with `cpus` CPUs: the run passed with a
 /// diagnostic containing `path`; every test in [`SMP_TESTS`] is `ok`;
@@ -221,11 +190,7 @@ pub fn assert_smp(outcome: &RunOutcome, cpus: u32, path: &str, own_shadow_stacks
     );
     let mut indexes: Vec<u32> = online.iter().map(|c| c.index).collect();
     indexes.sort_unstable();
-    assert_eq!(
-        indexes,
-        (0..cpus).collect::<Vec<_>>(),
-        "the CPU lines should number the CPUs 0..{cpus}: {lines:#?}"
-    );
+    assert_eq!(indexes, (0..cpus).collect::<Vec<_>>(), "the CPU lines should number the CPUs 0..{cpus}: {lines:#?}");
     let mut apic_ids: Vec<u32> = online.iter().map(|c| c.apic_id).collect();
     apic_ids.sort_unstable();
     apic_ids.dedup();
@@ -246,31 +211,15 @@ pub fn assert_smp(outcome: &RunOutcome, cpus: u32, path: &str, own_shadow_stacks
         Some(Err(e)) => panic!("smp_patch_stress figures: {e}\n{}", ctx()),
         None => panic!("no smp_patch_stress figures line:\n{}", ctx()),
     };
-    assert_eq!(
-        figures.callers,
-        u64::from(cpus - 1),
-        "all CPUs but one should call: {figures}"
-    );
-    assert_eq!(
-        figures.calls,
-        figures.counted,
-        "calls made != targets counted: {figures}\n{}",
-        ctx()
-    );
+    assert_eq!(figures.callers, u64::from(cpus - 1), "all CPUs but one should call: {figures}");
+    assert_eq!(figures.calls, figures.counted, "calls made != targets counted: {figures}\n{}", ctx());
     assert!(figures.targets_add_up(), "per-target counts: {figures}");
-    assert!(
-        figures.emulated > 0,
-        "no call went through the emulation: {figures}"
-    );
+    assert!(figures.emulated > 0, "no call went through the emulation: {figures}");
     let ids: Vec<String> = online.iter().map(|c| c.apic_id.to_string()).collect();
     format!(
         "{cpus} CPUs online (APIC ids {}){}; {} ok; stress: {figures}",
         ids.join(", "),
-        if own_shadow_stacks {
-            ", each on its own shadow stack"
-        } else {
-            ""
-        },
+        if own_shadow_stacks { ", each on its own shadow stack" } else { "" },
         SMP_TESTS.join(", ")
     )
 }

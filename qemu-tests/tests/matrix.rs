@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use qemu_tests::{
-    assert_classic_fails_with_cp, assert_cmdline_rejected, assert_passes_with_path, assert_smp,
-    boot, boot_needing_host_cpus, options, options_with, show,
+    assert_classic_fails_with_cp, assert_cmdline_rejected, assert_passes_with_path, assert_smp, boot,
+    boot_needing_host_cpus, options, options_with, show,
 };
 use xtask::{Cet, Emul, Machine};
 

@@ -92,41 +92,30 @@ fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), UsageEr
 fn parse_machine(v: &str) -> Result<Machine, UsageError> {
     Machine::from_name(v).ok_or_else(|| {
         let names: Vec<_> = Machine::ALL.iter().map(|m| m.name()).collect();
-        UsageError(format!(
-            "unknown machine `{v}` (expected one of: {})",
-            names.join(", ")
-        ))
+        UsageError(format!("unknown machine `{v}` (expected one of: {})", names.join(", ")))
     })
 }
 
 fn parse_cet(v: &str) -> Result<Cet, UsageError> {
-    Cet::from_name(v)
-        .ok_or_else(|| UsageError(format!("bad --cet value `{v}` (expected auto, on or off)")))
+    Cet::from_name(v).ok_or_else(|| UsageError(format!("bad --cet value `{v}` (expected auto, on or off)")))
 }
 
 fn parse_emul(v: &str) -> Result<Emul, UsageError> {
-    Emul::from_name(v).ok_or_else(|| {
-        UsageError(format!(
-            "bad --emul value `{v}` (expected trampoline, shadowgap or classic)"
-        ))
-    })
+    Emul::from_name(v)
+        .ok_or_else(|| UsageError(format!("bad --emul value `{v}` (expected trampoline, shadowgap or classic)")))
 }
 
 fn parse_smp(v: &str) -> Result<u32, UsageError> {
     match v.parse::<u32>() {
         Ok(n) if (1..=8).contains(&n) => Ok(n),
-        _ => usage_err(format!(
-            "bad --smp value `{v}` (expected a number from 1 to 8)"
-        )),
+        _ => usage_err(format!("bad --smp value `{v}` (expected a number from 1 to 8)")),
     }
 }
 
 fn parse_timeout(v: &str) -> Result<Duration, UsageError> {
     match v.parse::<u64>() {
         Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
-        _ => usage_err(format!(
-            "bad --timeout value `{v}` (expected a whole number of seconds, at least 1)"
-        )),
+        _ => usage_err(format!("bad --timeout value `{v}` (expected a whole number of seconds, at least 1)")),
     }
 }
 
@@ -143,25 +132,13 @@ pub fn parse_run(args: &[String]) -> Result<RunOptions, UsageError> {
     let mut stress = false;
     while let Some((name, inline)) = words.next_option()? {
         match name {
-            "--machine" => set_once(
-                &mut machine,
-                name,
-                parse_machine(words.value(name, inline)?)?,
-            )?,
+            "--machine" => set_once(&mut machine, name, parse_machine(words.value(name, inline)?)?)?,
             "--smp" => set_once(&mut smp, name, parse_smp(words.value(name, inline)?)?)?,
             "--cet" => set_once(&mut cet, name, parse_cet(words.value(name, inline)?)?)?,
             "--emul" => set_once(&mut emul, name, parse_emul(words.value(name, inline)?)?)?,
-            "--timeout" => set_once(
-                &mut timeout,
-                name,
-                parse_timeout(words.value(name, inline)?)?,
-            )?,
+            "--timeout" => set_once(&mut timeout, name, parse_timeout(words.value(name, inline)?)?)?,
             "--append" => append.push(parse_word(words.value(name, inline)?)?),
-            "--kernel" => set_once(
-                &mut kernel,
-                name,
-                std::path::PathBuf::from(words.value(name, inline)?),
-            )?,
+            "--kernel" => set_once(&mut kernel, name, std::path::PathBuf::from(words.value(name, inline)?))?,
             "--gdb" => {
                 no_value(name, inline)?;
                 gdb = true;
@@ -182,18 +159,13 @@ pub fn parse_run(args: &[String]) -> Result<RunOptions, UsageError> {
     }
     let machine = machine.unwrap_or(Machine::Bochs);
     if gdb && machine.is_bochs() {
-        return usage_err(format!(
-            "`--gdb` works only with the QEMU machines, not `{}`",
-            machine.name()
-        ));
+        return usage_err(format!("`--gdb` works only with the QEMU machines, not `{}`", machine.name()));
     }
     if gdb && timeout.is_some() {
         return usage_err("`--gdb` disables the timeout; do not combine it with `--timeout`");
     }
     if stress && smp.unwrap_or(1) < 2 {
-        return usage_err(
-            "`--stress` needs at least two CPUs (one patches, the others call): add `--smp 2` or more",
-        );
+        return usage_err("`--stress` needs at least two CPUs (one patches, the others call): add `--smp 2` or more");
     }
     let mut opts = RunOptions::new(machine);
     opts.stress = stress;
@@ -217,20 +189,11 @@ pub fn parse_iso(args: &[String]) -> Result<IsoOptions, UsageError> {
             "--cet" => set_once(&mut cet, name, parse_cet(words.value(name, inline)?)?)?,
             "--emul" => set_once(&mut emul, name, parse_emul(words.value(name, inline)?)?)?,
             "--append" => append.push(parse_word(words.value(name, inline)?)?),
-            "--kernel" => set_once(
-                &mut kernel,
-                name,
-                std::path::PathBuf::from(words.value(name, inline)?),
-            )?,
+            "--kernel" => set_once(&mut kernel, name, std::path::PathBuf::from(words.value(name, inline)?))?,
             _ => return usage_err(format!("unknown option `{name}` for `iso`")),
         }
     }
-    Ok(IsoOptions {
-        cet: cet.unwrap_or_default(),
-        emul,
-        append,
-        kernel,
-    })
+    Ok(IsoOptions { cet: cet.unwrap_or_default(), emul, append, kernel })
 }
 
 /// `cargo xtask bench [--machine M]... [--runs N] [--kernel ELF]`.
@@ -244,10 +207,7 @@ pub fn parse_bench(args: &[String]) -> Result<crate::bench::BenchOptions, UsageE
                 let v = words.value(name, inline)?;
                 let m = BenchMachine::from_label(v).ok_or_else(|| {
                     let names: Vec<_> = BENCH_MACHINES.iter().map(|m| m.label).collect();
-                    UsageError(format!(
-                        "unknown bench machine `{v}` (expected one of: {})",
-                        names.join(", ")
-                    ))
+                    UsageError(format!("unknown bench machine `{v}` (expected one of: {})", names.join(", ")))
                 })?;
                 if machines.contains(&m) {
                     return usage_err(format!("machine `{v}` given more than once"));
@@ -262,25 +222,14 @@ pub fn parse_bench(args: &[String]) -> Result<crate::bench::BenchOptions, UsageE
                 };
                 set_once(&mut runs, name, n)?;
             }
-            "--kernel" => set_once(
-                &mut kernel,
-                name,
-                std::path::PathBuf::from(words.value(name, inline)?),
-            )?,
+            "--kernel" => set_once(&mut kernel, name, std::path::PathBuf::from(words.value(name, inline)?))?,
             _ => return usage_err(format!("unknown option `{name}` for `bench`")),
         }
     }
     if machines.is_empty() {
-        machines = DEFAULT_LABELS
-            .iter()
-            .filter_map(|l| BenchMachine::from_label(l))
-            .collect();
+        machines = DEFAULT_LABELS.iter().filter_map(|l| BenchMachine::from_label(l)).collect();
     }
-    Ok(crate::bench::BenchOptions {
-        machines,
-        runs: runs.unwrap_or(3),
-        kernel,
-    })
+    Ok(crate::bench::BenchOptions { machines, runs: runs.unwrap_or(3), kernel })
 }
 
 /// A subcommand that takes no arguments.
@@ -327,29 +276,13 @@ mod tests {
         assert!(o.stress);
         assert_eq!(o.words(), ["cet=auto", "expect_cet=0", "stress=1"]);
         assert_eq!(o.effective_timeout(), Some(Duration::from_secs(1800)));
-        let o = parse_run(&v(&[
-            "--stress",
-            "--smp=2",
-            "--timeout",
-            "90",
-            "--append",
-            "x=1",
-        ]))
-        .unwrap();
+        let o = parse_run(&v(&["--stress", "--smp=2", "--timeout", "90", "--append", "x=1"])).unwrap();
         assert_eq!(o.words(), ["cet=auto", "expect_cet=1", "x=1", "stress=1"]);
         assert_eq!(o.effective_timeout(), Some(Duration::from_secs(90)));
         // Given both ways, the word appears once.
         let o = parse_run(&v(&["--stress", "--smp", "2", "--append", "stress=1"])).unwrap();
         assert_eq!(o.words().iter().filter(|w| *w == "stress=1").count(), 1);
-        let o = parse_run(&v(&[
-            "--machine",
-            "qemu",
-            "--smp",
-            "2",
-            "--stress",
-            "--gdb",
-        ]))
-        .unwrap();
+        let o = parse_run(&v(&["--machine", "qemu", "--smp", "2", "--stress", "--gdb"])).unwrap();
         assert_eq!(o.effective_timeout(), None);
         assert!(run_err(&["--stress"]).contains("needs at least two CPUs"));
         assert!(run_err(&["--stress", "--smp", "1"]).contains("`--smp 2`"));
@@ -382,10 +315,7 @@ mod tests {
         assert!(o.keep && !o.gdb);
         assert_eq!(o.kernel, None);
         let o = parse_run(&v(&["--kernel", "/tmp/k.elf"])).unwrap();
-        assert_eq!(
-            o.kernel.as_deref(),
-            Some(std::path::Path::new("/tmp/k.elf"))
-        );
+        assert_eq!(o.kernel.as_deref(), Some(std::path::Path::new("/tmp/k.elf")));
         let o = parse_run(&v(&["--machine", "qemu-kvm", "--gdb"])).unwrap();
         assert!(o.gdb);
     }
@@ -417,32 +347,15 @@ mod tests {
     #[test]
     fn iso_options() {
         let o = parse_iso(&v(&["--append", "x=1", "--cet", "on"])).unwrap();
-        assert_eq!(
-            o,
-            IsoOptions {
-                cet: Cet::On,
-                emul: None,
-                append: v(&["x=1"]),
-                kernel: None
-            }
-        );
-        assert!(parse_iso(&v(&["--machine", "qemu"]))
-            .unwrap_err()
-            .0
-            .contains("unknown option `--machine`"));
-        assert!(parse_iso(&v(&["--append"]))
-            .unwrap_err()
-            .0
-            .contains("needs a value"));
+        assert_eq!(o, IsoOptions { cet: Cet::On, emul: None, append: v(&["x=1"]), kernel: None });
+        assert!(parse_iso(&v(&["--machine", "qemu"])).unwrap_err().0.contains("unknown option `--machine`"));
+        assert!(parse_iso(&v(&["--append"])).unwrap_err().0.contains("needs a value"));
     }
 
     #[test]
     fn no_argument_subcommands() {
         assert!(parse_none("test", &[]).is_ok());
-        assert!(parse_none("test", &v(&["--fast"]))
-            .unwrap_err()
-            .0
-            .contains("`--fast`"));
+        assert!(parse_none("test", &v(&["--fast"])).unwrap_err().0.contains("`--fast`"));
     }
 
     #[test]
@@ -451,14 +364,7 @@ mod tests {
         let labels: Vec<_> = o.machines.iter().map(|m| m.label).collect();
         assert_eq!(labels, ["bochs", "bochs-cetoff", "qemu", "qemu-kvm"]);
         assert_eq!((o.runs, o.kernel), (3, None));
-        let o = parse_bench(&v(&[
-            "--machine",
-            "qemu",
-            "--machine=bochs-cetoff",
-            "--runs",
-            "5",
-        ]))
-        .unwrap();
+        let o = parse_bench(&v(&["--machine", "qemu", "--machine=bochs-cetoff", "--runs", "5"])).unwrap();
         let labels: Vec<_> = o.machines.iter().map(|m| m.label).collect();
         assert_eq!(labels, ["qemu", "bochs-cetoff"]);
         assert_eq!(o.machines[1].cet, Cet::Off);

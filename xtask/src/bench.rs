@@ -113,9 +113,7 @@ pub fn merge_runs(runs: &[Vec<BenchLine>]) -> Vec<Figure> {
         if !by_key.contains_key(&key) {
             order.push(key.clone());
         }
-        let entry = by_key
-            .entry(key)
-            .or_insert_with(|| (line.clone(), Vec::new(), BTreeMap::new()));
+        let entry = by_key.entry(key).or_insert_with(|| (line.clone(), Vec::new(), BTreeMap::new()));
         entry.1.extend(line.values());
         for (k, v) in [
             ("n", line.n),
@@ -158,31 +156,11 @@ pub struct BenchMachine {
 }
 
 pub const BENCH_MACHINES: [BenchMachine; 5] = [
-    BenchMachine {
-        label: "bochs",
-        machine: Machine::Bochs,
-        cet: Cet::Auto,
-    },
-    BenchMachine {
-        label: "bochs-cetoff",
-        machine: Machine::Bochs,
-        cet: Cet::Off,
-    },
-    BenchMachine {
-        label: "bochs-nocet",
-        machine: Machine::BochsNocet,
-        cet: Cet::Auto,
-    },
-    BenchMachine {
-        label: "qemu",
-        machine: Machine::Qemu,
-        cet: Cet::Auto,
-    },
-    BenchMachine {
-        label: "qemu-kvm",
-        machine: Machine::QemuKvm,
-        cet: Cet::Auto,
-    },
+    BenchMachine { label: "bochs", machine: Machine::Bochs, cet: Cet::Auto },
+    BenchMachine { label: "bochs-cetoff", machine: Machine::Bochs, cet: Cet::Off },
+    BenchMachine { label: "bochs-nocet", machine: Machine::BochsNocet, cet: Cet::Auto },
+    BenchMachine { label: "qemu", machine: Machine::Qemu, cet: Cet::Auto },
+    BenchMachine { label: "qemu-kvm", machine: Machine::QemuKvm, cet: Cet::Auto },
 ];
 
 /// The default set (qemu-kvm is dropped, loudly, when it cannot run).
@@ -269,10 +247,7 @@ impl BenchResults {
     }
 
     fn median_of(&self, label: &str, key: &str) -> std::result::Result<f64, String> {
-        self.machine(label)
-            .and_then(|m| m.figure(key))
-            .map(|f| f.median)
-            .ok_or_else(|| format!("no {label} {key}"))
+        self.machine(label).and_then(|m| m.figure(key)).map(|f| f.median).ok_or_else(|| format!("no {label} {key}"))
     }
 }
 
@@ -291,24 +266,12 @@ fn ratio_target(
     finish(name, rule, limit, computed)
 }
 
-fn finish(
-    name: &str,
-    rule: &str,
-    limit: f64,
-    computed: std::result::Result<(f64, String), String>,
-) -> Target {
+fn finish(name: &str, rule: &str, limit: f64, computed: std::result::Result<(f64, String), String>) -> Target {
     let (actual, detail) = match computed {
         Ok((v, d)) => (Some(v), d),
         Err(e) => (None, format!("missing data: {e}")),
     };
-    Target {
-        name: name.into(),
-        rule: rule.into(),
-        actual,
-        limit,
-        met: actual.map(|v| v <= limit + 1e-9),
-        detail,
-    }
+    Target { name: name.into(), rule: rule.into(), actual, limit, met: actual.map(|v| v <= limit + 1e-9), detail }
 }
 
 /// Evaluates the design targets on the Bochs figures.
@@ -341,33 +304,20 @@ pub fn evaluate_targets(r: &BenchResults) -> Vec<Target> {
     ];
     let lookup = r.median_of("bochs", "lookup[65536]").and_then(|big| {
         let small = r.median_of("bochs", "lookup[16]")?;
-        Ok((
-            big - small,
-            format!("lookup[65536] {big} - lookup[16] {small} instructions"),
-        ))
+        Ok((big - small, format!("lookup[65536] {big} - lookup[16] {small} instructions")))
     });
-    t.push(finish(
-        "lookup growth",
-        "bochs lookup(65536) - lookup(16) <= 60 instructions",
-        60.0,
-        lookup,
-    ));
+    t.push(finish("lookup growth", "bochs lookup(65536) - lookup(16) <= 60 instructions", 60.0, lookup));
     let per_site = (|| {
         let sizes = [256u64, 4096, 65536];
         let v: Vec<f64> = sizes
             .iter()
             .map(|s| r.median_of("bochs", &format!("patch_batch[{s}]")))
             .collect::<std::result::Result<_, _>>()?;
-        let (lo, hi) = v
-            .iter()
-            .fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let (lo, hi) = v.iter().fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
         if lo <= 0.0 {
             return Err("a zero per-site cost".to_string());
         }
-        Ok((
-            hi / lo,
-            format!("per-site cost at 256/4096/65536 sites: {v:?}; max/min"),
-        ))
+        Ok((hi / lo, format!("per-site cost at 256/4096/65536 sites: {v:?}; max/min")))
     })();
     t.push(finish(
         "batch patching per site",
@@ -381,26 +331,15 @@ pub fn evaluate_targets(r: &BenchResults) -> Vec<Target> {
             .figures
             .iter()
             .filter(|f| f.name == "patch_batch")
-            .map(|f| {
-                (
-                    f.sites.unwrap_or(0),
-                    f.fields.get("sync_rounds").cloned().unwrap_or_default(),
-                )
-            })
+            .map(|f| (f.sites.unwrap_or(0), f.fields.get("sync_rounds").cloned().unwrap_or_default()))
             .collect();
         if all.is_empty() {
             return Err("no patch_batch figures".to_string());
         }
-        let bad = all
-            .iter()
-            .filter(|(_, r)| r.is_empty() || r.iter().any(|&x| x != 3))
-            .count();
+        let bad = all.iter().filter(|(_, r)| r.is_empty() || r.iter().any(|&x| x != 3)).count();
         let desc: Vec<String> = all.iter().map(|(s, r)| format!("{s}:{r:?}")).collect();
         // 0 when every size took exactly 3 rounds.
-        Ok((
-            bad as f64,
-            format!("sync_rounds per size: {}", desc.join(" ")),
-        ))
+        Ok((bad as f64, format!("sync_rounds per size: {}", desc.join(" "))))
     })();
     let mut rounds_target = finish(
         "sync rounds",
@@ -433,12 +372,7 @@ pub fn cell(f: &Figure) -> String {
 }
 
 fn column_title(m: &MachineResult) -> String {
-    format!(
-        "{} (CET {}) [{}]",
-        m.machine,
-        if m.shstk { "on" } else { "off" },
-        m.unit
-    )
+    format!("{} (CET {}) [{}]", m.machine, if m.shstk { "on" } else { "off" }, m.unit)
 }
 
 /// Table order: boot, bare costs, emulation by kind and strategy, lookup, patching.
@@ -456,15 +390,9 @@ fn row_rank(f: &Figure) -> (usize, usize, u64) {
         "patch_batch",
     ];
     const STRATEGIES: [&str; 3] = ["classic", "trampoline", "shadowgap"];
-    let name = NAMES
-        .iter()
-        .position(|n| *n == f.name)
-        .unwrap_or(NAMES.len());
+    let name = NAMES.iter().position(|n| *n == f.name).unwrap_or(NAMES.len());
     let strategy = match (&f.strategy, f.sites) {
-        (Some(s), None) => STRATEGIES
-            .iter()
-            .position(|x| x == s)
-            .unwrap_or(STRATEGIES.len()),
+        (Some(s), None) => STRATEGIES.iter().position(|x| x == s).unwrap_or(STRATEGIES.len()),
         _ => 0,
     };
     (name, strategy, f.sites.unwrap_or(0))
@@ -499,11 +427,7 @@ pub fn markdown_table(r: &BenchResults) -> String {
     }
     s.push_str("| wall-clock boot to end of report (s) |");
     for m in &r.machines {
-        let v: Vec<String> = m
-            .wall_boot_to_end_s
-            .iter()
-            .map(|t| format!("{t:.1}"))
-            .collect();
+        let v: Vec<String> = m.wall_boot_to_end_s.iter().map(|t| format!("{t:.1}")).collect();
         s.push_str(&format!(" {} |", v.join(", ")));
     }
     s.push('\n');
@@ -520,13 +444,7 @@ pub fn markdown_targets(r: &BenchResults) -> String {
             None => "**not measured**",
         };
         let ratio = !matches!(t.name.as_str(), "lookup growth" | "sync rounds");
-        let actual = t.actual.map_or("–".to_string(), |v| {
-            if ratio {
-                format!("{v:.3}")
-            } else {
-                fmt_num(v)
-            }
-        });
+        let actual = t.actual.map_or("–".to_string(), |v| if ratio { format!("{v:.3}") } else { fmt_num(v) });
         s.push_str(&format!(
             "- {verdict} — {}: {} (actual {actual}, limit {}; {})\n",
             t.name, t.rule, t.limit, t.detail
@@ -592,12 +510,7 @@ pub fn utc_timestamp(secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
 }
 
 fn hostname() -> String {
@@ -655,11 +568,7 @@ fn loud(msg: &str) {
 }
 
 /// Boots `m` `runs` times; `Ok(Err(why))` when qemu-kvm cannot be measured here.
-fn measure(
-    m: BenchMachine,
-    runs: u32,
-    kernel: &Path,
-) -> Result<std::result::Result<MachineResult, String>> {
+fn measure(m: BenchMachine, runs: u32, kernel: &Path) -> Result<std::result::Result<MachineResult, String>> {
     let mut lines = Vec::new();
     let mut walls = Vec::new();
     let mut shstk = None;
@@ -680,10 +589,7 @@ fn measure(
         };
         if !outcome.passed {
             if m.machine == Machine::QemuKvm {
-                let why = outcome
-                    .kvm_internal_error
-                    .as_ref()
-                    .map_or(outcome.failures.join("; "), |k| k.to_string());
+                let why = outcome.kvm_internal_error.as_ref().map_or(outcome.failures.join("; "), |k| k.to_string());
                 loud(&format!("qemu-kvm NOT BENCHMARKED on this host: {why}"));
                 return Ok(Err(why));
             }
@@ -721,12 +627,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchResults> {
         None => crate::build_kernel()?,
     };
     let mut results = BenchResults {
-        date: utc_timestamp(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        ),
+        date: utc_timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)),
         host: hostname(),
         cpu_model: cpu_model(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default()),
         kernel_source: match &opts.kernel {
@@ -763,10 +664,7 @@ pub fn write_results(r: &BenchResults, root: &Path) -> Result<()> {
     };
     write(&format!("{day}-{}.json", r.host), &json)?;
     write("latest.json", &json)?;
-    write(
-        "latest.md",
-        &format!("# shadowcall benchmarks\n\n{}", markdown(r, false)),
-    )?;
+    write("latest.md", &format!("# shadowcall benchmarks\n\n{}", markdown(r, false)))?;
     write("latest.svg", &crate::benchchart::svg(r)?)?;
     let readme = root.join("README.md");
     let old = std::fs::read_to_string(&readme).ok();
@@ -837,11 +735,7 @@ mod tests {
         assert!(parse_line("# something else").is_none());
         assert!(parse_line("# bench: done").is_none());
         assert!(parse_line("# bench {\"name\":1}").unwrap().is_err());
-        assert!(parse_line(
-            "# bench {\"name\":\"x\",\"shstk\":true,\"per_op\":[1],\"new_field\":2}"
-        )
-        .unwrap()
-        .is_ok());
+        assert!(parse_line("# bench {\"name\":\"x\",\"shstk\":true,\"per_op\":[1],\"new_field\":2}").unwrap().is_ok());
     }
 
     #[test]
@@ -855,11 +749,8 @@ mod tests {
                  # bench {{\"name\":\"patch_batch\",\"shstk\":false,\"sites\":16,\"sync_rounds\":{rounds},\"total\":160,\"per_op\":[10]}}"
             ))
         };
-        let figs = merge_runs(&[
-            run("1347,1171,1162,1169,1242", 3),
-            run("1100,1200,1300,1400,1500", 3),
-            run("9,9,9,9,9", 4),
-        ]);
+        let figs =
+            merge_runs(&[run("1347,1171,1162,1169,1242", 3), run("1100,1200,1300,1400,1500", 3), run("9,9,9,9,9", 4)]);
         assert_eq!(figs.len(), 2);
         let f = &figs[0];
         assert_eq!(f.key, "emul_call/classic");
@@ -881,11 +772,7 @@ mod tests {
         let b = t("shadowgap vs bare trap");
         assert_eq!((b.actual, b.met), (Some(1.5), Some(true)));
         let c = t("trampoline vs classic");
-        assert_eq!(
-            (c.actual, c.met),
-            (Some(2.5), Some(true)),
-            "equal to the limit is met"
-        );
+        assert_eq!((c.actual, c.met), (Some(2.5), Some(true)), "equal to the limit is met");
         let d = t("lookup growth");
         assert_eq!((d.actual, d.met), (Some(70.0), Some(false)));
         let e = t("batch patching per site");
@@ -904,7 +791,10 @@ mod tests {
     #[test]
     fn markdown_has_table_and_targets() {
         let md = markdown(&results(), true);
-        assert!(md.contains("| figure (per op) | bochs (CET on) [instructions] | bochs-cetoff (CET off) [instructions] |"), "{md}");
+        assert!(
+            md.contains("| figure (per op) | bochs (CET on) [instructions] | bochs-cetoff (CET off) [instructions] |"),
+            "{md}"
+        );
         assert!(md.contains("| `emul_call/shadowgap` | 150 | – |"), "{md}");
         assert!(md.contains("| `emul_call/classic` | – | 200 |"), "{md}");
         assert!(md.contains("**met** — shadowgap vs classic"), "{md}");
@@ -917,25 +807,12 @@ mod tests {
 
     #[test]
     fn readme_markers() {
-        assert_eq!(
-            update_readme(None, "X\n"),
-            format!("## Benchmarks\n\n{BEGIN}\nX\n{END}\n")
-        );
-        let old = format!(
-            "# shadowcall\n\nintro\n\n## Benchmarks\n\n{BEGIN}\nold\n{END}\n\n## Other\nkeep\n"
-        );
+        assert_eq!(update_readme(None, "X\n"), format!("## Benchmarks\n\n{BEGIN}\nX\n{END}\n"));
+        let old = format!("# shadowcall\n\nintro\n\n## Benchmarks\n\n{BEGIN}\nold\n{END}\n\n## Other\nkeep\n");
         let new = update_readme(Some(&old), "new");
-        assert_eq!(
-            new,
-            format!(
-                "# shadowcall\n\nintro\n\n## Benchmarks\n\n{BEGIN}\nnew\n{END}\n\n## Other\nkeep\n"
-            )
-        );
+        assert_eq!(new, format!("# shadowcall\n\nintro\n\n## Benchmarks\n\n{BEGIN}\nnew\n{END}\n\n## Other\nkeep\n"));
         let no_markers = update_readme(Some("# shadowcall\ntext\n"), "B");
-        assert_eq!(
-            no_markers,
-            format!("# shadowcall\ntext\n\n## Benchmarks\n\n{BEGIN}\nB\n{END}\n")
-        );
+        assert_eq!(no_markers, format!("# shadowcall\ntext\n\n## Benchmarks\n\n{BEGIN}\nB\n{END}\n"));
     }
 
     #[test]
@@ -943,10 +820,7 @@ mod tests {
         assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
         assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(utc_timestamp(1_764_210_645), "2025-11-27T02:30:45Z");
-        assert_eq!(
-            cpu_model("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags: x\n"),
-            "AMD EPYC 7B13"
-        );
+        assert_eq!(cpu_model("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags: x\n"), "AMD EPYC 7B13");
         assert_eq!(cpu_model(""), "unknown CPU");
     }
 

@@ -20,11 +20,7 @@ const PATHS: [(&str, &str); 6] = [
 
 /// The series: (machine label, legend, colour).
 const SERIES: [(&str, &str, RGBColor); 2] = [
-    (
-        "bochs",
-        "Bochs, CET shadow stacks on",
-        RGBColor(0x1f, 0x77, 0xb4),
-    ),
+    ("bochs", "Bochs, CET shadow stacks on", RGBColor(0x1f, 0x77, 0xb4)),
     ("bochs-cetoff", "Bochs, CET off", RGBColor(0xff, 0x7f, 0x0e)),
 ];
 
@@ -59,28 +55,15 @@ fn draw(r: &BenchResults, out: &mut String) -> DrawResult {
     Ok(())
 }
 
-fn bars<DB: DrawingBackend>(
-    r: &BenchResults,
-    area: &DrawingArea<DB, plotters::coord::Shift>,
-) -> DrawResult
+fn bars<DB: DrawingBackend>(r: &BenchResults, area: &DrawingArea<DB, plotters::coord::Shift>) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
-    let values: Vec<Vec<Option<f64>>> = SERIES
-        .iter()
-        .map(|(m, _, _)| PATHS.iter().map(|(_, k)| median(r, m, k)).collect())
-        .collect();
-    let ymax = values
-        .iter()
-        .flatten()
-        .flatten()
-        .fold(10f64, |a, &b| a.max(b))
-        * 1.15;
+    let values: Vec<Vec<Option<f64>>> =
+        SERIES.iter().map(|(m, _, _)| PATHS.iter().map(|(_, k)| median(r, m, k)).collect()).collect();
+    let ymax = values.iter().flatten().flatten().fold(10f64, |a, &b| a.max(b)) * 1.15;
     let mut chart = ChartBuilder::on(area)
-        .caption(
-            "Cost of one call through each path (emulated CALL at an int3 patch site)",
-            ("sans-serif", 17),
-        )
+        .caption("Cost of one call through each path (emulated CALL at an int3 patch site)", ("sans-serif", 17))
         .margin(16)
         .x_label_area_size(46)
         .y_label_area_size(72)
@@ -104,22 +87,14 @@ where
             .filter_map(|(i, v)| v.map(|v| (i as f64 + 0.1 + si as f64 * width, v)))
             .collect();
         chart
-            .draw_series(
-                bars.iter().map(|&(x, v)| {
-                    Rectangle::new([(x, 0.0), (x + width * 0.95, v)], colour.filled())
-                }),
-            )?
+            .draw_series(bars.iter().map(|&(x, v)| Rectangle::new([(x, 0.0), (x + width * 0.95, v)], colour.filled())))?
             .label(*legend)
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled()));
-        let label_style = TextStyle::from(("sans-serif", 13).into_font())
-            .pos(Pos::new(HPos::Center, VPos::Bottom));
-        chart.draw_series(bars.iter().map(|&(x, v)| {
-            Text::new(
-                format!("{v:.0}"),
-                (x + width * 0.475, v + ymax * 0.01),
-                label_style.clone(),
-            )
-        }))?;
+        let label_style = TextStyle::from(("sans-serif", 13).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
+        chart
+            .draw_series(bars.iter().map(|&(x, v)| {
+                Text::new(format!("{v:.0}"), (x + width * 0.475, v + ymax * 0.01), label_style.clone())
+            }))?;
         // Paths a configuration cannot take (classic with shadow stacks, shadow gap without).
         let missing: Vec<f64> = values[si]
             .iter()
@@ -127,25 +102,16 @@ where
             .filter(|(_, v)| v.is_none())
             .map(|(i, _)| i as f64 + 0.1 + si as f64 * width)
             .collect();
-        chart.draw_series(missing.iter().map(|&x| {
-            Text::new(
-                "n/a",
-                (x + width * 0.475, ymax * 0.01),
-                label_style.color(&colour),
-            )
-        }))?;
+        chart.draw_series(
+            missing.iter().map(|&x| Text::new("n/a", (x + width * 0.475, ymax * 0.01), label_style.color(&colour))),
+        )?;
     }
     // Category names under the groups, in pixel space.
-    let name_style =
-        TextStyle::from(("sans-serif", 15).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+    let name_style = TextStyle::from(("sans-serif", 15).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
     let base = area.get_base_pixel();
     for (i, (name, _)) in PATHS.iter().enumerate() {
         let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
-        area.draw(&Text::new(
-            *name,
-            (px - base.0, py - base.1 + 10),
-            name_style.clone(),
-        ))?;
+        area.draw(&Text::new(*name, (px - base.0, py - base.1 + 10), name_style.clone()))?;
     }
     chart
         .configure_series_labels()
@@ -157,10 +123,7 @@ where
     Ok(())
 }
 
-fn lookup<DB: DrawingBackend>(
-    r: &BenchResults,
-    area: &DrawingArea<DB, plotters::coord::Shift>,
-) -> DrawResult
+fn lookup<DB: DrawingBackend>(r: &BenchResults, area: &DrawingArea<DB, plotters::coord::Shift>) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
@@ -169,9 +132,7 @@ where
         .map(|(m, _, _)| {
             LOOKUP_SIZES
                 .iter()
-                .filter_map(|&s| {
-                    median(r, m, &format!("lookup[{s}]")).map(|v| ((s as f64).log2(), v))
-                })
+                .filter_map(|&s| median(r, m, &format!("lookup[{s}]")).map(|v| ((s as f64).log2(), v)))
                 .collect()
         })
         .collect();
@@ -180,10 +141,7 @@ where
     let (lo, hi) = if lo > hi { (0.0, 100.0) } else { (lo, hi) };
     let pad = ((hi - lo) * 0.15).max(10.0);
     let mut chart = ChartBuilder::on(area)
-        .caption(
-            "Emulated call with a patch batch of N sites in flight (site lookup cost)",
-            ("sans-serif", 17),
-        )
+        .caption("Emulated call with a patch batch of N sites in flight (site lookup cost)", ("sans-serif", 17))
         .margin(16)
         .x_label_area_size(50)
         .y_label_area_size(72)
@@ -214,14 +172,8 @@ where
         chart
             .draw_series(LineSeries::new(series[si].clone(), colour.stroke_width(2)))?
             .label(format!("{legend} ({strategy})"))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
-            });
-        chart.draw_series(
-            series[si]
-                .iter()
-                .map(|&p| Circle::new(p, 4, colour.filled())),
-        )?;
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
+        chart.draw_series(series[si].iter().map(|&p| Circle::new(p, 4, colour.filled())))?;
     }
     chart
         .configure_series_labels()
@@ -266,13 +218,7 @@ mod tests {
         };
         let s = svg(&r).unwrap();
         assert!(s.starts_with("<svg"), "{}", &s[..100.min(s.len())]);
-        for want in [
-            "2025-01-02 on testhost",
-            "shadow gap",
-            "290",
-            "65536",
-            "(shadowgap)",
-        ] {
+        for want in ["2025-01-02 on testhost", "shadow gap", "290", "65536", "(shadowgap)"] {
             assert!(s.contains(want), "missing {want}");
         }
     }

@@ -44,16 +44,9 @@ sound: driver=dummy
 }
 
 /// Builds the ISO, bochsrc and debugger rc file in `dir`.
-pub fn prepare(
-    dir: &RunDir,
-    machine: Machine,
-    smp: u32,
-    words: &[String],
-    kernel: &Path,
-) -> Result<Launch> {
-    let model = machine
-        .bochs_cpu_model()
-        .ok_or_else(|| Error::new(format!("`{}` is not a Bochs machine", machine.name())))?;
+pub fn prepare(dir: &RunDir, machine: Machine, smp: u32, words: &[String], kernel: &Path) -> Result<Launch> {
+    let model =
+        machine.bochs_cpu_model().ok_or_else(|| Error::new(format!("`{}` is not a Bochs machine", machine.name())))?;
     check_plain_path(dir.path())?;
     let iso_path = dir.join(ISO);
     iso::build_iso(kernel, words, &dir.join("iso-root"), &iso_path)?;
@@ -64,9 +57,7 @@ pub fn prepare(
     std::fs::write(dir.join(RC_FILE), "c\nq\n").context(|| "cannot write the Bochs rc file")?;
     Ok(Launch {
         program: "bochs".into(),
-        args: ["-q", "-f", BOCHSRC, "-rc", RC_FILE]
-            .map(String::from)
-            .to_vec(),
+        args: ["-q", "-f", BOCHSRC, "-rc", RC_FILE].map(String::from).to_vec(),
         env: vec![("SDL_VIDEODRIVER".into(), "dummy".into())],
         cwd: dir.path().to_path_buf(),
         stderr_log: dir.join(STDERR_LOG),
@@ -96,13 +87,8 @@ mod tests {
 
     #[test]
     fn bochsrc_has_the_settings() {
-        let rc = bochsrc(
-            "tigerlake",
-            2,
-            Path::new("/r/run.iso"),
-            Path::new("/r/serial.log"),
-            Path::new("/r/bochs.log"),
-        );
+        let rc =
+            bochsrc("tigerlake", 2, Path::new("/r/run.iso"), Path::new("/r/serial.log"), Path::new("/r/bochs.log"));
         for want in [
             "cpu: model=tigerlake, count=2, ips=10000000, reset_on_triple_fault=0\n",
             "ata0-master: type=cdrom, path=/r/run.iso, status=inserted\n",

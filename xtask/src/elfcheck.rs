@@ -42,17 +42,13 @@ pub fn load_segments(elf: &[u8]) -> std::result::Result<Vec<LoadSegment>, String
     let short = || "truncated ELF header".to_string();
     let machine = u16_at(elf, 0x12).ok_or_else(short)?;
     if machine != EM_X86_64 {
-        return Err(format!(
-            "ELF machine is {machine}, not x86-64 ({EM_X86_64})"
-        ));
+        return Err(format!("ELF machine is {machine}, not x86-64 ({EM_X86_64})"));
     }
     let phoff = u64_at(elf, 0x20).ok_or_else(short)? as usize;
     let phentsize = u16_at(elf, 0x36).ok_or_else(short)? as usize;
     let phnum = u16_at(elf, 0x38).ok_or_else(short)? as usize;
     if phentsize < 56 {
-        return Err(format!(
-            "program header entry size {phentsize} is smaller than 56"
-        ));
+        return Err(format!("program header entry size {phentsize} is smaller than 56"));
     }
     let mut segments = Vec::new();
     for i in 0..phnum {
@@ -102,9 +98,7 @@ pub fn sections(elf: &[u8]) -> std::result::Result<Vec<Section>, String> {
         return Ok(Vec::new());
     }
     if shentsize < 64 {
-        return Err(format!(
-            "section header entry size {shentsize} is smaller than 64"
-        ));
+        return Err(format!("section header entry size {shentsize} is smaller than 64"));
     }
     let mut raw = Vec::new();
     for i in 0..shnum {
@@ -137,25 +131,20 @@ pub fn sections(elf: &[u8]) -> std::result::Result<Vec<Section>, String> {
 }
 
 /// The bytes of `section` in the file (empty for NOBITS).
-pub fn section_bytes<'a>(
-    elf: &'a [u8],
-    section: &Section,
-) -> std::result::Result<&'a [u8], String> {
+pub fn section_bytes<'a>(elf: &'a [u8], section: &Section) -> std::result::Result<&'a [u8], String> {
     if section.kind == 8 {
         return Ok(&[]);
     }
     let (start, size) = (section.offset as usize, section.size as usize);
-    elf.get(start..start.saturating_add(size))
-        .ok_or_else(|| format!("section {} lies outside the file", section.name))
+    elf.get(start..start.saturating_add(size)).ok_or_else(|| format!("section {} lies outside the file", section.name))
 }
 
 /// The value of the first symbol called `name` in `.symtab`, if any.
 pub fn symbol(elf: &[u8], name: &str) -> std::result::Result<Option<u64>, String> {
     let secs = sections(elf)?;
     for symtab in secs.iter().filter(|s| s.kind == SHT_SYMTAB) {
-        let strtab = secs
-            .get(symtab.link as usize)
-            .ok_or_else(|| "the symbol table links to no string table".to_string())?;
+        let strtab =
+            secs.get(symtab.link as usize).ok_or_else(|| "the symbol table links to no string table".to_string())?;
         let table = section_bytes(elf, symtab)?;
         for sym in table.chunks_exact(24) {
             let name_off = u32_at(sym, 0).unwrap_or(0) as usize;
@@ -172,12 +161,10 @@ pub fn symbol(elf: &[u8], name: &str) -> std::result::Result<Option<u64>, String
 
 /// `len` bytes at virtual address `vaddr`, from the file-backed part of a PT_LOAD.
 pub fn bytes_at_vaddr(elf: &[u8], vaddr: u64, len: u64) -> Option<&[u8]> {
-    let seg = load_segments(elf).ok()?.into_iter().find(|s| {
-        vaddr >= s.vaddr
-            && vaddr
-                .checked_add(len)
-                .is_some_and(|e| e <= s.vaddr + s.filesz)
-    })?;
+    let seg = load_segments(elf)
+        .ok()?
+        .into_iter()
+        .find(|s| vaddr >= s.vaddr && vaddr.checked_add(len).is_some_and(|e| e <= s.vaddr + s.filesz))?;
     let start = (seg.offset + (vaddr - seg.vaddr)) as usize;
     elf.get(start..start + len as usize)
 }
@@ -193,26 +180,14 @@ pub fn patch_sites(elf: &[u8]) -> std::result::Result<Vec<u64>, String> {
     } else {
         match (symbol(elf, "__sites_start")?, symbol(elf, "__sites_end")?) {
             (Some(start), Some(end)) if end >= start => bytes_at_vaddr(elf, start, end - start)
-                .ok_or_else(|| {
-                    format!("the site table {start:#x}..{end:#x} is not file-backed in a PT_LOAD")
-                })?,
-            _ => {
-                return Err(
-                    "no .shadowcall_sites section and no __sites_start/__sites_end symbols".into(),
-                )
-            }
+                .ok_or_else(|| format!("the site table {start:#x}..{end:#x} is not file-backed in a PT_LOAD"))?,
+            _ => return Err("no .shadowcall_sites section and no __sites_start/__sites_end symbols".into()),
         }
     };
     if table.len() % 8 != 0 {
-        return Err(format!(
-            "the site table is {} bytes, not a multiple of 8",
-            table.len()
-        ));
+        return Err(format!("the site table is {} bytes, not a multiple of 8", table.len()));
     }
-    Ok(table
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-        .collect())
+    Ok(table.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
 }
 
 /// The a.out-kludge rules described in the module comment.
@@ -239,10 +214,7 @@ pub fn check_segments(segments: &[LoadSegment]) -> std::result::Result<(), Strin
         let (a, b) = (pair[0], pair[1]);
         let a_end = a.offset + a.filesz;
         if b.offset < a_end {
-            return Err(format!(
-                "PT_LOADs at vaddr {:#x} and {:#x} overlap in the file",
-                a.vaddr, b.vaddr
-            ));
+            return Err(format!("PT_LOADs at vaddr {:#x} and {:#x} overlap in the file", a.vaddr, b.vaddr));
         }
         if b.offset - a_end >= MAX_PADDING {
             return Err(format!(
@@ -257,9 +229,7 @@ pub fn check_segments(segments: &[LoadSegment]) -> std::result::Result<(), Strin
     let Some(last_file) = file_backed.last() else {
         return Ok(());
     };
-    let bss_before_data = sorted
-        .iter()
-        .find(|s| s.vaddr < last_file.vaddr && s.memsz > s.filesz);
+    let bss_before_data = sorted.iter().find(|s| s.vaddr < last_file.vaddr && s.memsz > s.filesz);
     if let Some(s) = bss_before_data {
         return Err(format!(
             "PT_LOAD at vaddr {:#x} has a zero-filled part (memsz {:#x} > filesz {:#x}) but file-backed \
@@ -275,11 +245,9 @@ pub fn check_segments(segments: &[LoadSegment]) -> std::result::Result<(), Strin
 pub fn check_multiboot_header(elf: &[u8]) -> std::result::Result<(), String> {
     let window = &elf[..elf.len().min(8192)];
     for at in (0..window.len().saturating_sub(11)).step_by(4) {
-        let (Some(magic), Some(flags), Some(sum)) = (
-            u32_at(window, at),
-            u32_at(window, at + 4),
-            u32_at(window, at + 8),
-        ) else {
+        let (Some(magic), Some(flags), Some(sum)) =
+            (u32_at(window, at), u32_at(window, at + 4), u32_at(window, at + 8))
+        else {
             break;
         };
         if magic == 0x1BAD_B002 && magic.wrapping_add(flags).wrapping_add(sum) == 0 {
@@ -313,12 +281,9 @@ pub(crate) mod synth {
     /// symbols `__sites_start`/`__sites_end` in `.symtab` (as in the real
     /// kernel, whose linker script merges it into `.rodata`).
     pub fn elf(base: u64, text: &[u8], sites: &[u64], as_section: bool) -> Vec<u8> {
-        let put16 =
-            |b: &mut Vec<u8>, at: usize, v: u16| b[at..at + 2].copy_from_slice(&v.to_le_bytes());
-        let put32 =
-            |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-        let put64 =
-            |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        let put16 = |b: &mut Vec<u8>, at: usize, v: u16| b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        let put32 = |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        let put64 = |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
         let mut b = vec![0u8; 0x200];
         b[..4].copy_from_slice(b"\x7fELF");
         b[4] = 2;
@@ -344,11 +309,7 @@ pub(crate) mod synth {
         let shstr = b"\0.text\0.shadowcall_sites\0.symtab\0.strtab\0.shstrtab\0";
         let name = |n: &str| {
             let pat = format!("\0{n}\0");
-            shstr
-                .windows(pat.len())
-                .position(|w| w == pat.as_bytes())
-                .unwrap() as u32
-                + 1
+            shstr.windows(pat.len()).position(|w| w == pat.as_bytes()).unwrap() as u32 + 1
         };
         let shstr_off = b.len();
         b.extend(shstr);
@@ -366,40 +327,16 @@ pub(crate) mod synth {
         }
         let sym_len = (b.len() - sym_off) as u64;
         // (name, type, addr, offset, size, link)
-        let mut headers = vec![
-            (0, 0, 0, 0, 0, 0),
-            (
-                name(".text"),
-                1,
-                base,
-                load_off as u64,
-                text.len() as u64,
-                0,
-            ),
-        ];
+        let mut headers = vec![(0, 0, 0, 0, 0, 0), (name(".text"), 1, base, load_off as u64, text.len() as u64, 0)];
         if as_section {
-            headers.push((
-                name(".shadowcall_sites"),
-                1,
-                table_vaddr,
-                table_off as u64,
-                table_len,
-                0,
-            ));
+            headers.push((name(".shadowcall_sites"), 1, table_vaddr, table_off as u64, table_len, 0));
         }
         let n = headers.len() as u32;
         if !as_section {
             headers.push((name(".symtab"), 2, 0, sym_off as u64, sym_len, n + 1));
         }
         headers.push((name(".strtab"), 3, 0, str_off as u64, 27, 0));
-        headers.push((
-            name(".shstrtab"),
-            3,
-            0,
-            shstr_off as u64,
-            shstr.len() as u64,
-            0,
-        ));
+        headers.push((name(".shstrtab"), 3, 0, shstr_off as u64, shstr.len() as u64, 0));
         while !b.len().is_multiple_of(8) {
             b.push(0);
         }
@@ -427,12 +364,7 @@ mod tests {
     use super::*;
 
     fn seg(offset: u64, vaddr: u64, filesz: u64, memsz: u64) -> LoadSegment {
-        LoadSegment {
-            offset,
-            vaddr,
-            filesz,
-            memsz,
-        }
+        LoadSegment { offset, vaddr, filesz, memsz }
     }
 
     /// A minimal ELF64 with the given PT_LOADs and one PT_NOTE.
@@ -453,13 +385,7 @@ mod tests {
         for s in segments {
             let mut ph = vec![0u8; 56];
             ph[..4].copy_from_slice(&PT_LOAD.to_le_bytes());
-            for (at, v) in [
-                (8, s.offset),
-                (16, s.vaddr),
-                (24, s.vaddr),
-                (32, s.filesz),
-                (40, s.memsz),
-            ] {
+            for (at, v) in [(8, s.offset), (16, s.vaddr), (24, s.vaddr), (32, s.filesz), (40, s.memsz)] {
                 ph[at..at + 8].copy_from_slice(&v.to_le_bytes());
             }
             b.extend(ph);
@@ -469,10 +395,7 @@ mod tests {
 
     #[test]
     fn parses_program_headers() {
-        let segs = [
-            seg(0x1000, 0x100000, 0x2000, 0x2000),
-            seg(0x3000, 0x102000, 0x100, 0x5000),
-        ];
+        let segs = [seg(0x1000, 0x100000, 0x2000, 0x2000), seg(0x3000, 0x102000, 0x100, 0x5000)];
         assert_eq!(load_segments(&elf(&segs)).unwrap(), segs);
         assert!(check_segments(&segs).is_ok());
     }
@@ -494,34 +417,18 @@ mod tests {
 
     #[test]
     fn rejects_different_deltas() {
-        let segs = [
-            seg(0x1000, 0x100000, 0x1000, 0x1000),
-            seg(0x2000, 0x200000, 0x1000, 0x1000),
-        ];
+        let segs = [seg(0x1000, 0x100000, 0x1000, 0x1000), seg(0x2000, 0x200000, 0x1000, 0x1000)];
         assert!(check_segments(&segs).unwrap_err().contains("same delta"));
     }
 
     #[test]
     fn rejects_file_gap_and_bss_in_the_middle() {
-        let gap = [
-            seg(0x1000, 0x100000, 0x1000, 0x1000),
-            seg(0x9000, 0x108000, 0x1000, 0x1000),
-        ];
+        let gap = [seg(0x1000, 0x100000, 0x1000, 0x1000), seg(0x9000, 0x108000, 0x1000, 0x1000)];
         assert!(check_segments(&gap).unwrap_err().contains("not contiguous"));
-        let bss_first = [
-            seg(0x1000, 0x100000, 0x800, 0x1000),
-            seg(0x2000, 0x101000, 0x1000, 0x1000),
-        ];
-        assert!(check_segments(&bss_first)
-            .unwrap_err()
-            .contains("zero-filled"));
-        let pure_bss_first = [
-            seg(0x1000, 0x100000, 0, 0x1000),
-            seg(0x2000, 0x101000, 0x10, 0x10),
-        ];
-        assert!(check_segments(&pure_bss_first)
-            .unwrap_err()
-            .contains("zero-filled"));
+        let bss_first = [seg(0x1000, 0x100000, 0x800, 0x1000), seg(0x2000, 0x101000, 0x1000, 0x1000)];
+        assert!(check_segments(&bss_first).unwrap_err().contains("zero-filled"));
+        let pure_bss_first = [seg(0x1000, 0x100000, 0, 0x1000), seg(0x2000, 0x101000, 0x10, 0x10)];
+        assert!(check_segments(&pure_bss_first).unwrap_err().contains("zero-filled"));
     }
 
     #[test]
@@ -549,12 +456,8 @@ mod tests {
     #[test]
     fn multiboot_header() {
         assert!(check_multiboot_header(&multiboot(0x10000)).is_ok());
-        assert!(check_multiboot_header(&multiboot(0x3))
-            .unwrap_err()
-            .contains("bit 16"));
-        assert!(check_multiboot_header(&[0u8; 100])
-            .unwrap_err()
-            .contains("no Multiboot"));
+        assert!(check_multiboot_header(&multiboot(0x3)).unwrap_err().contains("bit 16"));
+        assert!(check_multiboot_header(&[0u8; 100]).unwrap_err().contains("no Multiboot"));
         let mut b = multiboot(0x10000);
         b[72] ^= 1;
         assert!(check_multiboot_header(&b).is_err());
@@ -568,10 +471,7 @@ mod tests {
             let elf = synth::elf(0x100000, &text, &sites, as_section);
             let secs = sections(&elf).unwrap();
             assert_eq!(secs[1].name, ".text");
-            assert_eq!(
-                secs.iter().any(|s| s.name == ".shadowcall_sites"),
-                as_section
-            );
+            assert_eq!(secs.iter().any(|s| s.name == ".shadowcall_sites"), as_section);
             assert_eq!(patch_sites(&elf).unwrap(), sites, "as_section={as_section}");
             assert_eq!(bytes_at_vaddr(&elf, 0x100001, 2), Some(&[0xcc, 0xe8][..]));
             assert_eq!(bytes_at_vaddr(&elf, 0x0fffff, 1), None);
@@ -585,10 +485,7 @@ mod tests {
         let mut bare = synth::elf(0x100000, &text, &[], true);
         let secs = sections(&bare).unwrap();
         let shoff = u64_at(&bare, 0x28).unwrap() as usize;
-        let i = secs
-            .iter()
-            .position(|s| s.name == ".shadowcall_sites")
-            .unwrap();
+        let i = secs.iter().position(|s| s.name == ".shadowcall_sites").unwrap();
         bare[shoff + i * 64 + 4] = 0; // make it unnamed-type, keep name
         bare[shoff + i * 64] = 0;
         assert!(patch_sites(&bare).unwrap_err().contains("__sites_start"));

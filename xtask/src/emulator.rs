@@ -33,11 +33,7 @@ pub struct Launch {
 }
 
 fn shell_quote(word: &str) -> String {
-    if !word.is_empty()
-        && word
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-=./:,+@%".contains(c))
-    {
+    if !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "_-=./:,+@%".contains(c)) {
         word.to_string()
     } else {
         format!("'{}'", word.replace('\'', "'\\''"))
@@ -47,15 +43,8 @@ fn shell_quote(word: &str) -> String {
 impl Launch {
     /// A shell command line that repeats this launch (for command.txt).
     pub fn command_line(&self) -> String {
-        let mut parts = vec![format!(
-            "cd {} &&",
-            shell_quote(&self.cwd.to_string_lossy())
-        )];
-        parts.extend(
-            self.env
-                .iter()
-                .map(|(k, v)| format!("{k}={}", shell_quote(v))),
-        );
+        let mut parts = vec![format!("cd {} &&", shell_quote(&self.cwd.to_string_lossy()))];
+        parts.extend(self.env.iter().map(|(k, v)| format!("{k}={}", shell_quote(v))));
         parts.push(shell_quote(&self.program));
         parts.extend(self.args.iter().map(|a| shell_quote(a)));
         parts.push("< /dev/null".to_string());
@@ -118,11 +107,7 @@ fn wait_or_kill(child: &mut Child, grace: Duration) -> (Option<ExitStatus>, bool
 }
 
 /// Sends `reader`'s lines into `tx` until EOF.
-fn spawn_line_reader(
-    reader: impl std::io::Read + Send + 'static,
-    tx: mpsc::Sender<Line>,
-    wrap: fn(String) -> Line,
-) {
+fn spawn_line_reader(reader: impl std::io::Read + Send + 'static, tx: mpsc::Sender<Line>, wrap: fn(String) -> Line) {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(reader);
         let mut buf = Vec::new();
@@ -134,10 +119,7 @@ fn spawn_line_reader(
                     if buf.last() == Some(&b'\n') {
                         buf.pop();
                     }
-                    if tx
-                        .send(wrap(String::from_utf8_lossy(&buf).into_owned()))
-                        .is_err()
-                    {
+                    if tx.send(wrap(String::from_utf8_lossy(&buf).into_owned())).is_err() {
                         break;
                     }
                 }
@@ -149,16 +131,10 @@ fn spawn_line_reader(
 /// Starts the emulator, echoes (if `echo`) and parses its stdout line by
 /// line, and stops it at the timeout. Raw output is also written to
 /// `output_log`, stderr to `launch.stderr_log`.
-pub fn run_streaming(
-    launch: &Launch,
-    timeout: Option<Duration>,
-    echo: bool,
-    output_log: &Path,
-) -> Result<Streamed> {
-    let mut err_log = File::create(&launch.stderr_log)
-        .context(|| format!("cannot create {}", launch.stderr_log.display()))?;
-    let mut log =
-        File::create(output_log).context(|| format!("cannot create {}", output_log.display()))?;
+pub fn run_streaming(launch: &Launch, timeout: Option<Duration>, echo: bool, output_log: &Path) -> Result<Streamed> {
+    let mut err_log =
+        File::create(&launch.stderr_log).context(|| format!("cannot create {}", launch.stderr_log.display()))?;
+    let mut log = File::create(output_log).context(|| format!("cannot create {}", output_log.display()))?;
     let mut child = Command::new(&launch.program)
         .args(&launch.args)
         .envs(launch.env.iter().map(|(k, v)| (k, v)))
@@ -227,9 +203,7 @@ pub fn run_streaming(
             }
             Err(RecvTimeoutError::Timeout) => {
                 match stop {
-                    Some((t, Stop::EndOfReport)) if Instant::now() >= t => {
-                        out.killed_after_end = true
-                    }
+                    Some((t, Stop::EndOfReport)) if Instant::now() >= t => out.killed_after_end = true,
                     Some((t, Stop::Fatal)) if Instant::now() >= t => {}
                     _ => out.timed_out = timeout,
                 }
@@ -263,60 +237,38 @@ mod tests {
     #[test]
     fn streams_and_parses() {
         let dir = crate::rundir::RunDir::create("xtask-unit-emu").unwrap();
-        let l = sh("printf 'noise\\n<bochs:1> KTAP version 1\\n1..1\\nok 1 a\\n# shadowcall: end of report\\n'", dir.path());
-        let s = run_streaming(
-            &l,
-            Some(Duration::from_secs(20)),
-            false,
-            &dir.join("out.log"),
-        )
-        .unwrap();
+        let l = sh(
+            "printf 'noise\\n<bochs:1> KTAP version 1\\n1..1\\nok 1 a\\n# shadowcall: end of report\\n'",
+            dir.path(),
+        );
+        let s = run_streaming(&l, Some(Duration::from_secs(20)), false, &dir.join("out.log")).unwrap();
         assert!(s.report.passed(), "{:?}", s.report.failure_reasons());
         assert!(s.timed_out.is_none() && !s.killed_after_end);
         assert!(s.exit.is_some_and(|e| e.success()));
         assert!(s.end_after.is_some_and(|t| t < Duration::from_secs(20)));
-        assert!(std::fs::read_to_string(dir.join("out.log"))
-            .unwrap()
-            .starts_with("noise\n"));
+        assert!(std::fs::read_to_string(dir.join("out.log")).unwrap().starts_with("noise\n"));
         dir.remove().unwrap();
     }
 
     #[test]
     fn timeout_kills_the_child() {
         let dir = crate::rundir::RunDir::create("xtask-unit-emu").unwrap();
-        let l = sh(
-            "printf 'KTAP version 1\\n1..2\\nok 1 a\\n'; exec sleep 30",
-            dir.path(),
-        );
+        let l = sh("printf 'KTAP version 1\\n1..2\\nok 1 a\\n'; exec sleep 30", dir.path());
         let start = Instant::now();
-        let s = run_streaming(
-            &l,
-            Some(Duration::from_secs(1)),
-            false,
-            &dir.join("out.log"),
-        )
-        .unwrap();
+        let s = run_streaming(&l, Some(Duration::from_secs(1)), false, &dir.join("out.log")).unwrap();
         assert!(start.elapsed() < Duration::from_secs(10));
         assert_eq!(s.timed_out, Some(Duration::from_secs(1)));
-        assert_eq!(
-            s.report.failure_reasons(),
-            ["incomplete plan: 1 of 2 results"]
-        );
+        assert_eq!(s.report.failure_reasons(), ["incomplete plan: 1 of 2 results"]);
         dir.remove().unwrap();
     }
 
     #[test]
     fn fatal_stderr_stops_early() {
         let dir = crate::rundir::RunDir::create("xtask-unit-emu").unwrap();
-        let l = sh("printf 'KTAP version 1\\n1..2\\n'; echo 'FATAL-MARK x' >&2; echo more >&2; exec sleep 30", dir.path());
+        let l =
+            sh("printf 'KTAP version 1\\n1..2\\n'; echo 'FATAL-MARK x' >&2; echo more >&2; exec sleep 30", dir.path());
         let start = Instant::now();
-        let s = run_streaming(
-            &l,
-            Some(Duration::from_secs(20)),
-            false,
-            &dir.join("out.log"),
-        )
-        .unwrap();
+        let s = run_streaming(&l, Some(Duration::from_secs(20)), false, &dir.join("out.log")).unwrap();
         assert!(start.elapsed() < Duration::from_secs(10));
         assert_eq!(s.fatal.as_deref(), Some("FATAL-MARK x"));
         assert_eq!(s.stderr_tail, ["FATAL-MARK x", "more"]);
@@ -330,9 +282,6 @@ mod tests {
     fn command_line_is_quoted() {
         let mut l = sh("echo hi", Path::new("/tmp/x"));
         l.env.push(("SDL_VIDEODRIVER".into(), "dummy".into()));
-        assert_eq!(
-            l.command_line(),
-            "cd /tmp/x && SDL_VIDEODRIVER=dummy sh -c 'echo hi' < /dev/null"
-        );
+        assert_eq!(l.command_line(), "cd /tmp/x && SDL_VIDEODRIVER=dummy sh -c 'echo hi' < /dev/null");
     }
 }

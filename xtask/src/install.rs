@@ -19,10 +19,7 @@ pub enum Need {
     /// A file or directory at a fixed path.
     Path(&'static str),
     /// A file whose name starts with `prefix` in one of `dirs`.
-    FileIn {
-        dirs: &'static [&'static str],
-        prefix: &'static str,
-    },
+    FileIn { dirs: &'static [&'static str], prefix: &'static str },
 }
 
 /// A need and the Debian package that fulfils it.
@@ -45,26 +42,14 @@ pub const GRUB_ISO: &[Requirement] = &[
 ];
 
 /// Where Debian-style systems put Bochs' plugins.
-pub const BOCHS_PLUGIN_DIRS: &[&str] = &[
-    "/usr/lib/x86_64-linux-gnu/bochs/plugins",
-    "/usr/lib/bochs/plugins",
-    "/usr/lib64/bochs/plugins",
-];
+pub const BOCHS_PLUGIN_DIRS: &[&str] =
+    &["/usr/lib/x86_64-linux-gnu/bochs/plugins", "/usr/lib/bochs/plugins", "/usr/lib64/bochs/plugins"];
 
 const BOCHS: &[Requirement] = &[
     req(Need::Exe("bochs"), "bochs"),
-    req(
-        Need::Path("/usr/share/bochs/BIOS-bochs-latest"),
-        "bochsbios",
-    ),
+    req(Need::Path("/usr/share/bochs/BIOS-bochs-latest"), "bochsbios"),
     req(Need::Path("/usr/share/vgabios/vgabios.bin"), "vgabios"),
-    req(
-        Need::FileIn {
-            dirs: BOCHS_PLUGIN_DIRS,
-            prefix: "libbx_sdl2",
-        },
-        "bochs-sdl",
-    ),
+    req(Need::FileIn { dirs: BOCHS_PLUGIN_DIRS, prefix: "libbx_sdl2" }, "bochs-sdl"),
 ];
 
 const QEMU: &[Requirement] = &[req(Need::Exe("qemu-system-x86_64"), "qemu-system-x86")];
@@ -81,9 +66,7 @@ pub fn requirements(machine: Machine) -> Vec<Requirement> {
 /// Looks `name` up on PATH.
 pub fn find_exe(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }
 
 impl Need {
@@ -91,9 +74,7 @@ impl Need {
         match *self {
             Need::Exe(name) => find_exe(name).is_some(),
             Need::Path(p) => Path::new(p).exists(),
-            Need::FileIn { dirs, prefix } => {
-                dirs.iter().any(|d| dir_has_prefix(Path::new(d), prefix))
-            }
+            Need::FileIn { dirs, prefix } => dirs.iter().any(|d| dir_has_prefix(Path::new(d), prefix)),
         }
     }
 
@@ -110,9 +91,7 @@ fn dir_has_prefix(dir: &Path, prefix: &str) -> bool {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return false;
     };
-    entries
-        .flatten()
-        .any(|e| e.file_name().to_string_lossy().starts_with(prefix))
+    entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with(prefix))
 }
 
 /// The unmet requirements among `reqs`, without duplicates.
@@ -156,10 +135,7 @@ fn apt_get(args: &[&str]) -> Result<()> {
         .status()
         .context(|| "cannot run apt-get")?;
     if !status.success() {
-        return Err(Error::new(format!(
-            "`apt-get {}` failed ({status})",
-            args.join(" ")
-        )));
+        return Err(Error::new(format!("`apt-get {}` failed ({status})", args.join(" "))));
     }
     Ok(())
 }
@@ -190,11 +166,7 @@ pub fn ensure(reqs: &[Requirement]) -> Result<()> {
     apt_get(&args)?;
     let still: Vec<String> = missing(reqs).iter().map(|r| r.need.describe()).collect();
     if !still.is_empty() {
-        return Err(Error::new(format!(
-            "still missing after installing {}: {}",
-            pkgs.join(" "),
-            still.join("; ")
-        )));
+        return Err(Error::new(format!("still missing after installing {}: {}", pkgs.join(" "), still.join("; "))));
     }
     Ok(())
 }
@@ -216,10 +188,7 @@ pub fn ensure_rust_target(dir: &Path) -> Result<()> {
         .output()
         .context(|| "cannot run `rustc --print sysroot`")?;
     if !out.status.success() {
-        return Err(Error::new(format!(
-            "`rustc --print sysroot` failed ({})",
-            out.status
-        )));
+        return Err(Error::new(format!("`rustc --print sysroot` failed ({})", out.status)));
     }
     let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     if sysroot.join("lib/rustlib").join(KERNEL_TARGET).is_dir() {
@@ -232,9 +201,7 @@ pub fn ensure_rust_target(dir: &Path) -> Result<()> {
         .status()
         .context(|| "cannot run rustup")?;
     if !status.success() {
-        return Err(Error::new(format!(
-            "`rustup target add {KERNEL_TARGET}` failed ({status})"
-        )));
+        return Err(Error::new(format!("`rustup target add {KERNEL_TARGET}` failed ({status})")));
     }
     Ok(())
 }
@@ -247,22 +214,10 @@ mod tests {
     fn machine_requirements() {
         let bochs = requirements(Machine::Bochs);
         let pkgs = packages_of(&bochs);
-        for p in [
-            "bochs",
-            "bochsbios",
-            "vgabios",
-            "bochs-sdl",
-            "grub-common",
-            "grub-pc-bin",
-            "xorriso",
-            "mtools",
-        ] {
+        for p in ["bochs", "bochsbios", "vgabios", "bochs-sdl", "grub-common", "grub-pc-bin", "xorriso", "mtools"] {
             assert!(pkgs.contains(&p), "{p} missing from {pkgs:?}");
         }
-        assert_eq!(
-            packages_of(&requirements(Machine::QemuKvm)),
-            ["qemu-system-x86"]
-        );
+        assert_eq!(packages_of(&requirements(Machine::QemuKvm)), ["qemu-system-x86"]);
     }
 
     #[test]
@@ -271,11 +226,7 @@ mod tests {
         assert!(!Need::Exe("definitely-not-a-tool-xyz").is_met());
         assert!(Need::Path("/").is_met());
         assert!(!Need::Path("/nonexistent/xyz").is_met());
-        assert!(!Need::FileIn {
-            dirs: &["/nonexistent"],
-            prefix: "x"
-        }
-        .is_met());
+        assert!(!Need::FileIn { dirs: &["/nonexistent"], prefix: "x" }.is_met());
         let r = req(Need::Exe("definitely-not-a-tool-xyz"), "p");
         assert_eq!(missing(&[r, r]), [r]);
     }

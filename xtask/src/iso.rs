@@ -20,13 +20,10 @@ pub fn grub_cfg(words: &[String]) -> String {
 /// `grub-mkrescue -o out staging`.
 pub fn build_iso(kernel: &Path, words: &[String], staging: &Path, out: &Path) -> Result<()> {
     let grub_dir = staging.join("boot/grub");
-    std::fs::create_dir_all(&grub_dir)
-        .context(|| format!("cannot create {}", grub_dir.display()))?;
-    std::fs::write(grub_dir.join("grub.cfg"), grub_cfg(words))
-        .context(|| "cannot write grub.cfg")?;
+    std::fs::create_dir_all(&grub_dir).context(|| format!("cannot create {}", grub_dir.display()))?;
+    std::fs::write(grub_dir.join("grub.cfg"), grub_cfg(words)).context(|| "cannot write grub.cfg")?;
     let dest = staging.join(KERNEL_IN_ISO.trim_start_matches('/'));
-    std::fs::copy(kernel, &dest)
-        .context(|| format!("cannot copy {} to {}", kernel.display(), dest.display()))?;
+    std::fs::copy(kernel, &dest).context(|| format!("cannot copy {} to {}", kernel.display(), dest.display()))?;
     let output = Command::new("grub-mkrescue")
         .arg("-o")
         .arg(out)
@@ -53,8 +50,6 @@ mod tests {
         let cfg = grub_cfg(&["cet=auto".into(), "expect_cet=1".into()]);
         assert!(cfg.contains("set timeout=0\n"));
         assert_eq!(cfg.matches("menuentry").count(), 1);
-        assert!(
-            cfg.contains("    multiboot /boot/shadowcall.elf cet=auto expect_cet=1\n    boot\n")
-        );
+        assert!(cfg.contains("    multiboot /boot/shadowcall.elf cet=auto expect_cet=1\n    boot\n"));
     }
 }

@@ -41,10 +41,7 @@ const SCRUBBED_ENV: &[&str] = &[
 pub fn build_kernel() -> Result<PathBuf> {
     let dir = kernel_dir();
     install::ensure_rust_target(&dir)?;
-    println!(
-        "==> building the kernel (cargo build --release in {})",
-        dir.display()
-    );
+    println!("==> building the kernel (cargo build --release in {})", dir.display());
     let mut cmd = Command::new(cargo());
     cmd.args(["build", "--release"]).current_dir(&dir);
     for var in SCRUBBED_ENV {
@@ -52,16 +49,11 @@ pub fn build_kernel() -> Result<PathBuf> {
     }
     let status = cmd.status().context(|| "cannot run cargo")?;
     if !status.success() {
-        return Err(Error::new(format!(
-            "kernel build failed ({status}); see the cargo output above"
-        )));
+        return Err(Error::new(format!("kernel build failed ({status}); see the cargo output above")));
     }
     let elf = kernel_elf();
     if !elf.is_file() {
-        return Err(Error::new(format!(
-            "the kernel build succeeded but {} does not exist",
-            elf.display()
-        )));
+        return Err(Error::new(format!("the kernel build succeeded but {} does not exist", elf.display())));
     }
     Ok(elf)
 }

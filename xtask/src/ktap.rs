@@ -88,9 +88,7 @@ fn parse_result(line: &str) -> Option<Result<TestResult, String>> {
     };
     let (number, rest) = rest.split_once(' ').unwrap_or((rest, ""));
     let Ok(number) = number.parse::<u32>() else {
-        return Some(Err(format!(
-            "malformed result line (bad test number): `{line}`"
-        )));
+        return Some(Err(format!("malformed result line (bad test number): `{line}`")));
     };
     let (name, directive) = match rest.split_once(" # ") {
         Some((name, directive)) => (name, Some(directive)),
@@ -98,9 +96,7 @@ fn parse_result(line: &str) -> Option<Result<TestResult, String>> {
     };
     let name = name.trim().to_string();
     if name.is_empty() {
-        return Some(Err(format!(
-            "malformed result line (no test name): `{line}`"
-        )));
+        return Some(Err(format!("malformed result line (no test name): `{line}`")));
     }
     let skip = directive.and_then(|d| {
         let d = d.trim();
@@ -111,11 +107,7 @@ fn parse_result(line: &str) -> Option<Result<TestResult, String>> {
         (true, None) => Status::Ok,
         (false, _) => Status::NotOk,
     };
-    Some(Ok(TestResult {
-        number,
-        name,
-        status,
-    }))
+    Some(Ok(TestResult { number, name, status }))
 }
 
 impl Report {
@@ -131,8 +123,7 @@ impl Report {
         }
         if line == HEADER {
             if self.header_seen {
-                self.errors
-                    .push("a second `KTAP version 1` header: did the kernel restart?".to_string());
+                self.errors.push("a second `KTAP version 1` header: did the kernel restart?".to_string());
             }
             self.header_seen = true;
             self.lines.push(line.to_string());
@@ -160,8 +151,7 @@ impl Report {
             if self.plan.is_some() {
                 self.errors.push(format!("a second plan line `{line}`"));
             } else if !self.results.is_empty() {
-                self.errors
-                    .push(format!("plan line `{line}` after the first result"));
+                self.errors.push(format!("plan line `{line}` after the first result"));
             }
             self.plan.get_or_insert(n);
             return LineKind::Plan;
@@ -183,33 +173,23 @@ impl Report {
     fn check_number(&mut self, result: &TestResult) {
         let expected = self.results.len() as u32 + 1;
         if self.plan.is_none() && self.results.is_empty() {
-            self.errors
-                .push(format!("result `{}` before the plan line", result.name));
+            self.errors.push(format!("result `{}` before the plan line", result.name));
         }
         if result.number == expected {
             return;
         }
         if self.results.iter().any(|r| r.number == result.number) {
-            self.errors.push(format!(
-                "duplicate test number {} ({})",
-                result.number, result.name
-            ));
+            self.errors.push(format!("duplicate test number {} ({})", result.number, result.name));
         } else {
-            self.errors.push(format!(
-                "test number {} ({}) out of order: expected {expected}",
-                result.number, result.name
-            ));
+            self.errors
+                .push(format!("test number {} ({}) out of order: expected {expected}", result.number, result.name));
         }
     }
 
     /// (passed, failed, skipped)
     pub fn counts(&self) -> (usize, usize, usize) {
         let count = |f: fn(&Status) -> bool| self.results.iter().filter(|r| f(&r.status)).count();
-        (
-            count(|s| *s == Status::Ok),
-            count(|s| *s == Status::NotOk),
-            count(|s| matches!(s, Status::Skip(_))),
-        )
+        (count(|s| *s == Status::Ok), count(|s| *s == Status::NotOk), count(|s| matches!(s, Status::Skip(_))))
     }
 
     /// The line `N passed, N failed, N skipped`.
@@ -247,9 +227,7 @@ impl Report {
     pub fn failure_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
         if !self.header_seen {
-            reasons.push(format!(
-                "no KTAP report: the line `{HEADER}` never appeared"
-            ));
+            reasons.push(format!("no KTAP report: the line `{HEADER}` never appeared"));
         } else if let Some(n) = self.plan {
             let got = self.results.len();
             if got < n as usize {
@@ -261,12 +239,8 @@ impl Report {
             reasons.push("no plan line (`1..N`) after the KTAP header".to_string());
         }
         reasons.extend(self.errors.iter().map(|e| format!("bad KTAP: {e}")));
-        let not_ok: Vec<&str> = self
-            .results
-            .iter()
-            .filter(|r| r.status == Status::NotOk)
-            .map(|r| r.name.as_str())
-            .collect();
+        let not_ok: Vec<&str> =
+            self.results.iter().filter(|r| r.status == Status::NotOk).map(|r| r.name.as_str()).collect();
         if !not_ok.is_empty() {
             reasons.push(format!("not ok: {}", not_ok.join(", ")));
         }
@@ -322,11 +296,7 @@ ok 4 patch_race
         assert_eq!(r.results.len(), 4);
         assert_eq!(
             r.results[2],
-            TestResult {
-                number: 3,
-                name: "smp".into(),
-                status: Status::Skip("only one CPU".into())
-            }
+            TestResult { number: 3, name: "smp".into(), status: Status::Skip("only one CPU".into()) }
         );
         assert_eq!(r.counts(), (3, 0, 1));
         assert_eq!(r.summary_line(), "3 passed, 0 failed, 1 skipped");
@@ -352,22 +322,16 @@ ok 4 patch_race
 
     #[test]
     fn not_ok_is_failure() {
-        let r = parse(
-            "KTAP version 1\n1..3\nok 1 a\nnot ok 2 cp_near_ret\nnot ok 3 cmdline # cet=on\n",
-        );
+        let r = parse("KTAP version 1\n1..3\nok 1 a\nnot ok 2 cp_near_ret\nnot ok 3 cmdline # cet=on\n");
         assert_eq!(r.counts(), (1, 2, 0));
         assert_eq!(r.result("cmdline").map(|t| &t.status), Some(&Status::NotOk));
-        assert!(r
-            .failure_reasons()
-            .contains(&"not ok: cp_near_ret, cmdline".to_string()));
+        assert!(r.failure_reasons().contains(&"not ok: cp_near_ret, cmdline".to_string()));
         assert!(!r.passed());
     }
 
     #[test]
     fn skip_directive_variants() {
-        let r = parse(
-            "KTAP version 1\n1..3\nok 1 a # SKIP\nok 2 b # skip no smp\nok 3 c # TODO later\n",
-        );
+        let r = parse("KTAP version 1\n1..3\nok 1 a # SKIP\nok 2 b # skip no smp\nok 3 c # TODO later\n");
         assert_eq!(r.results[0].status, Status::Skip(String::new()));
         assert_eq!(r.results[1].status, Status::Skip("no smp".into()));
         assert_eq!(r.results[2].status, Status::Ok);
@@ -391,10 +355,7 @@ ok 4 patch_race
         let r = parse("KTAP version 1\n1..30\nok 1 a\nok 2 b\n");
         assert_eq!(r.failure_reasons(), ["incomplete plan: 2 of 30 results"]);
         let r = parse("KTAP version 1\n1..1\nok 1 a\nok 2 b\n");
-        assert!(r
-            .failure_reasons()
-            .iter()
-            .any(|e| e.contains("too many results: 2 for a plan of 1")));
+        assert!(r.failure_reasons().iter().any(|e| e.contains("too many results: 2 for a plan of 1")));
     }
 
     #[test]
@@ -403,64 +364,34 @@ ok 4 patch_race
         assert!(r.failure_reasons()[0].contains("never appeared"));
         assert!(r.results.is_empty());
         let r = parse("KTAP version 1\nok 1 a\n");
-        assert!(r
-            .failure_reasons()
-            .iter()
-            .any(|e| e.contains("no plan line")));
-        assert!(r
-            .failure_reasons()
-            .iter()
-            .any(|e| e.contains("before the plan")));
+        assert!(r.failure_reasons().iter().any(|e| e.contains("no plan line")));
+        assert!(r.failure_reasons().iter().any(|e| e.contains("before the plan")));
     }
 
     #[test]
     fn duplicate_and_out_of_order_numbers() {
         let r = parse("KTAP version 1\n1..3\nok 1 a\nok 1 b\nok 3 c\n");
         let reasons = r.failure_reasons();
-        assert!(
-            reasons
-                .iter()
-                .any(|e| e.contains("duplicate test number 1 (b)")),
-            "{reasons:?}"
-        );
+        assert!(reasons.iter().any(|e| e.contains("duplicate test number 1 (b)")), "{reasons:?}");
         assert!(!r.passed());
         let r = parse("KTAP version 1\n1..2\nok 2 b\nok 1 a\n");
         let reasons = r.failure_reasons();
-        assert!(
-            reasons
-                .iter()
-                .any(|e| e.contains("test number 2 (b) out of order: expected 1")),
-            "{reasons:?}"
-        );
-        assert!(
-            reasons
-                .iter()
-                .any(|e| e.contains("test number 1 (a) out of order")),
-            "{reasons:?}"
-        );
+        assert!(reasons.iter().any(|e| e.contains("test number 2 (b) out of order: expected 1")), "{reasons:?}");
+        assert!(reasons.iter().any(|e| e.contains("test number 1 (a) out of order")), "{reasons:?}");
     }
 
     #[test]
     fn malformed_result_lines() {
         let r = parse("KTAP version 1\n1..1\nok x a\nok 1\n");
         let reasons = r.failure_reasons();
-        assert!(
-            reasons.iter().any(|e| e.contains("bad test number")),
-            "{reasons:?}"
-        );
-        assert!(
-            reasons.iter().any(|e| e.contains("no test name")),
-            "{reasons:?}"
-        );
+        assert!(reasons.iter().any(|e| e.contains("bad test number")), "{reasons:?}");
+        assert!(reasons.iter().any(|e| e.contains("no test name")), "{reasons:?}");
     }
 
     #[test]
     fn panic_is_failure_even_with_complete_plan() {
         let r = parse("KTAP version 1\n1..1\nok 1 a\n# PANIC at src/main.rs:10: boom\n");
-        assert_eq!(
-            r.failure_reasons(),
-            ["kernel panic: # PANIC at src/main.rs:10: boom"]
-        );
+        assert_eq!(r.failure_reasons(), ["kernel panic: # PANIC at src/main.rs:10: boom"]);
         let r = parse("# PANIC early\n");
         assert!(r.panic.is_some());
     }
@@ -469,16 +400,8 @@ ok 4 patch_race
     fn restart_and_second_plan_are_errors() {
         let r = parse("KTAP version 1\n1..1\nKTAP version 1\n1..1\nok 1 a\n");
         let reasons = r.failure_reasons();
-        assert!(
-            reasons
-                .iter()
-                .any(|e| e.contains("second `KTAP version 1`")),
-            "{reasons:?}"
-        );
-        assert!(
-            reasons.iter().any(|e| e.contains("second plan line")),
-            "{reasons:?}"
-        );
+        assert!(reasons.iter().any(|e| e.contains("second `KTAP version 1`")), "{reasons:?}");
+        assert!(reasons.iter().any(|e| e.contains("second plan line")), "{reasons:?}");
     }
 
     #[test]

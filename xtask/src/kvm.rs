@@ -55,10 +55,7 @@ pub fn parse_rip(stderr: &str) -> Option<u64> {
     let from = stderr.find(INTERNAL_ERROR).unwrap_or(0);
     stderr[from..].lines().find_map(|line| {
         let at = line.find("RIP=")?;
-        let hex: String = line[at + 4..]
-            .chars()
-            .take_while(char::is_ascii_hexdigit)
-            .collect();
+        let hex: String = line[at + 4..].chars().take_while(char::is_ascii_hexdigit).collect();
         u64::from_str_radix(&hex, 16).ok()
     })
 }
@@ -66,22 +63,13 @@ pub fn parse_rip(stderr: &str) -> Option<u64> {
 /// Classifies the error from QEMU's stderr and the kernel ELF.
 pub fn classify(stderr: &str, elf: &[u8]) -> KvmVerdict {
     let Some(rip) = parse_rip(stderr) else {
-        return KvmVerdict::Other {
-            rip: None,
-            why: "no RIP= in QEMU's register dump".into(),
-        };
+        return KvmVerdict::Other { rip: None, why: "no RIP= in QEMU's register dump".into() };
     };
     if elfcheck::bytes_at_vaddr(elf, rip, 1) == Some(&[0xcc]) {
-        return KvmVerdict::Int3NotDelivered {
-            rip,
-            evidence: Int3Evidence::ImageByte,
-        };
+        return KvmVerdict::Int3NotDelivered { rip, evidence: Int3Evidence::ImageByte };
     }
     match elfcheck::patch_sites(elf) {
-        Ok(sites) if sites.contains(&rip) => KvmVerdict::Int3NotDelivered {
-            rip,
-            evidence: Int3Evidence::PatchSite,
-        },
+        Ok(sites) if sites.contains(&rip) => KvmVerdict::Int3NotDelivered { rip, evidence: Int3Evidence::PatchSite },
         Ok(sites) => {
             let byte = elfcheck::bytes_at_vaddr(elf, rip, 1)
                 .map_or("not in the image".to_string(), |b| format!("{:#04x}", b[0]));
@@ -103,11 +91,7 @@ pub fn classify(stderr: &str, elf: &[u8]) -> KvmVerdict {
 impl KvmInternalError {
     /// Classifies the error and records the report up to it.
     pub fn new(line: &str, stderr: &str, elf: &[u8], report: &Report) -> Self {
-        let mut report_problems: Vec<String> = report
-            .errors
-            .iter()
-            .map(|e| format!("bad KTAP: {e}"))
-            .collect();
+        let mut report_problems: Vec<String> = report.errors.iter().map(|e| format!("bad KTAP: {e}")).collect();
         if !report.header_seen {
             report_problems.push("no KTAP report before the crash".into());
         }
@@ -136,9 +120,7 @@ impl KvmInternalError {
     /// A host limitation, and every result before it ok or skip: the most
     /// that this host can show.
     pub fn clean_up_to_host_limit(&self) -> bool {
-        self.is_host_int3_limit()
-            && self.not_ok_before.is_empty()
-            && self.report_problems.is_empty()
+        self.is_host_int3_limit() && self.not_ok_before.is_empty() && self.report_problems.is_empty()
     }
 
     /// The loud stderr banner (a host limitation) or the failure (anything else).
@@ -202,9 +184,7 @@ mod tests {
 
     /// Text at 0x100000: nop, int3, a 5-byte call (a patch site at 0x100002), ret, rdssp.
     fn kernel(as_section: bool) -> Vec<u8> {
-        let text = [
-            0x90, 0xcc, 0xe8, 1, 0, 0, 0, 0xc3, 0xf3, 0x48, 0x0f, 0x1e, 0xc8,
-        ];
+        let text = [0x90, 0xcc, 0xe8, 1, 0, 0, 0, 0xc3, 0xf3, 0x48, 0x0f, 0x1e, 0xc8];
         synth::elf(0x100000, &text, &[0x100002], as_section)
     }
 
@@ -221,10 +201,7 @@ mod tests {
         assert_eq!(parse_rip(&dump(0x100181)), Some(0x100181));
         let earlier = format!("RIP=0000000000000001 old\n{}", dump(0x42));
         assert_eq!(parse_rip(&earlier), Some(0x42));
-        assert_eq!(
-            parse_rip("KVM internal error. Suberror: 1\nno dump\n"),
-            None
-        );
+        assert_eq!(parse_rip("KVM internal error. Suberror: 1\nno dump\n"), None);
     }
 
     #[test]
@@ -233,17 +210,11 @@ mod tests {
             let elf = kernel(as_section);
             assert_eq!(
                 classify(&dump(0x100001), &elf),
-                KvmVerdict::Int3NotDelivered {
-                    rip: 0x100001,
-                    evidence: Int3Evidence::ImageByte
-                }
+                KvmVerdict::Int3NotDelivered { rip: 0x100001, evidence: Int3Evidence::ImageByte }
             );
             assert_eq!(
                 classify(&dump(0x100002), &elf),
-                KvmVerdict::Int3NotDelivered {
-                    rip: 0x100002,
-                    evidence: Int3Evidence::PatchSite
-                }
+                KvmVerdict::Int3NotDelivered { rip: 0x100002, evidence: Int3Evidence::PatchSite }
             );
         }
     }
@@ -255,27 +226,18 @@ mod tests {
         match classify(&dump(0x100008), &elf) {
             KvmVerdict::Other { rip, why } => {
                 assert_eq!(rip, Some(0x100008));
-                assert!(
-                    why.contains("0xf3") && why.contains("1 registered"),
-                    "{why}"
-                );
+                assert!(why.contains("0xf3") && why.contains("1 registered"), "{why}");
             }
             v => panic!("{v:?}"),
         }
         // One past a site (inside the call) is no int3 either.
-        assert!(matches!(
-            classify(&dump(0x100003), &elf),
-            KvmVerdict::Other { .. }
-        ));
+        assert!(matches!(classify(&dump(0x100003), &elf), KvmVerdict::Other { .. }));
         // Outside the image.
         match classify(&dump(0x900000), &elf) {
             KvmVerdict::Other { why, .. } => assert!(why.contains("not in the image"), "{why}"),
             v => panic!("{v:?}"),
         }
-        assert!(matches!(
-            classify("KVM internal error. Suberror: 1\n", &elf),
-            KvmVerdict::Other { rip: None, .. }
-        ));
+        assert!(matches!(classify("KVM internal error. Suberror: 1\n", &elf), KvmVerdict::Other { rip: None, .. }));
     }
 
     #[test]
@@ -286,7 +248,9 @@ mod tests {
         assert!(e.clean_up_to_host_limit());
         let text = e.to_string();
         assert!(
-            text.starts_with("qemu-kvm NOT COVERED: this host's KVM cannot deliver #BP (KVM internal error at int3 at RIP 0x100002"),
+            text.starts_with(
+                "qemu-kvm NOT COVERED: this host's KVM cannot deliver #BP (KVM internal error at int3 at RIP 0x100002"
+            ),
             "{text}"
         );
         assert!(text.ends_with("tests before it passed: 2"), "{text}");
@@ -304,8 +268,7 @@ mod tests {
         let e = KvmInternalError::new(INTERNAL_ERROR, &dump(0x100008), &elf, &clean);
         assert!(!e.is_host_int3_limit() && !e.clean_up_to_host_limit());
         assert!(
-            e.to_string()
-                .starts_with("qemu-kvm FAILED: KVM internal error at RIP 0x100008, not at an int3"),
+            e.to_string().starts_with("qemu-kvm FAILED: KVM internal error at RIP 0x100008, not at an int3"),
             "{e}"
         );
     }

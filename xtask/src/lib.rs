@@ -55,9 +55,7 @@ pub fn test_everything() -> Result<()> {
         .status()
         .context(|| "cannot run cargo test")?;
     if !status.success() {
-        return Err(Error::new(format!(
-            "cargo test --workspace failed ({status}); see the test output above"
-        )));
+        return Err(Error::new(format!("cargo test --workspace failed ({status}); see the test output above")));
     }
     banner("all tests passed");
     Ok(())

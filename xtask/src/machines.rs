@@ -16,12 +16,7 @@ pub enum Machine {
 }
 
 impl Machine {
-    pub const ALL: [Machine; 4] = [
-        Machine::Bochs,
-        Machine::BochsNocet,
-        Machine::Qemu,
-        Machine::QemuKvm,
-    ];
+    pub const ALL: [Machine; 4] = [Machine::Bochs, Machine::BochsNocet, Machine::Qemu, Machine::QemuKvm];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -97,9 +92,7 @@ impl Cet {
     }
 
     pub fn from_name(name: &str) -> Option<Cet> {
-        [Cet::Auto, Cet::On, Cet::Off]
-            .into_iter()
-            .find(|c| c.name() == name)
+        [Cet::Auto, Cet::On, Cet::Off].into_iter().find(|c| c.name() == name)
     }
 }
 
@@ -121,9 +114,7 @@ impl Emul {
     }
 
     pub fn from_name(name: &str) -> Option<Emul> {
-        [Emul::Trampoline, Emul::Shadowgap, Emul::Classic]
-            .into_iter()
-            .find(|e| e.name() == name)
+        [Emul::Trampoline, Emul::Shadowgap, Emul::Classic].into_iter().find(|e| e.name() == name)
     }
 }
 
@@ -133,25 +124,18 @@ pub fn check_cmdline_word(word: &str) -> Result<(), String> {
     if word.is_empty() {
         return Err("an empty kernel command line word".to_string());
     }
-    let bad = word
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "_=.,:/+-".contains(*c)));
+    let bad = word.chars().find(|c| !(c.is_ascii_alphanumeric() || "_=.,:/+-".contains(*c)));
     match bad {
-        Some(c) => Err(format!(
-            "kernel command line word `{word}` contains {c:?}; allowed are letters, digits and _=.,:/+-"
-        )),
+        Some(c) => {
+            Err(format!("kernel command line word `{word}` contains {c:?}; allowed are letters, digits and _=.,:/+-"))
+        }
         None => Ok(()),
     }
 }
 
 /// The kernel command line words for one run, in a fixed order:
 /// `cet=`, `expect_cet=` (if the machine has one), `emul=` (if given), then `extra`.
-pub fn kernel_words(
-    machine: Option<Machine>,
-    cet: Cet,
-    emul: Option<Emul>,
-    extra: &[String],
-) -> Vec<String> {
+pub fn kernel_words(machine: Option<Machine>, cet: Cet, emul: Option<Emul>, extra: &[String]) -> Vec<String> {
     let mut words = vec![format!("cet={}", cet.name())];
     if let Some(expect) = machine.and_then(Machine::expect_cet) {
         words.push(format!("expect_cet={}", u8::from(expect)));
@@ -181,18 +165,12 @@ mod tests {
     #[test]
     fn words_per_machine() {
         let extra = vec!["foo=1".to_string()];
-        assert_eq!(
-            kernel_words(Some(Machine::Bochs), Cet::Auto, None, &extra),
-            ["cet=auto", "expect_cet=1", "foo=1"]
-        );
+        assert_eq!(kernel_words(Some(Machine::Bochs), Cet::Auto, None, &extra), ["cet=auto", "expect_cet=1", "foo=1"]);
         assert_eq!(
             kernel_words(Some(Machine::Qemu), Cet::Off, Some(Emul::Shadowgap), &[]),
             ["cet=off", "expect_cet=0", "emul=shadowgap"]
         );
-        assert_eq!(
-            kernel_words(Some(Machine::QemuKvm), Cet::On, None, &[]),
-            ["cet=on"]
-        );
+        assert_eq!(kernel_words(Some(Machine::QemuKvm), Cet::On, None, &[]), ["cet=on"]);
         assert_eq!(kernel_words(None, Cet::Auto, None, &[]), ["cet=auto"]);
     }
 

@@ -43,11 +43,7 @@ const SUBCOMMANDS: &[Subcommand] = &[
         synopsis: "test\n    Install missing host tools, then `cargo test --workspace` (unit tests + emulator matrix).",
         run: cmd_test,
     },
-    Subcommand {
-        name: "build",
-        synopsis: "build\n    Build the kernel only and print the ELF path.",
-        run: cmd_build,
-    },
+    Subcommand { name: "build", synopsis: "build\n    Build the kernel only and print the ELF path.", run: cmd_build },
     Subcommand {
         name: "iso",
         synopsis: "iso [--cet auto|on|off] [--emul trampoline|shadowgap|classic] [--append WORD]... [--kernel ELF]\n\
@@ -85,13 +81,7 @@ fn cmd_run(argv: &[String]) -> Outcome {
         Ok(o) => o,
         Err(e) => return Outcome::Usage(e),
     };
-    from_result(xtask::run(&opts), |o| {
-        if o.passed {
-            Outcome::Success
-        } else {
-            Outcome::Failed
-        }
-    })
+    from_result(xtask::run(&opts), |o| if o.passed { Outcome::Success } else { Outcome::Failed })
 }
 
 fn cmd_test(argv: &[String]) -> Outcome {
@@ -119,10 +109,7 @@ fn cmd_iso(argv: &[String]) -> Outcome {
     from_result(xtask::hardware_iso(&opts), |iso| {
         println!("ISO written: {}", iso.display());
         println!("Write it to a USB stick (this ERASES the stick; check the device name with lsblk first):");
-        println!(
-            "    sudo dd if={} of=/dev/sdX bs=4M conv=fsync status=progress",
-            iso.display()
-        );
+        println!("    sudo dd if={} of=/dev/sdX bs=4M conv=fsync status=progress", iso.display());
         Outcome::Success
     })
 }
@@ -151,10 +138,7 @@ fn cmd_help(argv: &[String]) -> Outcome {
 }
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args_os()
-        .skip(1)
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
+    let argv: Vec<String> = std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
     let outcome = match argv.split_first() {
         None => Outcome::Usage(UsageError("no subcommand given".into())),
         Some((name, rest)) => match SUBCOMMANDS.iter().find(|s| s.name == name.as_str()) {

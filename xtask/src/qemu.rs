@@ -20,25 +20,14 @@ pub fn kvm_usable() -> std::result::Result<(), String> {
 }
 
 /// The QEMU command for one run; the kernel is `dir/kernel.elf`.
-pub fn prepare(
-    dir: &RunDir,
-    machine: Machine,
-    smp: u32,
-    words: &[String],
-    gdb: bool,
-) -> Result<Launch> {
+pub fn prepare(dir: &RunDir, machine: Machine, smp: u32, words: &[String], gdb: bool) -> Result<Launch> {
     let cpu: &[&str] = match machine {
         Machine::Qemu => &["-cpu", "max"],
         // `-cpu host` alone aborts QEMU 7.2 on this kind of (nested, paravirtualized)
         // KVM host: "failed to set MSR 0x10a" (IA32_ARCH_CAPABILITIES). The kernel
         // does not use that MSR, so leave it out of the guest CPU model.
         Machine::QemuKvm => &["-enable-kvm", "-cpu", "host,-arch-capabilities"],
-        _ => {
-            return Err(Error::new(format!(
-                "`{}` is not a QEMU machine",
-                machine.name()
-            )))
-        }
+        _ => return Err(Error::new(format!("`{}` is not a QEMU machine", machine.name()))),
     };
     let serial = format!("file:{}", dir.join(SERIAL_LOG).display());
     let smp = smp.to_string();
@@ -91,17 +80,11 @@ mod tests {
         let words = vec!["cet=auto".to_string(), "expect_cet=0".to_string()];
         let l = prepare(&dir, Machine::Qemu, 2, &words, false).unwrap();
         let cmd = l.args.join(" ");
-        assert!(
-            cmd.starts_with("-kernel kernel.elf -append cet=auto expect_cet=0 -m 128 -smp 2 "),
-            "{cmd}"
-        );
+        assert!(cmd.starts_with("-kernel kernel.elf -append cet=auto expect_cet=0 -m 128 -smp 2 "), "{cmd}");
         assert!(cmd.contains("-device isa-debug-exit,iobase=0xf4,iosize=0x04"));
         assert!(cmd.ends_with("-cpu max"));
         let l = prepare(&dir, Machine::QemuKvm, 1, &words, true).unwrap();
-        assert!(l
-            .args
-            .join(" ")
-            .ends_with("-enable-kvm -cpu host,-arch-capabilities -s -S"));
+        assert!(l.args.join(" ").ends_with("-enable-kvm -cpu host,-arch-capabilities -s -S"));
         assert!(prepare(&dir, Machine::Bochs, 1, &words, false).is_err());
         dir.remove().unwrap();
     }

@@ -19,28 +19,17 @@ pub struct RunDir {
 impl RunDir {
     pub fn create(prefix: &str) -> Result<RunDir> {
         let base = std::env::temp_dir();
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         for _ in 0..100 {
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
             let path = base.join(format!("{prefix}-{}-{nanos}-{n}", std::process::id()));
             match std::fs::create_dir(&path) {
                 Ok(()) => return Ok(RunDir { path }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
-                    return Err(Error::new(format!(
-                        "cannot create run directory {}: {e}",
-                        path.display()
-                    )))
-                }
+                Err(e) => return Err(Error::new(format!("cannot create run directory {}: {e}", path.display()))),
             }
         }
-        Err(Error::new(format!(
-            "cannot find a free run directory name in {}",
-            base.display()
-        )))
+        Err(Error::new(format!("cannot find a free run directory name in {}", base.display())))
     }
 
     pub fn path(&self) -> &Path {
@@ -53,8 +42,7 @@ impl RunDir {
 
     /// Deletes the directory and everything in it.
     pub fn remove(self) -> Result<()> {
-        std::fs::remove_dir_all(&self.path)
-            .context(|| format!("cannot remove {}", self.path.display()))
+        std::fs::remove_dir_all(&self.path).context(|| format!("cannot remove {}", self.path.display()))
     }
 }
 

@@ -118,10 +118,8 @@ impl RunOutcome {
 
     /// The `stress: ...` line `--stress` prints at the end.
     pub fn stress_summary(&self) -> String {
-        let wall = self
-            .boot_to_end
-            .map(|t| format!("; boot to end of report {:.1} s", t.as_secs_f64()))
-            .unwrap_or_default();
+        let wall =
+            self.boot_to_end.map(|t| format!("; boot to end of report {:.1} s", t.as_secs_f64())).unwrap_or_default();
         match self.stress_figures() {
             Some(Ok(f)) => format!("stress: {f}{wall}"),
             Some(Err(e)) => format!("stress: no figures: {e}"),
@@ -136,11 +134,7 @@ impl RunOutcome {
 
     /// The KTAP report and the verdict, for test failure messages.
     pub fn describe(&self) -> String {
-        let mut s = format!(
-            "machine {} with `{}`\n",
-            self.machine.name(),
-            self.words.join(" ")
-        );
+        let mut s = format!("machine {} with `{}`\n", self.machine.name(), self.words.join(" "));
         if self.report.header_seen {
             s.push_str("--- KTAP report ---\n");
             s.push_str(&self.report.text());
@@ -163,10 +157,7 @@ fn validate(opts: &RunOptions) -> Result<()> {
         return Err(Error::new("--gdb works only with the QEMU machines"));
     }
     if !(1..=8).contains(&opts.smp) {
-        return Err(Error::new(format!(
-            "smp must be from 1 to 8, not {}",
-            opts.smp
-        )));
+        return Err(Error::new(format!("smp must be from 1 to 8, not {}", opts.smp)));
     }
     for w in &opts.append {
         crate::machines::check_cmdline_word(w).map_err(Error::new)?;
@@ -182,8 +173,7 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
     validate(opts)?;
     install::ensure_machines(&[opts.machine])?;
     if opts.machine == Machine::QemuKvm {
-        qemu::kvm_usable()
-            .map_err(|e| Error::new(format!("machine qemu-kvm: /dev/kvm is not usable: {e}")))?;
+        qemu::kvm_usable().map_err(|e| Error::new(format!("machine qemu-kvm: /dev/kvm is not usable: {e}")))?;
     }
     let kernel = match &opts.kernel {
         Some(k) => k.clone(),
@@ -217,50 +207,37 @@ fn prepare(dir: &RunDir, opts: &RunOptions, words: &[String]) -> Result<Launch> 
 
 fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> {
     let copy = dir.join(qemu::KERNEL);
-    std::fs::copy(kernel, &copy)
-        .context(|| format!("cannot copy {} to {}", kernel.display(), copy.display()))?;
+    std::fs::copy(kernel, &copy).context(|| format!("cannot copy {} to {}", kernel.display(), copy.display()))?;
     let words = opts.words();
     let launch = prepare(dir, opts, &words)?;
-    std::fs::write(dir.join("command.txt"), launch.command_line() + "\n")
-        .context(|| "cannot write command.txt")?;
+    std::fs::write(dir.join("command.txt"), launch.command_line() + "\n").context(|| "cannot write command.txt")?;
     let timeout = opts.effective_timeout();
-    println!(
-        "==> booting {} (smp {}) with `{}`",
-        opts.machine.name(),
-        opts.smp,
-        words.join(" ")
-    );
+    println!("==> booting {} (smp {}) with `{}`", opts.machine.name(), opts.smp, words.join(" "));
     if opts.gdb {
         println!("==> QEMU waits for gdb; no timeout. Attach with:");
         println!("    gdb {} -ex 'target remote :1234'", copy.display());
     }
     let streamed = emulator::run_streaming(&launch, timeout, opts.echo, &dir.join("output.log"))?;
     let mut failures = Vec::new();
-    let kvm_internal_error = streamed
-        .fatal
-        .as_deref()
-        .filter(|line| !opts.machine.is_bochs() && line.contains(kvmerr::INTERNAL_ERROR))
-        .map(|line| {
-            let stderr = std::fs::read_to_string(dir.join(qemu::STDERR_LOG)).unwrap_or_default();
-            let elf = std::fs::read(&copy).unwrap_or_default();
-            KvmInternalError::new(line, &stderr, &elf, &streamed.report)
-        });
+    let kvm_internal_error =
+        streamed.fatal.as_deref().filter(|line| !opts.machine.is_bochs() && line.contains(kvmerr::INTERNAL_ERROR)).map(
+            |line| {
+                let stderr = std::fs::read_to_string(dir.join(qemu::STDERR_LOG)).unwrap_or_default();
+                let elf = std::fs::read(&copy).unwrap_or_default();
+                KvmInternalError::new(line, &stderr, &elf, &streamed.report)
+            },
+        );
     if let Some(t) = streamed.timed_out {
         failures.push(format!("timeout after {} s", t.as_secs()));
     }
     let report_failures = streamed.report.failure_reasons();
-    let complete = streamed
-        .report
-        .plan
-        .is_some_and(|n| streamed.report.results.len() >= n as usize);
+    let complete = streamed.report.plan.is_some_and(|n| streamed.report.results.len() >= n as usize);
     if let Some(k) = &kvm_internal_error {
         failures.push(k.to_string());
     } else if let Some(fatal) = &streamed.fatal {
         failures.push(format!("the emulator stopped the guest: {fatal}"));
     } else if streamed.timed_out.is_none() && !complete {
-        let status = streamed
-            .exit
-            .map_or("unknown status".to_string(), |s| s.to_string());
+        let status = streamed.exit.map_or("unknown status".to_string(), |s| s.to_string());
         // QEMU exits with status 0 when another process signals it.
         let signalled = streamed
             .stderr_tail
@@ -268,9 +245,7 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
             .find(|l| l.contains("terminating on signal"))
             .map(|l| format!("; it was stopped from outside: `{l}`"))
             .unwrap_or_default();
-        failures.push(format!(
-            "the emulator exited ({status}) before the report was complete{signalled}"
-        ));
+        failures.push(format!("the emulator exited ({status}) before the report was complete{signalled}"));
     }
     failures.extend(report_failures);
     if opts.stress {
@@ -319,9 +294,7 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
 /// What makes a `--stress` run fail beyond the report's own verdict: no
 /// figures (the test skipped or never finished), or figures that do not add up.
 fn stress_problems(report: &crate::ktap::Report) -> Vec<String> {
-    let skipped = report
-        .result("smp_patch_stress")
-        .is_some_and(|r| matches!(r.status, crate::ktap::Status::Skip(_)));
+    let skipped = report.result("smp_patch_stress").is_some_and(|r| matches!(r.status, crate::ktap::Status::Skip(_)));
     match smp::stress_figures(report) {
         None if skipped => {
             vec!["--stress: smp_patch_stress was skipped (it needs at least two CPUs)".into()]
@@ -339,10 +312,7 @@ fn stress_problems(report: &crate::ktap::Report) -> Vec<String> {
                 ));
             }
             if !f.targets_add_up() {
-                v.push(format!(
-                    "--stress: the per-target counts {:?} do not add up to {}",
-                    f.per_target, f.counted
-                ));
+                v.push(format!("--stress: the per-target counts {:?} do not add up to {}", f.per_target, f.counted));
             }
             v
         }

@@ -52,11 +52,7 @@ fn parse_cpu_online(line: &str) -> Option<CpuOnline> {
 
 /// Every `# CPU ... online` diagnostic of the report, in order.
 pub fn cpus_online(report: &Report) -> Vec<CpuOnline> {
-    report
-        .diagnostics
-        .iter()
-        .filter_map(|d| parse_cpu_online(d))
-        .collect()
+    report.diagnostics.iter().filter_map(|d| parse_cpu_online(d)).collect()
 }
 
 /// The figures of one `smp_patch_stress` run.
@@ -143,9 +139,7 @@ impl<'a> Cursor<'a> {
     fn num(&mut self) -> Result<u64, String> {
         let digits = self.rest.bytes().take_while(u8::is_ascii_digit).count();
         let (n, r) = self.rest.split_at(digits);
-        let n = n
-            .parse()
-            .map_err(|_| format!("expected a number at `{}`", self.rest))?;
+        let n = n.parse().map_err(|_| format!("expected a number at `{}`", self.rest))?;
         self.rest = r;
         Ok(n)
     }
@@ -154,9 +148,7 @@ impl<'a> Cursor<'a> {
 /// Parses the `smp_patch_stress` figures line (with or without the `# `).
 pub fn parse_stress_line(line: &str) -> Result<StressFigures, String> {
     let line = line.trim_end();
-    let mut c = Cursor {
-        rest: line.strip_prefix("# ").unwrap_or(line),
-    };
+    let mut c = Cursor { rest: line.strip_prefix("# ").unwrap_or(line) };
     let callers = c.num()?;
     c.one_of(&[" CPUs calling, 1 patching: ", " CPU calling, 1 patching: "])?;
     let patches = c.num()?;
@@ -198,19 +190,13 @@ pub fn parse_stress_line(line: &str) -> Result<StressFigures, String> {
 /// The figures of the report's (last) `smp_patch_stress` line: `None` when
 /// there is none, `Some(Err)` when the line is there but does not parse.
 pub fn stress_figures(report: &Report) -> Option<Result<StressFigures, String>> {
-    let line = report
-        .diagnostics
-        .iter()
-        .rev()
-        .find(|d| d.contains(STRESS_MARK))?;
+    let line = report.diagnostics.iter().rev().find(|d| d.contains(STRESS_MARK))?;
     Some(parse_stress_line(line).map_err(|e| format!("cannot parse `{line}`: {e}")))
 }
 
 /// One `# soak: <rounds> rounds, <calls> calls` progress line.
 pub fn parse_soak_line(line: &str) -> Option<(u64, u64)> {
-    let mut c = Cursor {
-        rest: line.trim_end().strip_prefix("# soak: ")?,
-    };
+    let mut c = Cursor { rest: line.trim_end().strip_prefix("# soak: ")? };
     let rounds = c.num().ok()?;
     c.lit(" rounds, ").ok()?;
     let calls = c.num().ok()?;
@@ -220,11 +206,7 @@ pub fn parse_soak_line(line: &str) -> Option<(u64, u64)> {
 
 /// The last soak progress line of the report, as (rounds, calls).
 pub fn last_soak_progress(report: &Report) -> Option<(u64, u64)> {
-    report
-        .diagnostics
-        .iter()
-        .rev()
-        .find_map(|d| parse_soak_line(d))
+    report.diagnostics.iter().rev().find_map(|d| parse_soak_line(d))
 }
 
 #[cfg(test)]
@@ -283,17 +265,11 @@ mod tests {
         let e = parse_stress_line(&STRESS.replace(", 341]", "]")).unwrap_err();
         assert!(e.contains("expected `, ` at `]`"), "{e}");
         let e = parse_stress_line(&format!("{STRESS} extra")).unwrap_err();
-        assert!(
-            e.contains("unexpected text after the figures: ` extra`"),
-            "{e}"
-        );
+        assert!(e.contains("unexpected text after the figures: ` extra`"), "{e}");
         assert!(parse_stress_line("# soak: 1000 rounds, 5 calls").is_err());
         assert!(parse_stress_line("").is_err());
         // A number too large for u64 is an error, not a wrap.
-        assert!(
-            parse_stress_line(&STRESS.replace("24 patches", "99999999999999999999 patches"))
-                .is_err()
-        );
+        assert!(parse_stress_line(&STRESS.replace("24 patches", "99999999999999999999 patches")).is_err());
     }
 
     #[test]
@@ -303,9 +279,7 @@ mod tests {
         ));
         assert_eq!(stress_figures(&r).unwrap().unwrap().calls, 1127);
         assert_eq!(last_soak_progress(&r), Some((2000, 250000)));
-        let r = report(
-            "KTAP version 1\n1..1\nok 1 smp_patch_stress # SKIP one CPU: needs at least two\n",
-        );
+        let r = report("KTAP version 1\n1..1\nok 1 smp_patch_stress # SKIP one CPU: needs at least two\n");
         assert!(stress_figures(&r).is_none());
         assert_eq!(last_soak_progress(&r), None);
         let r = report("KTAP version 1\n1..1\n# 3 CPUs calling, 1 patching: garbled\n");
@@ -315,14 +289,8 @@ mod tests {
 
     #[test]
     fn soak_lines() {
-        assert_eq!(
-            parse_soak_line("# soak: 1000 rounds, 42 calls"),
-            Some((1000, 42))
-        );
-        assert_eq!(
-            parse_soak_line("# soak: 1000 rounds, 42 calls\r"),
-            Some((1000, 42))
-        );
+        assert_eq!(parse_soak_line("# soak: 1000 rounds, 42 calls"), Some((1000, 42)));
+        assert_eq!(parse_soak_line("# soak: 1000 rounds, 42 calls\r"), Some((1000, 42)));
         assert_eq!(parse_soak_line("# soak: 1000 rounds"), None);
         assert_eq!(parse_soak_line("# soak: x rounds, 42 calls"), None);
         assert_eq!(parse_soak_line("# soaked: 1 rounds, 2 calls"), None);

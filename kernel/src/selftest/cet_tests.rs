@@ -132,7 +132,11 @@ pub fn cp_near_ret(st: &BootState) -> Outcome<'static> {
     };
     diag!("caught {f}");
     check!(f.vector == VEC_CP, "expected #CP, got {f}");
-    check!(CpError::decode(f.error_code) == CpError::NearRet, "expected #CP error 1 (NEAR-RET), got {:#x}", f.error_code);
+    check!(
+        CpError::decode(f.error_code) == CpError::NearRet,
+        "expected #CP error 1 (NEAR-RET), got {:#x}",
+        f.error_code
+    );
     check!(f.rip == ret_insn, "#CP at {:#x}, expected the ret at {ret_insn:#x}", f.rip);
     check!(super::tlog().evil == 0, "the landing code ran");
     check!(ssp0 == ssp1, "SSP not recovered: {ssp0:#x} -> {ssp1:#x}");
@@ -152,7 +156,11 @@ pub fn cp_iret_rip_only(st: &BootState) -> Outcome<'static> {
     };
     diag!("caught {f}");
     check!(f.vector == VEC_CP, "expected #CP, got {f}");
-    check!(CpError::decode(f.error_code) == CpError::FarRetIret, "expected #CP error 2 (FAR-RET/IRET), got {:#x}", f.error_code);
+    check!(
+        CpError::decode(f.error_code) == CpError::FarRetIret,
+        "expected #CP error 2 (FAR-RET/IRET), got {:#x}",
+        f.error_code
+    );
     check!(cet::rdssp() == ssp0, "SSP not recovered");
     Outcome::Pass
 }
@@ -294,7 +302,10 @@ pub fn guard_pages(_st: &BootState) -> Outcome<'static> {
             diag!("FAIL: the guard page below the {name} is readable ({addr:#x})");
             return Outcome::Fail;
         };
-        check!(f.vector == VEC_PF && f.error_code & PF_PRESENT == 0 && f.cr2 == addr, "{name} guard: expected a not-present #PF at {addr:#x}, got {f}");
+        check!(
+            f.vector == VEC_PF && f.error_code & PF_PRESENT == 0 && f.cr2 == addr,
+            "{name} guard: expected a not-present #PF at {addr:#x}, got {f}"
+        );
         diag!("guard page below the {name}: {f}");
     }
     Outcome::Pass

@@ -140,7 +140,10 @@ fn observe(what: &str, f: SiteFn, arg: u64, e: Expect) -> Result<Call, String> {
         return Err(format!("{what}: instruction after the site ran {} times, expected {}", log.after, e.after));
     }
     if !c.balanced() {
-        return Err(format!("{what}: unbalanced: rsp {:#x}->{:#x} ssp {:#x}->{:#x}", c.rsp[0], c.rsp[1], c.ssp[0], c.ssp[1]));
+        return Err(format!(
+            "{what}: unbalanced: rsp {:#x}->{:#x} ssp {:#x}->{:#x}",
+            c.rsp[0], c.rsp[1], c.ssp[0], c.ssp[1]
+        ));
     }
     let em = emulations() - em0;
     if em != e.emulations {
@@ -419,8 +422,13 @@ pub fn zero_disp_call_shadow(st: &BootState) -> Outcome<'static> {
     }
     let at = addr!(sc_t_zero_disp_call_insn);
     // SAFETY: readable text.
-    let insn = Decoder::with_ip(64, unsafe { core::slice::from_raw_parts(at as *const u8, 16) }, at, DecoderOptions::NONE).decode();
-    check!(insn.mnemonic() == Mnemonic::Call && insn.near_branch_target() == insn.next_ip(), "the probe is not a call to the next instruction");
+    let insn =
+        Decoder::with_ip(64, unsafe { core::slice::from_raw_parts(at as *const u8, 16) }, at, DecoderOptions::NONE)
+            .decode();
+    check!(
+        insn.mnemonic() == Mnemonic::Call && insn.near_branch_target() == insn.next_ip(),
+        "the probe is not a call to the next instruction"
+    );
     // SAFETY: asm probes that leave both stacks balanced.
     let (zero, one) = unsafe { (sc_t_zero_disp_call() as i64, sc_t_one_disp_call() as i64) };
     diag!("SSP delta: call +0 -> {zero}, call +1 -> {one}");
@@ -462,7 +470,9 @@ pub fn naive_emul_cp(st: &BootState) -> Outcome<'static> {
             errors.push(String::from("SSP not recovered after the #CP"));
         }
         // The shadow-stack-aware path on the same site, same window, works.
-        if let Err(e) = observe("CET path", sc_t_fn_naive, 0, Expect { target: Some(1), ret: site + 5, after: 1, emulations: 1 }) {
+        if let Err(e) =
+            observe("CET path", sc_t_fn_naive, 0, Expect { target: Some(1), ret: site + 5, after: 1, emulations: 1 })
+        {
             errors.push(e);
         }
     });
@@ -481,7 +491,8 @@ pub fn wrss_guard(_st: &BootState) -> Outcome<'static> {
     let cpu = this_cpu();
     let evil = addr!(SC_TLOG); // any address the attacker would like as a return target
     let attempt = |name: &str, forge_normal: bool, pending: bool| -> Result<GuardError, String> {
-        let writes = || cpu.counters.shadow_writes.load(Ordering::Relaxed) + cpu.counters.stack_writes.load(Ordering::Relaxed);
+        let writes =
+            || cpu.counters.shadow_writes.load(Ordering::Relaxed) + cpu.counters.stack_writes.load(Ordering::Relaxed);
         let w0 = writes();
         let ssp0 = cet::rdssp();
         let r = try_run(|| {
@@ -575,17 +586,41 @@ pub fn patch_bad_input(_st: &BootState) -> Outcome<'static> {
     type Case = (&'static str, Vec<(u64, NewInsn)>, fn(&PatchError) -> bool);
     let cases: [Case; 12] = [
         ("empty batch", Vec::new(), |e| matches!(e, PatchError::EmptyBatch)),
-        ("address outside text", alloc::vec![(data, NewInsn::Nop)], |e| matches!(e, PatchError::AddressOutsideText { .. })),
-        ("site crossing the end of text", alloc::vec![(text_end - 2, NewInsn::Nop)], |e| matches!(e, PatchError::SiteCrossesTextEnd { .. })),
-        ("duplicate site", alloc::vec![(call, NewInsn::Nop), (call, NewInsn::Ret)], |e| matches!(e, PatchError::DuplicateSite { .. })),
-        ("overlapping sites", alloc::vec![(call, NewInsn::Nop), (call + 2, NewInsn::Nop)], |e| matches!(e, PatchError::OverlappingSites { .. })),
-        ("mid-instruction address", alloc::vec![(call + 1, NewInsn::Nop)], |e| matches!(e, PatchError::MidInstruction { .. })),
-        ("unregistered site", alloc::vec![(addr!(sc_t_unregistered), NewInsn::Nop)], |e| matches!(e, PatchError::UnknownSite { .. })),
-        ("undecodable bytes", alloc::vec![(addr!(sc_t_site_undecodable), NewInsn::Nop)], |e| matches!(e, PatchError::Undecodable { .. })),
-        ("unsupported instruction", alloc::vec![(addr!(sc_t_site_unsupported), NewInsn::Nop)], |e| matches!(e, PatchError::UnsupportedInstruction { .. })),
-        ("target out of rel32 range", alloc::vec![(call, NewInsn::Call(far))], |e| matches!(e, PatchError::TargetOutOfRange { .. })),
-        ("target outside text", alloc::vec![(call, NewInsn::Jmp(data))], |e| matches!(e, PatchError::TargetOutsideText { .. })),
-        ("good site with a bad one", alloc::vec![(call, NewInsn::Nop), (addr!(sc_t_unregistered), NewInsn::Nop)], |e| matches!(e, PatchError::UnknownSite { .. })),
+        ("address outside text", alloc::vec![(data, NewInsn::Nop)], |e| {
+            matches!(e, PatchError::AddressOutsideText { .. })
+        }),
+        ("site crossing the end of text", alloc::vec![(text_end - 2, NewInsn::Nop)], |e| {
+            matches!(e, PatchError::SiteCrossesTextEnd { .. })
+        }),
+        ("duplicate site", alloc::vec![(call, NewInsn::Nop), (call, NewInsn::Ret)], |e| {
+            matches!(e, PatchError::DuplicateSite { .. })
+        }),
+        ("overlapping sites", alloc::vec![(call, NewInsn::Nop), (call + 2, NewInsn::Nop)], |e| {
+            matches!(e, PatchError::OverlappingSites { .. })
+        }),
+        ("mid-instruction address", alloc::vec![(call + 1, NewInsn::Nop)], |e| {
+            matches!(e, PatchError::MidInstruction { .. })
+        }),
+        ("unregistered site", alloc::vec![(addr!(sc_t_unregistered), NewInsn::Nop)], |e| {
+            matches!(e, PatchError::UnknownSite { .. })
+        }),
+        ("undecodable bytes", alloc::vec![(addr!(sc_t_site_undecodable), NewInsn::Nop)], |e| {
+            matches!(e, PatchError::Undecodable { .. })
+        }),
+        ("unsupported instruction", alloc::vec![(addr!(sc_t_site_unsupported), NewInsn::Nop)], |e| {
+            matches!(e, PatchError::UnsupportedInstruction { .. })
+        }),
+        ("target out of rel32 range", alloc::vec![(call, NewInsn::Call(far))], |e| {
+            matches!(e, PatchError::TargetOutOfRange { .. })
+        }),
+        ("target outside text", alloc::vec![(call, NewInsn::Jmp(data))], |e| {
+            matches!(e, PatchError::TargetOutsideText { .. })
+        }),
+        (
+            "good site with a bad one",
+            alloc::vec![(call, NewInsn::Nop), (addr!(sc_t_unregistered), NewInsn::Nop)],
+            |e| matches!(e, PatchError::UnknownSite { .. }),
+        ),
     ];
     let mut errors = Vec::new();
     let mut seen: Vec<core::mem::Discriminant<PatchError>> = Vec::new();

@@ -36,8 +36,17 @@ pub struct TargetLog {
 }
 
 #[no_mangle]
-pub static mut SC_TLOG: TargetLog =
-    TargetLog { count: [0; 3], last_ret: 0, last_shret: 0, last_rflags: 0, ret_sum: 0, after: 0, nest: 0, rec: 0, evil: 0 };
+pub static mut SC_TLOG: TargetLog = TargetLog {
+    count: [0; 3],
+    last_ret: 0,
+    last_shret: 0,
+    last_rflags: 0,
+    ret_sum: 0,
+    after: 0,
+    nest: 0,
+    rec: 0,
+    evil: 0,
+};
 
 /// Sites in the block of registered sites (`sc_t_large_base`): enough for
 /// the 65,536-site benchmarks.
@@ -164,7 +173,9 @@ pub fn run_all(st: &BootState) -> bool {
     }
     let init = patching::init(st.strategy, st.features.serialize, st.features.is_tcg());
     if st.features.is_tcg() {
-        crate::diag!("QEMU TCG detected: each patching step is written twice (TCG cross-modifying-code workaround, DESIGN.md)");
+        crate::diag!(
+            "QEMU TCG detected: each patching step is written twice (TCG cross-modifying-code workaround, DESIGN.md)"
+        );
     }
     if let Err(e) = &init {
         crate::diag!("FAIL: trampoline emission: {e}");

@@ -59,7 +59,12 @@ pub fn smp_online(_st: &BootState) -> Outcome<'static> {
         diag!("FAIL: SMP start-up did not run");
         return Outcome::Fail;
     };
-    diag!("CPUs reported by {}: APIC ids {:?}; APIC mode {}", topo.source, topo.reported, if apic::is_x2apic() { "x2APIC" } else { "xAPIC" });
+    diag!(
+        "CPUs reported by {}: APIC ids {:?}; APIC mode {}",
+        topo.source,
+        topo.reported,
+        if apic::is_x2apic() { "x2APIC" } else { "xAPIC" }
+    );
     for e in &topo.errors {
         diag!("FAIL: {e}");
     }
@@ -82,7 +87,15 @@ pub fn smp_online(_st: &BootState) -> Outcome<'static> {
             stack.lo,
             stack.hi,
             ssp,
-            if cet::active() { if own { "" } else { " NOT ITS OWN" } } else { " (shadow stacks off)" }
+            if cet::active() {
+                if own {
+                    ""
+                } else {
+                    " NOT ITS OWN"
+                }
+            } else {
+                " (shadow stacks off)"
+            }
         );
         ok &= !cet::active() || own;
     }
@@ -177,8 +190,11 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
         UNBALANCED[w].store(0, Ordering::SeqCst);
     }
     let faults0 = WORKER_FAULTS.load(Ordering::SeqCst);
-    let (ticks0, pend0, deliv0) =
-        (sum(|c| &c.counters.timer_ticks), sum(|c| &c.counters.irq_pending_at_exit), sum(|c| &c.counters.irq_delivered_after));
+    let (ticks0, pend0, deliv0) = (
+        sum(|c| &c.counters.timer_ticks),
+        sum(|c| &c.counters.irq_pending_at_exit),
+        sum(|c| &c.counters.irq_delivered_after),
+    );
     patching::WATCH_IRQ.store(true, Ordering::SeqCst);
     let refusals0 = sum(|c| &c.counters.refusals);
     let bps0 = sum(|c| &c.counters.breakpoints);
@@ -245,7 +261,10 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
         SC_STRESS_COUNTS[2].load(Ordering::SeqCst)
     );
     if landed != calls {
-        errors.push(format!("{calls} calls made but the targets counted {landed}: {} lost or misrouted", calls.abs_diff(landed)));
+        errors.push(format!(
+            "{calls} calls made but the targets counted {landed}: {} lost or misrouted",
+            calls.abs_diff(landed)
+        ));
     }
     if unbalanced != 0 {
         errors.push(format!("{unbalanced} calls returned with RSP or SSP unbalanced"));
@@ -287,8 +306,12 @@ pub fn irq_in_window(_st: &BootState) -> Outcome<'static> {
     let c = this_cpu();
     let counters = &c.counters;
     let get = |a: &AtomicU64| a.load(Ordering::SeqCst);
-    let (pend0, del0, taken0, ticks0) =
-        (get(&counters.irq_pending_at_exit), get(&counters.irq_delivered_after), get(&counters.irq_taken_in_window), get(&counters.timer_ticks));
+    let (pend0, del0, taken0, ticks0) = (
+        get(&counters.irq_pending_at_exit),
+        get(&counters.irq_delivered_after),
+        get(&counters.irq_taken_in_window),
+        get(&counters.timer_ticks),
+    );
     let mut errors: Vec<String> = Vec::new();
     let (mut emulated, mut calls) = (0, 0);
     let strategies = patching::strategies_here();
@@ -352,7 +375,6 @@ pub fn irq_in_window(_st: &BootState) -> Outcome<'static> {
     super::outcome_of(&errors)
 }
 
-
 // ---- nmi_in_window ----------------------------------------------------------
 
 /// The NMI handler calls the nested-emulation site when this is set.
@@ -387,7 +409,12 @@ pub fn nmi_in_window(_st: &BootState) -> Outcome<'static> {
     let c = this_cpu();
     let get = |a: &AtomicU64| a.load(Ordering::SeqCst);
     let counters = &c.counters;
-    let (n0, w0, b0, nest0) = (get(&counters.nmis), get(&counters.nmi_in_window), get(&counters.nmi_between_traps), get(&counters.nmi_nested));
+    let (n0, w0, b0, nest0) = (
+        get(&counters.nmis),
+        get(&counters.nmi_in_window),
+        get(&counters.nmi_between_traps),
+        get(&counters.nmi_nested),
+    );
     let unb0 = NMI_UNBALANCED.load(Ordering::SeqCst);
     let t = targets();
     SC_STRESS_COUNTS.iter().for_each(|x| x.store(0, Ordering::SeqCst));
@@ -424,7 +451,12 @@ pub fn nmi_in_window(_st: &BootState) -> Outcome<'static> {
         }
     }
     patching::set_strategy(crate::state().strategy);
-    let (nmis, in_window, between, nested) = (get(&counters.nmis) - n0, get(&counters.nmi_in_window) - w0, get(&counters.nmi_between_traps) - b0, get(&counters.nmi_nested) - nest0);
+    let (nmis, in_window, between, nested) = (
+        get(&counters.nmis) - n0,
+        get(&counters.nmi_in_window) - w0,
+        get(&counters.nmi_between_traps) - b0,
+        get(&counters.nmi_nested) - nest0,
+    );
     let (to_b, to_c) = (SC_STRESS_COUNTS[1].load(Ordering::SeqCst), SC_STRESS_COUNTS[2].load(Ordering::SeqCst));
     diag!(
         "strategies {:?}: {calls} emulated calls, {nmis} NMIs injected at first-trap entry, first-trap exit and second trap: {in_window} inside a window, {between} between the two traps of the trampoline, {nested} nested emulations from the NMI handler",
@@ -437,7 +469,9 @@ pub fn nmi_in_window(_st: &BootState) -> Outcome<'static> {
         errors.push(String::from("no NMI landed between the two traps of the trampoline"));
     }
     if to_b != calls || to_c != nested {
-        errors.push(format!("targets counted {to_b} calls (expected {calls}) and {to_c} nested calls (expected {nested})"));
+        errors.push(format!(
+            "targets counted {to_b} calls (expected {calls}) and {to_c} nested calls (expected {nested})"
+        ));
     }
     if NMI_UNBALANCED.load(Ordering::SeqCst) != unb0 {
         errors.push(String::from("a nested call from the NMI handler returned unbalanced"));
