@@ -7,9 +7,36 @@
 /* ---- Entry stubs -------------------------------------------------------
  * Each stub makes the stack look the same (error code, vector) and jumps to
  * sc_isr_common, which saves the registers, records the SSP and calls
- * sc_exception_dispatch(&mut TrapFrame). */
+ * sc_exception_dispatch(&mut TrapFrame). #BP has its own entry and exit
+ * (below): it is the only vector whose exit writes a shadow stack.
+ *
+ * Alignment: the CPU aligns RSP down to 16 and pushes 5 words (40 bytes);
+ * every stub then adds 152 bytes (vector, error code, 15 registers, 2
+ * bookkeeping words): 192 in all, so the Rust handler is called with RSP a
+ * multiple of 16 (the ABI's alignment at a call). The #BP stub adds its
+ * gap (BP_GAP = 8) and a full 192-byte TrapFrame holding a copy of the
+ * hardware frame: 40 + 8 + 192 = 240 = 15 * 16, aligned too. The
+ * `frame_alignment` self-test checks both, from both interrupted alignments. */
 
-/* Restore the registers saved by sc_isr_common and return from the exception. */
+.macro PUSH_GPRS
+    pushq %rax
+    pushq %rbx
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %rbp
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+.endm
+
+/* Restore the registers saved by the stub and return from the exception. */
 .macro ISR_EXIT
     addq $16, %rsp
     popq %r15
@@ -88,37 +115,11 @@ ISR_NOERR {VEC_SYNC}
 ISR_NOERR {VEC_TIMER}
 ISR_NOERR {VEC_SPURIOUS}
 
-/* #BP: move the hardware frame down by {BP_GAP} bytes before anything else,
- * leaving a gap under the interrupted stack pointer so the handler can
- * emulate a push onto the interrupted stack. The memory operand of a push is
- * computed before RSP drops, so each push copies the next-lower word. */
-sc_isr_3:
-    subq ${BP_GAP}, %rsp
-    pushq {BP_GAP}+32(%rsp)         /* SS */
-    pushq {BP_GAP}+32(%rsp)         /* RSP */
-    pushq {BP_GAP}+32(%rsp)         /* RFLAGS */
-    pushq {BP_GAP}+32(%rsp)         /* CS */
-    pushq {BP_GAP}+32(%rsp)         /* RIP */
-    pushq $0
-    pushq $3
-    jmp sc_isr_common
-
+/* Every vector but #BP. Its exit never writes a shadow stack: whatever a
+ * handler (or an attacker who rewrote the saved frame) left in the frame,
+ * IRET itself checks RIP/CS against the shadow frame's LIP/CS (#CP). */
 sc_isr_common:
-    pushq %rax
-    pushq %rbx
-    pushq %rcx
-    pushq %rdx
-    pushq %rsi
-    pushq %rdi
-    pushq %rbp
-    pushq %r8
-    pushq %r9
-    pushq %r10
-    pushq %r11
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
+    PUSH_GPRS
     subq $16, %rsp                  /* TrapFrame.ssp, TrapFrame.shadow_push */
     movq $0, 8(%rsp)
     xorl %eax, %eax
@@ -131,35 +132,279 @@ sc_isr_common:
     movq %rsp, %rdi
     cld
     call sc_exception_dispatch
-    cmpq $0, 8(%rsp)
-    jne sc_shadow_gap_exit
-sc_isr_exit:
     ISR_EXIT
 
-/* Shadow-gap exit: the #BP handler emulated a call and left its return
- * address in TrapFrame.shadow_push (it checked that the CPU's shadow frame
- * F = TrapFrame.ssp sits right under the interrupted SSP, F+24, with room
- * below). The handler's own calls are popped, so SSP == F again. One call
- * with a non-zero displacement takes a shadow slot (SSP = F-8); its
- * normal-stack copy is dropped; the frame is rebuilt one slot lower:
- *   [F-8] = F+16 (previous SSP)  [F] = target (LIP)  [F+8] = CS
- *   [F+16] = return address (the emulated call's shadow slot)
- * IRET pops that frame and leaves SSP = F+16 with the return address on top;
- * the normal stack got the same address in the entry stub's gap. */
-sc_shadow_gap_exit:
+/* ---- #BP ---------------------------------------------------------------
+ * Move the hardware frame down by {BP_GAP} bytes before anything else,
+ * leaving a gap under the interrupted stack pointer so the handler can
+ * emulate a push onto the interrupted stack. The memory operand of a push is
+ * computed before RSP drops, so each push copies the next-lower word.
+ *
+ * sc_bp_handler(&mut TrapFrame, F) decides (F = RDSSP here: the base of the
+ * 3-slot shadow frame the CPU pushed) and returns (action, argument) in
+ * RAX:RDX. Every shadow-stack write of the #BP path happens below, in the
+ * exit for that action, from values that come only from
+ *   - the shadow stack, found with RDSSP (F, the frame's LIP at [F+8]),
+ *   - read-only memory: the sealed batch entry in RDX (checked to lie in
+ *     the sealed area, to be live, of the right kind, and for the site
+ *     LIP-1), the trampoline's fixed addresses, this CPU's trampoline
+ *     records (a page mapped as shadow stack: only WRSS writes it),
+ * and never from the trap frame or any other ordinary memory. Each action
+ * also checks that the saved RIP is the value it derives (a frame changed
+ * after the Rust checks is refused, nothing written). With shadow stacks
+ * off the handler changes the frame itself and returns BPX_PLAIN. */
+sc_isr_3:
+    subq ${BP_GAP}, %rsp
+    pushq {BP_GAP}+32(%rsp)         /* SS */
+    pushq {BP_GAP}+32(%rsp)         /* RSP */
+    pushq {BP_GAP}+32(%rsp)         /* RFLAGS */
+    pushq {BP_GAP}+32(%rsp)         /* CS */
+    pushq {BP_GAP}+32(%rsp)         /* RIP */
+    pushq $0
+    pushq $3
+    PUSH_GPRS
+    subq $16, %rsp                  /* TrapFrame.ssp, TrapFrame.shadow_push */
+    movq $0, 8(%rsp)
+    xorl %esi, %esi
+    cmpb $0, SC_SHSTK_ACTIVE(%rip)
+    je 1f
+    rdsspq %rsi
+1:  movq %rsi, (%rsp)
+    movq %rsp, %rdi
+    cld
+    call sc_bp_handler
+    cmpq ${BPX_COUNT}, %rax
+    jae sc_bpx_plain
+    jmp *sc_bpx_table(,%rax,8)
+
+sc_bpx_plain:
+    ISR_EXIT
+
+/* r8 := F (SSP is F again: the handler's calls are popped), r9 := LIP. */
+.macro BPX_FRAME
+    rdsspq %r8
+    movq 8(%r8), %r9
+.endm
+
+/* r10 := the entry in RDX after checking it: 8-byte aligned inside the
+ * sealed area, the sealed batch live, kind \kind, site + 1 == LIP. */
+.macro BPX_ENTRY kind
+    movq %rdx, %r10
+    leaq __sealed_start(%rip), %rax
+    movabsq ${SEALED_LIVE}, %rcx
+    cmpq %rcx, {SEALED_STATE}(%rax)
+    jne sc_bpx_refuse
+    cmpq %rax, %r10
+    jb sc_bpx_refuse
+    leaq __sealed_end-{ENTRY_SIZE}(%rip), %rax
+    cmpq %rax, %r10
+    ja sc_bpx_refuse
+    testb $7, %r10b
+    jnz sc_bpx_refuse
+    cmpq $\kind, {ENTRY_KIND}(%r10)
+    jne sc_bpx_refuse
+    movq {ENTRY_SITE}(%r10), %rax
+    incq %rax
+    cmpq %rax, %r9
+    jne sc_bpx_refuse
+.endm
+
+/* The interrupted SSP must be right above the frame (#BP has no IST). */
+.macro BPX_SAME_STACK
+    leaq 24(%r8), %r11
+    cmpq %r11, (%r8)
+    jne sc_bpx_refuse
+.endm
+
+/* rdi := this CPU's trampoline-record page: the CPU whose stack area holds
+ * F (static layout arithmetic, no per-CPU data). Clobbers rax, rcx, rdx. */
+.macro BPX_RECORD_PAGE
+    movq %r8, %rax
+    leaq sc_stacks(%rip), %rcx
+    subq %rcx, %rax
+    jb sc_bpx_refuse
+    xorl %edx, %edx
+    movq ${CPU_STACKS_SIZE}, %rcx
+    divq %rcx
+    cmpq ${MAX_CPUS}, %rax
+    jae sc_bpx_refuse
+    shlq $12, %rax
+    leaq sc_tramp_records(%rip), %rdi
+    addq %rax, %rdi
+.endm
+
+/* Shadow gap: emulate `call T` at site S with one trap. After the checks,
+ * one call with a non-zero displacement takes a shadow slot (SSP = F-8),
+ * its normal-stack copy is dropped, and the frame is rebuilt one slot
+ * lower:
+ *   [F-8] = F+16 (previous SSP)  [F] = T (LIP)  [F+8] = CS
+ *   [F+16] = S+5 (the emulated call's shadow slot)
+ * IRET pops that frame and leaves SSP = F+16 with S+5 on top; the handler
+ * stored the same S+5 on the normal stack, in the stub's gap. */
+sc_bpx_call_sg:
+    BPX_FRAME
+    BPX_ENTRY {KIND_CALL}
+    BPX_SAME_STACK
+    movq {ENTRY_TARGET}(%r10), %rcx
+    cmpq %rcx, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    leaq 4(%r9), %rax               /* S+5 = LIP+4 */
+    movq 16(%r8), %rdx              /* CS, from the shadow frame */
     call 1f
     int3
 1:  addq $8, %rsp
-    movq 0(%rsp), %rax
-    leaq 16(%rax), %rcx
-    wrssq %rcx, -8(%rax)
-    movq {FRAME_RIP}(%rsp), %rcx
-    wrssq %rcx, (%rax)
-    movq {FRAME_CS}(%rsp), %rcx
-    wrssq %rcx, 8(%rax)
-    movq 8(%rsp), %rcx
-    wrssq %rcx, 16(%rax)
-    /* The common exit, repeated here to spare a jump on the hot path. */
+    leaq 16(%r8), %rsi
+    wrssq %rsi, -8(%r8)
+    wrssq %rcx, (%r8)
+    wrssq %rdx, 8(%r8)
+    wrssq %rax, 16(%r8)
+    ISR_EXIT
+
+/* `jmp T`, and `call T` the classic way (the negative control: shadow stack
+ * untouched, so T's ret raises #CP): LIP := T. */
+sc_bpx_jmp:
+    BPX_FRAME
+    BPX_ENTRY {KIND_JMP}
+    jmp 2f
+sc_bpx_classic:
+    BPX_FRAME
+    BPX_ENTRY {KIND_CALL}
+2:  movq {ENTRY_TARGET}(%r10), %rcx
+    cmpq %rcx, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    wrssq %rcx, 8(%r8)
+    ISR_EXIT
+
+/* 5-byte NOP: LIP := S+5. */
+sc_bpx_nop:
+    BPX_FRAME
+    BPX_ENTRY {KIND_NOP}
+    leaq 4(%r9), %rcx
+    cmpq %rcx, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    wrssq %rcx, 8(%r8)
+    ISR_EXIT
+
+/* `ret`: pop both stacks. The return address is the top of the interrupted
+ * shadow stack (the handler checked the normal stack's top equals it):
+ * LIP := [F+24], previous SSP := F+32. */
+sc_bpx_ret:
+    BPX_FRAME
+    BPX_ENTRY {KIND_RET}
+    BPX_SAME_STACK
+    movq (%r11), %rcx
+    cmpq %rcx, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    wrssq %rcx, 8(%r8)
+    addq $8, %r11
+    wrssq %r11, (%r8)
+    ISR_EXIT
+
+/* Trampoline, first trap: claim a record on this CPU's record page (free,
+ * or left by an abandoned emulation at the same SSP), bound to the
+ * interrupted SSP (F+24) and RSP, holding IF, the site and the target; then
+ * LIP := the trampoline entry and IF := 0 until the second trap. The SSP
+ * word is written first, so a nested first trap (NMI) never picks a slot
+ * being filled. */
+sc_bpx_tramp1:
+    BPX_FRAME
+    BPX_ENTRY {KIND_CALL}
+    BPX_SAME_STACK
+    leaq sc_tramp_page(%rip), %rax
+    cmpq %rax, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    BPX_RECORD_PAGE
+    leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rsi
+1:  movq {REC_SSP}(%rdi), %rax
+    testq %rax, %rax
+    je 2f
+    cmpq %r11, %rax
+    je 2f
+    addq ${RECORD_SIZE}, %rdi
+    cmpq %rsi, %rdi
+    jb 1b
+    jmp sc_bpx_refuse
+2:  wrssq %r11, {REC_SSP}(%rdi)
+    movq {FRAME_RFLAGS}(%rsp), %rax
+    shrq ${RFLAGS_IF_BIT}, %rax
+    andl $1, %eax
+    orq {FRAME_RSP}(%rsp), %rax
+    wrssq %rax, {REC_RSP_IF}(%rdi)
+    movq {ENTRY_SITE}(%r10), %rax
+    wrssq %rax, {REC_SITE}(%rdi)
+    movq {ENTRY_TARGET}(%r10), %rax
+    wrssq %rax, {REC_TARGET}(%rdi)
+    leaq sc_tramp_page(%rip), %rax
+    wrssq %rax, 8(%r8)
+    andq $~(1 << {RFLAGS_IF_BIT}), {FRAME_RFLAGS}(%rsp)
+    ISR_EXIT
+
+/* Trampoline, second trap at its int3: both the trampoline's return
+ * addresses must be on top of the interrupted shadow stack P, and a record
+ * of this CPU must be bound to P+16 (the SSP of its first trap). Then
+ * [P] := target, [P+8] := site+5 (from the record), and the record is freed.
+ * The handler rewrote the normal stack's two slots from the same record. */
+sc_bpx_tramp2:
+    BPX_FRAME
+    leaq sc_tramp_page+{TRAMP_TRAP}+1(%rip), %rax
+    cmpq %rax, %r9
+    jne sc_bpx_refuse
+    cmpq %rax, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    BPX_SAME_STACK
+    leaq sc_tramp_page+{TRAMP_RET2}(%rip), %rax
+    cmpq %rax, (%r11)
+    jne sc_bpx_refuse
+    leaq sc_tramp_page+{TRAMP_RET1}(%rip), %rax
+    cmpq %rax, 8(%r11)
+    jne sc_bpx_refuse
+    leaq 16(%r11), %r10
+    BPX_RECORD_PAGE
+    leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rsi
+1:  cmpq %r10, {REC_SSP}(%rdi)
+    je 2f
+    addq ${RECORD_SIZE}, %rdi
+    cmpq %rsi, %rdi
+    jb 1b
+    jmp sc_bpx_refuse
+2:  movq {REC_TARGET}(%rdi), %rax
+    wrssq %rax, (%r11)
+    movq {REC_SITE}(%rdi), %rax
+    addq $5, %rax
+    wrssq %rax, 8(%r11)
+    xorl %eax, %eax
+    wrssq %rax, {REC_SSP}(%rdi)
+    ISR_EXIT
+
+/* Resume at the site itself (LIP := LIP-1): an int3 at a registered site
+ * that is not (yet) in the live batch is executed again, never resumed in
+ * the middle of the instruction. */
+sc_bpx_resume_site:
+    BPX_FRAME
+    leaq -1(%r9), %rcx
+    cmpq %rcx, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    wrssq %rcx, 8(%r8)
+    ISR_EXIT
+
+/* Self-test probe `iret_rip_and_lip`: only the probe's own int3 can be sent
+ * to the probe's own landing (both fixed addresses). */
+sc_bpx_test_landing:
+    BPX_FRAME
+    leaq sc_t_iret_int3+1(%rip), %rax
+    cmpq %rax, %r9
+    jne sc_bpx_refuse
+    leaq sc_t_iret_landing(%rip), %rcx
+    cmpq %rcx, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    wrssq %rcx, 8(%r8)
+    ISR_EXIT
+
+/* A check above failed: the frame or the state changed after the handler's
+ * checks. Nothing was written; the handler reports it and refuses. */
+sc_bpx_refuse:
+    movq %rsp, %rdi
+    call sc_bp_exit_refused
     ISR_EXIT
 
 /* Stub addresses for the IDT, indexed by vector (0 = no stub). */
@@ -180,6 +425,12 @@ SC_ISR_IST_TEST:
 .globl SC_ISR_APIC
 SC_ISR_APIC:
     .quad sc_isr_{VEC_WAKE}, sc_isr_{VEC_SYNC}, sc_isr_{VEC_TIMER}, sc_isr_{VEC_SPURIOUS}
+
+/* #BP exit actions, indexed by patching::BpAction (BPX_PLAIN = 0). */
+.align 8
+sc_bpx_table:
+    .quad sc_bpx_plain, sc_bpx_call_sg, sc_bpx_jmp, sc_bpx_classic, sc_bpx_nop
+    .quad sc_bpx_ret, sc_bpx_tramp1, sc_bpx_tramp2, sc_bpx_resume_site, sc_bpx_test_landing
 
 .section .text
 

@@ -21,6 +21,9 @@ pub struct PendingCall {
     pub target: u64,
     /// RFLAGS.IF of the interrupted code, restored by the second trap.
     pub interrupts: bool,
+    /// The interrupted RSP: the second trap must be on this stack (its RSP,
+    /// with the trampoline's two slots pushed, is this minus 16).
+    pub rsp: u64,
 }
 
 /// Depth of nesting the LIFO allows (one per interrupt level that may hit a
@@ -49,7 +52,7 @@ impl Default for EmulLifo {
 
 impl EmulLifo {
     pub const fn new() -> Self {
-        EmulLifo { slots: [PendingCall { site: 0, ret: 0, target: 0, interrupts: false }; LIFO_DEPTH], depth: 0 }
+        EmulLifo { slots: [PendingCall { site: 0, ret: 0, target: 0, interrupts: false, rsp: 0 }; LIFO_DEPTH], depth: 0 }
     }
     pub fn depth(&self) -> usize {
         self.depth
@@ -88,6 +91,9 @@ pub enum GuardError {
     SlotOutsideStack { stack: StackKind, addr: u64 },
     /// A slot does not hold the trampoline's own return address.
     SlotMismatch { stack: StackKind, slot: u8, found: u64, expected: u64 },
+    /// The #BP exit found the trap frame, the shadow frame or the sealed
+    /// batch different from what the handler checked (changed in between).
+    FrameChanged,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,8 +113,31 @@ impl fmt::Display for GuardError {
                 f,
                 "{stack:?} stack slot {slot} holds {found:#x}, expected the trampoline's return address {expected:#x}"
             ),
+            GuardError::FrameChanged => {
+                f.write_str("the #BP exit found the frame or the batch changed after the handler's checks")
+            }
         }
     }
+}
+
+/// A trampoline record with shadow stacks on: four words on the CPU's
+/// record page, a page mapped as shadow stack (R/W=0, Dirty) that no CPU
+/// uses as its stack, so only WRSS writes it and ordinary stores fault. The
+/// first trap's exit fills one, the second trap's exit consumes it.
+pub mod record {
+    /// Bytes of one record.
+    pub const RECORD_SIZE: u64 = 32;
+    /// Records on one 4 KiB page.
+    pub const RECORDS_PER_PAGE: u64 = 4096 / RECORD_SIZE;
+    /// The SSP interrupted by the first trap (0: the record is free). The
+    /// second trap's interrupted SSP + 16 must equal it (bound to the stack).
+    pub const REC_SSP: u64 = 0;
+    /// The RSP interrupted by the first trap, with RFLAGS.IF in bit 0.
+    pub const REC_RSP_IF: u64 = 8;
+    /// The site (the emulated call returns to site + 5).
+    pub const REC_SITE: u64 = 16;
+    /// The call's target.
+    pub const REC_TARGET: u64 = 24;
 }
 
 /// The two slots the second trap inspects on one stack: `[top]` must be the
@@ -128,7 +157,7 @@ mod tests {
     use super::*;
 
     fn pc(site: u64) -> PendingCall {
-        PendingCall { site, ret: site + 5, target: 0x9000, interrupts: site % 2 == 0 }
+        PendingCall { site, ret: site + 5, target: 0x9000, interrupts: site % 2 == 0, rsp: 0x8000 }
     }
 
     #[test]

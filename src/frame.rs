@@ -10,8 +10,9 @@ pub struct TrapFrame {
     /// SSP at stub entry (RDSSP; 0 when shadow stacks are off): the base of
     /// the 3-slot shadow frame the CPU pushed.
     pub ssp: u64,
-    /// Set by the #BP handler (shadow-gap strategy): a return address the
-    /// exit path must push on the interrupted shadow stack; 0 = nothing.
+    /// Unused by the exits (zeroed by the stubs). Kept so the layout and the
+    /// `sec_exit_forged_frame` test (which forges it) stay stable: no exit
+    /// path reads the trap frame to decide a shadow-stack write.
     pub shadow_push: u64,
     pub r15: u64,
     pub r14: u64,
@@ -42,9 +43,25 @@ pub const RFLAGS_IF: u64 = 1 << 9;
 
 /// Bytes the #BP stub moves the hardware frame down by, so that the handler
 /// can emulate a `push` onto the interrupted stack (classic and shadow-gap
-/// emulation) without overwriting the frame it will IRET through. A multiple
-/// of 16 keeps the stack aligned for the Rust handler.
-pub const BP_STACK_GAP: u64 = 16;
+/// emulation) without overwriting the frame it will IRET through.
+///
+/// Alignment: the CPU aligns RSP down to 16 and pushes the 40-byte hardware
+/// frame; the #BP stub then subtracts the gap and builds a whole
+/// [`TrapFrame`] (192 bytes, a copy of the hardware frame included), so the
+/// Rust handler is called with RSP = aligned - 40 - gap - 192. That is a
+/// multiple of 16 (the ABI's alignment at a call) only when
+/// `40 + gap` is: the gap is 8 (mod 16), see [`handler_rsp_aligned`].
+pub const BP_STACK_GAP: u64 = 8;
+
+/// Bytes of the hardware interrupt frame (no error code).
+pub const HW_FRAME_BYTES: u64 = HW_FRAME_WORDS * 8;
+
+/// Is the stack pointer at which a stub calls the Rust handler 16-byte
+/// aligned, when the CPU's frame is `hw` bytes (after its own alignment to
+/// 16), the stub adds `extra` bytes and then a whole [`TrapFrame`]?
+pub const fn handler_rsp_aligned(hw: u64, extra: u64) -> bool {
+    (hw + extra + core::mem::size_of::<TrapFrame>() as u64).is_multiple_of(16)
+}
 
 /// Words of the hardware interrupt frame (RIP, CS, RFLAGS, RSP, SS).
 pub const HW_FRAME_WORDS: u64 = 5;
@@ -76,8 +93,23 @@ mod tests {
         assert_eq!(offset_of!(TrapFrame, vector), 17 * 8);
         assert_eq!(offset_of!(TrapFrame, rip), 19 * 8);
         assert_eq!(offset_of!(TrapFrame, ss), 23 * 8);
-        // Keeps the stack 16-byte aligned: hw frame + error + vector + GPRs + 2 = 24 words.
+        // 24 words: with the 5-word hardware frame and the vector/error
+        // words counted in it, the non-#BP stubs reach a 16-byte boundary.
         assert_eq!(size_of::<TrapFrame>() % 16, 0);
+    }
+
+    #[test]
+    fn every_stub_calls_its_handler_aligned() {
+        // Vectors without an error code: the stub pushes a zero in its place;
+        // with one: the CPU pushed it. Either way 40 + 8 bytes, then the rest
+        // of the TrapFrame minus the hardware frame and those two words.
+        let stub_words = (size_of::<TrapFrame>() as u64) - HW_FRAME_BYTES - 16;
+        assert_eq!((HW_FRAME_BYTES + 16 + stub_words) % 16, 0);
+        // #BP: the hardware frame, the gap, and a full TrapFrame (with a copy
+        // of the hardware frame) below it.
+        assert!(handler_rsp_aligned(HW_FRAME_BYTES, BP_STACK_GAP));
+        // The old 16-byte gap left the handler at 8 (mod 16).
+        assert!(!handler_rsp_aligned(HW_FRAME_BYTES, 16));
     }
 
     #[test]
@@ -88,7 +120,6 @@ mod tests {
                 assert!(gap_fits_one_push(rsp, BP_STACK_GAP), "rsp={rsp:#x}");
             }
         }
-        assert_eq!(BP_STACK_GAP % 16, 0);
         // Without a gap the push would land on the frame's SS slot.
         assert!(!gap_fits_one_push(0x10_0000, 0));
     }

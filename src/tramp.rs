@@ -18,6 +18,30 @@ use core::fmt;
 use iced_x86::code_asm::CodeAssembler;
 use iced_x86::{BlockEncoderOptions, Decoder, DecoderOptions, Mnemonic};
 
+/// Offsets in the trampoline that `emit` produces (fixed by its shape, and
+/// proved by `verify` for every emitted copy): the entry, the two return
+/// addresses its calls push, and the trap int3. The #BP exit compares
+/// against `page + offset` constants, never against a layout kept in
+/// writable memory.
+pub const TRAMP_ENTRY_OFF: u64 = 0;
+pub const TRAMP_RET1_OFF: u64 = 5;
+pub const TRAMP_RET2_OFF: u64 = 11;
+pub const TRAMP_TRAP_OFF: u64 = 12;
+/// Bytes of the trampoline.
+pub const TRAMP_LEN: usize = 14;
+
+/// The layout `emit(base)` produces.
+pub const fn layout_at(base: u64) -> TrampLayout {
+    TrampLayout {
+        base,
+        entry: base + TRAMP_ENTRY_OFF,
+        ret1: base + TRAMP_RET1_OFF,
+        ret2: base + TRAMP_RET2_OFF,
+        trap: base + TRAMP_TRAP_OFF,
+        len: TRAMP_LEN,
+    }
+}
+
 /// Addresses inside an emitted trampoline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrampLayout {
@@ -88,6 +112,9 @@ pub fn emit(base: u64) -> Result<(Vec<u8>, TrampLayout), TrampError> {
     let bytes = r.inner.code_buffer;
     let layout = TrampLayout { base, entry: base, ret1: l1_ip - 1, ret2: l2_ip - 1, trap: l2_ip, len: bytes.len() };
     verify(&bytes, &layout)?;
+    if layout != layout_at(base) {
+        return Err(TrampError::Shape("layout differs from the fixed offsets"));
+    }
     Ok((bytes, layout))
 }
 
@@ -146,6 +173,7 @@ mod tests {
             assert_eq!((l.entry, l.ret1, l.ret2, l.trap), (base, base + 5, base + 11, base + 12));
             assert_eq!(verify(&bytes, &l), Ok([1, 1]));
             assert_eq!(l.ret_insn(), base + 13);
+            assert_eq!(l, layout_at(base));
         }
     }
 

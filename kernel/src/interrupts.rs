@@ -49,7 +49,31 @@ core::arch::global_asm!(
     VEC_TIMER = const smp::VEC_TIMER,
     VEC_SPURIOUS = const apic::SPURIOUS_VECTOR,
     FRAME_RIP = const offset_of!(TrapFrame, rip),
-    FRAME_CS = const offset_of!(TrapFrame, cs),
+    FRAME_RSP = const offset_of!(TrapFrame, rsp),
+    FRAME_RFLAGS = const offset_of!(TrapFrame, rflags),
+    RFLAGS_IF_BIT = const shadowcall::frame::RFLAGS_IF.trailing_zeros(),
+    BPX_COUNT = const patching::BPX_COUNT,
+    SEALED_LIVE = const shadowcall::patch::SEALED_MAGIC,
+    SEALED_STATE = const offset_of!(shadowcall::patch::SealedHeader, magic),
+    ENTRY_SIZE = const core::mem::size_of::<shadowcall::patch::SealedEntry>(),
+    ENTRY_SITE = const offset_of!(shadowcall::patch::SealedEntry, site),
+    ENTRY_TARGET = const offset_of!(shadowcall::patch::SealedEntry, target),
+    ENTRY_KIND = const offset_of!(shadowcall::patch::SealedEntry, kind),
+    KIND_CALL = const shadowcall::patch::KIND_CALL,
+    KIND_JMP = const shadowcall::patch::KIND_JMP,
+    KIND_NOP = const shadowcall::patch::KIND_NOP,
+    KIND_RET = const shadowcall::patch::KIND_RET,
+    CPU_STACKS_SIZE = const mm::CPU_STACKS_SIZE,
+    MAX_CPUS = const mm::MAX_CPUS,
+    RECORD_SIZE = const shadowcall::emul::record::RECORD_SIZE,
+    RECORDS_PER_PAGE = const shadowcall::emul::record::RECORDS_PER_PAGE,
+    REC_SSP = const shadowcall::emul::record::REC_SSP,
+    REC_RSP_IF = const shadowcall::emul::record::REC_RSP_IF,
+    REC_SITE = const shadowcall::emul::record::REC_SITE,
+    REC_TARGET = const shadowcall::emul::record::REC_TARGET,
+    TRAMP_RET1 = const shadowcall::tramp::TRAMP_RET1_OFF,
+    TRAMP_RET2 = const shadowcall::tramp::TRAMP_RET2_OFF,
+    TRAMP_TRAP = const shadowcall::tramp::TRAMP_TRAP_OFF,
     options(att_syntax)
 );
 
@@ -197,8 +221,8 @@ fn mask_legacy_pic() {
 /// Called by asm/entry.S for every vector.
 #[no_mangle]
 extern "C" fn sc_exception_dispatch(frame: &mut TrapFrame) {
+    patching::note_frame_alignment(frame);
     match frame.vector {
-        VEC_BP => patching::handle_bp(frame),
         VEC_NMI => selftest::smp_tests::nmi(frame),
         v if v == smp::VEC_WAKE as u64 => apic::eoi(),
         v if v == smp::VEC_SYNC as u64 => {

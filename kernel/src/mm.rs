@@ -70,6 +70,9 @@ struct Shared<T>(UnsafeCell<T>);
 // CPU that owns them (stacks), or through the poke lock (page tables).
 unsafe impl<T> Sync for Shared<T> {}
 
+// The #BP exit (asm/entry.S) finds a CPU's trampoline-record page from the
+// stack area that holds its SSP: it needs this array's address.
+#[export_name = "sc_stacks"]
 static STACKS: Shared<[CpuStacks; MAX_CPUS]> = Shared(UnsafeCell::new(
     [const {
         CpuStacks {
@@ -264,7 +267,7 @@ pub fn classify(addr: u64) -> Option<Kind> {
         Some(Kind::Text)
     } else if addr >= rs && addr < re {
         Some(Kind::Rodata)
-    } else if page == Some(StackPage::Shadow) {
+    } else if page == Some(StackPage::Shadow) || is_tramp_record_page(addr) {
         Some(Kind::ShadowStack)
     } else {
         Some(Kind::Data)
@@ -408,4 +411,57 @@ fn walk(table: u64, level: u32, base: u64, f: &mut impl FnMut(u64, u64, u64)) {
             walk(e & paging::ADDR_MASK, level - 1, start, f);
         }
     }
+}
+
+// ---- Trampoline records --------------------------------------------------
+
+/// Bytes of one CPU's stack area (`sc_stacks` + cpu * this).
+pub const CPU_STACKS_SIZE: usize = core::mem::size_of::<CpuStacks>();
+
+#[repr(C, align(4096))]
+struct RecordPages([Page; MAX_CPUS]);
+
+/// One page per CPU for its pending trampoline emulations, mapped as
+/// shadow-stack memory (R/W=0, Dirty): only WRSS writes it, an ordinary
+/// store faults, and no CPU ever uses it as its stack (no token). The #BP
+/// exit (asm/entry.S) fills and consumes records; see shadowcall::emul::record.
+#[export_name = "sc_tramp_records"]
+static TRAMP_RECORDS: Shared<RecordPages> = Shared(UnsafeCell::new(RecordPages([const { Page([0; 4096]) }; MAX_CPUS])));
+
+fn tramp_records_base() -> u64 {
+    // SAFETY: only the address is computed.
+    unsafe { addr_of!(*TRAMP_RECORDS.0.get()) as u64 }
+}
+
+fn is_tramp_record_page(addr: u64) -> bool {
+    let base = tramp_records_base();
+    addr >= base && addr < base + MAX_CPUS as u64 * PAGE_SIZE
+}
+
+/// The CPU whose stack area holds `addr` (static layout, no per-CPU data).
+fn cpu_of_stack_addr(addr: u64) -> Option<usize> {
+    let base = stacks(0) as u64;
+    let cpu = (addr.checked_sub(base)? / CPU_STACKS_SIZE as u64) as usize;
+    (cpu < MAX_CPUS).then_some(cpu)
+}
+
+/// The trampoline-record page of the CPU whose shadow stack holds `ssp`
+/// (the same arithmetic as the #BP exit's).
+pub fn tramp_record_page(ssp: u64) -> u64 {
+    let cpu = cpu_of_stack_addr(ssp).unwrap_or(0);
+    tramp_records_base() + cpu as u64 * PAGE_SIZE
+}
+
+/// Do the `n` slots at `addr` lie in the same shadow stack as `anchor`
+/// (a CPU's primary or one of its IST shadow stacks)? From the static
+/// layout only: nothing here is read from writable memory.
+pub fn same_shadow_stack(anchor: u64, addr: u64, n: u64) -> bool {
+    let Some(cpu) = cpu_of_stack_addr(anchor) else { return false };
+    let stacks = core::iter::once(primary_shadow_stack(cpu)).chain((1..=IST_COUNT).map(|i| ist_shadow_stack(cpu, i)));
+    for b in stacks {
+        if anchor >= b.lo && anchor < b.hi {
+            return b.holds_slots(addr, n);
+        }
+    }
+    false
 }

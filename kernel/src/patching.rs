@@ -10,14 +10,18 @@
 //! finds the site in the sorted batch (binary search) and emulates it.
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use shadowcall::cmdline::EmulStrategy;
+use shadowcall::emul::record::{RECORDS_PER_PAGE, RECORD_SIZE, REC_RSP_IF, REC_SITE, REC_SSP, REC_TARGET};
 use shadowcall::emul::{check_tramp_slots, GuardError, PendingCall, StackKind};
 use shadowcall::frame::{TrapFrame, RFLAGS_IF};
-use shadowcall::patch::{build_batch, classify, Batch, Entry, NewInsn, PatchError, SiteKind, INT3, SITE_LEN};
+use shadowcall::patch::{
+    build_batch, classify, Batch, Entry, NewInsn, PatchError, SealedBatch, SealedEntry, SealedFlaw, SiteKind, INT3,
+    KIND_CALL, KIND_JMP, KIND_NOP, SITE_LEN,
+};
 use shadowcall::shstk::ShadowFrame;
-use shadowcall::tramp::{self, TrampLayout};
+use shadowcall::tramp::{self, TrampLayout, TRAMP_TRAP_OFF};
 use spin::Once;
 
 use crate::interrupts::{self, FaultInfo, GUARD_REFUSAL};
@@ -49,8 +53,6 @@ static STRATEGY: AtomicU8 = AtomicU8::new(0);
 /// What the #BP handler does for a CALL: STRATEGY, except that the shadow
 /// gap without shadow stacks is the classic emulation (nothing to push).
 static CALL_CODE: AtomicU8 = AtomicU8::new(0);
-/// The batch in flight (null outside a patch).
-static ACTIVE: AtomicPtr<Batch> = AtomicPtr::new(core::ptr::null_mut());
 static IN_FLIGHT: AtomicBool = AtomicBool::new(false);
 pub static SYNC_ROUNDS: AtomicU64 = AtomicU64::new(0);
 static HAS_SERIALIZE: AtomicBool = AtomicBool::new(false);
@@ -156,6 +158,11 @@ pub fn trampoline() -> Option<&'static TrampLayout> {
     TRAMP.get()
 }
 
+/// What `build_batch` validates against (until the read-only registry lands: the sorted site list).
+fn registry_tables() -> &'static [u64] {
+    registry()
+}
+
 pub fn registry() -> &'static [u64] {
     REGISTRY.get().map(|v| v.as_slice()).unwrap_or(&[])
 }
@@ -169,12 +176,10 @@ pub fn sync() {
     SYNC_ROUNDS.fetch_add(1, Ordering::Relaxed);
 }
 
-/// #BP handlers that may be looking at the batch in flight (all CPUs).
-static BATCH_USERS: AtomicU64 = AtomicU64::new(0);
 
 /// Patch a batch of sites with the int3 protocol. `hook` runs after steps 1
 /// and 2, inside the emulation window; a fault inside it is caught so that
-/// the protocol always completes. On error nothing has been written.
+/// the protocol always completes. On error nothing has been written to text.
 pub fn patch(sites: &[(u64, NewInsn)], mut hook: impl FnMut(Step)) -> Result<PatchStats, PatchError> {
     let mut hook_fault = None;
     let mut hook = |step| {
@@ -185,59 +190,196 @@ pub fn patch(sites: &[(u64, NewInsn)], mut hook: impl FnMut(Step)) -> Result<Pat
             hook_fault.get_or_insert(f);
         }
     };
+    let flight = begin(sites)?;
+    hook(Step::Int3Written);
+    write_tails();
+    hook(Step::TailsWritten);
+    Ok(PatchStats { hook_fault, ..finish(flight) })
+}
+
+/// A batch between `begin` and `finish`: sealed, live, int3s in text.
+pub struct InFlight {
+    rounds0: u64,
+}
+
+/// Validate `sites`, seal the batch (read-only, live) and write step 1
+/// (int3 on every site); sync. On error nothing is written to text and no
+/// batch is live.
+pub fn begin(sites: &[(u64, NewInsn)]) -> Result<InFlight, PatchError> {
     if IN_FLIGHT.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
         return Err(PatchError::BatchInFlight);
     }
-    let result = build_batch(&mm::text(), registry(), sites).map(|mut batch| {
-        let rounds0 = SYNC_ROUNDS.load(Ordering::Relaxed);
-        ACTIVE.store(&mut batch, Ordering::Release);
-        // Each step writes through a fresh alias, removed (and its TLB entry
-        // flushed) before the sync. Under QEMU TCG the step is written twice:
-        // see REWRITE_STEPS.
-        let write_all = |what: &dyn Fn(&Entry) -> (u64, &[u8])| {
-            for _ in 0..if REWRITE_STEPS.load(Ordering::Relaxed) { 2 } else { 1 } {
-                let mut alias = mm::TextAlias::new();
-                for e in batch.entries() {
-                    let (at, bytes) = what(e);
-                    alias.write(at, bytes);
-                }
-            }
-        };
-
-        // 1. int3 on every site.
-        write_all(&|e| (e.site, &[INT3]));
-        sync();
-        hook(Step::Int3Written);
-
-        // 2. the tails.
-        write_all(&|e| (e.site + 1, &e.bytes[1..]));
-        sync();
-        hook(Step::TailsWritten);
-
-        // 3. the first bytes.
-        write_all(&|e| (e.site, &e.bytes[..1]));
-        sync();
-
-        // Retire the batch: no CPU can fetch one of its int3s any more (sync
-        // above), and a handler that did has finished (it ran with interrupts
-        // off, so it acked the sync only after leaving) or is counted in
-        // BATCH_USERS, which it raised before it read ACTIVE.
-        ACTIVE.store(core::ptr::null_mut(), Ordering::SeqCst);
-        while BATCH_USERS.load(Ordering::SeqCst) != 0 {
-            core::hint::spin_loop();
-        }
-        PatchStats {
-            sites: batch.len(),
-            sync_rounds: SYNC_ROUNDS.load(Ordering::Relaxed) - rounds0,
-            table_bytes: batch.table_bytes(),
-            hook_fault: None,
-        }
-    });
-    IN_FLIGHT.store(false, Ordering::Release);
-    result.map(|s| PatchStats { hook_fault, ..s })
+    let rounds0 = SYNC_ROUNDS.load(Ordering::Relaxed);
+    if let Err(e) = build_batch(&mm::text(), registry_tables(), sites).and_then(|b| seal(&b)) {
+        IN_FLIGHT.store(false, Ordering::Release);
+        return Err(e);
+    }
+    // 1. int3 on every site.
+    write_step(Write::Int3);
+    Ok(InFlight { rounds0 })
 }
 
+/// Step 2: the tails of the new instructions; sync.
+pub fn write_tails() {
+    write_step(Write::Tails);
+}
+
+/// Step 3 (the first bytes; sync) and retirement of the batch.
+pub fn finish(flight: InFlight) -> PatchStats {
+    write_step(Write::Heads);
+    let (sites, table_bytes) = sealed_batch().map(|b| (b.len(), b.header().total_len as usize)).unwrap_or_default();
+    // Retire the batch: no CPU can fetch one of its int3s any more (sync
+    // above), and a handler that did has finished (it ran with interrupts
+    // off, so it acked the sync only after leaving) or is counted in
+    // BATCH_USERS, which it raised before it looked at the sealed batch.
+    unseal();
+    while BATCH_USERS.load(Ordering::SeqCst) != 0 {
+        core::hint::spin_loop();
+    }
+    IN_FLIGHT.store(false, Ordering::Release);
+    PatchStats { sites, sync_rounds: SYNC_ROUNDS.load(Ordering::Relaxed) - flight.rounds0, table_bytes, hook_fault: None }
+}
+
+/// The three writes of the protocol.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// 1. int3 over the first byte of every site.
+    Int3,
+    /// 2. bytes 1..5 of every new instruction.
+    Tails,
+    /// 3. the first byte of every new instruction.
+    Heads,
+}
+
+/// One step of the protocol for every entry of the sealed batch, then a
+/// sync. Each step writes through a fresh private alias (under QEMU TCG
+/// twice: see REWRITE_STEPS). The bytes come only from the sealed
+/// (read-only) batch.
+fn write_step(what: Write) {
+    let Some(batch) = sealed_batch() else { return };
+    for _ in 0..if REWRITE_STEPS.load(Ordering::Relaxed) { 2 } else { 1 } {
+        let mut alias = mm::TextAlias::new();
+        for e in batch.entries() {
+            let bytes = e.site_bytes();
+            match what {
+                Write::Int3 => alias.write(e.site, &[INT3]),
+                Write::Tails => alias.write(e.site + 1, &bytes[1..]),
+                Write::Heads => alias.write(e.site, &bytes[..1]),
+            }
+        }
+    }
+    sync();
+}
+
+/// Copy a validated batch into the sealed area and validate the read-only
+/// copy again: the batch in ordinary memory may have changed since it was
+/// built (threat model), the sealed copy cannot. Live when this returns Ok.
+fn seal(batch: &Batch) -> Result<(), PatchError> {
+    let (start, end) = mm::sealed_area();
+    let len = batch.sealed_len();
+    if len > (end - start) as usize {
+        return Err(PatchError::BadSealedBatch { flaw: SealedFlaw::TooShort });
+    }
+    let mut buf = alloc::vec![0u8; len];
+    batch.write_sealed(&mut buf)?;
+    #[cfg(feature = "test-hooks")]
+    crate::selftest::sec_tests::forge_sealed_copy(&mut buf);
+    {
+        // The magic word last: the area holds a live batch only when complete.
+        let mut alias = mm::TextAlias::new();
+        alias.write(start + MAGIC_LEN, &buf[MAGIC_LEN..]);
+        alias.write(start, &buf[..MAGIC_LEN]);
+    }
+    let checked = sealed_batch()
+        .ok_or(PatchError::BadSealedBatch { flaw: SealedFlaw::BadMagic })
+        .and_then(|b| b.verify().map(|_| b))
+        .and_then(|b| {
+            // Every sealed entry must be what validation makes of its own
+            // (site, instruction) pair: registered site, registered target,
+            // patchable bytes in text now.
+            let pairs: Vec<(u64, NewInsn)> =
+                b.entries().iter().filter_map(|e| e.insn().map(|i| (e.site, i))).collect();
+            let again = build_batch(&mm::text(), registry_tables(), &pairs)?;
+            match again.entries().iter().zip(b.entries()).position(|(x, y)| SealedEntry::of(x) != *y) {
+                None if again.len() == b.len() => Ok(()),
+                i => Err(PatchError::BadSealedBatch { flaw: SealedFlaw::BadEntry { index: i.unwrap_or(0) as u64 } }),
+            }
+        });
+    if checked.is_err() {
+        unseal();
+    }
+    checked
+}
+
+/// Bytes of the sealed header's magic word (written last, cleared first).
+const MAGIC_LEN: usize = 8;
+
+/// Clear the sealed batch's magic: no batch is live.
+fn unseal() {
+    let (start, _) = mm::sealed_area();
+    mm::TextAlias::new().write(start, &[0; MAGIC_LEN]);
+}
+
+/// The sealed batch in the sealed area (live or not yet verified).
+fn sealed_batch() -> Option<SealedBatch<'static>> {
+    live_batch()
+}
+
+/// #BP handlers that may be looking at the batch in flight (all CPUs).
+static BATCH_USERS: AtomicU64 = AtomicU64::new(0);
+
 // ---- The #BP handler ------------------------------------------------------
+//
+// `sc_bp_handler` decides; the exit in asm/entry.S writes the shadow stack.
+// With shadow stacks on, the site is LIP-1 read from the shadow frame (not the
+// saved RIP), the instruction comes from the sealed batch (read-only), and
+// the handler returns an action with the sealed entry; the exit checks the
+// entry again against the shadow frame and derives every value it writes
+// from the shadow stack and read-only memory (DESIGN.md, "Threat model").
+// With shadow stacks off the handler changes the trap frame itself.
+
+/// What the #BP exit does (asm/entry.S `sc_bpx_table`, same order).
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BpAction {
+    /// IRET as the frame is (no shadow-stack write).
+    Plain = 0,
+    /// Shadow-gap call: rebuild the frame one slot lower (argument: entry).
+    CallShadowGap = 1,
+    /// LIP := the entry's jmp target.
+    Jmp = 2,
+    /// LIP := the entry's call target, nothing pushed (the negative control).
+    Classic = 3,
+    /// LIP := site + 5.
+    Nop = 4,
+    /// Pop both stacks.
+    Ret = 5,
+    /// First trampoline trap: claim a record, LIP := trampoline entry.
+    Tramp1 = 6,
+    /// Second trampoline trap: write the record's target and return address.
+    Tramp2 = 7,
+    /// LIP := the site (execute it again).
+    ResumeSite = 8,
+    /// The `iret_rip_and_lip` probe: LIP := the probe's landing.
+    TestLanding = 9,
+}
+
+/// Number of actions (the exit treats anything else as `Plain`).
+pub const BPX_COUNT: u64 = 10;
+
+/// The handler's answer, returned in RAX:RDX.
+#[repr(C)]
+pub struct BpExit {
+    pub action: u64,
+    pub arg: u64,
+}
+
+impl BpExit {
+    const PLAIN: BpExit = BpExit { action: BpAction::Plain as u64, arg: 0 };
+    fn with(action: BpAction, arg: u64) -> BpExit {
+        BpExit { action: action as u64, arg }
+    }
+}
 
 /// Self-test hooks of the #BP handler, armed for one int3 at `sc_t_iret_int3`.
 #[repr(u8)]
@@ -256,90 +398,158 @@ extern "C" {
     static sc_b_int3: u8;
 }
 
-/// #BP: the trampoline's second trap, a site of the batch in flight, or a
-/// real breakpoint (reported, never emulated).
-pub fn handle_bp(frame: &mut TrapFrame) {
-    let addr = frame.rip - 1;
-    if let Some(t) = TRAMP.get() {
-        if addr == t.trap {
-            return second_trap(frame, t);
-        }
+/// The live sealed batch, if a patch is in flight.
+#[inline(always)]
+fn live_batch() -> Option<SealedBatch<'static>> {
+    let (start, end) = mm::sealed_area();
+    // SAFETY: the sealed area is mapped read-only for the kernel's whole
+    // life; only the patcher changes it (through its private alias), and not
+    // while a handler can be using the batch (DESIGN §8.2).
+    unsafe { SealedBatch::from_raw(start as *const u8, (end - start) as usize) }.ok()
+}
+
+/// Number of stack frames a misaligned handler entry was seen in (the
+/// `frame_alignment` test reads it; must stay 0).
+pub static MISALIGNED_FRAMES: AtomicU64 = AtomicU64::new(0);
+
+/// Every Rust handler is entered with RSP a multiple of 16 at the stub's
+/// `call` (the frame pointer it passes is that RSP).
+#[inline(always)]
+pub fn note_frame_alignment(frame: &TrapFrame) {
+    let at = frame as *const TrapFrame as u64;
+    if at % 16 != 0 {
+        MISALIGNED_FRAMES.fetch_add(1, Ordering::Relaxed);
+    }
+    #[cfg(feature = "test-hooks")]
+    crate::selftest::sec_tests::record_frame(at);
+}
+
+/// #BP, from asm/entry.S `sc_isr_3`. `ssp` is RDSSP at the stub (the shadow
+/// frame's base F), 0 with shadow stacks off.
+#[no_mangle]
+extern "C" fn sc_bp_handler(frame: &mut TrapFrame, ssp: u64) -> BpExit {
+    note_frame_alignment(frame);
+    let f = (ssp != 0).then(|| ShadowFrame::at(ssp));
+    // The int3's address: from the shadow frame's LIP when there is one.
+    let addr = match f {
+        Some(f) => cet::read_slot(f.lip_slot()).wrapping_sub(1),
+        None => frame.rip.wrapping_sub(1),
+    };
+    let exit = bp_decide(frame, f, addr);
+    #[cfg(feature = "test-hooks")]
+    crate::selftest::sec_tests::after_bp_checks(frame);
+    exit
+}
+
+#[inline(always)]
+fn bp_decide(frame: &mut TrapFrame, f: Option<ShadowFrame>, addr: u64) -> BpExit {
+    if addr == tramp_page() + TRAMP_TRAP_OFF {
+        return second_trap(frame, f);
     }
     BATCH_USERS.fetch_add(1, Ordering::SeqCst);
-    let batch = ACTIVE.load(Ordering::SeqCst);
-    if !batch.is_null() {
-        // SAFETY: the patcher keeps the batch alive while BATCH_USERS > 0.
-        if let Some(e) = unsafe { &*batch }.lookup(addr) {
-            emulate(frame, e);
-            BATCH_USERS.fetch_sub(1, Ordering::SeqCst);
-            return;
-        }
-    }
+    let found = live_batch().and_then(|b| b.lookup(addr));
+    let exit = found.map(|e| emulate(frame, f, e));
     BATCH_USERS.fetch_sub(1, Ordering::SeqCst);
-    if test_hook(frame, addr) {
-        return;
+    if let Some(exit) = exit {
+        return exit;
     }
-    if stale_int3(frame, addr) {
-        return;
+    #[cfg(feature = "test-hooks")]
+    crate::selftest::sec_tests::race_window(addr);
+    if let Some(exit) = test_hook(frame, addr) {
+        return exit;
     }
-    PerCpu::count(&this_cpu().counters.breakpoints);
-    crate::diag!("breakpoint at {addr:#x}: not a site of a patch in flight; not emulated");
+    if let Some(exit) = registered_site_int3(frame, f, addr) {
+        return exit;
+    }
+    let cpu = this_cpu();
+    PerCpu::count(&cpu.counters.breakpoints);
+    let how = if cpu.expect_refusal.load(Ordering::Relaxed) { "expected: " } else { "" };
+    crate::diag!("{how}breakpoint at {addr:#x}: not a site of a patch in flight; not emulated");
+    BpExit::PLAIN
 }
 
-/// An int3 at a registered site that no longer holds one: see below.
+/// The exit found the frame or the state changed after the handler's
+/// checks (asm/entry.S `sc_bpx_refuse`): nothing was written.
+#[no_mangle]
+extern "C" fn sc_bp_exit_refused(frame: &mut TrapFrame) {
+    refuse(frame, GuardError::FrameChanged);
+}
+
+/// An int3 at a registered site that no live batch holds.
 #[cold]
 #[inline(never)]
-fn stale_int3(frame: &mut TrapFrame, addr: u64) -> bool {
-    // SAFETY: addr is the int3 the CPU just executed: mapped, readable text.
-    let now = unsafe { (addr as *const u8).read_volatile() };
-    if now != INT3 && registry().binary_search(&addr).is_ok() {
-        // A stale int3: this CPU executed the int3 of a batch that has
-        // since been completed (the site holds its new instruction, which
-        // no batch is changing: a site being patched is in ACTIVE). Emulate
-        // that instruction, as decoded from text now, rather than resume at
-        // the site: a CPU (an emulator) that still sees the stale int3 would
-        // only trap again.
-        PerCpu::count(&this_cpu().counters.stale_int3);
-        // SAFETY: a registered site: 5 bytes of mapped, readable text.
-        let bytes: [u8; SITE_LEN] = unsafe { (addr as *const [u8; SITE_LEN]).read_volatile() };
-        let insn = match classify(&bytes, addr) {
-            Ok(SiteKind::Call(t)) => NewInsn::Call(t),
-            Ok(SiteKind::Jmp(t)) => NewInsn::Jmp(t),
-            Ok(SiteKind::Nop) => NewInsn::Nop,
-            Ok(SiteKind::Ret) => NewInsn::Ret,
-            Err(_) => {
-                set_ip(frame, addr);
-                return true;
-            }
-        };
-        emulate(frame, &Entry { site: addr, insn, bytes });
-        return true;
+fn registered_site_int3(frame: &mut TrapFrame, f: Option<ShadowFrame>, addr: u64) -> Option<BpExit> {
+    if !is_registered_site(addr) {
+        return None;
     }
-    false
+    // SAFETY: a registered site: 5 bytes of mapped, readable text.
+    let now = unsafe { (addr as *const u8).read_volatile() };
+    if now == INT3 {
+        // The int3 of a batch that was published after we looked (the
+        // patcher publishes the sealed batch before it writes any int3, and
+        // x86 keeps our two loads in order): look again. If the batch is
+        // still not there, execute the site again; never resume at site+1,
+        // the middle of the instruction.
+        BATCH_USERS.fetch_add(1, Ordering::SeqCst);
+        let found = live_batch().and_then(|b| b.lookup(addr));
+        let exit = found.map(|e| emulate(frame, f, e));
+        BATCH_USERS.fetch_sub(1, Ordering::SeqCst);
+        PerCpu::count(&this_cpu().counters.int3_races);
+        return Some(exit.unwrap_or_else(|| resume_at(frame, f, addr)));
+    }
+    // A stale int3: this CPU executed the int3 of a batch that has since
+    // been completed (seen under QEMU TCG only). With shadow stacks, run the
+    // site again (its bytes in text are the new instruction). Without, emulate
+    // that instruction as decoded from text now: an emulator that still sees
+    // the stale int3 would only trap again.
+    PerCpu::count(&this_cpu().counters.stale_int3);
+    if f.is_some() {
+        return Some(resume_at(frame, f, addr));
+    }
+    // SAFETY: as above.
+    let bytes: [u8; SITE_LEN] = unsafe { (addr as *const [u8; SITE_LEN]).read_volatile() };
+    let insn = match classify(&bytes, addr) {
+        Ok(SiteKind::Call(t)) => NewInsn::Call(t),
+        Ok(SiteKind::Jmp(t)) => NewInsn::Jmp(t),
+        Ok(SiteKind::Nop) => NewInsn::Nop,
+        Ok(SiteKind::Ret) => NewInsn::Ret,
+        Err(_) => return Some(resume_at(frame, f, addr)),
+    };
+    let Ok(entry_bytes) = insn.encode(addr) else { return Some(resume_at(frame, f, addr)) };
+    let e = SealedEntry::of(&Entry { site: addr, insn, bytes: entry_bytes });
+    Some(emulate(frame, None, &e))
 }
 
-fn test_hook(frame: &mut TrapFrame, addr: u64) -> bool {
-    let (probe, landing) = (core::ptr::addr_of!(sc_t_iret_int3) as u64, core::ptr::addr_of!(sc_t_iret_landing) as u64);
+fn resume_at(frame: &mut TrapFrame, f: Option<ShadowFrame>, addr: u64) -> BpExit {
+    frame.rip = addr;
+    if f.is_some() {
+        BpExit::with(BpAction::ResumeSite, 0)
+    } else {
+        BpExit::PLAIN
+    }
+}
+
+fn test_hook(frame: &mut TrapFrame, addr: u64) -> Option<BpExit> {
     // The benchmark's bare trap: return at once.
     if addr == core::ptr::addr_of!(sc_b_int3) as u64 {
-        return true;
+        return Some(BpExit::PLAIN);
     }
+    let (probe, landing) = (core::ptr::addr_of!(sc_t_iret_int3) as u64, core::ptr::addr_of!(sc_t_iret_landing) as u64);
     if addr != probe {
-        return false;
+        return None;
     }
     match this_cpu().bp_test_hook.swap(BpTestHook::None as u8, Ordering::Relaxed) {
         x if x == BpTestHook::RipOnly as u8 => {
             frame.rip = landing;
-            true
+            Some(BpExit::PLAIN)
         }
         x if x == BpTestHook::RipAndLip as u8 => {
-            set_ip(frame, landing);
-            true
+            frame.rip = landing;
+            Some(if cet::active() { BpExit::with(BpAction::TestLanding, 0) } else { BpExit::PLAIN })
         }
-        _ => false,
+        _ => None,
     }
 }
-
 /// Self-test switches for the window (irq_in_window, nmi_in_window).
 pub static WATCH_IRQ: AtomicBool = AtomicBool::new(false);
 pub static INJECT_NMI: AtomicBool = AtomicBool::new(false);
@@ -385,139 +595,228 @@ fn window_exit() {
 
 /// Emulate `e`'s new instruction for the CPU that trapped on its int3.
 #[inline(always)]
-fn emulate(frame: &mut TrapFrame, e: &Entry) {
+fn emulate(frame: &mut TrapFrame, f: Option<ShadowFrame>, e: &SealedEntry) -> BpExit {
     let cpu = this_cpu();
     PerCpu::count(&cpu.counters.emulations);
     window_enter();
     // The trampoline's window lasts until its second trap.
-    let window_open = emulate_insn(cpu, frame, e);
+    let (exit, window_open) = emulate_insn(cpu, frame, f, e);
     nmi_point(NmiPoint::FirstTrapExit);
     if !window_open {
         window_exit();
     }
+    exit
 }
 
-/// Returns true when the emulation continues in the trampoline.
+/// Returns the exit action, and true when the emulation continues in the trampoline.
 #[inline(always)]
-fn emulate_insn(cpu: &PerCpu, frame: &mut TrapFrame, e: &Entry) -> bool {
-    match e.insn {
-        NewInsn::Call(target) => {
+fn emulate_insn(cpu: &PerCpu, frame: &mut TrapFrame, f: Option<ShadowFrame>, e: &SealedEntry) -> (BpExit, bool) {
+    let entry = e as *const SealedEntry as u64;
+    match e.kind {
+        KIND_CALL => {
             let code = if cpu.force_classic.load(Ordering::Relaxed) != 0 {
                 CODE_CLASSIC
             } else {
                 CALL_CODE.load(Ordering::Relaxed)
             };
+            let target = e.target;
             if code == CODE_SHADOW_GAP {
-                emulate_call_shadow_gap(cpu, frame, e, target);
+                return (emulate_call_shadow_gap(cpu, frame, f, e), false);
             } else if code == CODE_TRAMPOLINE {
-                emulate_call_trampoline(frame, e, target);
-                return true;
-            } else {
-                PerCpu::count(&cpu.counters.classic_calls);
-                if push_normal(cpu, frame, e.ret_addr()) {
-                    set_ip(frame, target);
-                }
+                return (emulate_call_trampoline(cpu, frame, f, e), true);
             }
+            PerCpu::count(&cpu.counters.classic_calls);
+            if !push_normal(cpu, frame, e.ret_addr()) {
+                return (BpExit::PLAIN, false);
+            }
+            frame.rip = target;
+            (action_if_shadow(f, BpAction::Classic, entry), false)
         }
-        NewInsn::Jmp(target) => set_ip(frame, target),
-        NewInsn::Nop => set_ip(frame, e.ret_addr()),
-        NewInsn::Ret => emulate_ret(frame),
+        KIND_JMP => {
+            frame.rip = e.target;
+            (action_if_shadow(f, BpAction::Jmp, entry), false)
+        }
+        KIND_NOP => {
+            frame.rip = e.ret_addr();
+            (action_if_shadow(f, BpAction::Nop, entry), false)
+        }
+        _ => (emulate_ret(frame, f, entry), false),
     }
-    false
 }
 
-/// First trap of the trampoline path: remember the call, run the trampoline
-/// with interrupts off until the second trap.
-fn emulate_call_trampoline(frame: &mut TrapFrame, e: &Entry, target: u64) {
-    let cpu = this_cpu();
-    let t = TRAMP.get().expect("trampoline emitted at boot");
-    let pending = PendingCall { site: e.site, ret: e.ret_addr(), target, interrupts: frame.rflags & RFLAGS_IF != 0 };
-    if cpu.lifo().push(pending).is_err() {
-        crate::diag!("PANIC: emulation nesting deeper than the per-CPU LIFO");
-        crate::exit(false);
+fn action_if_shadow(f: Option<ShadowFrame>, action: BpAction, entry: u64) -> BpExit {
+    if f.is_some() {
+        BpExit::with(action, entry)
+    } else {
+        BpExit::PLAIN
+    }
+}
+
+/// First trap of the trampoline path: run the trampoline with interrupts
+/// off until the second trap. With shadow stacks the exit records the call
+/// on this CPU's record page (shadow-stack memory); without, the per-CPU LIFO
+/// holds it (nothing to protect: no shadow stack).
+fn emulate_call_trampoline(cpu: &PerCpu, frame: &mut TrapFrame, f: Option<ShadowFrame>, e: &SealedEntry) -> BpExit {
+    let Some(f) = f else {
+        let pending = PendingCall {
+            site: e.site,
+            ret: e.ret_addr(),
+            target: e.target,
+            interrupts: frame.rflags & RFLAGS_IF != 0,
+            rsp: frame.rsp,
+        };
+        if cpu.lifo().push(pending).is_err() {
+            crate::diag!("PANIC: emulation nesting deeper than the per-CPU LIFO");
+            crate::exit(false);
+        }
+        PerCpu::count(&cpu.counters.tramp_calls);
+        frame.rflags &= !RFLAGS_IF;
+        frame.rip = tramp_page();
+        return BpExit::PLAIN;
+    };
+    if cet::read_slot(f.prev_ssp_slot()) != f.above() {
+        refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: f.base });
+        return BpExit::PLAIN;
     }
     PerCpu::count(&cpu.counters.tramp_calls);
-    frame.rflags &= !RFLAGS_IF;
-    set_ip(frame, t.entry);
+    frame.rip = tramp_page();
+    BpExit::with(BpAction::Tramp1, e as *const SealedEntry as u64)
 }
 
 /// Shadow-gap path: one trap. The normal stack gets the return address in
-/// the entry stub's gap; the exit path (asm/entry.S `sc_shadow_gap_exit`)
-/// pushes it on the shadow stack by rebuilding the exception frame one slot
-/// lower. Checks here that the frame is where that rebuild expects it.
+/// the entry stub's gap; the exit (asm/entry.S `sc_bpx_call_sg`) pushes it
+/// on the shadow stack by rebuilding the exception frame one slot lower.
+/// Checks here that the frame is where that rebuild expects it.
 #[inline(always)]
-fn emulate_call_shadow_gap(cpu: &PerCpu, frame: &mut TrapFrame, e: &Entry, target: u64) {
-    let f = ShadowFrame::at(frame.ssp);
+fn emulate_call_shadow_gap(cpu: &PerCpu, frame: &mut TrapFrame, f: Option<ShadowFrame>, e: &SealedEntry) -> BpExit {
+    let Some(f) = f else {
+        // No shadow stack: the classic emulation is all there is to do.
+        PerCpu::count(&cpu.counters.classic_calls);
+        if push_normal(cpu, frame, e.ret_addr()) {
+            frame.rip = e.target;
+        }
+        return BpExit::PLAIN;
+    };
     // The rebuilt frame uses the slot below F, and the return address lands
-    // in F+16: F-8 .. F+24 must lie in one of this CPU's shadow stacks.
-    let room = own_shadow_slots(cpu, f.base.wrapping_sub(8), ShadowFrame::SLOTS + 1);
+    // in F+16: F-8 .. F+24 must lie in one shadow stack.
+    let room = mm::same_shadow_stack(f.base, f.base.wrapping_sub(8), ShadowFrame::SLOTS + 1);
     let same_stack = cet::read_slot(f.prev_ssp_slot()) == f.above();
-    let slots_ok = cet::read_slot(f.lip_slot()) == frame.rip && cet::read_slot(f.cs_slot()) == frame.cs;
-    if !(room && same_stack && slots_ok) {
-        return refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: f.base });
+    if !(room && same_stack) {
+        refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: f.base });
+        return BpExit::PLAIN;
     }
-    let ret = e.ret_addr();
-    if push_normal(cpu, frame, ret) {
-        PerCpu::count(&cpu.counters.shadow_gap_calls);
-        frame.rip = target;
-        frame.shadow_push = ret;
+    if !push_normal(cpu, frame, e.ret_addr()) {
+        return BpExit::PLAIN;
     }
+    PerCpu::count(&cpu.counters.shadow_gap_calls);
+    frame.rip = e.target;
+    BpExit::with(BpAction::CallShadowGap, e as *const SealedEntry as u64)
+}
+
+/// This CPU's trampoline records that are in use (between two traps).
+pub fn pending_tramp_records() -> usize {
+    if !cet::active() {
+        return this_cpu().lifo().depth();
+    }
+    let page = mm::tramp_record_page(cet::rdssp());
+    (0..RECORDS_PER_PAGE).filter(|i| cet::read_slot(page + i * RECORD_SIZE + REC_SSP) != 0).count()
 }
 
 /// Second trap: both stacks must hold exactly the trampoline's two return
-/// addresses; only then are they replaced by (target, return address).
-fn second_trap(frame: &mut TrapFrame, t: &TrampLayout) {
+/// addresses, and a first trap on these stacks must be pending; only then are
+/// they replaced by (target, return address).
+fn second_trap(frame: &mut TrapFrame, f: Option<ShadowFrame>) -> BpExit {
     let cpu = this_cpu();
     nmi_point(NmiPoint::SecondTrap);
-    let verified = (|| -> Result<(PendingCall, Option<u64>), GuardError> {
-        let p = cpu.lifo().top().ok_or(GuardError::NoPendingEmulation)?;
+    let t = trampoline_layout();
+    let verified = (|| -> Result<(PendingCall, bool), GuardError> {
         let rsp = frame.rsp;
+        let pending = match f {
+            Some(f) => {
+                // The record bound to this shadow stack: P+16 is the SSP of
+                // the first trap (the trampoline pushed two slots since).
+                let p = cet::read_slot(f.prev_ssp_slot());
+                if p != f.above() {
+                    return Err(GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: p });
+                }
+                let rec = find_record(f.base, p + 16).ok_or(GuardError::NoPendingEmulation)?;
+                let rsp_if = cet::read_slot(rec + REC_RSP_IF);
+                if rsp_if & !1 != rsp.wrapping_add(16) {
+                    return Err(GuardError::NoPendingEmulation);
+                }
+                check_tramp_slots(&t, StackKind::Shadow, [cet::read_slot(p), cet::read_slot(p + 8)])?;
+                let site = cet::read_slot(rec + REC_SITE);
+                PendingCall {
+                    site,
+                    ret: site + SITE_LEN as u64,
+                    target: cet::read_slot(rec + REC_TARGET),
+                    interrupts: rsp_if & 1 != 0,
+                }
+            }
+            None => {
+                // Bound to the stack it was made for.
+                let p = cpu.lifo().top().ok_or(GuardError::NoPendingEmulation)?;
+                if p.rsp != rsp.wrapping_add(16) {
+                    return Err(GuardError::NoPendingEmulation);
+                }
+                p
+            }
+        };
         if !own_normal_slots(cpu, rsp, 2) {
             return Err(GuardError::SlotOutsideStack { stack: StackKind::Normal, addr: rsp });
         }
         // SAFETY: two slots inside a kernel stack (checked above).
         let normal = unsafe { [(rsp as *const u64).read_volatile(), ((rsp + 8) as *const u64).read_volatile()] };
-        check_tramp_slots(t, StackKind::Normal, normal)?;
-        if !cet::active() {
-            return Ok((p, None));
-        }
-        let f = ShadowFrame::at(frame.ssp);
-        if !own_shadow_slots(cpu, f.base, ShadowFrame::SLOTS) {
-            return Err(GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: f.base });
-        }
-        let ssp = cet::read_slot(f.prev_ssp_slot());
-        if !own_shadow_slots(cpu, ssp, 2) {
-            return Err(GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: ssp });
-        }
-        check_tramp_slots(t, StackKind::Shadow, [cet::read_slot(ssp), cet::read_slot(ssp + 8)])?;
-        Ok((p, Some(ssp)))
+        check_tramp_slots(&t, StackKind::Normal, normal)?;
+        Ok((pending, f.is_some()))
     })();
     match verified {
-        Ok((p, ssp)) => {
+        Ok((p, shadow)) => {
             let rsp = frame.rsp;
-            // SAFETY: slots verified above to be the trampoline's, on this CPU's stacks.
+            // SAFETY: slots verified above to be the trampoline's, on this CPU's stack.
             unsafe {
                 (rsp as *mut u64).write_volatile(p.target);
                 ((rsp + 8) as *mut u64).write_volatile(p.ret);
-                if let Some(ssp) = ssp {
-                    cet::wrss(ssp, p.target);
-                    cet::wrss(ssp + 8, p.ret);
-                }
             }
             cpu.counters.stack_writes.fetch_add(2, Ordering::Relaxed);
-            if ssp.is_some() {
+            if shadow {
                 cpu.counters.shadow_writes.fetch_add(2, Ordering::Relaxed);
+            } else {
+                cpu.lifo().pop();
             }
             cpu.counters.last_second_trap_if.store(frame.rflags & RFLAGS_IF, Ordering::Relaxed);
-            cpu.lifo().pop();
             if p.interrupts {
                 frame.rflags |= RFLAGS_IF;
             }
             PerCpu::count(&cpu.counters.second_traps);
             window_exit();
+            if shadow {
+                BpExit::with(BpAction::Tramp2, 0)
+            } else {
+                BpExit::PLAIN
+            }
         }
-        Err(e) => refuse(frame, e),
+        Err(e) => {
+            refuse(frame, e);
+            BpExit::PLAIN
+        }
     }
+}
+
+/// The record on this CPU's record page bound to `bound_ssp`.
+fn find_record(f_base: u64, bound_ssp: u64) -> Option<u64> {
+    let page = mm::tramp_record_page(f_base);
+    (0..RECORDS_PER_PAGE).map(|i| page + i * RECORD_SIZE).find(|&r| cet::read_slot(r + REC_SSP) == bound_ssp)
+}
+
+/// The trampoline's fixed layout at its page (emitted and proved at boot).
+fn trampoline_layout() -> TrampLayout {
+    tramp::layout_at(tramp_page())
+}
+
+/// Is `addr` a registered patch site (the read-only, sorted site table)?
+fn is_registered_site(addr: u64) -> bool {
+    registry().binary_search(&addr).is_ok()
 }
 
 /// The handler will not write: report loudly and unwind (or stop the kernel).
@@ -526,12 +825,14 @@ fn refuse(frame: &mut TrapFrame, e: GuardError) {
     PerCpu::count(&cpu.counters.refusals);
     // SAFETY: per-CPU slot, written only here.
     unsafe { *cpu.last_refusal.get() = Some(e) };
-    crate::diag!("SECURITY: #BP handler refused to write at rip={:#x}: {e}", frame.rip);
+    if cpu.expect_refusal.load(Ordering::Relaxed) {
+        crate::diag!("expected: #BP handler refused to write at rip={:#x}: {e}", frame.rip);
+    } else {
+        crate::diag!("SECURITY: #BP handler refused to write at rip={:#x}: {e}", frame.rip);
+    }
     interrupts::fault(frame, FaultInfo { vector: GUARD_REFUSAL, error_code: 0, rip: frame.rip, cr2: 0 });
 }
 
-/// Emulate `push ret` on the interrupted stack (the entry stub's gap makes
-/// room). Returns false (after refusing) if the slot is not ours to write.
 /// Are `n` slots at `addr` inside one of this CPU's normal stacks? (Its
 /// kernel stack first, from the per-CPU cache: the common case.)
 #[inline(always)]
@@ -539,12 +840,8 @@ fn own_normal_slots(cpu: &PerCpu, addr: u64, n: u64) -> bool {
     cpu.kernel_stack().holds_slots(addr, n) || mm::normal_stack_of(addr).is_some_and(|b| b.holds_slots(addr, n))
 }
 
-/// Are `n` slots at `addr` inside one of this CPU's shadow stacks?
-#[inline(always)]
-fn own_shadow_slots(cpu: &PerCpu, addr: u64, n: u64) -> bool {
-    cpu.shadow_stack().holds_slots(addr, n) || mm::shadow_stack_of(addr).is_some_and(|b| b.holds_slots(addr, n))
-}
-
+/// Emulate `push ret` on the interrupted stack (the entry stub's gap makes
+/// room). Returns false (after refusing) if the slot is not ours to write.
 #[inline(always)]
 fn push_normal(cpu: &PerCpu, frame: &mut TrapFrame, ret: u64) -> bool {
     let slot = frame.rsp.wrapping_sub(8);
@@ -561,45 +858,78 @@ fn push_normal(cpu: &PerCpu, frame: &mut TrapFrame, ret: u64) -> bool {
 }
 
 /// Emulate `ret`: pop both stacks after checking their tops agree.
-fn emulate_ret(frame: &mut TrapFrame) {
+fn emulate_ret(frame: &mut TrapFrame, f: Option<ShadowFrame>, entry: u64) -> BpExit {
     let rsp = frame.rsp;
     if !mm::normal_stack_of(rsp).is_some_and(|b| b.holds_slots(rsp, 1)) {
-        return refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Normal, addr: rsp });
+        refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Normal, addr: rsp });
+        return BpExit::PLAIN;
     }
     // SAFETY: a slot of a kernel stack (checked above).
     let ret = unsafe { (rsp as *const u64).read_volatile() };
-    let new_ssp = if cet::active() {
-        let prev = cet::read_slot(ShadowFrame::at(frame.ssp).prev_ssp_slot());
-        if !mm::shadow_stack_of(prev).is_some_and(|b| b.holds_slots(prev, 1)) {
-            return refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: prev });
+    if let Some(f) = f {
+        let prev = cet::read_slot(f.prev_ssp_slot());
+        if prev != f.above() {
+            refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: prev });
+            return BpExit::PLAIN;
         }
         let shadow_ret = cet::read_slot(prev);
         if shadow_ret != ret {
-            return refuse(
-                frame,
-                GuardError::SlotMismatch { stack: StackKind::Shadow, slot: 0, found: shadow_ret, expected: ret },
-            );
+            refuse(frame, GuardError::SlotMismatch { stack: StackKind::Shadow, slot: 0, found: shadow_ret, expected: ret });
+            return BpExit::PLAIN;
         }
-        Some(prev + 8)
-    } else {
-        None
-    };
-    if let Err(why) = interrupts::redirect(frame, ret, new_ssp) {
-        crate::diag!("PANIC: RET emulation: {why}");
-        crate::exit(false);
     }
+    frame.rip = ret;
     frame.rsp = rsp + 8;
+    action_if_shadow(f, BpAction::Ret, entry)
 }
 
-/// Change where the trapped code resumes (RIP and, with shadow stacks, LIP).
-fn set_ip(frame: &mut TrapFrame, ip: u64) {
-    if let Err(why) = interrupts::redirect(frame, ip, None) {
-        crate::diag!("PANIC: cannot redirect the #BP frame: {why}");
-        crate::exit(false);
-    }
-}
-
-/// Self-test support: record a pending emulation as a first trap would.
+/// Self-test support: record a pending emulation as a first trap would
+/// (the per-CPU LIFO: the trampoline's record without shadow stacks).
 pub fn test_push_pending(p: PendingCall) {
     let _ = this_cpu().lifo().push(p);
+}
+
+/// Is a sealed batch live?
+pub fn batch_live() -> bool {
+    live_batch().is_some()
+}
+
+/// The live sealed batch's entry for `site` (read-only memory).
+pub fn live_entry(site: u64) -> Option<&'static SealedEntry> {
+    live_batch().and_then(|b| b.lookup(site))
+}
+
+/// Self-test support: write `bytes` to text at `addr` outside the protocol
+/// (to plant a stale int3). Test builds only.
+#[cfg(feature = "test-hooks")]
+pub fn test_poke(addr: u64, bytes: &[u8]) {
+    mm::TextAlias::new().write(addr, bytes);
+    sync();
+}
+
+/// Self-test support: claim a trampoline record on this CPU's record page
+/// with WRSS, as a first trap on the stack at `ssp` would. Test builds only.
+#[cfg(feature = "test-hooks")]
+pub fn test_claim_record(ssp: u64, rsp_if: u64, site: u64, target: u64) -> u64 {
+    let page = mm::tramp_record_page(cet::rdssp());
+    let rec = (0..RECORDS_PER_PAGE)
+        .map(|i| page + i * RECORD_SIZE)
+        .find(|&r| cet::read_slot(r + REC_SSP) == 0)
+        .expect("a free trampoline record");
+    // SAFETY: a free record of this CPU's record page (a shadow-stack page no
+    // CPU uses as its stack); test builds only.
+    unsafe {
+        cet::wrss(rec + REC_SSP, ssp);
+        cet::wrss(rec + REC_RSP_IF, rsp_if);
+        cet::wrss(rec + REC_SITE, site);
+        cet::wrss(rec + REC_TARGET, target);
+    }
+    rec
+}
+
+/// Self-test support: free a record `test_claim_record` claimed.
+#[cfg(feature = "test-hooks")]
+pub fn test_free_record(rec: u64) {
+    // SAFETY: as in test_claim_record.
+    unsafe { cet::wrss(rec + REC_SSP, 0) };
 }

@@ -34,6 +34,9 @@ pub struct Counters {
     pub stale_int3: AtomicU64,
     /// Second traps that refused to write.
     pub refusals: AtomicU64,
+    /// int3s found at a registered site with no live batch at first look
+    /// (a batch published meanwhile, or executed again at the site).
+    pub int3_races: AtomicU64,
     /// Writes the #BP handler made to slots of the interrupted normal stack.
     pub stack_writes: AtomicU64,
     /// WRSS writes the #BP handler made to slots of the interrupted shadow
@@ -84,6 +87,9 @@ pub struct PerCpu {
     pub bp_test_hook: AtomicU8,
     /// Self-test override: emulate calls the classic way even with shadow stacks on.
     pub force_classic: AtomicU8,
+    /// A self-test expects the #BP handler to refuse: its report says
+    /// "expected:" instead of "SECURITY:" (the refusal itself is the same).
+    pub expect_refusal: AtomicBool,
     /// Inside the NMI handler.
     pub in_nmi: AtomicBool,
     /// A timer interrupt was pending when a window ended; the next tick is it.
@@ -136,6 +142,7 @@ const fn new_cpu(index: usize) -> PerCpu {
         },
         bp_test_hook: AtomicU8::new(0),
         force_classic: AtomicU8::new(0),
+        expect_refusal: AtomicBool::new(false),
         in_nmi: AtomicBool::new(false),
         irq_expect_after: AtomicBool::new(false),
         nmi_rotor: AtomicU64::new(0),

@@ -497,7 +497,7 @@ pub fn wrss_guard(_st: &BootState) -> Outcome<'static> {
         let ssp0 = cet::rdssp();
         let r = try_run(|| {
             if pending {
-                patching::test_push_pending(PendingCall { site: 0, ret: evil, target: evil, interrupts: false });
+                patching::test_push_pending(PendingCall { site: 0, ret: evil, target: evil, interrupts: false, rsp: 0 });
             }
             // SAFETY: jumps to the trampoline's int3 with forged state; the refusal is caught.
             unsafe {

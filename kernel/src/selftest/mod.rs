@@ -5,6 +5,7 @@
 
 pub mod cet_tests;
 pub mod emul_tests;
+pub mod sec_tests;
 pub mod smp_tests;
 
 use core::mem::offset_of;
@@ -162,6 +163,11 @@ const TESTS: &[(&str, TestFn)] = &[
     ("smp_patch_stress", smp_tests::smp_patch_stress),
     ("irq_in_window", smp_tests::irq_in_window),
     ("nmi_in_window", smp_tests::nmi_in_window),
+    ("frame_alignment", sec_tests::frame_alignment),
+    ("sec_exit_forged_frame", sec_tests::sec_exit_forged_frame),
+    ("sec_batch_forged", sec_tests::sec_batch_forged),
+    ("sec_tramp_record_bound", sec_tests::sec_tramp_record_bound),
+    ("sec_stale_int3_race", sec_tests::sec_stale_int3_race),
 ];
 
 /// Run every test and print the report. True when none failed.

@@ -389,7 +389,7 @@ pub fn nmi(_frame: &mut TrapFrame) {
     if c.counters.window_depth.load(Ordering::Relaxed) > 0 {
         PerCpu::count(&c.counters.nmi_in_window);
     }
-    if c.lifo().depth() > 0 {
+    if crate::patching::pending_tramp_records() > 0 {
         PerCpu::count(&c.counters.nmi_between_traps);
     }
     if NMI_CALLS_SITE.load(Ordering::Relaxed) {

@@ -1,0 +1,470 @@
+//! Threat-model self-tests (DESIGN.md, "Threat model"): each forges, with
+//! ordinary stores only, the data an attacker could reach, and shows the
+//! forgery refused or without effect, with nothing written to any shadow
+//! stack. Also `frame_alignment`. The hooks here are compiled in only with
+//! the `test-hooks` feature.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use shadowcall::emul::record::{RECORD_SIZE, REC_SSP};
+use shadowcall::emul::PendingCall;
+use shadowcall::frame::TrapFrame;
+use shadowcall::ktap::Outcome;
+use shadowcall::patch::{NewInsn, PatchError, SealedEntry, SealedHeader, INT3, SITE_LEN};
+use shadowcall::shstk::CpError;
+use spin::Mutex;
+
+use super::cet_tests::skip_without_shstk;
+use super::{tlog, tlog_reset};
+use crate::interrupts::{try_run, FaultInfo, GUARD_REFUSAL, VEC_CP, VEC_PF};
+use crate::patching::{self, InFlight, Step};
+use crate::percpu::this_cpu;
+use crate::{apic, cet, check, diag, interrupts, mm, BootState};
+
+core::arch::global_asm!(
+    include_str!("../../../asm/sec.S"),
+    IST_TEST_VECTOR = const interrupts::IST_TEST_VECTOR,
+    VEC_SPURIOUS = const apic::SPURIOUS_VECTOR,
+    options(att_syntax)
+);
+
+extern "C" {
+    fn sc_t_align_probe(which: u64, misalign: u64) -> u64;
+    fn sc_t_sec_ist() -> u64;
+    fn sc_t_call_tramp(entry: u64) -> u64;
+    fn sc_t_fn_call(_: u64) -> u64;
+    static sc_t_site_call: u8;
+    static sc_t_iret_landing: u8;
+    fn sc_t_target_a();
+    fn sc_t_target_b();
+}
+
+fn site() -> u64 {
+    core::ptr::addr_of!(sc_t_site_call) as u64
+}
+fn target(i: usize) -> u64 {
+    [sc_t_target_a as *const () as u64, sc_t_target_b as *const () as u64][i]
+}
+fn landing() -> u64 {
+    core::ptr::addr_of!(sc_t_iret_landing) as u64
+}
+
+/// The 4 shadow-stack slots the forgeries aim at: on the spare shadow-stack
+/// page (no CPU's stack), where any write would show.
+fn victim() -> u64 {
+    mm::spare_shadow_page() + 2048
+}
+fn victim_slots() -> [u64; 4] {
+    let v = victim();
+    [cet::read_slot(v - 8), cet::read_slot(v), cet::read_slot(v + 8), cet::read_slot(v + 16)]
+}
+
+/// FNV-1a over kernel text, except `[skip, skip + SITE_LEN)`.
+fn text_checksum_except(skip: u64) -> u64 {
+    let t = mm::text();
+    t.bytes.iter().enumerate().filter(|&(i, _)| !(skip..skip + SITE_LEN as u64).contains(&(t.base + i as u64))).fold(
+        0xcbf2_9ce4_8422_2325u64,
+        |h, (_, &b)| (h ^ b as u64).wrapping_mul(0x100_0000_01b3),
+    )
+}
+
+/// Mark the refusals a test provokes as expected (printed "expected:").
+fn expecting<R>(f: impl FnOnce() -> R) -> R {
+    let c = this_cpu();
+    c.expect_refusal.store(true, Ordering::Relaxed);
+    let r = f();
+    c.expect_refusal.store(false, Ordering::Relaxed);
+    r
+}
+
+// ---- Hooks (called from the handlers, test-hooks builds only) --------------
+
+static LAST_FRAME: AtomicU64 = AtomicU64::new(0);
+/// Forge the #BP handler's frame after its checks, once.
+static FORGE_BP: AtomicBool = AtomicBool::new(false);
+/// Forge the IST test vector's frame, once.
+static FORGE_IST: AtomicBool = AtomicBool::new(false);
+/// Forge the ordinary copy of the batch before it is sealed, once.
+static FORGE_SEAL: AtomicBool = AtomicBool::new(false);
+/// The site whose next #BP opens the stale-int3 race window.
+static RACE_SITE: AtomicU64 = AtomicU64::new(0);
+static RACE_FLIGHT: Mutex<Option<InFlight>> = Mutex::new(None);
+
+/// Every handler entry: the frame's address (its RSP at the stub's call).
+pub fn record_frame(at: u64) {
+    LAST_FRAME.store(at, Ordering::Relaxed);
+}
+
+/// What an attacker who can write the saved frame does: point the exit at
+/// a shadow-stack address of its choosing, with values of its choosing.
+fn forge(frame: &mut TrapFrame) {
+    frame.ssp = victim();
+    frame.shadow_push = landing();
+    frame.rip = landing();
+}
+
+/// The #BP handler is done with its checks; the exit has not run yet.
+pub fn after_bp_checks(frame: &mut TrapFrame) {
+    if FORGE_BP.swap(false, Ordering::Relaxed) {
+        forge(frame);
+    }
+}
+
+/// The IST test vector's handler ran.
+pub fn after_ist_probe(frame: &mut TrapFrame) {
+    if FORGE_IST.swap(false, Ordering::Relaxed) {
+        forge(frame);
+    }
+}
+
+/// The patcher wrote the batch into ordinary memory and is about to copy it
+/// into the sealed area: change the first entry's target and site there.
+pub fn forge_sealed_copy(buf: &mut [u8]) {
+    if !FORGE_SEAL.swap(false, Ordering::Relaxed) {
+        return;
+    }
+    let at = core::mem::offset_of!(SealedHeader, entries_off);
+    let Some(off) = buf.get(at..at + 8).map(|w| u64::from_ne_bytes(w.try_into().unwrap_or([0; 8])) as usize) else {
+        return;
+    };
+    let target_at = off + core::mem::offset_of!(SealedEntry, target);
+    if let Some(w) = buf.get_mut(target_at..target_at + 8) {
+        w.copy_from_slice(&landing().to_ne_bytes());
+    }
+}
+
+/// The #BP handler found no live batch for `addr` and is about to read the
+/// site's bytes: for the armed site, publish a batch for it right now (as a
+/// patcher on another CPU could), int3 written.
+pub fn race_window(addr: u64) {
+    if addr != RACE_SITE.load(Ordering::Relaxed) {
+        return;
+    }
+    RACE_SITE.store(0, Ordering::Relaxed);
+    // The stale int3 the test planted goes first: text as before, then the
+    // batch's own step 1 writes the int3 again.
+    patching::test_poke(addr, &[OPC_CALL]);
+    if let Ok(f) = patching::begin(&[(addr, NewInsn::Call(target(1)))]) {
+        *RACE_FLIGHT.lock() = Some(f);
+    }
+}
+
+const OPC_CALL: u8 = 0xe8;
+
+// ---- frame_alignment ---------------------------------------------------------
+
+pub fn frame_alignment(_st: &BootState) -> Outcome<'static> {
+    let names = ["#BP", "IST test vector", "#UD", "#PF (error code)", "APIC spurious"];
+    let mut errors = Vec::new();
+    let mis0 = patching::MISALIGNED_FRAMES.load(Ordering::Relaxed);
+    for (which, name) in names.iter().enumerate() {
+        for misalign in [0u64, 1] {
+            LAST_FRAME.store(1, Ordering::Relaxed);
+            // SAFETY: asm probe; the faults it raises are caught here.
+            let r = expecting(|| try_run(|| unsafe { sc_t_align_probe(which as u64, misalign) }));
+            let at = LAST_FRAME.load(Ordering::Relaxed);
+            let faults = which == 2 || which == 3;
+            if faults != r.is_err() {
+                errors.push(format!("{name}: unexpected outcome {r:?}"));
+            }
+            if at == 1 {
+                errors.push(format!("{name}: the handler did not run"));
+            } else if at % 16 != 0 {
+                errors.push(format!(
+                    "{name}, interrupted RSP = {} (mod 16): handler entered with its frame at {at:#x} (RSP = {} mod 16)",
+                    misalign * 8,
+                    at % 16
+                ));
+            }
+        }
+    }
+    let mis = patching::MISALIGNED_FRAMES.load(Ordering::Relaxed) - mis0;
+    if mis != 0 {
+        errors.push(format!("{mis} misaligned handler entries counted"));
+    }
+    diag!("{} vectors x 2 interrupted alignments: every handler entered with RSP = 0 (mod 16)", names.len());
+    super::outcome_of(&errors)
+}
+
+// ---- sec_exit_forged_frame ---------------------------------------------------
+
+pub fn sec_exit_forged_frame(st: &BootState) -> Outcome<'static> {
+    if let Some(o) = skip_without_shstk(st) {
+        return o;
+    }
+    let mut errors: Vec<String> = Vec::new();
+    // 1. An ordinary interrupt handler (the IST test vector) whose saved frame
+    //    is forged: its exit writes no shadow stack, and IRET refuses the
+    //    forged RIP (#CP(2)).
+    let before = victim_slots();
+    let ssp0 = cet::rdssp();
+    FORGE_IST.store(true, Ordering::Relaxed);
+    // SAFETY: asm probe; the #CP at IRET is caught.
+    let r = try_run(|| unsafe { sc_t_sec_ist() });
+    FORGE_IST.store(false, Ordering::Relaxed);
+    match r {
+        Err(f) if f.vector == VEC_CP && CpError::decode(f.error_code) == CpError::FarRetIret => {
+            diag!("forged frame in an interrupt handler: {f}")
+        }
+        other => errors.push(format!("forged interrupt frame: expected #CP(FAR-RET/IRET), got {other:?}")),
+    }
+    if victim_slots() != before {
+        errors.push(format!("forged interrupt frame: shadow slots written: {before:x?} -> {:x?}", victim_slots()));
+    }
+    if cet::rdssp() != ssp0 {
+        errors.push(String::from("SSP not recovered"));
+    }
+    // 2. The #BP handler's frame forged after its checks, under each strategy:
+    //    the exit refuses, nothing written, the target never runs.
+    for s in patching::strategies_here() {
+        patching::set_strategy(s);
+        let mut inside = Vec::new();
+        let r = patching::patch(&[(site(), NewInsn::Call(target(1)))], |step| {
+            if step != Step::Int3Written {
+                return;
+            }
+            let before = victim_slots();
+            let ssp0 = cet::rdssp();
+            tlog_reset();
+            FORGE_BP.store(true, Ordering::Relaxed);
+            // SAFETY: a site function; the refusal is caught.
+            let r = expecting(|| try_run(|| unsafe { sc_t_fn_call(0) }));
+            FORGE_BP.store(false, Ordering::Relaxed);
+            match r {
+                Err(FaultInfo { vector: GUARD_REFUSAL, .. }) => {}
+                other => inside.push(format!("{}: forged #BP frame: expected a refusal, got {other:?}", s.name())),
+            }
+            if victim_slots() != before {
+                inside.push(format!("{}: forged #BP frame: shadow slots written", s.name()));
+            }
+            if tlog().count[1] != 0 || tlog().count[0] != 0 {
+                inside.push(format!("{}: a target ran after the forgery", s.name()));
+            }
+            if cet::rdssp() != ssp0 {
+                inside.push(format!("{}: SSP not recovered", s.name()));
+            }
+        });
+        errors.extend(inside);
+        if let Err(e) = r {
+            errors.push(format!("{}: patch: {e}", s.name()));
+        }
+        if patching::pending_tramp_records() != 0 {
+            errors.push(format!("{}: a trampoline record was left claimed", s.name()));
+        }
+        if patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {}).is_err() {
+            errors.push(String::from("restore failed"));
+        }
+    }
+    patching::set_strategy(crate::state().strategy);
+    super::outcome_of(&errors)
+}
+
+// ---- sec_batch_forged --------------------------------------------------------
+
+pub fn sec_batch_forged(_st: &BootState) -> Outcome<'static> {
+    let mut errors: Vec<String> = Vec::new();
+    let site = site();
+    // 1. The batch changed in ordinary memory between validation and
+    //    sealing: the sealed copy is validated again and refused; text and
+    //    the sealed area unchanged, no batch live.
+    let sum0 = text_checksum_except(u64::MAX - SITE_LEN as u64);
+    FORGE_SEAL.store(true, Ordering::Relaxed);
+    let r = patching::patch(&[(site, NewInsn::Call(target(1)))], |_| {});
+    FORGE_SEAL.store(false, Ordering::Relaxed);
+    match r {
+        Err(PatchError::BadSealedBatch { .. }) => diag!("batch forged before sealing: {}", r.unwrap_err()),
+        other => errors.push(format!("batch forged before sealing: expected a refusal, got {other:?}")),
+    }
+    if text_checksum_except(u64::MAX - SITE_LEN as u64) != sum0 {
+        errors.push(String::from("text changed by a refused batch"));
+    }
+    if patching::batch_live() {
+        errors.push(String::from("a refused batch stayed live"));
+    }
+    // 2. The sealed batch during the window: an ordinary store faults, the
+    //    entry is unchanged, and a call still runs the validated instruction.
+    let sum0 = text_checksum_except(site);
+    let r = patching::patch(&[(site, NewInsn::Call(target(1)))], |step| {
+        if step != Step::Int3Written {
+            return;
+        }
+        let Some(entry) = patching::live_entry(site) else {
+            errors.push(String::from("no live sealed entry for the site"));
+            return;
+        };
+        let at = core::ptr::addr_of!(entry.target) as u64;
+        // SAFETY: a deliberate ordinary store into the sealed area; the #PF is caught.
+        let w = try_run(|| unsafe {
+            (at as *mut u64).write_volatile(landing());
+            0
+        });
+        match w {
+            Err(f) if f.vector == VEC_PF && f.cr2 == at => {}
+            other => errors.push(format!("store into the sealed batch: expected #PF at {at:#x}, got {other:?}")),
+        }
+        if entry.target != target(1) {
+            errors.push(String::from("the sealed entry changed"));
+        }
+        tlog_reset();
+        // SAFETY: a site function of the batch.
+        let v = try_run(|| unsafe { sc_t_fn_call(0) });
+        let log = tlog();
+        if v.is_err() || log.count[1] != 1 || log.last_ret != site + SITE_LEN as u64 {
+            errors.push(format!("call in the window: {v:?}, target b ran {} times, ret {:#x}", log.count[1], log.last_ret));
+        }
+    });
+    if let Err(e) = r {
+        errors.push(format!("patch: {e}"));
+    }
+    if text_checksum_except(site) != sum0 {
+        errors.push(String::from("text outside the batch's site changed"));
+    }
+    let want = NewInsn::Call(target(1)).encode(site).ok();
+    // SAFETY: a registered site: readable text.
+    let now = unsafe { (site as *const [u8; SITE_LEN]).read_volatile() };
+    if want != Some(now) {
+        errors.push(String::from("the site does not hold the validated instruction"));
+    }
+    if patching::patch(&[(site, NewInsn::Call(target(0)))], |_| {}).is_err() {
+        errors.push(String::from("restore failed"));
+    }
+    super::outcome_of(&errors)
+}
+
+// ---- sec_tramp_record_bound --------------------------------------------------
+
+pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
+    let mut errors: Vec<String> = Vec::new();
+    let entry = patching::tramp_page();
+    // The trampoline's addresses are no patch targets.
+    for t in [entry, entry + shadowcall::tramp::TRAMP_TRAP_OFF] {
+        if patching::patch(&[(site(), NewInsn::Call(t))], |_| {}).is_ok() {
+            errors.push(format!("a call into the trampoline ({t:#x}) was accepted as a patch"));
+            let _ = patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {});
+        }
+    }
+    let other_stack_ssp = mm::ist_shadow_stack(this_cpu().index, interrupts::IST_TEST).hi - 64;
+    let evil = landing();
+    let refusals = || this_cpu().counters.refusals.load(Ordering::Relaxed);
+    if cet::active() {
+        // A record can only be written with WRSS: an ordinary store faults.
+        let page = mm::tramp_record_page(cet::rdssp());
+        let slot = page + 63 * RECORD_SIZE;
+        // SAFETY: a deliberate store to the record page; the #PF is caught.
+        let w = try_run(|| unsafe {
+            (slot as *mut u64).write_volatile(evil);
+            0
+        });
+        match w {
+            Err(f) if f.vector == VEC_PF => {}
+            other => errors.push(format!("ordinary store to a trampoline record: expected #PF, got {other:?}")),
+        }
+        // A pending record bound to another stack (as an interrupted
+        // context's would be); this stack reaches the trampoline's trap with
+        // the trampoline's own return addresses on both stacks: refused.
+        let rec = patching::test_claim_record(other_stack_ssp, 0, site(), evil);
+        let (r0, ssp0) = (refusals(), cet::rdssp());
+        // SAFETY: calls the trampoline entry directly; the refusal is caught.
+        let r = expecting(|| try_run(|| unsafe { sc_t_call_tramp(entry) }));
+        if !matches!(r, Err(FaultInfo { vector: GUARD_REFUSAL, .. })) || refusals() != r0 + 1 {
+            errors.push(format!("second trap on another stack: expected a refusal, got {r:?}"));
+        }
+        if cet::read_slot(rec + REC_SSP) != other_stack_ssp {
+            errors.push(String::from("the other stack's record was consumed"));
+        }
+        if cet::rdssp() != ssp0 {
+            errors.push(String::from("SSP not recovered"));
+        }
+        patching::test_free_record(rec);
+    } else {
+        // Without shadow stacks the record is the per-CPU LIFO: bound to the
+        // interrupted RSP.
+        patching::test_push_pending(PendingCall { site: site(), ret: evil, target: evil, interrupts: true, rsp: 8 });
+        let r0 = refusals();
+        // SAFETY: as above.
+        let r = expecting(|| try_run(|| unsafe { sc_t_call_tramp(entry) }));
+        if !matches!(r, Err(FaultInfo { vector: GUARD_REFUSAL, .. })) || refusals() != r0 + 1 {
+            errors.push(format!("second trap on another stack: expected a refusal, got {r:?}"));
+        }
+        this_cpu().lifo().truncate(0);
+    }
+    // A trampoline emulation on this stack still works.
+    patching::set_strategy(shadowcall::cmdline::EmulStrategy::Trampoline);
+    let r = patching::patch(&[(site(), NewInsn::Call(target(1)))], |step| {
+        if step != Step::Int3Written {
+            return;
+        }
+        tlog_reset();
+        // SAFETY: a site function of the batch.
+        let v = try_run(|| unsafe { sc_t_fn_call(0) });
+        let log = tlog();
+        if v.is_err() || log.count[1] != 1 || log.last_ret != site() + SITE_LEN as u64 {
+            errors.push(format!("trampoline call after the refusal: {v:?}, ran {} times", log.count[1]));
+        }
+    });
+    patching::set_strategy(crate::state().strategy);
+    if let Err(e) = r {
+        errors.push(format!("patch: {e}"));
+    }
+    if patching::pending_tramp_records() != 0 {
+        errors.push(String::from("records left claimed"));
+    }
+    if patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {}).is_err() {
+        errors.push(String::from("restore failed"));
+    }
+    super::outcome_of(&errors)
+}
+
+// ---- sec_stale_int3_race -----------------------------------------------------
+
+pub fn sec_stale_int3_race(_st: &BootState) -> Outcome<'static> {
+    let mut errors: Vec<String> = Vec::new();
+    let site = site();
+    let c = &this_cpu().counters;
+    let (races0, bps0) = (c.int3_races.load(Ordering::Relaxed), c.breakpoints.load(Ordering::Relaxed));
+    // A stale int3 at a registered site with no batch live; the handler's
+    // window between "no batch" and reading the site is opened by the hook,
+    // which publishes a batch for the site (int3 written) right there.
+    patching::test_poke(site, &[INT3]);
+    RACE_SITE.store(site, Ordering::Relaxed);
+    tlog_reset();
+    // SAFETY: a site function; a fault (e.g. #UD from resuming mid-instruction) is caught.
+    let r = try_run(|| unsafe { sc_t_fn_call(0) });
+    RACE_SITE.store(0, Ordering::Relaxed);
+    let log = tlog();
+    match RACE_FLIGHT.lock().take() {
+        Some(f) => {
+            patching::write_tails();
+            let _ = patching::finish(f);
+        }
+        None => errors.push(String::from("the race window was not reached (no batch published)")),
+    }
+    if r.is_err() {
+        errors.push(format!("call through the raced int3 faulted: {r:?}"));
+    }
+    if log.count[1] != 1 || log.last_ret != site + SITE_LEN as u64 || log.after != 1 {
+        errors.push(format!(
+            "the raced site did not run the batch's call once: target b {} times, ret {:#x}, after {}",
+            log.count[1], log.last_ret, log.after
+        ));
+    }
+    if c.breakpoints.load(Ordering::Relaxed) != bps0 {
+        errors.push(String::from("the int3 of a registered site was treated as a real breakpoint"));
+    }
+    if c.int3_races.load(Ordering::Relaxed) == races0 {
+        errors.push(String::from("the race was not seen by the handler"));
+    }
+    if patching::patch(&[(site, NewInsn::Call(target(0)))], |_| {}).is_err() {
+        errors.push(String::from("restore failed"));
+    }
+    // The site must hold its original call again.
+    let want = NewInsn::Call(target(0)).encode(site).ok();
+    // SAFETY: readable text.
+    if want != Some(unsafe { (site as *const [u8; SITE_LEN]).read_volatile() }) {
+        errors.push(String::from("site not restored"));
+    }
+    super::outcome_of(&errors)
+}
