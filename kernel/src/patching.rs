@@ -753,14 +753,7 @@ fn second_trap(frame: &mut TrapFrame, f: Option<ShadowFrame>) -> BpExit {
                     interrupts: rsp_if & 1 != 0,
                 }
             }
-            None => {
-                // Bound to the stack it was made for.
-                let p = cpu.lifo().top().ok_or(GuardError::NoPendingEmulation)?;
-                if p.rsp != rsp.wrapping_add(16) {
-                    return Err(GuardError::NoPendingEmulation);
-                }
-                p
-            }
+            None => cpu.lifo().top().ok_or(GuardError::NoPendingEmulation)?,
         };
         if !own_normal_slots(cpu, rsp, 2) {
             return Err(GuardError::SlotOutsideStack { stack: StackKind::Normal, addr: rsp });
@@ -768,6 +761,10 @@ fn second_trap(frame: &mut TrapFrame, f: Option<ShadowFrame>) -> BpExit {
         // SAFETY: two slots inside a kernel stack (checked above).
         let normal = unsafe { [(rsp as *const u64).read_volatile(), ((rsp + 8) as *const u64).read_volatile()] };
         check_tramp_slots(&t, StackKind::Normal, normal)?;
+        // Without shadow stacks: the LIFO's record must be bound to this stack.
+        if f.is_none() && pending.rsp != rsp.wrapping_add(16) {
+            return Err(GuardError::NoPendingEmulation);
+        }
         Ok((pending, f.is_some()))
     })();
     match verified {
