@@ -5,6 +5,7 @@
 
 pub mod cet_tests;
 pub mod emul_tests;
+pub mod sec_recover;
 pub mod smp_tests;
 
 use core::mem::offset_of;
@@ -162,6 +163,8 @@ const TESTS: &[(&str, TestFn)] = &[
     ("smp_patch_stress", smp_tests::smp_patch_stress),
     ("irq_in_window", smp_tests::irq_in_window),
     ("nmi_in_window", smp_tests::nmi_in_window),
+    ("sec_try_forged_ssp", sec_recover::sec_try_forged_ssp),
+    ("sec_fault_in_nmi", sec_recover::sec_fault_in_nmi),
 ];
 
 /// Run every test and print the report. True when none failed.
