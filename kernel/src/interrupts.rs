@@ -258,7 +258,8 @@ extern "C" fn sc_exception_dispatch(frame: &mut TrapFrame) {
 /// NMI: the handler body runs under its own recovery point, so a fault in it
 /// unwinds inside the NMI (whose IRET then frees the IST shadow-stack token
 /// and lets further NMIs in), never into the code the NMI interrupted.
-/// Nothing is printed here: the interrupted code may hold the console lock.
+/// Nothing is printed here (it would interleave with the interrupted output);
+/// the test reads NMI_FAULTS and NMI_LAST_FAULT.
 fn nmi(frame: &mut TrapFrame) {
     let cpu = this_cpu();
     cpu.in_nmi.store(true, Ordering::Relaxed);
