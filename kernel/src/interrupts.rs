@@ -101,7 +101,7 @@ pub struct TryCtx {
 
 /// Bytes from the RSP `sc_try_call` records to its caller's return address
 /// (padding + 6 callee-saved registers; see asm/recover.S).
-const TRY_RET_OFFSET: u64 = 7 * SLOT;
+pub const TRY_RET_OFFSET: u64 = 7 * SLOT;
 /// Slots of `sc_try_call`'s normal-stack frame checked at recovery: the
 /// marker below the recorded RSP, the 7 words at it, the return address.
 const TRY_FRAME_SLOTS: u64 = 1 + 7 + 1;

@@ -12,7 +12,9 @@ use shadowcall::shstk;
 use super::emul_tests::{call_checked, SiteFn};
 use super::smp_tests::SC_STRESS_COUNTS;
 use crate::apic::{self, Delivery};
-use crate::interrupts::{try_run, FaultInfo, FORGED_TRY_CTX, IST_NMI, NMI_FAULTS, NMI_LAST_FAULT, VEC_PF};
+use crate::interrupts::{
+    try_run, FaultInfo, FORGED_TRY_CTX, IST_NMI, NMI_FAULTS, NMI_LAST_FAULT, TRY_RET_OFFSET, VEC_PF,
+};
 use crate::percpu::this_cpu;
 use crate::{cet, check, mm, patching, BootState};
 
@@ -35,14 +37,10 @@ extern "C" {
     static sc_s_site: u8;
 }
 
-/// Calls deep enough that the fault path (exception frame, dispatcher,
-/// `fault`) never reaches the dead slots `sc_r_dig` leaves behind.
-const DIG_DEPTH: u64 = 128;
-/// Words of the forged normal-stack frame: padding, the 6 callee-saved
-/// registers `sc_try_call` restores, the return address.
-const FAKE_WORDS: usize = 8;
-/// What the forged frame would load into the callee-saved registers.
-const FAKE_REG: u64 = 0xbad0_bad0_bad0_bad0;
+/// Calls deep enough (one slot each on both stacks) that the test's own
+/// calls and the fault path (exception frame, dispatcher, `fault`) never
+/// reach the dead slots `sc_r_dig` leaves behind (checked before faulting).
+const DIG_DEPTH: u64 = 512;
 /// Spins to wait for a self-NMI to be taken.
 const NMI_WAIT_SPINS: u64 = 50_000_000;
 
@@ -67,31 +65,35 @@ fn is_guard_pf(f: &FaultInfo, guard: u64) -> bool {
     f.vector == VEC_PF && f.cr2 == guard
 }
 
+/// Outcomes of the forging closure that are not the expected fault.
+const NO_RECOVERY_POINT: u64 = 1;
+const STALE_SLOTS_OVERWRITTEN: u64 = 2;
+
 /// sec_try_forged_ssp: inside a try_run, forge the recovery context's SSP
-/// (to a dead shadow-stack slot holding an old return address) and RSP (to
-/// a normal-stack frame returning to that address), then fault. The
-/// recovery must come back to try_run's caller with both stacks where they
-/// were, and the forgery must be noticed (counted), never obeyed.
+/// and RSP to point at dead slots that still hold a return address once
+/// pushed on this CPU (`sc_r_dig`'s probe), as the old unwinding would have
+/// obeyed them: its RET would have returned there on both stacks. Then
+/// fault. The recovery must come back to try_run's caller with both stacks
+/// where they were, and the forgery must be noticed (counted), never obeyed.
 pub fn sec_try_forged_ssp(_st: &BootState) -> Outcome<'static> {
     let landing = core::ptr::addr_of!(sc_r_after_probe) as u64;
     // SAFETY: an asm helper that only calls and returns.
     unsafe { sc_r_dig(DIG_DEPTH) };
-    let old_ssp = SC_R_SEEN[1].load(Ordering::SeqCst);
-    if cet::active() {
-        check!(
-            cet::read_slot(old_ssp) == landing,
-            "the dead shadow slot {old_ssp:#x} does not hold the old return address {landing:#x}"
-        );
-    }
-    let mut fake = [FAKE_REG; FAKE_WORDS];
-    fake[FAKE_WORDS - 1] = landing;
-    let fake_rsp = fake.as_mut_ptr() as u64;
+    let (old_rsp, old_ssp) = (SC_R_SEEN[0].load(Ordering::SeqCst), SC_R_SEEN[1].load(Ordering::SeqCst));
+    // The forged RSP makes sc_try_call's epilogue pop its RET from the old slot.
+    let forged_rsp = old_rsp - TRY_RET_OFFSET;
+    let stale_intact = move || {
+        // SAFETY: a dead slot of this CPU's kernel stack (below the live RSP, mapped).
+        let normal = unsafe { (old_rsp as *const u64).read_volatile() };
+        normal == landing && (!cet::active() || cet::read_slot(old_ssp) == landing)
+    };
+    check!(stale_intact(), "the dead slots at rsp={old_rsp:#x}/ssp={old_ssp:#x} do not hold {landing:#x}");
     let guard = guard_addr();
     let ssp0 = cet::rdssp();
     let forged0 = FORGED_TRY_CTX.load(Ordering::SeqCst);
     let r = try_run(|| {
         let Some(ctx) = this_cpu().top_try() else {
-            return 1;
+            return NO_RECOVERY_POINT;
         };
         // SAFETY: the attacker's ordinary stores into the recovery context
         // (a live TryCtx on the normal stack).
@@ -99,22 +101,25 @@ pub fn sec_try_forged_ssp(_st: &BootState) -> Outcome<'static> {
             if cet::active() {
                 (*ctx).ssp = old_ssp;
             }
-            (*ctx).rsp = fake_rsp;
+            (*ctx).rsp = forged_rsp;
+        }
+        if !stale_intact() {
+            return STALE_SLOTS_OVERWRITTEN;
         }
         SC_R_ARMED.store(true, Ordering::SeqCst);
         // SAFETY: a deliberate read of an unmapped guard page; the #PF is the test.
         unsafe { (guard as *const u64).read_volatile() }
     });
     SC_R_ARMED.store(false, Ordering::SeqCst);
-    let fake = core::hint::black_box(fake);
     let forged = FORGED_TRY_CTX.load(Ordering::SeqCst) - forged0;
     diag!(
-        "forged TryCtx: ssp={:#x} rsp={fake_rsp:#x} (return address {landing:#x}); recovery gave {r:?}; forgeries counted: {forged}",
+        "forged TryCtx: ssp={:#x} rsp={forged_rsp:#x} (old return address {landing:#x}); recovery gave {r:?}; forgeries counted: {forged}",
         if cet::active() { old_ssp } else { 0 }
     );
     if !cet::active() {
         diag!("no shadow stacks: the forged-SSP part does not apply; the forged RSP was checked");
     }
+    check!(r != Ok(STALE_SLOTS_OVERWRITTEN), "test setup: the dead slots were overwritten before the fault");
     check!(
         matches!(r, Err(ref f) if is_guard_pf(f, guard)),
         "expected the guard-page #PF at {guard:#x} to come back as Err, got {r:?}"
@@ -122,7 +127,6 @@ pub fn sec_try_forged_ssp(_st: &BootState) -> Outcome<'static> {
     check!(cet::rdssp() == ssp0, "SSP {:#x} not back where try_run left it ({ssp0:#x})", cet::rdssp());
     let want = if cet::active() { 2 } else { 1 };
     check!(forged == want, "expected {want} forged TryCtx fields noticed, counted {forged}");
-    check!(fake[FAKE_WORDS - 1] == landing && fake[0] == FAKE_REG, "the forged frame was changed");
     Outcome::Pass
 }
 
