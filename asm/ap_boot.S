@@ -7,7 +7,10 @@
  * it runs wherever it was assembled. It enters 32-bit protected mode
  * (paging still off, so the page's NX mapping does not matter) and jumps to
  * sc_ap_start32 in kernel text, which turns on long mode with the kernel's
- * page tables (sc_ap_cr3) and calls ap_main(sc_ap_index) on sc_ap_stack. */
+ * page tables (sc_ap_cr3) and calls ap_main(sc_ap_index) on sc_ap_stack.
+ * These start variables are shared by all APs: after an AP misses its
+ * start-up timeout, smp::start_aps starts no further AP (a slow AP may
+ * still read them). */
 
 .set AP_TRAMPOLINE, {AP_TRAMPOLINE}
 

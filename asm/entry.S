@@ -434,44 +434,6 @@ sc_bpx_table:
 
 .section .text
 
-/* ---- Fault recovery ----------------------------------------------------
- * u64 sc_try_call(u64 (*f)(u64), u64 arg, struct TryCtx *ctx)
- * Calls f(arg) and returns its value. If a fault is taken meanwhile, the
- * dispatcher rewinds both stacks to what this function saved in *ctx (the
- * normal stack in the IRET frame, the shadow stack through the frame's
- * previous-SSP slot) and resumes at sc_try_recover, which returns ~0. */
-.globl sc_try_call, sc_try_recover
-sc_try_call:
-    pushq %rbx
-    pushq %rbp
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
-    subq $8, %rsp                   /* keep the callee's stack 16-byte aligned */
-    movq %rsp, {TRY_RSP}(%rdx)
-    pushfq
-    popq {TRY_RFLAGS}(%rdx)
-    xorl %eax, %eax
-    cmpb $0, SC_SHSTK_ACTIVE(%rip)
-    je 1f
-    rdsspq %rax
-1:  movq %rax, {TRY_SSP}(%rdx)
-    movq %rdi, %rax
-    movq %rsi, %rdi
-    call *%rax
-2:  addq $8, %rsp
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %rbp
-    popq %rbx
-    ret
-sc_try_recover:
-    movq $-1, %rax
-    jmp 2b
-
 /* ---- Turning shadow stacks on ------------------------------------------
  * noreturn sc_cet_enter(u64 s_cet, void (*cont)(void) noreturn, u64 rsp)
  * CR4.CET and IA32_PL0_SSP are already set. From the write to IA32_S_CET

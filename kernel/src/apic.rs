@@ -30,6 +30,8 @@ const SVR_ENABLE: u32 = 1 << 8;
 /// Vector of spurious APIC interrupts.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 const ICR_DELIVERY_PENDING: u32 = 1 << 12;
+/// xAPIC: the destination APIC id sits in bits 31:24 of ICR high (and of the ID register).
+const XAPIC_DEST_SHIFT: u32 = 24;
 const LVT_MASKED: u32 = 1 << 16;
 const LVT_TIMER_PERIODIC: u32 = 1 << 17;
 /// Divide configuration: divide by 1.
@@ -95,7 +97,7 @@ pub fn id() -> u32 {
     if is_x2apic() {
         read(REG_ID)
     } else {
-        read(REG_ID) >> 24
+        read(REG_ID) >> XAPIC_DEST_SHIFT
     }
 }
 
@@ -108,16 +110,31 @@ pub fn irr_pending(vector: u8) -> bool {
     read(REG_IRR + 0x10 * (vector as u32 / 32)) & (1 << (vector % 32)) != 0
 }
 
+/// Wait until the xAPIC has accepted the last IPI written to its ICR.
+fn xapic_icr_idle() {
+    while read(REG_ICR_LOW) & ICR_DELIVERY_PENDING != 0 {
+        core::hint::spin_loop();
+    }
+}
+
+/// Send an IPI. In x2APIC mode the ICR is one 64-bit MSR write. In xAPIC mode
+/// it is two writes (destination, then command, which sends), and an NMI
+/// handler that sends its own IPI between them would retarget the
+/// interrupted one (a lost sync IPI hangs the patcher). So every sender
+/// saves the destination register it finds and puts it back after its own
+/// IPI has gone: a sender interrupted between its two writes then sends to
+/// the destination it wrote, at any nesting depth.
 fn icr(dest: u32, low: u32) {
     if is_x2apic() {
         // SAFETY: writing the x2APIC ICR sends an IPI; no memory effects.
         unsafe { Msr::new(X2APIC_MSR_BASE + (REG_ICR_LOW >> 4)).write(((dest as u64) << 32) | low as u64) };
     } else {
-        write(REG_ICR_HIGH, dest << 24);
+        let saved_high = read(REG_ICR_HIGH);
+        xapic_icr_idle();
+        write(REG_ICR_HIGH, dest << XAPIC_DEST_SHIFT);
         write(REG_ICR_LOW, low);
-        while read(REG_ICR_LOW) & ICR_DELIVERY_PENDING != 0 {
-            core::hint::spin_loop();
-        }
+        xapic_icr_idle();
+        write(REG_ICR_HIGH, saved_high);
     }
 }
 

@@ -2,7 +2,9 @@
 //! the running CPU's `PerCpu` (set by `init_this` before any other use).
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{
+    compiler_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 
 use x86_64::registers::model_specific::GsBase;
 use x86_64::VirtAddr;
@@ -13,8 +15,9 @@ use shadowcall::emul::{EmulLifo, GuardError};
 
 use crate::interrupts::TryCtx;
 
-/// Nesting depth of fault-recovery points (test wrapper + one inside a test + spare).
-pub const TRY_DEPTH: usize = 4;
+/// Nesting depth of fault-recovery points (test wrapper, one inside a test,
+/// the patcher's hook, the NMI handler's own, and spares).
+pub const TRY_DEPTH: usize = 8;
 
 #[derive(Default)]
 pub struct Counters {
@@ -80,7 +83,10 @@ pub struct PerCpu {
     pub work_arg: AtomicU64,
     pub work_done: AtomicU64,
     lifo: UnsafeCell<EmulLifo>,
-    tries: UnsafeCell<([*mut TryCtx; TRY_DEPTH], usize)>,
+    /// Fault-recovery points (innermost last), used by this CPU only, from
+    /// thread and exception context (see push_try for the ordering).
+    tries: [AtomicPtr<TryCtx>; TRY_DEPTH],
+    try_depth: AtomicUsize,
     pub last_refusal: UnsafeCell<Option<GuardError>>,
     pub counters: Counters,
     /// Self-test hook for the #BP handler (see patching::BpTestHook).
@@ -116,7 +122,8 @@ const fn new_cpu(index: usize) -> PerCpu {
         work_arg: AtomicU64::new(0),
         work_done: AtomicU64::new(0),
         lifo: UnsafeCell::new(EmulLifo::new()),
-        tries: UnsafeCell::new(([core::ptr::null_mut(); TRY_DEPTH], 0)),
+        tries: [const { AtomicPtr::new(core::ptr::null_mut()) }; TRY_DEPTH],
+        try_depth: AtomicUsize::new(0),
         last_refusal: UnsafeCell::new(None),
         counters: Counters {
             emulations: AtomicU64::new(0),
@@ -207,22 +214,33 @@ impl PerCpu {
         unsafe { &mut *self.lifo.get() }
     }
 
+    /// Register a recovery point. Only this CPU uses its try stack, but an
+    /// interrupt or NMI can run between any two instructions here and push
+    /// and pop its own point. So the depth is raised first and the slot
+    /// written after (compiler fences keep the order): a nested handler sees
+    /// the slot reserved and pushes above it, never into it. (Writing first
+    /// would let a nested push overwrite the slot before the depth covered
+    /// it, leaving the nested handler's dead point as ours.) A nested handler
+    /// that faults between the two steps finds no marker of ours on the shadow
+    /// stack yet, so `interrupts::fault` does not pair the stale slot with it.
     pub fn push_try(&self, ctx: *mut TryCtx) {
-        // SAFETY: per-CPU; see lifo().
-        let t = unsafe { &mut *self.tries.get() };
-        assert!(t.1 < TRY_DEPTH, "fault-recovery points nested too deep");
-        t.0[t.1] = ctx;
-        t.1 += 1;
+        let d = self.try_depth.load(Ordering::Relaxed);
+        assert!(d < TRY_DEPTH, "fault-recovery points nested too deep");
+        self.try_depth.store(d + 1, Ordering::Relaxed);
+        compiler_fence(Ordering::SeqCst);
+        self.tries[d].store(ctx, Ordering::Relaxed);
+        compiler_fence(Ordering::SeqCst);
     }
+    /// Drop the innermost recovery point (its `sc_try_call` has returned).
     pub fn pop_try(&self) {
-        // SAFETY: per-CPU; see lifo().
-        let t = unsafe { &mut *self.tries.get() };
-        t.1 -= 1;
+        compiler_fence(Ordering::SeqCst);
+        let d = self.try_depth.load(Ordering::Relaxed);
+        self.try_depth.store(d - 1, Ordering::Relaxed);
+        compiler_fence(Ordering::SeqCst);
     }
     pub fn top_try(&self) -> Option<*mut TryCtx> {
-        // SAFETY: per-CPU; see lifo().
-        let t = unsafe { &*self.tries.get() };
-        t.1.checked_sub(1).map(|i| t.0[i])
+        let d = self.try_depth.load(Ordering::Relaxed);
+        d.checked_sub(1).map(|i| self.tries[i].load(Ordering::Relaxed))
     }
 
     pub fn count(c: &AtomicU64) {

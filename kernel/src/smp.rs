@@ -13,6 +13,8 @@ use crate::{cet, interrupts, mm};
 
 /// Where the real-mode start-up code is copied (page 8: below 1 MiB, free).
 pub const AP_TRAMPOLINE: u64 = 0x8000;
+/// How long the boot CPU waits for an AP to come online (spin iterations).
+const AP_START_SPINS: u64 = 200_000_000;
 /// Vector of the IPI that wakes a CPU to look for work.
 pub const VEC_WAKE: u8 = 0xf0;
 /// Vector of the patcher's sync IPI.
@@ -112,12 +114,20 @@ pub fn start_aps(ebda: u64) -> Topology {
             delay(200);
         }
         let mut spins = 0u64;
-        while !c.online.load(Ordering::Acquire) && spins < 200_000_000 {
+        while !c.online.load(Ordering::Acquire) && spins < AP_START_SPINS {
             core::hint::spin_loop();
             spins += 1;
         }
         if !c.online.load(Ordering::Acquire) {
-            topo.errors.push(alloc::format!("CPU {index} (APIC id {id}) did not come online"));
+            // The start variables (sc_ap_stack, sc_ap_index) are shared by
+            // every AP, and a slow AP may still be about to read them: handing
+            // them to the next AP could put two CPUs on one stack. Start no
+            // more APs; the slow one, if it ever arrives, runs as CPU `index`.
+            topo.errors.push(alloc::format!(
+                "CPU {index} (APIC id {id}) did not come online; not starting the {} remaining CPU(s)",
+                aps.len().min(mm::MAX_CPUS - 1) - index
+            ));
+            break;
         }
     }
     topo

@@ -381,11 +381,12 @@ pub fn irq_in_window(_st: &BootState) -> Outcome<'static> {
 static NMI_CALLS_SITE: AtomicBool = AtomicBool::new(false);
 static NMI_UNBALANCED: AtomicU64 = AtomicU64::new(0);
 
-/// NMI handler (IST 2).
+/// NMI handler body (IST 2), run by interrupts::nmi under the NMI's own
+/// recovery point (which also maintains `in_nmi`).
 pub fn nmi(_frame: &mut TrapFrame) {
     let c = this_cpu();
     PerCpu::count(&c.counters.nmis);
-    c.in_nmi.store(true, Ordering::Relaxed);
+    super::sec_recover::nmi_hook();
     if c.counters.window_depth.load(Ordering::Relaxed) > 0 {
         PerCpu::count(&c.counters.nmi_in_window);
     }
@@ -402,7 +403,6 @@ pub fn nmi(_frame: &mut TrapFrame) {
             PerCpu::count(&c.counters.nmi_nested);
         }
     }
-    c.in_nmi.store(false, Ordering::Relaxed);
 }
 
 pub fn nmi_in_window(_st: &BootState) -> Outcome<'static> {
