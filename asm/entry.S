@@ -404,6 +404,7 @@ sc_bpx_test_landing:
  * checks. Nothing was written; the handler reports it and refuses. */
 sc_bpx_refuse:
     movq %rsp, %rdi
+    movq %r8, %rsi                  /* F, from RDSSP */
     call sc_bp_exit_refused
     ISR_EXIT
 

@@ -277,6 +277,8 @@ extern "C" fn sc_exception_dispatch(frame: &mut TrapFrame) {
             FaultInfo { vector: frame.vector, error_code: frame.error_code, rip: frame.rip, cr2: Cr2::read_raw() },
         ),
     }
+    #[cfg(feature = "test-hooks")]
+    selftest::sec_tests::after_dispatch(frame);
 }
 
 /// NMI: the handler body runs under its own recovery point, so a fault in it

@@ -471,7 +471,14 @@ fn bp_decide(frame: &mut TrapFrame, f: Option<ShadowFrame>, addr: u64) -> BpExit
 /// The exit found the frame or the state changed after the handler's
 /// checks (asm/entry.S `sc_bpx_refuse`): nothing was written.
 #[no_mangle]
-extern "C" fn sc_bp_exit_refused(frame: &mut TrapFrame) {
+extern "C" fn sc_bp_exit_refused(frame: &mut TrapFrame, ssp: u64) {
+    // What the CPU pushed is on the shadow stack: put the saved RIP/CS and
+    // the recorded SSP back to it, so that the refusal unwinds this very
+    // frame (fault recovery cross-checks them).
+    let f = ShadowFrame::at(ssp);
+    frame.ssp = ssp;
+    frame.rip = cet::read_slot(f.lip_slot());
+    frame.cs = cet::read_slot(f.cs_slot());
     refuse(frame, GuardError::FrameChanged);
 }
 

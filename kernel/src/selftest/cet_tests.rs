@@ -238,8 +238,6 @@ pub fn ist_probe(frame: &mut TrapFrame) {
         IST_SEEN_TOKEN.store(cet::read_slot(token), Ordering::Relaxed);
     }
     IST_CALLS.fetch_add(1, Ordering::Relaxed);
-    #[cfg(feature = "test-hooks")]
-    super::sec_tests::after_ist_probe(frame);
 }
 
 pub fn ist_shstk(st: &BootState) -> Outcome<'static> {

@@ -33,7 +33,7 @@ core::arch::global_asm!(
 
 extern "C" {
     fn sc_t_align_probe(which: u64, misalign: u64) -> u64;
-    fn sc_t_sec_ist() -> u64;
+    fn sc_t_sec_int() -> u64;
     fn sc_t_call_tramp(entry: u64) -> u64;
     fn sc_t_fn_call(_: u64) -> u64;
     static sc_t_site_call: u8;
@@ -113,9 +113,9 @@ pub fn after_bp_checks(frame: &mut TrapFrame) {
     }
 }
 
-/// The IST test vector's handler ran.
-pub fn after_ist_probe(frame: &mut TrapFrame) {
-    if FORGE_IST.swap(false, Ordering::Relaxed) {
+/// A handler of a vector other than #BP ran (the common exit comes next).
+pub fn after_dispatch(frame: &mut TrapFrame) {
+    if frame.vector == apic::SPURIOUS_VECTOR as u64 && FORGE_IST.swap(false, Ordering::Relaxed) {
         forge(frame);
     }
 }
@@ -196,14 +196,14 @@ pub fn sec_exit_forged_frame(st: &BootState) -> Outcome<'static> {
         return o;
     }
     let mut errors: Vec<String> = Vec::new();
-    // 1. An ordinary interrupt handler (the IST test vector) whose saved frame
+    // 1. An ordinary interrupt handler (the APIC spurious vector) whose saved frame
     //    is forged: its exit writes no shadow stack, and IRET refuses the
     //    forged RIP (#CP(2)).
     let before = victim_slots();
     let ssp0 = cet::rdssp();
     FORGE_IST.store(true, Ordering::Relaxed);
     // SAFETY: asm probe; the #CP at IRET is caught.
-    let r = try_run(|| unsafe { sc_t_sec_ist() });
+    let r = try_run(|| unsafe { sc_t_sec_int() });
     FORGE_IST.store(false, Ordering::Relaxed);
     match r {
         Err(f) if f.vector == VEC_CP && CpError::decode(f.error_code) == CpError::FarRetIret => {
