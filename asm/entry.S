@@ -2,7 +2,7 @@
  * shadow stack. Pulled in by kernel/src/interrupts.rs with global_asm!, which
  * substitutes the NAME constants from the Rust side (global_asm! const operands). */
 
-.section .text
+.pushsection .text.entry, "ax"
 
 /* ---- Entry stubs -------------------------------------------------------
  * Each stub makes the stack look the same (error code, vector) and jumps to
@@ -181,7 +181,7 @@ SC_ISR_IST_TEST:
 SC_ISR_APIC:
     .quad sc_isr_{VEC_WAKE}, sc_isr_{VEC_SYNC}, sc_isr_{VEC_TIMER}, sc_isr_{VEC_SPURIOUS}
 
-.section .text
+.section .text.entry, "ax"
 
 /* ---- Fault recovery ----------------------------------------------------
  * u64 sc_try_call(u64 (*f)(u64), u64 arg, struct TryCtx *ctx)
@@ -228,6 +228,7 @@ sc_try_recover:
  * token PL0_SSP points at and loads SSP; this function then never returns
  * (its own return address was never pushed on the shadow stack): it resets
  * RSP and jumps to the continuation. */
+.pushsection .text.cet, "ax"
 .globl sc_cet_enter
 sc_cet_enter:
     movq %rsi, %r12
@@ -242,3 +243,5 @@ sc_cet_enter:
     movq %r13, %rsp
     xorl %ebp, %ebp
     jmp *%r12
+.popsection
+.popsection

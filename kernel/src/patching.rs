@@ -9,13 +9,15 @@
 //! Between steps 1 and 3 a CPU that runs a site traps into `handle_bp`, which
 //! finds the site in the sorted batch (binary search) and emulates it.
 
-use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, Ordering};
 
 use shadowcall::cmdline::EmulStrategy;
 use shadowcall::emul::{check_tramp_slots, GuardError, PendingCall, StackKind};
 use shadowcall::frame::{TrapFrame, RFLAGS_IF};
-use shadowcall::patch::{build_batch, classify, Batch, Entry, NewInsn, PatchError, SiteKind, INT3, SITE_LEN};
+use shadowcall::paging::PAGE_SIZE;
+use shadowcall::patch::{
+    build_batch, classify, Batch, CodeRange, CodeRegion, Entry, NewInsn, PatchError, Registry, SiteKind, INT3, SITE_LEN,
+};
 use shadowcall::shstk::ShadowFrame;
 use shadowcall::tramp::{self, TrampLayout};
 use spin::Once;
@@ -43,7 +45,7 @@ pub struct PatchStats {
     pub hook_fault: Option<FaultInfo>,
 }
 
-static REGISTRY: Once<Vec<u64>> = Once::new();
+static REGISTRY: Once<Registry<'static>> = Once::new();
 static TRAMP: Once<TrampLayout> = Once::new();
 static STRATEGY: AtomicU8 = AtomicU8::new(0);
 /// What the #BP handler does for a CALL: STRATEGY, except that the shadow
@@ -68,7 +70,37 @@ static REWRITE_STEPS: AtomicBool = AtomicBool::new(false);
 extern "C" {
     static __sites_start: u64;
     static __sites_end: u64;
+    static __targets_start: u64;
+    static __targets_end: u64;
+    static __entry_text_start: u8;
+    static __entry_text_end: u8;
+    static __cet_text_start: u8;
+    static __cet_text_end: u8;
     static sc_tramp_page: u8;
+}
+
+/// The u64 table the linker script brackets with `start`/`end`.
+///
+/// # Safety
+/// `start`/`end` must bracket a read-only table of u64s in the kernel image.
+unsafe fn linker_table(start: *const u64, end: *const u64) -> &'static [u64] {
+    // SAFETY: the caller's obligation; the image is never unmapped.
+    unsafe { core::slice::from_raw_parts(start, end.offset_from(start) as usize) }
+}
+
+/// Code no patch site or target may be in (DESIGN.md §5): the trampoline
+/// page, exception entry (`.text.entry`), CET bring-up (`.text.cet`).
+fn forbidden_code() -> [CodeRange; 3] {
+    let a = |p: *const u8| p as u64;
+    let tramp = tramp_page();
+    // Linker-script symbols: only their addresses are used.
+    let entry = (a(core::ptr::addr_of!(__entry_text_start)), a(core::ptr::addr_of!(__entry_text_end)));
+    let cet = (a(core::ptr::addr_of!(__cet_text_start)), a(core::ptr::addr_of!(__cet_text_end)));
+    [
+        CodeRange { start: tramp, end: tramp + PAGE_SIZE, region: CodeRegion::Trampoline },
+        CodeRange { start: entry.0, end: entry.1, region: CodeRegion::ExceptionEntry },
+        CodeRange { start: cet.0, end: cet.1, region: CodeRegion::CetBringUp },
+    ]
 }
 
 const CODE_CLASSIC: u8 = 0;
@@ -118,17 +150,21 @@ pub fn init(strategy: EmulStrategy, has_serialize: bool, tcg: bool) -> Result<()
     HAS_SERIALIZE.store(has_serialize, Ordering::Relaxed);
     REWRITE_STEPS.store(tcg, Ordering::Relaxed);
     set_strategy(strategy);
-    REGISTRY.call_once(|| {
-        // SAFETY: the linker script brackets the .shadowcall_sites table with these symbols.
-        let table = unsafe {
-            let s = core::ptr::addr_of!(__sites_start);
-            let e = core::ptr::addr_of!(__sites_end);
-            core::slice::from_raw_parts(s, e.offset_from(s) as usize)
+    let registry = REGISTRY.call_once(|| {
+        // SAFETY: the linker script brackets the read-only .shadowcall_sites
+        // and .shadowcall_targets tables with these symbols.
+        let (sites, targets) = unsafe {
+            (
+                linker_table(core::ptr::addr_of!(__sites_start), core::ptr::addr_of!(__sites_end)),
+                linker_table(core::ptr::addr_of!(__targets_start), core::ptr::addr_of!(__targets_end)),
+            )
         };
-        let mut v = table.to_vec();
-        v.sort_unstable();
-        v
+        Registry::new(sites, targets, &forbidden_code())
     });
+    if let Err(e) = registry.check() {
+        crate::diag!("PANIC: patch registry: {e}");
+        crate::exit(false);
+    }
     let base = tramp_page();
     let (bytes, layout) = tramp::emit(base)?;
     {
@@ -157,7 +193,13 @@ pub fn trampoline() -> Option<&'static TrampLayout> {
 }
 
 pub fn registry() -> &'static [u64] {
-    REGISTRY.get().map(|v| v.as_slice()).unwrap_or(&[])
+    REGISTRY.get().map(|r| r.sites()).unwrap_or(&[])
+}
+
+/// Registered sites and targets and the forbidden code (empty before `init`).
+pub fn patch_registry() -> &'static Registry<'static> {
+    static EMPTY: Registry<'static> = Registry::EMPTY;
+    REGISTRY.get().unwrap_or(&EMPTY)
 }
 
 /// Make every CPU see the text written so far: this CPU serializes itself
@@ -188,7 +230,7 @@ pub fn patch(sites: &[(u64, NewInsn)], mut hook: impl FnMut(Step)) -> Result<Pat
     if IN_FLIGHT.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
         return Err(PatchError::BatchInFlight);
     }
-    let result = build_batch(&mm::text(), registry(), sites).map(|mut batch| {
+    let result = build_batch(&mm::text(), patch_registry(), sites).map(|mut batch| {
         let rounds0 = SYNC_ROUNDS.load(Ordering::Relaxed);
         ACTIVE.store(&mut batch, Ordering::Release);
         // Each step writes through a fresh alias, removed (and its TLB entry
