@@ -45,7 +45,6 @@ pub struct PatchStats {
     pub hook_fault: Option<FaultInfo>,
 }
 
-static REGISTRY: Once<Registry<'static>> = Once::new();
 static TRAMP: Once<TrampLayout> = Once::new();
 static STRATEGY: AtomicU8 = AtomicU8::new(0);
 /// What the #BP handler does for a CALL: STRATEGY, except that the shadow
@@ -86,6 +85,18 @@ extern "C" {
 unsafe fn linker_table(start: *const u64, end: *const u64) -> &'static [u64] {
     // SAFETY: the caller's obligation; the image is never unmapped.
     unsafe { core::slice::from_raw_parts(start, end.offset_from(start) as usize) }
+}
+
+/// The registered sites, read in place (`.shadowcall_sites`, read-only).
+fn sites_table() -> &'static [u64] {
+    // SAFETY: the linker script brackets the .shadowcall_sites table with these symbols.
+    unsafe { linker_table(core::ptr::addr_of!(__sites_start), core::ptr::addr_of!(__sites_end)) }
+}
+
+/// The registered targets, read in place (`.shadowcall_targets`, read-only).
+fn targets_table() -> &'static [u64] {
+    // SAFETY: the linker script brackets the .shadowcall_targets table with these symbols.
+    unsafe { linker_table(core::ptr::addr_of!(__targets_start), core::ptr::addr_of!(__targets_end)) }
 }
 
 /// Code no patch site or target may be in (DESIGN.md §5): the trampoline
@@ -150,17 +161,13 @@ pub fn init(strategy: EmulStrategy, has_serialize: bool, tcg: bool) -> Result<()
     HAS_SERIALIZE.store(has_serialize, Ordering::Relaxed);
     REWRITE_STEPS.store(tcg, Ordering::Relaxed);
     set_strategy(strategy);
-    let registry = REGISTRY.call_once(|| {
-        // SAFETY: the linker script brackets the read-only .shadowcall_sites
-        // and .shadowcall_targets tables with these symbols.
-        let (sites, targets) = unsafe {
-            (
-                linker_table(core::ptr::addr_of!(__sites_start), core::ptr::addr_of!(__sites_end)),
-                linker_table(core::ptr::addr_of!(__targets_start), core::ptr::addr_of!(__targets_end)),
-            )
-        };
-        Registry::new(sites, targets, &forbidden_code())
-    });
+    // The tables are searched in place (nothing in writable memory steers
+    // validation): they must be sorted, and hold nothing in handler code.
+    let registry = Registry::new(sites_table(), targets_table(), &forbidden_code());
+    if !registry.tables_in_place() {
+        crate::diag!("PANIC: patch registry: .shadowcall_sites or .shadowcall_targets is not sorted by address");
+        crate::exit(false);
+    }
     if let Err(e) = registry.check() {
         crate::diag!("PANIC: patch registry: {e}");
         crate::exit(false);
@@ -192,14 +199,15 @@ pub fn trampoline() -> Option<&'static TrampLayout> {
     TRAMP.get()
 }
 
+/// The registered sites, sorted (checked by `init`), in read-only memory.
 pub fn registry() -> &'static [u64] {
-    REGISTRY.get().map(|r| r.sites()).unwrap_or(&[])
+    sites_table()
 }
 
-/// Registered sites and targets and the forbidden code (empty before `init`).
-pub fn patch_registry() -> &'static Registry<'static> {
-    static EMPTY: Registry<'static> = Registry::EMPTY;
-    REGISTRY.get().unwrap_or(&EMPTY)
+/// What a batch is validated against: the read-only tables in place and the
+/// forbidden code ranges from linker symbols (nothing from writable memory).
+pub fn patch_registry() -> Registry<'static> {
+    Registry::in_place(sites_table(), targets_table(), &forbidden_code())
 }
 
 /// Make every CPU see the text written so far: this CPU serializes itself
@@ -230,7 +238,7 @@ pub fn patch(sites: &[(u64, NewInsn)], mut hook: impl FnMut(Step)) -> Result<Pat
     if IN_FLIGHT.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
         return Err(PatchError::BatchInFlight);
     }
-    let result = build_batch(&mm::text(), patch_registry(), sites).map(|mut batch| {
+    let result = build_batch(&mm::text(), &patch_registry(), sites).map(|mut batch| {
         let rounds0 = SYNC_ROUNDS.load(Ordering::Relaxed);
         ACTIVE.store(&mut batch, Ordering::Release);
         // Each step writes through a fresh alias, removed (and its TLB entry
