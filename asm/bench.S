@@ -30,9 +30,8 @@ sc_b_loop:
     popq %rbx
     ret
 
-/* The floor: a call to a function that only returns. */
-.globl sc_b_ret
-sc_b_ret:
+/* The floor: a call to a function that only returns (also a patch target). */
+TARGET_FN sc_b_ret
     ret
 
 /* The price of one trap: an int3 the #BP handler recognises and returns from. */
@@ -57,6 +56,5 @@ BENCH_SITE sc_b_fn_nop, sc_b_site_nop
 BENCH_SITE sc_b_fn_ret, sc_b_site_ret
 
 /* The call target of the emulated call (a separate function, same cost as sc_b_ret). */
-.globl sc_b_target
-sc_b_target:
+TARGET_FN sc_b_target
     ret

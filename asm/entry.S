@@ -2,7 +2,7 @@
  * shadow stack. Pulled in by kernel/src/interrupts.rs with global_asm!, which
  * substitutes the NAME constants from the Rust side (global_asm! const operands). */
 
-.section .text
+.pushsection .text.entry, "ax"
 
 /* ---- Entry stubs -------------------------------------------------------
  * Each stub makes the stack look the same (error code, vector) and jumps to
@@ -433,7 +433,7 @@ sc_bpx_table:
     .quad sc_bpx_plain, sc_bpx_call_sg, sc_bpx_jmp, sc_bpx_classic, sc_bpx_nop
     .quad sc_bpx_ret, sc_bpx_tramp1, sc_bpx_tramp2, sc_bpx_resume_site, sc_bpx_test_landing
 
-.section .text
+.section .text.entry, "ax"
 
 /* ---- Turning shadow stacks on ------------------------------------------
  * noreturn sc_cet_enter(u64 s_cet, void (*cont)(void) noreturn, u64 rsp)
@@ -442,6 +442,7 @@ sc_bpx_table:
  * token PL0_SSP points at and loads SSP; this function then never returns
  * (its own return address was never pushed on the shadow stack): it resets
  * RSP and jumps to the continuation. */
+.pushsection .text.cet, "ax"
 .globl sc_cet_enter
 sc_cet_enter:
     movq %rsi, %r12
@@ -456,3 +457,5 @@ sc_cet_enter:
     movq %r13, %rsp
     xorl %ebp, %ebp
     jmp *%r12
+.popsection
+.popsection

@@ -13,11 +13,25 @@
 \name:
 .endm
 
+/* A registered patch target: its address goes into .shadowcall_targets (the
+ * read-only table a call/jmp target of a patch must be in). */
+.macro TARGET_REG name
+    .pushsection .shadowcall_targets, "a"
+    .quad \name
+    .popsection
+.endm
+
+/* TARGET_REG, then a global label there. */
+.macro TARGET_FN name
+    TARGET_REG \name
+.globl \name
+\name:
+.endm
+
 /* A call target: logs the return address it sees on the normal stack and on
  * the shadow stack, RFLAGS, and bumps its own counter. */
 .macro TARGET name, idx
-.globl \name
-\name:
+    TARGET_FN \name
     movq (%rsp), %rax
     movq %rax, SC_TLOG+{LOG_RET}(%rip)
     addq %rax, SC_TLOG+{LOG_SUM}(%rip)
@@ -63,8 +77,7 @@ SITE_FN sc_t_fn_bad, sc_t_site_bad
 
 /* The nested test patches sc_t_site_outer to call this function, which holds
  * a second site of the same batch. */
-.globl sc_t_nest_target
-sc_t_nest_target:
+TARGET_FN sc_t_nest_target
     SITE sc_t_site_inner
     call sc_t_target_a
     incq SC_TLOG+{LOG_NEST}(%rip)
@@ -72,8 +85,7 @@ sc_t_nest_target:
 
 /* u64 sc_t_rec(u64 depth): the site is patched from `call sc_t_rec_leaf` to
  * `call sc_t_rec`, so during the window every level is an emulated call. */
-.globl sc_t_rec
-sc_t_rec:
+TARGET_FN sc_t_rec
     testq %rdi, %rdi
     jz 1f
     decq %rdi
@@ -81,7 +93,7 @@ sc_t_rec:
     call sc_t_rec_leaf
     incq SC_TLOG+{LOG_REC}(%rip)
 1:  ret
-sc_t_rec_leaf:
+TARGET_FN sc_t_rec_leaf
     ret
 
 /* Bad patch sites for patch_bad_input: registered, but not patchable. */
@@ -240,8 +252,7 @@ sc_tramp_page:
  * increments (several CPUs call it at once), and a second site the NMI
  * handler calls (nested emulation from NMI context). */
 .macro STRESS_TARGET name, idx
-.globl \name
-\name:
+    TARGET_FN \name
     lock incq SC_STRESS_COUNTS+8*\idx(%rip)
     ret
 .endm

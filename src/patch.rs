@@ -4,10 +4,18 @@
 //! A batch is a set of `(site, new instruction)` pairs. Each site must be a
 //! registered patch site (the kernel's `.shadowcall_sites` table, like Linux's
 //! static-call and jump-label tables) holding a 5-byte instruction of a kind
-//! we can emulate, inside kernel text; targets must be in text and in rel32
-//! range; sites must not overlap. Validation writes nothing: a rejected batch
-//! leaves text byte-identical.
+//! we can emulate, inside kernel text; each call/jmp target must be a
+//! registered target (the `.shadowcall_targets` table), in text and in rel32
+//! range; sites must not overlap; no site and no target may lie in code the
+//! #BP handler runs (exception entry, CET bring-up, the trampoline page: the
+//! registry's forbidden [`CodeRange`]s). Validation writes nothing: a rejected
+//! batch leaves text byte-identical.
+//!
+//! A validated batch can be written out as a flat, position-independent
+//! [`SealedBatch`] (no pointers, only offsets) that the kernel copies into
+//! read-only memory and searches from the #BP handler.
 
+use alloc::borrow::Cow;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -94,18 +102,86 @@ pub fn classify(bytes: &[u8], ip: u64) -> Result<SiteKind, PatchError> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PatchError {
     EmptyBatch,
-    AddressOutsideText { site: u64 },
-    SiteCrossesTextEnd { site: u64 },
-    DuplicateSite { site: u64 },
-    OverlappingSites { first: u64, second: u64 },
-    MidInstruction { site: u64, insn_start: u64 },
-    UnknownSite { site: u64 },
-    Undecodable { site: u64 },
-    UnsupportedInstruction { site: u64, mnemonic: Mnemonic, len: usize },
-    TargetOutOfRange { site: u64, target: u64 },
-    TargetOutsideText { site: u64, target: u64 },
+    AddressOutsideText {
+        site: u64,
+    },
+    SiteCrossesTextEnd {
+        site: u64,
+    },
+    DuplicateSite {
+        site: u64,
+    },
+    OverlappingSites {
+        first: u64,
+        second: u64,
+    },
+    MidInstruction {
+        site: u64,
+        insn_start: u64,
+    },
+    UnknownSite {
+        site: u64,
+    },
+    Undecodable {
+        site: u64,
+    },
+    UnsupportedInstruction {
+        site: u64,
+        mnemonic: Mnemonic,
+        len: usize,
+    },
+    TargetOutOfRange {
+        site: u64,
+        target: u64,
+    },
+    TargetOutsideText {
+        site: u64,
+        target: u64,
+    },
     BatchInFlight,
-    TooManySites { count: usize },
+    TooManySites {
+        count: usize,
+    },
+    /// A site whose bytes overlap code the #BP handler runs.
+    SiteInHandlerCode {
+        site: u64,
+        region: CodeRegion,
+    },
+    /// A call/jmp target inside the trampoline page.
+    TargetInTrampoline {
+        site: u64,
+        target: u64,
+    },
+    /// A call/jmp target inside exception entry code.
+    TargetInEntryCode {
+        site: u64,
+        target: u64,
+    },
+    /// A call/jmp target inside the CET bring-up code.
+    TargetInCetCode {
+        site: u64,
+        target: u64,
+    },
+    /// A call/jmp target inside the instruction at a registered target.
+    TargetMidInstruction {
+        site: u64,
+        target: u64,
+        insn_start: u64,
+    },
+    /// A call/jmp target that is not a registered patch target.
+    UnknownTarget {
+        site: u64,
+        target: u64,
+    },
+    /// The target table registers an address in code the #BP handler runs.
+    RegisteredTargetInHandlerCode {
+        target: u64,
+        region: CodeRegion,
+    },
+    /// A sealed batch that does not hold what `Batch::write_sealed` writes.
+    BadSealedBatch {
+        flaw: SealedFlaw,
+    },
 }
 
 impl fmt::Display for PatchError {
@@ -136,6 +212,29 @@ impl fmt::Display for PatchError {
             }
             BatchInFlight => f.write_str("another patch batch is in flight"),
             TooManySites { count } => write!(f, "{count} sites in one batch; at most 2^32 - 1"),
+            SiteInHandlerCode { site, region } => {
+                write!(f, "site {site:#x} lies in code the #BP handler runs ({region}); it cannot be patched")
+            }
+            TargetInTrampoline { site, target } => {
+                write!(f, "site {site:#x}: target {target:#x} is inside the trampoline page")
+            }
+            TargetInEntryCode { site, target } => {
+                write!(f, "site {site:#x}: target {target:#x} is inside exception entry code")
+            }
+            TargetInCetCode { site, target } => {
+                write!(f, "site {site:#x}: target {target:#x} is inside the CET bring-up code")
+            }
+            TargetMidInstruction { site, target, insn_start } => write!(
+                f,
+                "site {site:#x}: target {target:#x} is inside the instruction that starts at the registered target {insn_start:#x}"
+            ),
+            UnknownTarget { site, target } => {
+                write!(f, "site {site:#x}: target {target:#x} is not a registered patch target")
+            }
+            RegisteredTargetInHandlerCode { target, region } => {
+                write!(f, "registered target {target:#x} lies in code the #BP handler runs ({region})")
+            }
+            BadSealedBatch { flaw } => write!(f, "sealed batch rejected: {flaw}"),
         }
     }
 }
@@ -157,6 +256,127 @@ impl Text<'_> {
     fn site_bytes(&self, site: u64) -> &[u8] {
         let off = (site - self.base) as usize;
         &self.bytes[off..off + SITE_LEN]
+    }
+}
+
+/// Code the #BP handler runs (or that runs before it can): no patch site may
+/// overlap it and no call/jmp target may point into it. A site there could
+/// recurse into the handler while the batch is in flight (its own int3 in its
+/// own entry path); a target there would let a patch enter the handler, the
+/// trampoline or the shadow-stack bring-up at an arbitrary point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodeRegion {
+    /// The trampoline page (emitted at boot).
+    Trampoline,
+    /// Exception and interrupt entry: the stubs, the common entry and exit,
+    /// fault recovery (asm/entry.S, linker section `.text.entry`), and any
+    /// handler code the kernel places in that section.
+    ExceptionEntry,
+    /// Turning shadow stacks on (`sc_cet_enter`, `cet::enable_and_continue`:
+    /// linker section `.text.cet`).
+    CetBringUp,
+}
+
+impl fmt::Display for CodeRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CodeRegion::Trampoline => "trampoline page",
+            CodeRegion::ExceptionEntry => "exception entry code",
+            CodeRegion::CetBringUp => "CET bring-up code",
+        })
+    }
+}
+
+/// A forbidden code range `[start, end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeRange {
+    pub start: u64,
+    pub end: u64,
+    pub region: CodeRegion,
+}
+
+impl CodeRange {
+    /// Do the `len` bytes at `addr` overlap this range?
+    pub fn overlaps(&self, addr: u64, len: u64) -> bool {
+        addr < self.end && addr.saturating_add(len) > self.start
+    }
+}
+
+/// What a batch is validated against: the registered sites and targets (the
+/// kernel's read-only `.shadowcall_sites` and `.shadowcall_targets` tables)
+/// and the code ranges no site or target may be in.
+///
+/// A table that is already sorted is used in place (no copy: lookups read
+/// the read-only image); otherwise a sorted copy is made.
+#[derive(Clone, Debug, Default)]
+pub struct Registry<'a> {
+    sites: Cow<'a, [u64]>,
+    targets: Cow<'a, [u64]>,
+    forbidden: Vec<CodeRange>,
+}
+
+fn sorted_table(raw: &[u64]) -> Cow<'_, [u64]> {
+    if raw.windows(2).all(|w| w[0] < w[1]) {
+        Cow::Borrowed(raw)
+    } else {
+        let mut v = raw.to_vec();
+        v.sort_unstable();
+        v.dedup();
+        Cow::Owned(v)
+    }
+}
+
+impl<'a> Registry<'a> {
+    pub fn new(sites: &'a [u64], targets: &'a [u64], forbidden: &[CodeRange]) -> Self {
+        Registry { sites: sorted_table(sites), targets: sorted_table(targets), forbidden: forbidden.to_vec() }
+    }
+    /// The tables as they are, without the O(n) sortedness check: for tables
+    /// `new` found sorted (`tables_in_place`) once. (Unsorted tables make
+    /// searches miss entries, so a batch is wrongly refused, never wrongly
+    /// accepted: a search only succeeds on an equal entry.)
+    pub fn in_place(sites: &'a [u64], targets: &'a [u64], forbidden: &[CodeRange]) -> Self {
+        Registry { sites: Cow::Borrowed(sites), targets: Cow::Borrowed(targets), forbidden: forbidden.to_vec() }
+    }
+    /// The registered sites, sorted.
+    pub fn sites(&self) -> &[u64] {
+        &self.sites
+    }
+    /// The registered targets, sorted.
+    pub fn targets(&self) -> &[u64] {
+        &self.targets
+    }
+    pub fn forbidden(&self) -> &[CodeRange] {
+        &self.forbidden
+    }
+    /// Are both tables used in place (not copied)?
+    pub fn tables_in_place(&self) -> bool {
+        matches!(self.sites, Cow::Borrowed(_)) && matches!(self.targets, Cow::Borrowed(_))
+    }
+    /// The forbidden region the `len` bytes at `addr` overlap, if any.
+    pub fn region_of(&self, addr: u64, len: u64) -> Option<CodeRegion> {
+        self.forbidden.iter().find(|r| r.overlaps(addr, len)).map(|r| r.region)
+    }
+    /// Check the tables themselves (at boot): no registered site overlaps,
+    /// and no registered target lies in, the forbidden code. `build_batch`
+    /// checks each batch again, registered or not.
+    pub fn check(&self) -> Result<(), PatchError> {
+        for &site in self.sites.iter() {
+            if let Some(region) = self.region_of(site, SITE_LEN as u64) {
+                return Err(PatchError::SiteInHandlerCode { site, region });
+            }
+        }
+        for &target in self.targets.iter() {
+            if let Some(region) = self.region_of(target, 1) {
+                return Err(PatchError::RegisteredTargetInHandlerCode { target, region });
+            }
+        }
+        Ok(())
+    }
+    pub fn is_site(&self, addr: u64) -> bool {
+        self.sites.binary_search(&addr).is_ok()
+    }
+    pub fn is_target(&self, addr: u64) -> bool {
+        self.targets.binary_search(&addr).is_ok()
     }
 }
 
@@ -266,9 +486,359 @@ impl Batch {
     }
 }
 
-/// Validate `sites` against kernel `text` and the sorted `registry` of patch
-/// sites, and build the sorted batch. Writes nothing.
-pub fn build_batch(text: &Text<'_>, registry: &[u64], sites: &[(u64, NewInsn)]) -> Result<Batch, PatchError> {
+// ---- The sealed batch ------------------------------------------------------
+//
+// Layout (all offsets from the start, every field 8-byte aligned, native
+// byte order; no pointers, so the bytes can be copied anywhere):
+//
+//   0             SealedHeader
+//   keys_off      2^depth u64: the Eytzinger search tree (index 0 unused;
+//                 padding u64::MAX), as in `Batch`
+//   slots_off     2^depth u32: node k's index in the entries (u32::MAX: padding)
+//   entries_off   len SealedEntry, sorted by site
+//   total_len     end
+
+/// The first word of a sealed batch ("SCSEALD1").
+pub const SEALED_MAGIC: u64 = u64::from_le_bytes(*b"SCSEALD1");
+/// `SealedEntry::kind` values.
+pub const KIND_CALL: u64 = 1;
+pub const KIND_JMP: u64 = 2;
+pub const KIND_NOP: u64 = 3;
+pub const KIND_RET: u64 = 4;
+const WORD: usize = 8;
+/// Padding key and slot of the search tree.
+const PAD_KEY: u64 = u64::MAX;
+const PAD_SLOT: u32 = u32::MAX;
+
+/// Why `SealedBatch::from_raw` or `SealedBatch::verify` refused some bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SealedFlaw {
+    /// The base is null or not 8-byte aligned.
+    Misaligned,
+    /// Fewer bytes than the header, or than the header says.
+    TooShort,
+    BadMagic,
+    /// More entries than a batch may have.
+    BadLength,
+    /// The depth is not the one for `len` entries.
+    BadDepth,
+    /// An offset or the total length is not the one for `len` entries.
+    BadLayout,
+    /// A tree node does not hold the key and slot `Batch` would put there.
+    BadIndex {
+        node: u64,
+    },
+    /// An entry is out of order, of an unknown kind, or its bytes are not
+    /// the encoding of its instruction at its site.
+    BadEntry {
+        index: u64,
+    },
+}
+
+impl fmt::Display for SealedFlaw {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            SealedFlaw::Misaligned => f.write_str("base is null or not 8-byte aligned"),
+            SealedFlaw::TooShort => f.write_str("fewer bytes than the header or its total length"),
+            SealedFlaw::BadMagic => f.write_str("bad magic"),
+            SealedFlaw::BadLength => f.write_str("entry count above 2^32 - 1"),
+            SealedFlaw::BadDepth => f.write_str("tree depth does not match the entry count"),
+            SealedFlaw::BadLayout => f.write_str("offsets or total length do not match the entry count"),
+            SealedFlaw::BadIndex { node } => write!(f, "search tree node {node} is inconsistent"),
+            SealedFlaw::BadEntry { index } => write!(f, "entry {index} is out of order or not a valid encoding"),
+        }
+    }
+}
+
+/// The header at offset 0 of a sealed batch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SealedHeader {
+    pub magic: u64,
+    /// Number of entries.
+    pub len: u64,
+    /// Steps of every search: the tree has 2^depth - 1 nodes.
+    pub depth: u64,
+    pub keys_off: u64,
+    pub slots_off: u64,
+    pub entries_off: u64,
+    /// Bytes of the whole sealed batch, header included.
+    pub total_len: u64,
+}
+
+/// One site of a sealed batch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SealedEntry {
+    pub site: u64,
+    /// The call/jmp target; 0 for nop and ret.
+    pub target: u64,
+    /// `KIND_CALL`, `KIND_JMP`, `KIND_NOP` or `KIND_RET`.
+    pub kind: u64,
+    /// The 5 new bytes, little-endian (byte 0 is the opcode); bits 40..63 zero.
+    pub bytes: u64,
+}
+
+fn pack_bytes(b: &[u8; SITE_LEN]) -> u64 {
+    let mut w = [0u8; WORD];
+    w[..SITE_LEN].copy_from_slice(b);
+    u64::from_le_bytes(w)
+}
+
+impl SealedEntry {
+    pub fn of(e: &Entry) -> Self {
+        let kind = match e.insn {
+            NewInsn::Call(_) => KIND_CALL,
+            NewInsn::Jmp(_) => KIND_JMP,
+            NewInsn::Nop => KIND_NOP,
+            NewInsn::Ret => KIND_RET,
+        };
+        SealedEntry { site: e.site, target: e.insn.target().unwrap_or(0), kind, bytes: pack_bytes(&e.bytes) }
+    }
+    /// Where an emulated call at this site returns to.
+    pub fn ret_addr(&self) -> u64 {
+        self.site.wrapping_add(SITE_LEN as u64)
+    }
+    /// The new instruction, or None for an unknown kind.
+    pub fn insn(&self) -> Option<NewInsn> {
+        match self.kind {
+            KIND_CALL => Some(NewInsn::Call(self.target)),
+            KIND_JMP => Some(NewInsn::Jmp(self.target)),
+            KIND_NOP => Some(NewInsn::Nop),
+            KIND_RET => Some(NewInsn::Ret),
+            _ => None,
+        }
+    }
+    /// The five new bytes.
+    pub fn site_bytes(&self) -> [u8; SITE_LEN] {
+        let w = self.bytes.to_le_bytes();
+        [w[0], w[1], w[2], w[3], w[4]]
+    }
+    /// Is this entry what `of` makes for some valid entry (known kind,
+    /// target 0 for nop/ret, bytes the encoding of the instruction here)?
+    fn well_formed(&self) -> bool {
+        let Some(insn) = self.insn() else { return false };
+        if insn.target().is_none() && self.target != 0 {
+            return false;
+        }
+        insn.encode(self.site).is_ok_and(|b| pack_bytes(&b) == self.bytes)
+    }
+}
+
+/// Where each part of a sealed batch of `n` entries goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct SealedLayout {
+    depth: u64,
+    nodes: usize,
+    keys_off: usize,
+    slots_off: usize,
+    entries_off: usize,
+    total: usize,
+}
+
+fn tree_depth(n: usize) -> u32 {
+    usize::BITS - n.leading_zeros()
+}
+
+impl SealedLayout {
+    fn of(n: usize) -> Self {
+        let depth = tree_depth(n);
+        // Keys and slots are indexed 0..2^depth (node 0 unused).
+        let nodes = 1usize << depth;
+        let keys_off = core::mem::size_of::<SealedHeader>();
+        let slots_off = keys_off + nodes * core::mem::size_of::<u64>();
+        let entries_off = (slots_off + nodes * core::mem::size_of::<u32>()).next_multiple_of(WORD);
+        let total = entries_off + n * core::mem::size_of::<SealedEntry>();
+        SealedLayout { depth: depth as u64, nodes, keys_off, slots_off, entries_off, total }
+    }
+}
+
+/// The in-order position of node `k` (1-based, breadth-first) in a complete
+/// tree of `depth` levels: the index of the sorted key `Batch::from_sorted`
+/// puts there.
+fn in_order_index(k: usize, depth: u32) -> usize {
+    let level = usize::BITS - 1 - k.leading_zeros();
+    let pos = k - (1usize << level);
+    ((2 * pos + 1) << (depth - 1 - level)) - 1
+}
+
+fn put_u64(out: &mut [u8], off: usize, v: u64) {
+    out[off..off + WORD].copy_from_slice(&v.to_ne_bytes());
+}
+
+impl Batch {
+    /// Bytes `write_sealed` writes.
+    pub fn sealed_len(&self) -> usize {
+        SealedLayout::of(self.len()).total
+    }
+
+    /// Write this batch as a sealed batch into `out[..self.sealed_len()]`
+    /// (any alignment; read it back with `SealedBatch::from_raw` from an
+    /// 8-byte aligned copy).
+    pub fn write_sealed(&self, out: &mut [u8]) -> Result<(), PatchError> {
+        let l = SealedLayout::of(self.len());
+        if out.len() < l.total {
+            return Err(PatchError::BadSealedBatch { flaw: SealedFlaw::TooShort });
+        }
+        let out = &mut out[..l.total];
+        out.fill(0);
+        let header = [
+            SEALED_MAGIC,
+            self.len() as u64,
+            l.depth,
+            l.keys_off as u64,
+            l.slots_off as u64,
+            l.entries_off as u64,
+            l.total as u64,
+        ];
+        for (i, v) in header.into_iter().enumerate() {
+            put_u64(out, i * WORD, v);
+        }
+        for k in 0..l.nodes {
+            let (key, slot) = if self.tree.is_empty() { (PAD_KEY, PAD_SLOT) } else { (self.tree[k], self.slot[k]) };
+            put_u64(out, l.keys_off + k * WORD, key);
+            let s = l.slots_off + k * core::mem::size_of::<u32>();
+            out[s..s + 4].copy_from_slice(&slot.to_ne_bytes());
+        }
+        for (i, e) in self.entries.iter().enumerate() {
+            let se = SealedEntry::of(e);
+            let off = l.entries_off + i * core::mem::size_of::<SealedEntry>();
+            for (j, v) in [se.site, se.target, se.kind, se.bytes].into_iter().enumerate() {
+                put_u64(out, off + j * WORD, v);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A sealed batch read in place: the same search as `Batch::lookup` over
+/// bytes that `Batch::write_sealed` wrote (and the kernel made read-only).
+#[derive(Clone, Copy, Debug)]
+pub struct SealedBatch<'a> {
+    header: &'a SealedHeader,
+    keys: &'a [u64],
+    slots: &'a [u32],
+    entries: &'a [SealedEntry],
+}
+
+impl<'a> SealedBatch<'a> {
+    /// View the `len` bytes at `base` as a sealed batch. Checks the header
+    /// (magic, entry count, depth, every offset and the total length) in
+    /// constant time, so that `lookup` stays in bounds whatever the rest
+    /// holds; `verify` checks the contents.
+    ///
+    /// # Safety
+    /// `base` must point to `len` readable bytes that stay valid and
+    /// unchanged for `'a` (read-only memory).
+    pub unsafe fn from_raw(base: *const u8, len: usize) -> Result<SealedBatch<'a>, PatchError> {
+        let flaw = |flaw| Err(PatchError::BadSealedBatch { flaw });
+        if base.is_null() || !(base as usize).is_multiple_of(WORD) {
+            return flaw(SealedFlaw::Misaligned);
+        }
+        if len < core::mem::size_of::<SealedHeader>() {
+            return flaw(SealedFlaw::TooShort);
+        }
+        // SAFETY: base is non-null, 8-byte aligned, and at least a header's
+        // bytes are readable (caller's obligation, length checked above);
+        // every bit pattern is a valid SealedHeader (seven u64s).
+        let header = unsafe { &*(base as *const SealedHeader) };
+        if header.magic != SEALED_MAGIC {
+            return flaw(SealedFlaw::BadMagic);
+        }
+        let n = match usize::try_from(header.len) {
+            Ok(n) if n <= u32::MAX as usize => n,
+            _ => return flaw(SealedFlaw::BadLength),
+        };
+        let l = SealedLayout::of(n);
+        if header.depth != l.depth {
+            return flaw(SealedFlaw::BadDepth);
+        }
+        if (header.keys_off, header.slots_off, header.entries_off, header.total_len)
+            != (l.keys_off as u64, l.slots_off as u64, l.entries_off as u64, l.total as u64)
+        {
+            return flaw(SealedFlaw::BadLayout);
+        }
+        if len < l.total {
+            return flaw(SealedFlaw::TooShort);
+        }
+        // SAFETY: the layout of n entries lies within the len readable bytes
+        // (checked above); each part's offset is 8-byte aligned from an
+        // 8-byte aligned base; u64, u32 and SealedEntry (four u64s) are
+        // valid for every bit pattern; the caller keeps the bytes unchanged for 'a.
+        unsafe {
+            Ok(SealedBatch {
+                header,
+                keys: core::slice::from_raw_parts(base.add(l.keys_off) as *const u64, l.nodes),
+                slots: core::slice::from_raw_parts(base.add(l.slots_off) as *const u32, l.nodes),
+                entries: core::slice::from_raw_parts(base.add(l.entries_off) as *const SealedEntry, n),
+            })
+        }
+    }
+
+    /// Check the contents: the entries strictly sorted by site and each a
+    /// well-formed encoding, the tree exactly the one `Batch` builds.
+    pub fn verify(&self) -> Result<(), PatchError> {
+        let flaw = |flaw| Err(PatchError::BadSealedBatch { flaw });
+        let depth = self.header.depth as u32;
+        for (i, e) in self.entries.iter().enumerate() {
+            let ordered = i == 0 || self.entries[i - 1].site < e.site;
+            if !ordered || !e.well_formed() || e.site == PAD_KEY {
+                return flaw(SealedFlaw::BadEntry { index: i as u64 });
+            }
+        }
+        for k in 1..self.keys.len() {
+            let idx = in_order_index(k, depth);
+            let (key, slot) = match self.entries.get(idx) {
+                Some(e) => (e.site, idx as u32),
+                None => (PAD_KEY, PAD_SLOT),
+            };
+            if self.keys[k] != key || self.slots[k] != slot {
+                return flaw(SealedFlaw::BadIndex { node: k as u64 });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn header(&self) -> &'a SealedHeader {
+        self.header
+    }
+    pub fn entries(&self) -> &'a [SealedEntry] {
+        self.entries
+    }
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry for the int3 at `site`: the search of `Batch::lookup`.
+    pub fn lookup(&self, site: u64) -> Option<&'a SealedEntry> {
+        let depth = self.header.depth;
+        if depth == 0 {
+            return None;
+        }
+        let keys = self.keys;
+        let mut k = 1usize;
+        for _ in 0..depth {
+            // SAFETY: keys.len() == 2^depth (from_raw checked the layout), and
+            // k < 2^depth before each step, as in Batch::lookup.
+            let key = unsafe { *keys.get_unchecked(k) };
+            k = 2 * k + (key < site) as usize;
+        }
+        k >>= (!k).trailing_zeros() + 1;
+        if k != 0 && keys[k] == site {
+            self.entries.get(self.slots[k] as usize)
+        } else {
+            None
+        }
+    }
+}
+
+/// Validate `sites` against kernel `text` and the `registry` (registered
+/// sites and targets, forbidden code), and build the sorted batch. Writes
+/// nothing.
+pub fn build_batch(text: &Text<'_>, registry: &Registry<'_>, sites: &[(u64, NewInsn)]) -> Result<Batch, PatchError> {
     if sites.is_empty() {
         return Err(PatchError::EmptyBatch);
     }
@@ -295,17 +865,26 @@ pub fn build_batch(text: &Text<'_>, registry: &[u64], sites: &[(u64, NewInsn)]) 
     Ok(Batch::from_sorted(entries))
 }
 
-fn check_site(text: &Text<'_>, registry: &[u64], site: u64, insn: NewInsn) -> Result<[u8; SITE_LEN], PatchError> {
+fn check_site(
+    text: &Text<'_>,
+    registry: &Registry<'_>,
+    site: u64,
+    insn: NewInsn,
+) -> Result<[u8; SITE_LEN], PatchError> {
     if !text.contains(site) {
         return Err(PatchError::AddressOutsideText { site });
     }
     if site + SITE_LEN as u64 > text.end() {
         return Err(PatchError::SiteCrossesTextEnd { site });
     }
-    match registry.binary_search(&site) {
+    if let Some(region) = registry.region_of(site, SITE_LEN as u64) {
+        return Err(PatchError::SiteInHandlerCode { site, region });
+    }
+    let sites = registry.sites();
+    match sites.binary_search(&site) {
         Ok(_) => {}
         Err(i) => {
-            return Err(match i.checked_sub(1).map(|j| registry[j]) {
+            return Err(match i.checked_sub(1).map(|j| sites[j]) {
                 Some(start) if site - start < SITE_LEN as u64 => PatchError::MidInstruction { site, insn_start: start },
                 _ => PatchError::UnknownSite { site },
             })
@@ -314,11 +893,40 @@ fn check_site(text: &Text<'_>, registry: &[u64], site: u64, insn: NewInsn) -> Re
     classify(text.site_bytes(site), site)?;
     let bytes = insn.encode(site)?;
     if let Some(target) = insn.target() {
-        if !text.contains(target) {
-            return Err(PatchError::TargetOutsideText { site, target });
-        }
+        check_target(text, registry, site, target)?;
     }
     Ok(bytes)
+}
+
+/// A call/jmp target must be in text, outside the forbidden code, and a
+/// registered target.
+fn check_target(text: &Text<'_>, registry: &Registry<'_>, site: u64, target: u64) -> Result<(), PatchError> {
+    if !text.contains(target) {
+        return Err(PatchError::TargetOutsideText { site, target });
+    }
+    match registry.region_of(target, 1) {
+        Some(CodeRegion::Trampoline) => return Err(PatchError::TargetInTrampoline { site, target }),
+        Some(CodeRegion::ExceptionEntry) => return Err(PatchError::TargetInEntryCode { site, target }),
+        Some(CodeRegion::CetBringUp) => return Err(PatchError::TargetInCetCode { site, target }),
+        None => {}
+    }
+    let targets = registry.targets();
+    let i = match targets.binary_search(&target) {
+        Ok(_) => return Ok(()),
+        Err(i) => i,
+    };
+    // Not registered: inside the first instruction of the registered target
+    // just below it, or simply unknown.
+    if let Some(&start) = i.checked_sub(1).map(|j| &targets[j]) {
+        if text.contains(start) {
+            let off = (start - text.base) as usize;
+            let insn = Decoder::with_ip(64, &text.bytes[off..], start, DecoderOptions::NONE).decode();
+            if !insn.is_invalid() && target < start + insn.len() as u64 {
+                return Err(PatchError::TargetMidInstruction { site, target, insn_start: start });
+            }
+        }
+    }
+    Err(PatchError::UnknownTarget { site, target })
 }
 
 #[cfg(test)]
@@ -327,10 +935,27 @@ mod tests {
     use alloc::vec;
 
     const BASE: u64 = 0x10_0000;
+    const TEXT_LEN: usize = 128;
+    /// Forbidden code in the test text.
+    const TRAMP: (u64, u64) = (BASE + 0x40, BASE + 0x50);
+    const ENTRY: (u64, u64) = (BASE + 0x50, BASE + 0x60);
+    const CET: (u64, u64) = (BASE + 0x60, BASE + 0x70);
+    /// A registered target whose first instruction is 4 bytes long.
+    const TARGET4: u64 = BASE + 0x28;
 
-    /// A little text segment: five registered sites and some other code.
-    fn text() -> (Vec<u8>, Vec<u64>) {
-        let mut t = vec![0x90u8; 64];
+    fn forbidden() -> Vec<CodeRange> {
+        vec![
+            CodeRange { start: TRAMP.0, end: TRAMP.1, region: CodeRegion::Trampoline },
+            CodeRange { start: ENTRY.0, end: ENTRY.1, region: CodeRegion::ExceptionEntry },
+            CodeRange { start: CET.0, end: CET.1, region: CodeRegion::CetBringUp },
+        ]
+    }
+
+    /// A little text segment: registered sites, registered targets, some
+    /// other code, and three forbidden ranges that hold registered sites and
+    /// targets (only the range check keeps them out of a batch).
+    fn text() -> (Vec<u8>, Vec<u64>, Vec<u64>) {
+        let mut t = vec![0x90u8; TEXT_LEN];
         // 0x00: call +0x20 (to 0x25)
         t[0..5].copy_from_slice(&[0xe8, 0x20, 0, 0, 0]);
         // 0x05: jmp -5 (to 0x05)
@@ -345,17 +970,39 @@ mod tests {
         t[25] = 0x06;
         // 0x1e: a call that is not registered
         t[30..35].copy_from_slice(&[0xe8, 0, 0, 0, 0]);
-        (t, vec![BASE, BASE + 5, BASE + 10, BASE + 15, BASE + 20, BASE + 25])
+        // 0x28: a registered target: mov (%rsp), %rax (4 bytes); ret
+        t[0x28..0x2d].copy_from_slice(&[0x48, 0x8b, 0x04, 0x24, 0xc3]);
+        // 0x3c: a registered nop5 whose last byte is the trampoline's first.
+        // 0x44, 0x54, 0x64: registered nop5 sites inside the forbidden ranges.
+        for off in [0x3c, 0x44, 0x54, 0x64] {
+            t[off..off + SITE_LEN].copy_from_slice(&NOP5);
+        }
+        let sites = vec![
+            BASE,
+            BASE + 5,
+            BASE + 10,
+            BASE + 15,
+            BASE + 20,
+            BASE + 25,
+            BASE + 0x3c,
+            BASE + 0x44,
+            BASE + 0x54,
+            BASE + 0x64,
+        ];
+        // Registered targets, also one in each forbidden range.
+        let targets = vec![BASE, TARGET4, TRAMP.0, ENTRY.0 + 4, CET.0];
+        (t, sites, targets)
     }
 
     fn build(sites: &[(u64, NewInsn)]) -> Result<Batch, PatchError> {
-        let (t, reg) = text();
-        build_batch(&Text { base: BASE, bytes: &t }, &reg, sites)
+        let (t, reg, targets) = text();
+        let f = forbidden();
+        build_batch(&Text { base: BASE, bytes: &t }, &Registry::new(&reg, &targets, &f), sites)
     }
 
     #[test]
     fn classify_kinds() {
-        let (t, _) = text();
+        let (t, _, _) = text();
         assert_eq!(classify(&t[0..], BASE), Ok(SiteKind::Call(BASE + 0x25)));
         assert_eq!(classify(&t[5..], BASE + 5), Ok(SiteKind::Jmp(BASE + 5)));
         assert_eq!(classify(&t[10..], BASE + 10), Ok(SiteKind::Nop));
@@ -410,7 +1057,7 @@ mod tests {
         let cases: Vec<(Vec<(u64, NewInsn)>, PatchError)> = vec![
             (vec![], EmptyBatch),
             (vec![(BASE - 8, NewInsn::Nop)], AddressOutsideText { site: BASE - 8 }),
-            (vec![(BASE + 62, NewInsn::Nop)], SiteCrossesTextEnd { site: BASE + 62 }),
+            (vec![(BASE + 126, NewInsn::Nop)], SiteCrossesTextEnd { site: BASE + 126 }),
             (vec![(BASE, NewInsn::Nop), (BASE, NewInsn::Ret)], DuplicateSite { site: BASE }),
             (vec![(BASE, NewInsn::Nop), (BASE + 2, NewInsn::Ret)], OverlappingSites { first: BASE, second: BASE + 2 }),
             (vec![(BASE + 1, NewInsn::Nop)], MidInstruction { site: BASE + 1, insn_start: BASE }),
@@ -420,7 +1067,19 @@ mod tests {
                 vec![(BASE, NewInsn::Call(0xffff_ffff_8000_0000))],
                 TargetOutOfRange { site: BASE, target: 0xffff_ffff_8000_0000 },
             ),
-            (vec![(BASE, NewInsn::Jmp(BASE + 64))], TargetOutsideText { site: BASE, target: BASE + 64 }),
+            (vec![(BASE, NewInsn::Jmp(BASE + 128))], TargetOutsideText { site: BASE, target: BASE + 128 }),
+            (
+                vec![(BASE + 0x54, NewInsn::Nop)],
+                SiteInHandlerCode { site: BASE + 0x54, region: CodeRegion::ExceptionEntry },
+            ),
+            (vec![(BASE, NewInsn::Call(TRAMP.0))], TargetInTrampoline { site: BASE, target: TRAMP.0 }),
+            (vec![(BASE, NewInsn::Jmp(ENTRY.0 + 4))], TargetInEntryCode { site: BASE, target: ENTRY.0 + 4 }),
+            (vec![(BASE, NewInsn::Call(CET.0))], TargetInCetCode { site: BASE, target: CET.0 }),
+            (
+                vec![(BASE, NewInsn::Call(TARGET4 + 1))],
+                TargetMidInstruction { site: BASE, target: TARGET4 + 1, insn_start: TARGET4 },
+            ),
+            (vec![(BASE, NewInsn::Call(BASE + 0x1e))], UnknownTarget { site: BASE, target: BASE + 0x1e }),
         ];
         for (sites, want) in cases {
             assert_eq!(build(&sites).unwrap_err(), want, "{sites:?}");
@@ -430,29 +1089,264 @@ mod tests {
     }
 
     #[test]
+    fn no_site_or_target_in_handler_code() {
+        use PatchError::*;
+        let region_of = |site| match build(&[(site, NewInsn::Nop)]) {
+            Err(SiteInHandlerCode { site: s, region }) if s == site => Some(region),
+            other => panic!("{site:#x}: {other:?}"),
+        };
+        assert_eq!(region_of(BASE + 0x3c), Some(CodeRegion::Trampoline), "a site whose last byte is in the range");
+        assert_eq!(region_of(BASE + 0x44), Some(CodeRegion::Trampoline));
+        assert_eq!(region_of(BASE + 0x54), Some(CodeRegion::ExceptionEntry));
+        assert_eq!(region_of(BASE + 0x64), Some(CodeRegion::CetBringUp));
+        // Without the ranges, the same sites and targets are accepted: the
+        // range check alone rejects them.
+        let (t, reg, targets) = text();
+        let open_registry = Registry::new(&reg, &targets, &[]);
+        let text = Text { base: BASE, bytes: &t };
+        for site in [BASE + 0x3c, BASE + 0x44, BASE + 0x54, BASE + 0x64] {
+            assert!(build_batch(&text, &open_registry, &[(site, NewInsn::Nop)]).is_ok());
+        }
+        for target in [TRAMP.0, ENTRY.0 + 4, CET.0] {
+            assert!(build_batch(&text, &open_registry, &[(BASE, NewInsn::Call(target))]).is_ok());
+        }
+        // Just past a registered target's first instruction: unknown, not mid-instruction.
+        assert_eq!(
+            build(&[(BASE, NewInsn::Call(TARGET4 + 4))]).unwrap_err(),
+            UnknownTarget { site: BASE, target: TARGET4 + 4 }
+        );
+        for off in 1..4 {
+            assert_eq!(
+                build(&[(BASE + 5, NewInsn::Jmp(TARGET4 + off))]).unwrap_err(),
+                TargetMidInstruction { site: BASE + 5, target: TARGET4 + off, insn_start: TARGET4 }
+            );
+        }
+        // The call at a registered target's address, 5 bytes long.
+        assert_eq!(
+            build(&[(BASE + 10, NewInsn::Call(BASE + 4))]).unwrap_err(),
+            TargetMidInstruction { site: BASE + 10, target: BASE + 4, insn_start: BASE }
+        );
+        assert!(build(&[(BASE + 10, NewInsn::Call(BASE))]).is_ok());
+    }
+
+    #[test]
+    fn registry_check_refuses_tables_with_handler_code() {
+        let (_, reg, targets) = text();
+        let f = forbidden();
+        let clean_sites: Vec<u64> = reg.iter().copied().filter(|&s| s < TRAMP.0 - 4).collect();
+        let clean_targets = [BASE, TARGET4];
+        assert_eq!(Registry::new(&clean_sites, &clean_targets, &f).check(), Ok(()));
+        assert_eq!(
+            Registry::new(&reg, &clean_targets, &f).check(),
+            Err(PatchError::SiteInHandlerCode { site: BASE + 0x3c, region: CodeRegion::Trampoline })
+        );
+        assert_eq!(
+            Registry::new(&clean_sites, &targets, &f).check(),
+            Err(PatchError::RegisteredTargetInHandlerCode { target: TRAMP.0, region: CodeRegion::Trampoline })
+        );
+        let entry_target = [BASE, ENTRY.0 + 4];
+        assert_eq!(
+            Registry::new(&clean_sites, &entry_target, &f).check(),
+            Err(PatchError::RegisteredTargetInHandlerCode { target: ENTRY.0 + 4, region: CodeRegion::ExceptionEntry })
+        );
+    }
+
+    #[test]
+    fn registry_tables_used_in_place_when_sorted() {
+        let sorted = [1u64, 5, 9];
+        let r = Registry::new(&sorted, &sorted, &[]);
+        assert!(r.tables_in_place());
+        assert_eq!(r.sites().as_ptr(), sorted.as_ptr());
+        let unsorted = [9u64, 1, 5, 1];
+        let r = Registry::new(&unsorted, &sorted, &[]);
+        assert!(!r.tables_in_place());
+        assert_eq!(r.sites(), [1, 5, 9]);
+        assert!(r.is_site(5) && !r.is_site(2) && r.is_target(9) && !r.is_target(10));
+        let r = Registry::in_place(&sorted, &sorted, &[]);
+        assert!(r.tables_in_place() && r.is_site(9));
+        let range = CodeRange { start: 10, end: 20, region: CodeRegion::CetBringUp };
+        assert!(range.overlaps(6, 5) && range.overlaps(19, 1) && !range.overlaps(5, 5) && !range.overlaps(20, 5));
+    }
+
+    /// `n` irregularly spaced sites (5..15 bytes apart) from BASE on.
+    fn spread_sites(n: usize) -> Vec<u64> {
+        let mut seed = 0x2545_f491_4f6c_dd1du64 ^ n as u64;
+        let mut addrs: Vec<u64> = Vec::new();
+        let mut a = BASE;
+        for _ in 0..n {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            a += 5 + seed % 11;
+            addrs.push(a);
+        }
+        addrs
+    }
+
+    /// A batch's sealed copy in an 8-byte aligned buffer.
+    fn seal(b: &Batch) -> Vec<u64> {
+        let mut words = vec![0u64; b.sealed_len().div_ceil(8)];
+        // SAFETY: the buffer holds words.len() * 8 initialised bytes.
+        let bytes = unsafe { core::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, words.len() * 8) };
+        b.write_sealed(bytes).unwrap();
+        words
+    }
+
+    fn open(words: &[u64]) -> Result<SealedBatch<'_>, PatchError> {
+        // SAFETY: the words are readable and borrowed for the view's lifetime.
+        unsafe { SealedBatch::from_raw(words.as_ptr() as *const u8, words.len() * 8) }
+    }
+
+    /// Probe every address around `addrs` in `b` and its sealed copy.
+    fn check_lookups(addrs: &[u64], b: &Batch) {
+        let words = seal(b);
+        let sealed = open(&words).unwrap();
+        assert_eq!(sealed.verify(), Ok(()));
+        assert_eq!(sealed.len(), addrs.len());
+        let n = addrs.len();
+        let end = addrs.last().copied().unwrap_or(BASE) + 20;
+        for probe in BASE..end {
+            let want = addrs.binary_search(&probe).ok().map(|i| addrs[i]);
+            assert_eq!(b.lookup(probe).map(|e| e.site), want, "n={n} probe={probe:#x}");
+            assert_eq!(sealed.lookup(probe).map(|e| e.site), want, "sealed n={n} probe={probe:#x}");
+        }
+        for probe in [0, 1, BASE - 1, u64::MAX - 1, u64::MAX] {
+            assert!(b.lookup(probe).is_none() && sealed.lookup(probe).is_none());
+        }
+    }
+
+    #[test]
     fn lookup_matches_a_linear_search_for_every_size() {
-        // Batches of 1..=70 sites at irregular addresses; probe every address around them.
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        for n in 1..=70usize {
-            let mut addrs: Vec<u64> = Vec::new();
-            let mut a = BASE;
-            for _ in 0..n {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                a += 5 + seed % 11;
-                addrs.push(a);
-            }
+        // Batches of 0..=300 and 65,536 sites at irregular addresses; probe
+        // every address around them, in the batch and in its sealed copy.
+        for n in (0..=300usize).chain([65536]) {
+            let addrs = spread_sites(n);
             let entries: Vec<Entry> =
                 addrs.iter().map(|&s| Entry { site: s, insn: NewInsn::Nop, bytes: NOP5 }).collect();
-            let b = Batch::from_sorted(entries);
-            for probe in BASE..a + 20 {
-                let want = addrs.iter().position(|&s| s == probe);
-                assert_eq!(b.lookup(probe).map(|e| e.site), want.map(|i| addrs[i]), "n={n} probe={probe:#x}");
-            }
-            assert!(b.lookup(0).is_none() && b.lookup(u64::MAX).is_none());
+            check_lookups(&addrs, &Batch::from_sorted(entries));
         }
         assert!(Batch::default().lookup(BASE).is_none());
+    }
+
+    #[test]
+    fn in_order_index_is_the_tree_from_sorted_builds() {
+        for n in 1..=70usize {
+            let entries: Vec<Entry> =
+                (0..n as u64).map(|i| Entry { site: BASE + 5 * i, insn: NewInsn::Nop, bytes: NOP5 }).collect();
+            let b = Batch::from_sorted(entries);
+            for k in 1..b.tree.len() {
+                let idx = in_order_index(k, b.depth);
+                assert_eq!(b.slot[k], if idx < n { idx as u32 } else { PAD_SLOT }, "n={n} k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn sealed_entries_keep_every_kind() {
+        let b = build(&[
+            (BASE + 15, NewInsn::Call(TARGET4)),
+            (BASE, NewInsn::Nop),
+            (BASE + 5, NewInsn::Ret),
+            (BASE + 10, NewInsn::Jmp(BASE)),
+        ])
+        .unwrap();
+        let words = seal(&b);
+        let s = open(&words).unwrap();
+        assert_eq!(s.verify(), Ok(()));
+        assert_eq!(s.header().magic, SEALED_MAGIC);
+        assert_eq!(s.header().total_len as usize, b.sealed_len());
+        for e in b.entries() {
+            let se = s.lookup(e.site).unwrap();
+            assert_eq!(se.insn(), Some(e.insn));
+            assert_eq!(se.site_bytes(), e.bytes);
+            assert_eq!(se.ret_addr(), e.ret_addr());
+            assert_eq!(se.target, e.insn.target().unwrap_or(0));
+        }
+        let kinds: Vec<u64> = s.entries().iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [KIND_NOP, KIND_RET, KIND_JMP, KIND_CALL]);
+        assert_eq!(s.entries()[3].bytes, 0x14e8, "call rel32 +0x14, little-endian");
+        // Position independent: a copy elsewhere reads the same.
+        let copy = words.clone();
+        let c = open(&copy).unwrap();
+        assert_eq!(c.entries(), s.entries());
+        // Too small a buffer is refused, and nothing is written past it.
+        let mut small = vec![0xaau8; b.sealed_len() - 1];
+        assert_eq!(b.write_sealed(&mut small), Err(PatchError::BadSealedBatch { flaw: SealedFlaw::TooShort }));
+        assert!(small.iter().all(|&x| x == 0xaa));
+    }
+
+    #[test]
+    fn from_raw_rejects_a_corrupted_header() {
+        let b = build(&[(BASE, NewInsn::Nop), (BASE + 5, NewInsn::Ret), (BASE + 10, NewInsn::Jmp(BASE))]).unwrap();
+        let good = seal(&b);
+        let flaw = |words: &[u64]| match open(words) {
+            Err(PatchError::BadSealedBatch { flaw }) => Some(flaw),
+            Err(e) => panic!("{e}"),
+            Ok(_) => None,
+        };
+        assert_eq!(flaw(&good), None);
+        // Header words: magic, len, depth, keys_off, slots_off, entries_off, total_len.
+        let cases: [(usize, u64, SealedFlaw); 8] = [
+            (0, SEALED_MAGIC ^ 1, SealedFlaw::BadMagic),
+            (1, 1u64 << 32, SealedFlaw::BadLength),
+            (1, 2, SealedFlaw::BadLayout),
+            (2, 3, SealedFlaw::BadDepth),
+            (3, good[3] + 8, SealedFlaw::BadLayout),
+            (4, good[4] - 8, SealedFlaw::BadLayout),
+            (5, good[5] + 8, SealedFlaw::BadLayout),
+            (6, good[6] + 8, SealedFlaw::BadLayout),
+        ];
+        for (word, value, want) in cases {
+            let mut w = good.clone();
+            w[word] = value;
+            assert_eq!(flaw(&w), Some(want), "header word {word} = {value:#x}");
+        }
+        // A len whose layout no longer fits the bytes.
+        let mut w = good.clone();
+        w[1] = 3 + 1;
+        w[6] = SealedLayout::of(4).total as u64;
+        w[5] = SealedLayout::of(4).entries_off as u64;
+        w[4] = SealedLayout::of(4).slots_off as u64;
+        w[2] = SealedLayout::of(4).depth;
+        assert_eq!(flaw(&w), Some(SealedFlaw::TooShort));
+        // Short buffers and a misaligned base.
+        assert_eq!(flaw(&good[..3]), Some(SealedFlaw::TooShort));
+        assert_eq!(flaw(&good[..good.len() - 1]), Some(SealedFlaw::TooShort));
+        // SAFETY: the bytes from offset 4 are readable (the view is refused anyway).
+        let r = unsafe { SealedBatch::from_raw((good.as_ptr() as *const u8).add(4), good.len() * 8 - 4) };
+        assert_eq!(r.unwrap_err(), PatchError::BadSealedBatch { flaw: SealedFlaw::Misaligned });
+        // SAFETY: a null base is refused before any read.
+        let r = unsafe { SealedBatch::from_raw(core::ptr::null(), 64) };
+        assert_eq!(r.unwrap_err(), PatchError::BadSealedBatch { flaw: SealedFlaw::Misaligned });
+    }
+
+    #[test]
+    fn verify_rejects_corrupted_contents() {
+        let b = build(&[(BASE, NewInsn::Nop), (BASE + 5, NewInsn::Ret), (BASE + 10, NewInsn::Jmp(BASE))]).unwrap();
+        let good = seal(&b);
+        let l = SealedLayout::of(3);
+        let (keys, slots, entries) = (l.keys_off / 8, l.slots_off / 8, l.entries_off / 8);
+        let entry = |i: usize, field: usize| entries + 4 * i + field;
+        let cases: Vec<(usize, u64, SealedFlaw)> = vec![
+            // The root's key (node 1 is the middle entry).
+            (keys + 1, BASE + 7, SealedFlaw::BadIndex { node: 1 }),
+            // Slots of nodes 0/1 share a word: node 1 is the upper half.
+            (slots, good[slots] ^ (1 << 32), SealedFlaw::BadIndex { node: 1 }),
+            // An entry moved, still in order: the tree no longer matches.
+            (entry(0, 0), BASE + 1, SealedFlaw::BadIndex { node: 2 }),
+            // Out of order, unknown kind, target on a nop, bytes that are not the encoding.
+            (entry(0, 0), BASE + 6, SealedFlaw::BadEntry { index: 1 }),
+            (entry(1, 2), 9, SealedFlaw::BadEntry { index: 1 }),
+            (entry(2, 1), BASE + 5, SealedFlaw::BadEntry { index: 2 }),
+            (entry(2, 3), good[entry(2, 3)] ^ 0x100, SealedFlaw::BadEntry { index: 2 }),
+            (entry(1, 1), 5, SealedFlaw::BadEntry { index: 1 }),
+        ];
+        for (word, value, want) in cases {
+            let mut w = good.clone();
+            w[word] = value;
+            let s = open(&w).unwrap();
+            assert_eq!(s.verify(), Err(PatchError::BadSealedBatch { flaw: want }), "word {word} = {value:#x}");
+        }
     }
 
     #[test]
@@ -467,7 +1361,7 @@ mod tests {
             reg.push(BASE + i * 6);
         }
         let sites: Vec<(u64, NewInsn)> = reg.iter().rev().map(|&s| (s, NewInsn::Call(BASE))).collect();
-        let b = build_batch(&Text { base: BASE, bytes: &t }, &reg, &sites).unwrap();
+        let b = build_batch(&Text { base: BASE, bytes: &t }, &Registry::new(&reg, &[BASE], &[]), &sites).unwrap();
         assert!(b.table_bytes() > 4096);
         for &s in &reg {
             assert_eq!(b.lookup(s).unwrap().site, s);

@@ -72,7 +72,10 @@ pub unsafe fn wrss(addr: u64, value: u64) {
 
 /// Point IA32_PL0_SSP and the interrupt SSP table of CPU `cpu` at its free
 /// tokens, set CR4.CET, then switch shadow stacks on and continue in `cont`
-/// at the top of the CPU's kernel stack. Never returns.
+/// at the top of the CPU's kernel stack. Never returns. Lives in the CET
+/// bring-up range (`.text.cet`), where no patch site or target may lie.
+#[inline(never)]
+#[link_section = ".text.cet"]
 pub fn enable_and_continue(features: &Features, cpu: usize, cont: extern "C" fn() -> !) -> ! {
     // SAFETY: CR0.WP is set by the boot code; S_CET is still 0, so CR4.CET alone changes nothing.
     unsafe { Cr4::update(|f| f.insert(Cr4Flags::CONTROL_FLOW_ENFORCEMENT)) };

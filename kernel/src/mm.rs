@@ -429,8 +429,7 @@ struct RecordPages([Page; MAX_CPUS]);
 static TRAMP_RECORDS: Shared<RecordPages> = Shared(UnsafeCell::new(RecordPages([const { Page([0; 4096]) }; MAX_CPUS])));
 
 fn tramp_records_base() -> u64 {
-    // SAFETY: only the address is computed.
-    unsafe { addr_of!(*TRAMP_RECORDS.0.get()) as u64 }
+    addr_of!(*TRAMP_RECORDS.0.get()) as u64
 }
 
 fn is_tramp_record_page(addr: u64) -> bool {

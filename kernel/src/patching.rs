@@ -16,9 +16,10 @@ use shadowcall::cmdline::EmulStrategy;
 use shadowcall::emul::record::{RECORDS_PER_PAGE, RECORD_SIZE, REC_RSP_IF, REC_SITE, REC_SSP, REC_TARGET};
 use shadowcall::emul::{check_tramp_slots, GuardError, PendingCall, StackKind};
 use shadowcall::frame::{TrapFrame, RFLAGS_IF};
+use shadowcall::paging::PAGE_SIZE;
 use shadowcall::patch::{
-    build_batch, classify, Batch, Entry, NewInsn, PatchError, SealedBatch, SealedEntry, SealedFlaw, SiteKind, INT3,
-    KIND_CALL, KIND_JMP, KIND_NOP, SITE_LEN,
+    build_batch, classify, Batch, CodeRange, CodeRegion, Entry, NewInsn, PatchError, Registry, SealedBatch, SealedEntry,
+    SealedFlaw, SiteKind, INT3, KIND_CALL, KIND_JMP, KIND_NOP, SITE_LEN,
 };
 use shadowcall::shstk::ShadowFrame;
 use shadowcall::tramp::{self, TrampLayout, TRAMP_TRAP_OFF};
@@ -47,7 +48,6 @@ pub struct PatchStats {
     pub hook_fault: Option<FaultInfo>,
 }
 
-static REGISTRY: Once<Vec<u64>> = Once::new();
 static TRAMP: Once<TrampLayout> = Once::new();
 static STRATEGY: AtomicU8 = AtomicU8::new(0);
 /// What the #BP handler does for a CALL: STRATEGY, except that the shadow
@@ -70,7 +70,49 @@ static REWRITE_STEPS: AtomicBool = AtomicBool::new(false);
 extern "C" {
     static __sites_start: u64;
     static __sites_end: u64;
+    static __targets_start: u64;
+    static __targets_end: u64;
+    static __entry_text_start: u8;
+    static __entry_text_end: u8;
+    static __cet_text_start: u8;
+    static __cet_text_end: u8;
     static sc_tramp_page: u8;
+}
+
+/// The u64 table the linker script brackets with `start`/`end`.
+///
+/// # Safety
+/// `start`/`end` must bracket a read-only table of u64s in the kernel image.
+unsafe fn linker_table(start: *const u64, end: *const u64) -> &'static [u64] {
+    // SAFETY: the caller's obligation; the image is never unmapped.
+    unsafe { core::slice::from_raw_parts(start, end.offset_from(start) as usize) }
+}
+
+/// The registered sites, read in place (`.shadowcall_sites`, read-only).
+fn sites_table() -> &'static [u64] {
+    // SAFETY: the linker script brackets the .shadowcall_sites table with these symbols.
+    unsafe { linker_table(core::ptr::addr_of!(__sites_start), core::ptr::addr_of!(__sites_end)) }
+}
+
+/// The registered targets, read in place (`.shadowcall_targets`, read-only).
+fn targets_table() -> &'static [u64] {
+    // SAFETY: the linker script brackets the .shadowcall_targets table with these symbols.
+    unsafe { linker_table(core::ptr::addr_of!(__targets_start), core::ptr::addr_of!(__targets_end)) }
+}
+
+/// Code no patch site or target may be in (DESIGN.md §5): the trampoline
+/// page, exception entry (`.text.entry`), CET bring-up (`.text.cet`).
+fn forbidden_code() -> [CodeRange; 3] {
+    let a = |p: *const u8| p as u64;
+    let tramp = tramp_page();
+    // Linker-script symbols: only their addresses are used.
+    let entry = (a(core::ptr::addr_of!(__entry_text_start)), a(core::ptr::addr_of!(__entry_text_end)));
+    let cet = (a(core::ptr::addr_of!(__cet_text_start)), a(core::ptr::addr_of!(__cet_text_end)));
+    [
+        CodeRange { start: tramp, end: tramp + PAGE_SIZE, region: CodeRegion::Trampoline },
+        CodeRange { start: entry.0, end: entry.1, region: CodeRegion::ExceptionEntry },
+        CodeRange { start: cet.0, end: cet.1, region: CodeRegion::CetBringUp },
+    ]
 }
 
 const CODE_CLASSIC: u8 = 0;
@@ -120,17 +162,17 @@ pub fn init(strategy: EmulStrategy, has_serialize: bool, tcg: bool) -> Result<()
     HAS_SERIALIZE.store(has_serialize, Ordering::Relaxed);
     REWRITE_STEPS.store(tcg, Ordering::Relaxed);
     set_strategy(strategy);
-    REGISTRY.call_once(|| {
-        // SAFETY: the linker script brackets the .shadowcall_sites table with these symbols.
-        let table = unsafe {
-            let s = core::ptr::addr_of!(__sites_start);
-            let e = core::ptr::addr_of!(__sites_end);
-            core::slice::from_raw_parts(s, e.offset_from(s) as usize)
-        };
-        let mut v = table.to_vec();
-        v.sort_unstable();
-        v
-    });
+    // The tables are searched in place (nothing in writable memory steers
+    // validation): they must be sorted, and hold nothing in handler code.
+    let registry = Registry::new(sites_table(), targets_table(), &forbidden_code());
+    if !registry.tables_in_place() {
+        crate::diag!("PANIC: patch registry: .shadowcall_sites or .shadowcall_targets is not sorted by address");
+        crate::exit(false);
+    }
+    if let Err(e) = registry.check() {
+        crate::diag!("PANIC: patch registry: {e}");
+        crate::exit(false);
+    }
     let base = tramp_page();
     let (bytes, layout) = tramp::emit(base)?;
     {
@@ -158,13 +200,15 @@ pub fn trampoline() -> Option<&'static TrampLayout> {
     TRAMP.get()
 }
 
-/// What `build_batch` validates against (until the read-only registry lands: the sorted site list).
-fn registry_tables() -> &'static [u64] {
-    registry()
+/// The registered sites, sorted (checked by `init`), in read-only memory.
+pub fn registry() -> &'static [u64] {
+    sites_table()
 }
 
-pub fn registry() -> &'static [u64] {
-    REGISTRY.get().map(|v| v.as_slice()).unwrap_or(&[])
+/// What a batch is validated against: the read-only tables in place and the
+/// forbidden code ranges from linker symbols (nothing from writable memory).
+pub fn patch_registry() -> Registry<'static> {
+    Registry::in_place(sites_table(), targets_table(), &forbidden_code())
 }
 
 /// Make every CPU see the text written so far: this CPU serializes itself
@@ -210,7 +254,7 @@ pub fn begin(sites: &[(u64, NewInsn)]) -> Result<InFlight, PatchError> {
         return Err(PatchError::BatchInFlight);
     }
     let rounds0 = SYNC_ROUNDS.load(Ordering::Relaxed);
-    if let Err(e) = build_batch(&mm::text(), registry_tables(), sites).and_then(|b| seal(&b)) {
+    if let Err(e) = build_batch(&mm::text(), &patch_registry(), sites).and_then(|b| seal(&b)) {
         IN_FLIGHT.store(false, Ordering::Release);
         return Err(e);
     }
@@ -287,7 +331,7 @@ fn seal(batch: &Batch) -> Result<(), PatchError> {
     {
         // The magic word last: the area holds a live batch only when complete.
         let mut alias = mm::TextAlias::new();
-        alias.write(start + MAGIC_LEN, &buf[MAGIC_LEN..]);
+        alias.write(start + MAGIC_LEN as u64, &buf[MAGIC_LEN..]);
         alias.write(start, &buf[..MAGIC_LEN]);
     }
     let checked = sealed_batch()
@@ -299,7 +343,7 @@ fn seal(batch: &Batch) -> Result<(), PatchError> {
             // patchable bytes in text now.
             let pairs: Vec<(u64, NewInsn)> =
                 b.entries().iter().filter_map(|e| e.insn().map(|i| (e.site, i))).collect();
-            let again = build_batch(&mm::text(), registry_tables(), &pairs)?;
+            let again = build_batch(&mm::text(), &patch_registry(), &pairs)?;
             match again.entries().iter().zip(b.entries()).position(|(x, y)| SealedEntry::of(x) != *y) {
                 None if again.len() == b.len() => Ok(()),
                 i => Err(PatchError::BadSealedBatch { flaw: SealedFlaw::BadEntry { index: i.unwrap_or(0) as u64 } }),
@@ -758,6 +802,7 @@ fn second_trap(frame: &mut TrapFrame, f: Option<ShadowFrame>) -> BpExit {
                     ret: site + SITE_LEN as u64,
                     target: cet::read_slot(rec + REC_TARGET),
                     interrupts: rsp_if & 1 != 0,
+                    rsp: rsp_if & !1,
                 }
             }
             None => cpu.lifo().top().ok_or(GuardError::NoPendingEmulation)?,

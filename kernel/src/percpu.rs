@@ -129,6 +129,7 @@ const fn new_cpu(index: usize) -> PerCpu {
             emulations: AtomicU64::new(0),
             tramp_calls: AtomicU64::new(0),
             second_traps: AtomicU64::new(0),
+            int3_races: AtomicU64::new(0),
             shadow_gap_calls: AtomicU64::new(0),
             classic_calls: AtomicU64::new(0),
             breakpoints: AtomicU64::new(0),

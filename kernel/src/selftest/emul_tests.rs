@@ -14,7 +14,7 @@ use shadowcall::cmdline::EmulStrategy;
 use shadowcall::emul::{GuardError, PendingCall, StackKind};
 use shadowcall::frame::RFLAGS_IF;
 use shadowcall::ktap::Outcome;
-use shadowcall::patch::{NewInsn, PatchError, SITE_LEN};
+use shadowcall::patch::{build_batch, CodeRegion, NewInsn, PatchError, Registry, SITE_LEN};
 use shadowcall::shstk::CpError;
 use shadowcall::tramp;
 
@@ -64,7 +64,16 @@ extern "C" {
     fn sc_t_forge_plain(trap: u64, ret2: u64, ret1: u64);
     fn sc_t_forge_normal(trap: u64, ret2: u64, ret1: u64);
     static SC_TLOG: u8;
+    static SC_ISR_TABLE: [u64; 32];
+    fn sc_try_recover();
+    fn sc_cet_enter(s_cet: u64, cont: extern "C" fn() -> !, rsp: u64) -> !;
 }
+
+/// Distinct errors patch_bad_input must see: 12 for sites and batches, 6
+/// for handler code and targets.
+const BAD_INPUT_ERRORS: usize = 18;
+/// The #BP vector's stub in SC_ISR_TABLE.
+const VEC_BP: usize = 3;
 
 macro_rules! addr {
     ($s:ident) => {
@@ -597,8 +606,12 @@ pub fn patch_bad_input(_st: &BootState) -> Outcome<'static> {
     let (_, text_end) = mm::text_range();
     let a = fnaddr!(sc_t_target_a);
     let far = 0xffff_ffff_8000_0000u64;
+    let tramp = patching::trampoline().map(|t| (t.entry, t.trap)).unwrap_or((patching::tramp_page(), 0));
+    // SAFETY: a read of the read-only stub table.
+    let bp_stub = unsafe { core::ptr::addr_of!(SC_ISR_TABLE).read()[VEC_BP] };
+    let cet_rust = crate::cet::enable_and_continue as *const () as u64;
     type Case = (&'static str, Vec<(u64, NewInsn)>, fn(&PatchError) -> bool);
-    let cases: [Case; 12] = [
+    let cases: [Case; 24] = [
         ("empty batch", Vec::new(), |e| matches!(e, PatchError::EmptyBatch)),
         ("address outside text", alloc::vec![(data, NewInsn::Nop)], |e| {
             matches!(e, PatchError::AddressOutsideText { .. })
@@ -635,6 +648,45 @@ pub fn patch_bad_input(_st: &BootState) -> Outcome<'static> {
             alloc::vec![(call, NewInsn::Nop), (addr!(sc_t_unregistered), NewInsn::Nop)],
             |e| matches!(e, PatchError::UnknownSite { .. }),
         ),
+        // Code the #BP handler runs: neither a site nor a target.
+        ("site in exception entry code", alloc::vec![(fnaddr!(sc_try_recover), NewInsn::Nop)], |e| {
+            matches!(e, PatchError::SiteInHandlerCode { region: CodeRegion::ExceptionEntry, .. })
+        }),
+        ("site in the #BP entry stub", alloc::vec![(bp_stub, NewInsn::Nop)], |e| {
+            matches!(e, PatchError::SiteInHandlerCode { region: CodeRegion::ExceptionEntry, .. })
+        }),
+        ("site in CET bring-up code", alloc::vec![(fnaddr!(sc_cet_enter), NewInsn::Nop)], |e| {
+            matches!(e, PatchError::SiteInHandlerCode { region: CodeRegion::CetBringUp, .. })
+        }),
+        ("site in the trampoline page", alloc::vec![(tramp.0, NewInsn::Nop)], |e| {
+            matches!(e, PatchError::SiteInHandlerCode { region: CodeRegion::Trampoline, .. })
+        }),
+        ("target: the trampoline's entry", alloc::vec![(call, NewInsn::Call(tramp.0))], |e| {
+            matches!(e, PatchError::TargetInTrampoline { .. })
+        }),
+        ("target: the trampoline's trap", alloc::vec![(call, NewInsn::Jmp(tramp.1))], |e| {
+            matches!(e, PatchError::TargetInTrampoline { .. })
+        }),
+        ("target in exception entry code", alloc::vec![(call, NewInsn::Call(fnaddr!(sc_try_recover)))], |e| {
+            matches!(e, PatchError::TargetInEntryCode { .. })
+        }),
+        ("target: the #BP entry stub", alloc::vec![(call, NewInsn::Jmp(bp_stub))], |e| {
+            matches!(e, PatchError::TargetInEntryCode { .. })
+        }),
+        ("target in CET bring-up code (asm)", alloc::vec![(call, NewInsn::Call(fnaddr!(sc_cet_enter)))], |e| {
+            matches!(e, PatchError::TargetInCetCode { .. })
+        }),
+        ("target in CET bring-up code (Rust)", alloc::vec![(call, NewInsn::Call(cet_rust))], |e| {
+            matches!(e, PatchError::TargetInCetCode { .. })
+        }),
+        (
+            "target inside an instruction",
+            alloc::vec![(call, NewInsn::Call(a + 1))],
+            |e| matches!(e, PatchError::TargetMidInstruction { insn_start, .. } if *insn_start == fnaddr!(sc_t_target_a)),
+        ),
+        ("unregistered target", alloc::vec![(call, NewInsn::Call(addr!(sc_t_unregistered)))], |e| {
+            matches!(e, PatchError::UnknownTarget { .. })
+        }),
     ];
     let mut errors = Vec::new();
     let mut seen: Vec<core::mem::Discriminant<PatchError>> = Vec::new();
@@ -667,9 +719,35 @@ pub fn patch_bad_input(_st: &BootState) -> Outcome<'static> {
     if r.is_err() {
         errors.push(format!("the outer batch failed: {r:?}"));
     }
+    // The boot-time check of the tables, with the kernel's own forbidden
+    // ranges: a site registered in entry code would stop the boot.
+    let reg = patching::patch_registry();
+    diag!(
+        "registry: {} sites, {} targets, tables used in place: {}",
+        reg.sites().len(),
+        reg.targets().len(),
+        reg.tables_in_place()
+    );
+    if let Err(e) = reg.check() {
+        errors.push(format!("the kernel's own registry fails its check: {e}"));
+    }
+    let mut bad_sites = reg.sites().to_vec();
+    bad_sites.push(fnaddr!(sc_try_recover));
+    match Registry::new(&bad_sites, reg.targets(), reg.forbidden()).check() {
+        Err(e @ PatchError::SiteInHandlerCode { region: CodeRegion::ExceptionEntry, .. }) => {
+            diag!("registry with a site in entry code: refused: {e}")
+        }
+        other => errors.push(format!("registry with a site in entry code: got {other:?}")),
+    }
+    // Registered or not, a site in entry code cannot be patched.
+    let bad = Registry::new(&bad_sites, reg.targets(), reg.forbidden());
+    match build_batch(&mm::text(), &bad, &[(fnaddr!(sc_try_recover), NewInsn::Nop)]) {
+        Err(PatchError::SiteInHandlerCode { .. }) => {}
+        other => errors.push(format!("registered site in entry code: got {:?}", other.map(|b| b.len()))),
+    }
     let sum1 = text_checksum();
     diag!("{} distinct errors; text checksum {sum0:#018x} -> {sum1:#018x}", seen.len());
-    if seen.len() < 10 {
+    if seen.len() < BAD_INPUT_ERRORS {
         errors.push(format!("only {} distinct errors", seen.len()));
     }
     if sum0 != sum1 {
