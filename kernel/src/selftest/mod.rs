@@ -5,6 +5,7 @@
 
 pub mod cet_tests;
 pub mod emul_tests;
+pub mod sec_alias;
 pub mod smp_tests;
 
 use core::mem::offset_of;
@@ -162,6 +163,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("smp_patch_stress", smp_tests::smp_patch_stress),
     ("irq_in_window", smp_tests::irq_in_window),
     ("nmi_in_window", smp_tests::nmi_in_window),
+    ("sec_poke_alias_private", sec_alias::sec_poke_alias_private),
 ];
 
 /// Run every test and print the report. True when none failed.
