@@ -9,14 +9,15 @@
 //!   else RW+NX.
 //! - `[FINE_LIMIT, 1 GiB)`: 2 MiB pages RW+NX (the heap lives here).
 //!
-//! The private poking tables (`TextAlias`) are the shared PML4's entries plus
-//! PML4 slot `POKE_PML4_INDEX`, whose one PTE maps `POKE_ALIAS_VA` RW+NX to
-//! the page being written. Only the CPU holding a `TextAlias` loads them.
+//! Each CPU has its own private poking tables (`TextAlias`): the shared
+//! PML4's entries plus PML4 slot `POKE_PML4_INDEX`, whose one PTE maps
+//! `POKE_ALIAS_VA` RW+NX to the page being written. Only that CPU loads
+//! them, and only while it holds a `TextAlias`.
 
 use core::cell::UnsafeCell;
 use core::marker::PhantomData;
 use core::ptr::addr_of;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use linked_list_allocator::LockedHeap;
 use shadowcall::paging::{self, Kind, ENTRIES, LARGE_PAGE_SIZE, PAGE_SIZE};
@@ -100,13 +101,18 @@ struct Tables {
     /// 3..4 GiB: only the local APIC's page.
     pd_high: Table,
     pt_apic: Table,
-    /// The private poking top level: `pml4`'s entries (sharing every lower
-    /// table) plus slot POKE_PML4_INDEX -> poke_pdpt -> poke_pd -> poke_pt.
-    poke_pml4: Table,
-    poke_pdpt: Table,
-    poke_pd: Table,
-    /// Its one used entry maps POKE_ALIAS_VA while a TextAlias writes.
-    poke_pt: Table,
+    /// Each CPU's private poking tables.
+    poke: [PokeTables; MAX_CPUS],
+}
+
+/// One CPU's private poking tables: `pml4` holds the shared PML4's entries
+/// (sharing every lower-level table) plus slot POKE_PML4_INDEX -> pdpt -> pd
+/// -> pt, whose one used entry maps POKE_ALIAS_VA while a TextAlias writes.
+struct PokeTables {
+    pml4: Table,
+    pdpt: Table,
+    pd: Table,
+    pt: Table,
 }
 static TABLES: Shared<Tables> = Shared(UnsafeCell::new(Tables {
     pml4: Table([0; ENTRIES]),
@@ -115,13 +121,17 @@ static TABLES: Shared<Tables> = Shared(UnsafeCell::new(Tables {
     fine: [const { Table([0; ENTRIES]) }; FINE_PTS],
     pd_high: Table([0; ENTRIES]),
     pt_apic: Table([0; ENTRIES]),
-    poke_pml4: Table([0; ENTRIES]),
-    poke_pdpt: Table([0; ENTRIES]),
-    poke_pd: Table([0; ENTRIES]),
-    poke_pt: Table([0; ENTRIES]),
+    poke: [const {
+        PokeTables {
+            pml4: Table([0; ENTRIES]),
+            pdpt: Table([0; ENTRIES]),
+            pd: Table([0; ENTRIES]),
+            pt: Table([0; ENTRIES]),
+        }
+    }; MAX_CPUS],
 }));
 
-/// The alias's entry in `poke_pt` (and the indices above it).
+/// The alias's entry in a `PokeTables::pt` (and the indices above it).
 const ALIAS_PT_INDEX: usize = paging::table_index(1, POKE_ALIAS_VA);
 const ALIAS_PD_INDEX: usize = paging::table_index(2, POKE_ALIAS_VA);
 const ALIAS_PDPT_INDEX: usize = paging::table_index(3, POKE_ALIAS_VA);
@@ -390,10 +400,12 @@ pub fn init_paging(ram_end: u64) {
     // which the shared top level never has. The shared PML4 does not change
     // after this, so the copy stays exact.
     assert_eq!(t.pml4.0[POKE_PML4_INDEX], 0, "the poke alias's PML4 slot is used by the shared tables");
-    t.poke_pml4.0 = t.pml4.0;
-    t.poke_pml4.0[POKE_PML4_INDEX] = paging::table(phys(&t.poke_pdpt));
-    t.poke_pdpt.0[ALIAS_PDPT_INDEX] = paging::table(phys(&t.poke_pd));
-    t.poke_pd.0[ALIAS_PD_INDEX] = paging::table(phys(&t.poke_pt));
+    for p in t.poke.iter_mut() {
+        p.pml4.0 = t.pml4.0;
+        p.pml4.0[POKE_PML4_INDEX] = paging::table(phys(&p.pdpt));
+        p.pdpt.0[ALIAS_PDPT_INDEX] = paging::table(phys(&p.pd));
+        p.pd.0[ALIAS_PD_INDEX] = paging::table(phys(&p.pt));
+    }
     let frame = PhysFrame::containing_address(PhysAddr::new(phys(&t.pml4)));
     // SAFETY: the new tables map the running code, stack and data exactly as
     // before (identity), only with tighter permissions.
@@ -406,11 +418,10 @@ pub fn init_heap() {
     unsafe { HEAP.lock().init(HEAP_START as *mut u8, HEAP_SIZE as usize) };
 }
 
-/// No CPU holds a `TextAlias`.
-const NO_POKER: usize = usize::MAX;
-/// The index of the CPU holding the one `TextAlias` (the private tables'
-/// only user), or NO_POKER.
-static POKER: AtomicUsize = AtomicUsize::new(NO_POKER);
+/// Serializes writers (any CPU may hold a TextAlias, one at a time). Only
+/// serialization: isolation comes from the per-CPU private tables, which a
+/// forged lock cannot make two CPUs share.
+static POKE_LOCK: AtomicBool = AtomicBool::new(false);
 
 fn frame_of(table: u64) -> PhysFrame {
     PhysFrame::containing_address(PhysAddr::new(table))
@@ -422,89 +433,126 @@ pub fn shared_pml4() -> u64 {
     table_addr(unsafe { &(*TABLES.0.get()).pml4 })
 }
 
-/// The private poking top-level table.
-fn poke_pml4() -> u64 {
-    // SAFETY: only the address is taken.
-    table_addr(unsafe { &(*TABLES.0.get()).poke_pml4 })
-}
-
 /// The top-level table this CPU runs on now.
 pub fn current_pml4() -> u64 {
     Cr3::read().0.start_address().as_u64()
 }
 
+fn poke_tables(cpu: usize) -> *mut PokeTables {
+    // SAFETY: only the address is computed.
+    unsafe { core::ptr::addr_of_mut!((*TABLES.0.get()).poke[cpu]) }
+}
+
+/// The CPU whose kernel or IST stack holds `sp`, found from the static stack
+/// layout (not from per-CPU data, which ordinary stores can change).
+fn cpu_of_stack(sp: u64) -> Option<usize> {
+    let on = |b: StackBounds| sp >= b.lo && sp < b.hi;
+    let base = stacks(0) as u64;
+    let size = core::mem::size_of::<CpuStacks>() as u64;
+    let cpu = if on(kernel_stack(0)) {
+        0
+    } else if sp >= base && sp < base + size * MAX_CPUS as u64 {
+        ((sp - base) / size) as usize
+    } else {
+        return None;
+    };
+    (on(kernel_stack(cpu)) || (1..=IST_COUNT).any(|i| on(ist_stack(cpu, i)))).then_some(cpu)
+}
+
+/// The CPU whose private poking tables CR3 points at, if it points at one.
+fn poking_cpu() -> Option<usize> {
+    let cr3 = current_pml4();
+    // SAFETY: only addresses are compared.
+    (0..MAX_CPUS).find(|&c| table_addr(unsafe { &(*poke_tables(c)).pml4 }) == cr3)
+}
+
 /// A temporary writable alias of kernel text, read-only data or the sealed
 /// area, in an address space that only the CPU holding it uses.
 ///
-/// `new` disables interrupts (restored by `drop`), takes the one poking
-/// slot (a CPU-exclusive lock), and switches this CPU's CR3 to the private
-/// poking tables: the shared PML4's entries (the same lower-level tables, so
-/// the kernel runs on unchanged) plus PML4 slot `POKE_PML4_INDEX`, which no
-/// shared table maps. `write` maps one target page at a time at
-/// `POKE_ALIAS_VA` (RW+NX, not global) in the private tables and INVLPGs the
-/// old translation on this CPU. `drop` clears the PTE, INVLPGs it and goes
-/// back to the shared CR3 (which flushes every non-global translation too).
+/// `new` disables interrupts (restored by `drop`), takes the writers' lock,
+/// and switches this CPU's CR3 to its own private poking tables: the shared
+/// PML4's entries (the same lower-level tables, so the kernel runs on
+/// unchanged) plus PML4 slot `POKE_PML4_INDEX`, which no shared table maps.
+/// `write` maps one target page at a time at `POKE_ALIAS_VA` (RW+NX, not
+/// global) in those tables and INVLPGs the old translation. `drop` clears
+/// the PTE, INVLPGs it and goes back to the shared CR3 (which flushes every
+/// non-global translation too).
 ///
-/// Why no other CPU can write through the alias: a translation is only ever
-/// made by a walk from a CR3, and no other CPU's CR3 can reach slot
-/// `POKE_PML4_INDEX` (the shared PML4 has it empty, and the private PML4 is
-/// loaded by one CPU at a time, under `POKER`). So no other CPU can hold a
-/// TLB or paging-structure-cache entry for the alias, and removing it needs
-/// no shootdown. The identity mappings never change: text stays RX and D=0,
-/// rodata and the sealed area R+NX and D=0 (W^X; no shadow-stack-like page).
+/// Why no other CPU can write through the alias: a translation is only made
+/// by a walk from a CR3, and no other CPU's CR3 can reach this CPU's slot
+/// `POKE_PML4_INDEX` (the shared PML4 has it empty; each CPU's private PML4
+/// is loaded by that CPU alone). So no other CPU can hold a TLB or
+/// paging-structure-cache entry for the alias, and removing it needs no
+/// shootdown. Which tables are this CPU's is derived from registers (RSP in
+/// `new`, CR3 afterwards) and the static stack layout, never from ordinary
+/// memory. The identity mappings never change: text stays RX and D=0, rodata
+/// and the sealed area R+NX and D=0 (W^X; no shadow-stack-like page).
 ///
 /// Interrupts and NMIs: with IF=0 no interrupt handler runs on the private
 /// CR3, and no sync IPI is acked while an alias lives (the patcher drops its
 /// alias before every sync). An NMI (or #MC) can still arrive: its handler
 /// runs on the private CR3, which maps everything the shared one does, at
 /// the same addresses and with the same rights, plus the alias page, which no
-/// handler addresses (it is only reached through `POKE_ALIAS_VA`, a constant
-/// used here alone); its IRET returns to this code on the same CR3 (an NMI
-/// does not switch CR3). What the handler can reach is therefore what it
-/// could reach on the shared tables: for every other CPU nothing changes.
+/// handler addresses (it is only reached through `POKE_ALIAS_VA`, used here
+/// alone); its IRET returns here on the same CR3 (an NMI does not switch
+/// CR3). So the handler reaches nothing it could not reach on the shared
+/// tables, and for every other CPU nothing changes.
 pub struct TextAlias {
-    /// The target page mapped at POKE_ALIAS_VA now, if any.
-    page: Option<u64>,
     /// IF before `new` (restored by `drop`).
     interrupts: bool,
-    /// The CR3 flag bits (PWT/PCD) of the shared CR3, kept for the switch back.
-    flags: Cr3Flags,
     /// Must be dropped on the CPU that made it (it owns that CPU's CR3).
     _cpu_bound: PhantomData<*const ()>,
 }
 
 impl TextAlias {
-    /// Enter the private poking address space on this CPU. Spins while
-    /// another CPU holds the alias; panics if this CPU already holds one.
+    /// Enter this CPU's private poking address space. Spins while another
+    /// CPU holds an alias; panics if this CPU already holds one or runs on
+    /// no kernel or IST stack.
     pub fn new() -> Self {
         let was = interrupts::are_enabled();
         interrupts::disable();
-        let me = this();
-        assert_ne!(POKER.load(Ordering::Relaxed), me, "TextAlias::new: CPU {me} already holds the poke alias");
-        while POKER.compare_exchange(NO_POKER, me, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        let marker = 0u8;
+        let sp = addr_of!(marker) as u64;
+        let cpu = cpu_of_stack(sp).unwrap_or_else(|| panic!("TextAlias::new: {sp:#x} is on no CPU's kernel stack"));
+        let (frame, flags) = Cr3::read();
+        assert_eq!(
+            frame.start_address().as_u64(),
+            shared_pml4(),
+            "TextAlias::new: CPU {cpu} is not on the shared page tables (already holding an alias?)"
+        );
+        while POKE_LOCK.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             core::hint::spin_loop();
         }
-        let (frame, flags) = Cr3::read();
-        assert_eq!(frame.start_address().as_u64(), shared_pml4(), "TextAlias::new: not on the shared page tables");
+        // SAFETY: only the address is taken.
+        let pml4 = table_addr(unsafe { &(*poke_tables(cpu)).pml4 });
         // SAFETY: the private tables map the kernel exactly as the shared
         // ones (same lower-level tables) plus the alias slot; only this CPU
-        // uses them (POKER), with interrupts off until drop().
-        unsafe { Cr3::write(frame_of(poke_pml4()), flags) };
-        TextAlias { page: None, interrupts: was, flags, _cpu_bound: PhantomData }
+        // uses them, with interrupts off until drop().
+        unsafe { Cr3::write(frame_of(pml4), flags) };
+        TextAlias { interrupts: was, _cpu_bound: PhantomData }
+    }
+
+    /// This CPU's private alias PTE (CR3 points at its private tables).
+    fn pte(&self) -> *mut u64 {
+        let cpu = poking_cpu().expect("TextAlias: CR3 is not a private poking PML4");
+        // SAFETY: only the address is computed.
+        unsafe { core::ptr::addr_of_mut!((*poke_tables(cpu)).pt.0[ALIAS_PT_INDEX]) }
     }
 
     fn map(&mut self, page: u64) {
-        if self.page == Some(page) {
-            return;
-        }
-        // SAFETY: the private PTE is only used by this TextAlias (POKER);
-        // it maps a page that `write` checked to be pokeable, RW+NX.
+        let pte = self.pte();
+        let entry = paging::leaf(page, Kind::PokeAlias);
+        // SAFETY: this CPU's private PTE; only this CPU uses it. Compared
+        // with the PTE itself (not a copy in ordinary memory) so a forged
+        // copy cannot make a write land on the previous page.
         unsafe {
-            (*TABLES.0.get()).poke_pt.0[ALIAS_PT_INDEX] = paging::leaf(page, Kind::PokeAlias);
+            if pte.read_volatile() == entry {
+                return;
+            }
+            pte.write_volatile(entry);
         }
-        // Only this CPU can have translated the alias (see the type's comment).
+        // Only this CPU can have translated its alias (see the type's comment).
         tlb::flush(VirtAddr::new(POKE_ALIAS_VA));
-        self.page = Some(page);
     }
 
     /// Write `bytes` at `addr` (may cross pages). `[addr, addr + len)` must
@@ -533,29 +581,29 @@ impl TextAlias {
 
 impl Drop for TextAlias {
     fn drop(&mut self) {
-        if self.page.take().is_some() {
-            // SAFETY: as in map(); removing the alias.
-            unsafe { (*TABLES.0.get()).poke_pt.0[ALIAS_PT_INDEX] = 0 };
-            tlb::flush(VirtAddr::new(POKE_ALIAS_VA));
-        }
+        let pte = self.pte();
+        // SAFETY: this CPU's private PTE; removing the alias.
+        unsafe { pte.write_volatile(0) };
+        tlb::flush(VirtAddr::new(POKE_ALIAS_VA));
+        let flags = Cr3::read().1;
         // SAFETY: back to the shared tables this CPU ran on before new().
-        unsafe { Cr3::write(frame_of(shared_pml4()), self.flags) };
-        POKER.store(NO_POKER, Ordering::Release);
+        unsafe { Cr3::write(frame_of(shared_pml4()), flags) };
+        POKE_LOCK.store(false, Ordering::Release);
         if self.interrupts {
             interrupts::enable();
         }
     }
 }
 
-/// No writable view of text, rodata or the sealed area exists: nobody holds
-/// the alias, its private PTE is empty, this CPU runs on the shared tables,
-/// the shared PML4 does not have the alias's slot, and no writable leaf of
-/// the shared tables maps a frame of text, rodata or the sealed area.
+/// No writable view of text, rodata or the sealed area exists: no alias is
+/// held, every private alias PTE is empty, this CPU runs on the shared
+/// tables, the shared PML4 does not have the alias's slot, and no writable
+/// leaf of the shared tables maps a frame of text, rodata or the sealed area.
 pub fn text_alias_unmapped() -> bool {
     // SAFETY: plain reads of page-table entries.
-    let (pte, slot) = unsafe {
+    let (ptes_clear, slot) = unsafe {
         let t = &*TABLES.0.get();
-        (t.poke_pt.0[ALIAS_PT_INDEX], t.pml4.0[POKE_PML4_INDEX])
+        (t.poke.iter().all(|p| p.pt.0[ALIAS_PT_INDEX] == 0), t.pml4.0[POKE_PML4_INDEX])
     };
     let mut writable_view = false;
     walk(shared_pml4(), 4, 0, &mut |_, e, size| {
@@ -564,11 +612,7 @@ pub fn text_alias_unmapped() -> bool {
             writable_view |= overlaps_pokeable(phys, phys + size);
         }
     });
-    POKER.load(Ordering::Relaxed) == NO_POKER
-        && pte == 0
-        && slot == 0
-        && current_pml4() == shared_pml4()
-        && !writable_view
+    !POKE_LOCK.load(Ordering::Relaxed) && ptes_clear && slot == 0 && current_pml4() == shared_pml4() && !writable_view
 }
 
 /// The shared tables' leaf entry covering `va`, if present.
