@@ -76,8 +76,9 @@ struct CpuStacks {
 }
 
 struct Shared<T>(UnsafeCell<T>);
-// SAFETY: the contents are only touched during single-threaded boot, by the
-// CPU that owns them (stacks), or through the poke lock (page tables).
+// SAFETY: the contents are only touched during single-threaded boot, or by
+// the CPU that owns them (stacks; a CPU's private poking tables, while it
+// holds a TextAlias).
 unsafe impl<T> Sync for Shared<T> {}
 
 static STACKS: Shared<[CpuStacks; MAX_CPUS]> = Shared(UnsafeCell::new(
