@@ -38,7 +38,12 @@ pub enum Kind {
     Data,
     /// A supervisor shadow-stack page: R/W=0 with Dirty=1, never executable.
     ShadowStack,
-    /// The temporary writable alias used to poke text: writable, not executable.
+    /// The sealed area: read-only data (same encoding as `Rodata`: R/W=0,
+    /// D=0, so never shadow-stack-like), writable only through the poke alias.
+    Sealed,
+    /// The temporary writable alias used to poke text, rodata or the sealed
+    /// area: writable, not executable, not global (it lives only in the
+    /// patching CPU's private page tables).
     PokeAlias,
     /// Device registers (the local APIC): writable, uncached, not executable.
     Mmio,
@@ -48,7 +53,7 @@ impl Kind {
     pub const fn flags(self) -> Pte {
         match self {
             Kind::Text => Pte::PRESENT.union(Pte::ACCESSED),
-            Kind::Rodata => Pte::PRESENT.union(Pte::ACCESSED).union(Pte::NO_EXECUTE),
+            Kind::Rodata | Kind::Sealed => Pte::PRESENT.union(Pte::ACCESSED).union(Pte::NO_EXECUTE),
             Kind::Data | Kind::PokeAlias => {
                 Pte::PRESENT.union(Pte::WRITABLE).union(Pte::ACCESSED).union(Pte::DIRTY).union(Pte::NO_EXECUTE)
             }
@@ -82,10 +87,20 @@ pub const fn is_shadow_stack_leaf(entry: u64) -> bool {
     f.contains(Pte::PRESENT) && !f.contains(Pte::WRITABLE) && f.contains(Pte::DIRTY)
 }
 
+/// Bits of a linear address that index one page-table level (9).
+const INDEX_BITS: u32 = 9;
+/// Bits of the offset inside a 4 KiB page (12).
+const PAGE_SHIFT: u32 = 12;
+
+/// The index of `va`'s entry in its table at `level` (1 = PT .. 4 = PML4).
+pub const fn table_index(level: u32, va: u64) -> usize {
+    ((va >> (PAGE_SHIFT + INDEX_BITS * (level - 1))) as usize) & (ENTRIES - 1)
+}
+
 /// The linear address range covered by entry `index` at `level` (1 = PT,
 /// 2 = PD, 3 = PDPT, 4 = PML4) of a table whose range starts at `base`.
 pub const fn entry_span(level: u32, base: u64, index: usize) -> (u64, u64) {
-    let size = PAGE_SIZE << (9 * (level - 1));
+    let size = PAGE_SIZE << (INDEX_BITS * (level - 1));
     let start = base + index as u64 * size;
     (start, start + size)
 }
@@ -100,6 +115,15 @@ mod tests {
         assert!(!is_shadow_stack_leaf(leaf(0x10_1000, Kind::Text)));
         assert!(!is_shadow_stack_leaf(leaf(0x10_1000, Kind::Rodata)));
         assert!(!is_shadow_stack_leaf(leaf(0x10_1000, Kind::Data)));
+        // The sealed area: read-only, clean, not executable; never a WRSS target.
+        let sealed = Pte::from_bits_retain(leaf(0x40_0000, Kind::Sealed));
+        assert!(!is_shadow_stack_leaf(sealed.bits()));
+        assert!(!sealed.contains(Pte::WRITABLE) && !sealed.contains(Pte::DIRTY));
+        assert!(sealed.contains(Pte::PRESENT | Pte::NO_EXECUTE));
+        // The poke alias: writable, never executable, never global.
+        let alias = Pte::from_bits_retain(leaf(0x10_1000, Kind::PokeAlias));
+        assert!(alias.contains(Pte::WRITABLE | Pte::NO_EXECUTE) && !alias.contains(Pte::GLOBAL));
+        assert!(!is_shadow_stack_leaf(alias.bits()));
         assert!(is_shadow_stack_leaf(leaf(0x10_1000, Kind::ShadowStack)));
         assert_eq!(leaf(0x10_1000, Kind::ShadowStack) & Pte::WRITABLE.bits(), 0);
         assert_ne!(leaf(0x10_1000, Kind::ShadowStack) & Pte::NO_EXECUTE.bits(), 0);
@@ -116,5 +140,23 @@ mod tests {
         assert_eq!(entry_span(1, 0, 3), (0x3000, 0x4000));
         assert_eq!(entry_span(2, 0, 1), (0x20_0000, 0x40_0000));
         assert_eq!(entry_span(3, 0, 2), (0x8000_0000, 0xc000_0000));
+        assert_eq!(entry_span(4, 0, 1), (0x80_0000_0000, 0x100_0000_0000));
+    }
+
+    #[test]
+    fn indices() {
+        let va = 0x80_0000_0000u64 | (3 << 30) | (5 << 21) | (7 << 12) | 0x123;
+        assert_eq!([table_index(4, va), table_index(3, va), table_index(2, va), table_index(1, va)], [1, 3, 5, 7]);
+        assert_eq!(table_index(4, 0xfee0_0000), 0);
+        assert_eq!(table_index(3, 0xfee0_0000), 3);
+        assert_eq!(table_index(2, 0xfee0_0000), 0x1f7);
+        // Every index round-trips through entry_span.
+        for level in 1..=4 {
+            for i in [0usize, 1, 255, 511] {
+                let (start, end) = entry_span(level, 0, i);
+                assert_eq!(table_index(level, start), i);
+                assert_eq!(table_index(level, end - 1), i);
+            }
+        }
     }
 }

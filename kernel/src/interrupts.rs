@@ -20,7 +20,6 @@ use crate::percpu::this_cpu;
 use crate::{apic, cet, mm, patching, selftest, smp};
 
 pub const VEC_NMI: u64 = 2;
-pub const VEC_BP: u64 = 3;
 pub const VEC_GP: u64 = 13;
 pub const VEC_PF: u64 = 14;
 pub const VEC_CP: u64 = CpError::VECTOR as u64;
@@ -570,31 +569,6 @@ pub fn fault(frame: &mut TrapFrame, info: FaultInfo) {
     cpu.counters.window_depth.store(ctx.window_depth, Ordering::Relaxed);
 }
 
-/// Make the IRET of `frame` go to `rip` (and, with shadow stacks, continue on
-/// the shadow stack at `new_ssp`): the saved RIP and the shadow frame's LIP
-/// slot change together, or IRET would raise #CP(2). The shadow frame is
-/// found from RDSSP and cross-checked (`shadow_frame_of`) before any WRSS;
-/// `new_ssp` must lie on a shadow stack of the same CPU.
-pub fn redirect(frame: &mut TrapFrame, rip: u64, new_ssp: Option<u64>) -> Result<(), &'static str> {
-    if cet::active() {
-        let (f, stack) = shadow_frame_of(frame)?;
-        if let Some(ssp) = new_ssp {
-            if !ssp.is_multiple_of(SLOT) || shadow_stack_at(ssp, stack.cpu).is_none_or(|s| s.cpu != stack.cpu) {
-                return Err("target SSP is not on a shadow stack of this CPU");
-            }
-        }
-        // SAFETY: slots verified above; values are the caller's (a code
-        // address of this kernel, an SSP the caller derived from the shadow stack).
-        unsafe {
-            cet::wrss(f.lip_slot(), rip);
-            if let Some(ssp) = new_ssp {
-                cet::wrss(f.prev_ssp_slot(), ssp);
-            }
-        }
-    }
-    frame.rip = rip;
-    Ok(())
-}
 
 /// Run `f` with a recovery point: a fault inside unwinds both stacks back
 /// here and comes back as `Err`.

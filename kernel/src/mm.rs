@@ -1,20 +1,28 @@
 //! Memory: the kernel's page tables (W^X, shadow-stack pages, guard pages),
-//! its stacks, the heap, and the temporary alias through which text is poked.
+//! its stacks, the heap, the sealed area, and the private address space in
+//! which the patching CPU writes text through a temporary alias.
 //!
-//! Layout (identity-mapped, physical = virtual):
+//! Layout of the shared page tables (every CPU's CR3; identity-mapped,
+//! physical = virtual, PML4 slot 0 only):
 //! - `[0, FINE_LIMIT)`: 4 KiB pages. Page 0 and guard pages unmapped, text RX,
-//!   rodata R, shadow stacks R/W=0+Dirty, everything else RW+NX.
-//! - `[FINE_LIMIT, RAM end)`: 2 MiB pages RW+NX (the heap lives here).
-//! - `POKE_ALIAS_VA`: one 4 KiB page, mapped RW+NX to a text page only while
-//!   the patcher writes it.
+//!   rodata and the sealed area R+NX, shadow stacks R/W=0+Dirty, everything
+//!   else RW+NX.
+//! - `[FINE_LIMIT, 1 GiB)`: 2 MiB pages RW+NX (the heap lives here).
+//!
+//! Each CPU has its own private poking tables (`TextAlias`): the shared
+//! PML4's entries plus PML4 slot `POKE_PML4_INDEX`, whose one PTE maps
+//! `POKE_ALIAS_VA` RW+NX to the page being written. Only that CPU loads
+//! them, and only while it holds a `TextAlias`.
 
 use core::cell::UnsafeCell;
+use core::marker::PhantomData;
 use core::ptr::addr_of;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use linked_list_allocator::LockedHeap;
 use shadowcall::paging::{self, Kind, ENTRIES, LARGE_PAGE_SIZE, PAGE_SIZE};
 use shadowcall::shstk::{self, StackBounds};
-use x86_64::instructions::tlb;
+use x86_64::instructions::{interrupts, tlb};
 use x86_64::registers::control::{Cr3, Cr3Flags};
 use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
@@ -25,11 +33,13 @@ const FINE_PTS: usize = (FINE_LIMIT / LARGE_PAGE_SIZE) as usize;
 /// The heap: right above the finely mapped region.
 pub const HEAP_START: u64 = FINE_LIMIT;
 pub const HEAP_SIZE: u64 = 32 << 20;
-/// The last 2 MiB of the first GiB hold the poke alias.
-const POKE_PD_INDEX: usize = ENTRIES - 1;
-pub const POKE_ALIAS_VA: u64 = POKE_PD_INDEX as u64 * LARGE_PAGE_SIZE;
-/// RAM above this is not mapped (the alias's 2 MiB slot is reserved).
-const RAM_MAP_LIMIT: u64 = POKE_ALIAS_VA;
+/// The PML4 slot of the poke alias: a 512 GiB region that the shared tables
+/// never map (they use slot 0 only), present only in the private tables.
+const POKE_PML4_INDEX: usize = 1;
+/// Where the page being poked appears, writable, in the private tables.
+pub const POKE_ALIAS_VA: u64 = paging::entry_span(4, 0, POKE_PML4_INDEX).0;
+/// RAM and firmware tables are mapped up to here (the first GiB).
+const RAM_MAP_LIMIT: u64 = GIB;
 
 /// CPUs this kernel can run (stacks are allocated statically for each).
 pub const MAX_CPUS: usize = 8;
@@ -66,8 +76,9 @@ struct CpuStacks {
 }
 
 struct Shared<T>(UnsafeCell<T>);
-// SAFETY: the contents are only touched during single-threaded boot, by the
-// CPU that owns them (stacks), or through the poke lock (page tables).
+// SAFETY: the contents are only touched during single-threaded boot, or by
+// the CPU that owns them (stacks; a CPU's private poking tables, while it
+// holds a TextAlias).
 unsafe impl<T> Sync for Shared<T> {}
 
 // The #BP exit (asm/entry.S) finds a CPU's trampoline-record page from the
@@ -86,24 +97,52 @@ static STACKS: Shared<[CpuStacks; MAX_CPUS]> = Shared(UnsafeCell::new(
 #[repr(C, align(4096))]
 struct Table([u64; ENTRIES]);
 struct Tables {
+    /// The shared top level: every CPU's CR3 except while it pokes.
     pml4: Table,
     pdpt: Table,
     pd: Table,
     fine: [Table; FINE_PTS],
-    poke: Table,
     /// 3..4 GiB: only the local APIC's page.
     pd_high: Table,
     pt_apic: Table,
+    /// Each CPU's private poking tables.
+    poke: [PokeTables; MAX_CPUS],
+}
+
+/// One CPU's private poking tables: `pml4` holds the shared PML4's entries
+/// (sharing every lower-level table) plus slot POKE_PML4_INDEX -> pdpt -> pd
+/// -> pt, whose one used entry maps POKE_ALIAS_VA while a TextAlias writes.
+struct PokeTables {
+    pml4: Table,
+    pdpt: Table,
+    pd: Table,
+    pt: Table,
 }
 static TABLES: Shared<Tables> = Shared(UnsafeCell::new(Tables {
     pml4: Table([0; ENTRIES]),
     pdpt: Table([0; ENTRIES]),
     pd: Table([0; ENTRIES]),
     fine: [const { Table([0; ENTRIES]) }; FINE_PTS],
-    poke: Table([0; ENTRIES]),
     pd_high: Table([0; ENTRIES]),
     pt_apic: Table([0; ENTRIES]),
+    poke: [const {
+        PokeTables {
+            pml4: Table([0; ENTRIES]),
+            pdpt: Table([0; ENTRIES]),
+            pd: Table([0; ENTRIES]),
+            pt: Table([0; ENTRIES]),
+        }
+    }; MAX_CPUS],
 }));
+
+/// The alias's entry in a `PokeTables::pt` (and the indices above it).
+const ALIAS_PT_INDEX: usize = paging::table_index(1, POKE_ALIAS_VA);
+const ALIAS_PD_INDEX: usize = paging::table_index(2, POKE_ALIAS_VA);
+const ALIAS_PDPT_INDEX: usize = paging::table_index(3, POKE_ALIAS_VA);
+
+fn table_addr(t: &Table) -> u64 {
+    t as *const Table as u64
+}
 
 /// The local APIC's registers (xAPIC mode).
 pub const LAPIC_BASE: u64 = 0xfee0_0000;
@@ -117,6 +156,8 @@ extern "C" {
     static __text_end: u8;
     static __rodata_start: u8;
     static __rodata_end: u8;
+    static __sealed_start: u8;
+    static __sealed_end: u8;
     static boot_stack_guard: u8;
     static boot_stack_bottom: u8;
     static boot_stack_top: u8;
@@ -131,9 +172,41 @@ pub fn text_range() -> (u64, u64) {
     // SAFETY: linker-script symbols; only their addresses are used.
     unsafe { (sym(&__text_start), sym(&__text_end)) }
 }
-fn rodata_range() -> (u64, u64) {
+/// Kernel read-only data `[start, end)` (the site table included).
+pub fn rodata_range() -> (u64, u64) {
     // SAFETY: as above.
     unsafe { (sym(&__rodata_start), sym(&__rodata_end)) }
+}
+
+/// The sealed area `[start, end)`: page-aligned, mapped read-only + NX (D=0)
+/// by the shared tables, written only through `TextAlias`.
+pub fn sealed_area() -> (u64, u64) {
+    // SAFETY: linker-script symbols; only their addresses are used.
+    unsafe { (sym(&__sealed_start), sym(&__sealed_end)) }
+}
+
+/// Does `[addr, addr + len)` lie inside the sealed area?
+pub fn is_sealed(addr: u64, len: u64) -> bool {
+    let (s, e) = sealed_area();
+    within(addr, len, s, e)
+}
+
+/// Does `[addr, addr + len)` lie inside `[start, end)` (no wrap-around)?
+fn within(addr: u64, len: u64, start: u64, end: u64) -> bool {
+    addr >= start && addr.checked_add(len).is_some_and(|e| e <= end)
+}
+
+/// Does `[start, end)` overlap kernel text, read-only data or the sealed area?
+fn overlaps_pokeable(start: u64, end: u64) -> bool {
+    [text_range(), rodata_range(), sealed_area()].iter().any(|&(s, e)| start < e && s < end)
+}
+
+/// Can `TextAlias::write` write `[addr, addr + len)`? Only inside kernel
+/// text, read-only data or the sealed area (each range wholly inside one).
+pub fn pokeable(addr: u64, len: u64) -> bool {
+    let (ts, te) = text_range();
+    let (rs, re) = rodata_range();
+    within(addr, len, ts, te) || within(addr, len, rs, re) || is_sealed(addr, len)
 }
 
 /// Kernel text as bytes (readable: text is mapped R+X).
@@ -187,23 +260,7 @@ fn this() -> usize {
     crate::percpu::this_cpu().index
 }
 
-/// The shadow stack of the running CPU that holds `addr`, if any (its
-/// primary stack is checked first: the #BP handler's common case). Stacks
-/// of other CPUs never qualify: a handler writes only to its own CPU's stacks.
-#[inline]
-pub fn shadow_stack_of(addr: u64) -> Option<StackBounds> {
-    let p = crate::percpu::this_cpu().shadow_stack();
-    if addr >= p.lo && addr < p.hi {
-        return Some(p);
-    }
-    ist_shadow_stack_of(addr)
-}
 
-#[inline(never)]
-fn ist_shadow_stack_of(addr: u64) -> Option<StackBounds> {
-    let cpu = this();
-    (1..=IST_COUNT).map(|i| ist_shadow_stack(cpu, i)).find(|b| addr >= b.lo && addr < b.hi)
-}
 
 /// The running CPU's normal stack holding `addr`, if any (kernel stack first).
 #[inline]
@@ -260,6 +317,7 @@ fn stack_page(addr: u64) -> Option<StackPage> {
 pub fn classify(addr: u64) -> Option<Kind> {
     let (ts, te) = text_range();
     let (rs, re) = rodata_range();
+    let (ss, se) = sealed_area();
     let page = stack_page(addr);
     if addr < PAGE_SIZE || page == Some(StackPage::Guard) {
         None
@@ -267,6 +325,8 @@ pub fn classify(addr: u64) -> Option<Kind> {
         Some(Kind::Text)
     } else if addr >= rs && addr < re {
         Some(Kind::Rodata)
+    } else if addr >= ss && addr < se {
+        Some(Kind::Sealed)
     } else if page == Some(StackPage::Shadow) || is_tramp_record_page(addr) {
         Some(Kind::ShadowStack)
     } else {
@@ -297,6 +357,8 @@ pub fn init_paging(ram_end: u64) {
         (HEAP_START + HEAP_SIZE) >> 20
     );
     let ram_end = RAM_MAP_LIMIT;
+    let (_, sealed_end) = sealed_area();
+    assert!(sealed_end <= FINE_LIMIT, "the kernel image and its sealed area end above {} MiB", FINE_LIMIT >> 20);
     // SAFETY: single-threaded boot; nothing else references the tables yet.
     let t = unsafe { &mut *TABLES.0.get() };
     let phys = |p: *const Table| p as u64;
@@ -319,10 +381,19 @@ pub fn init_paging(ram_end: u64) {
         t.pd.0[(addr / LARGE_PAGE_SIZE) as usize] = paging::large_leaf(addr, Kind::Data);
         addr += LARGE_PAGE_SIZE;
     }
-    t.pd.0[POKE_PD_INDEX] = paging::table(phys(&t.poke));
     t.pdpt.0[(LAPIC_BASE / GIB) as usize] = paging::table(phys(&t.pd_high));
     t.pd_high.0[((LAPIC_BASE % GIB) / LARGE_PAGE_SIZE) as usize] = paging::table(phys(&t.pt_apic));
     t.pt_apic.0[((LAPIC_BASE % LARGE_PAGE_SIZE) / PAGE_SIZE) as usize] = paging::leaf(LAPIC_BASE, Kind::Mmio);
+    // The private poking tables: the shared top level plus the alias's slot,
+    // which the shared top level never has. The shared PML4 does not change
+    // after this, so the copy stays exact.
+    assert_eq!(t.pml4.0[POKE_PML4_INDEX], 0, "the poke alias's PML4 slot is used by the shared tables");
+    for p in t.poke.iter_mut() {
+        p.pml4.0 = t.pml4.0;
+        p.pml4.0[POKE_PML4_INDEX] = paging::table(phys(&p.pdpt));
+        p.pdpt.0[ALIAS_PDPT_INDEX] = paging::table(phys(&p.pd));
+        p.pd.0[ALIAS_PD_INDEX] = paging::table(phys(&p.pt));
+    }
     let frame = PhysFrame::containing_address(PhysAddr::new(phys(&t.pml4)));
     // SAFETY: the new tables map the running code, stack and data exactly as
     // before (identity), only with tighter permissions.
@@ -335,59 +406,212 @@ pub fn init_heap() {
     unsafe { HEAP.lock().init(HEAP_START as *mut u8, HEAP_SIZE as usize) };
 }
 
-/// A temporary writable alias of kernel text at `POKE_ALIAS_VA`, mapped
-/// one text page at a time and removed (TLB entry flushed) when dropped. The
-/// text mapping itself never becomes writable, so it never turns into a
-/// read-only + Dirty (shadow-stack-like) page either: W^X holds throughout.
+/// Serializes writers (any CPU may hold a TextAlias, one at a time). Only
+/// serialization: isolation comes from the per-CPU private tables, which a
+/// forged lock cannot make two CPUs share.
+static POKE_LOCK: AtomicBool = AtomicBool::new(false);
+
+fn frame_of(table: u64) -> PhysFrame {
+    PhysFrame::containing_address(PhysAddr::new(table))
+}
+
+/// The shared top-level table (every CPU's CR3 outside `TextAlias`).
+pub fn shared_pml4() -> u64 {
+    // SAFETY: only the address is taken.
+    table_addr(unsafe { &(*TABLES.0.get()).pml4 })
+}
+
+/// The top-level table this CPU runs on now.
+pub fn current_pml4() -> u64 {
+    Cr3::read().0.start_address().as_u64()
+}
+
+fn poke_tables(cpu: usize) -> *mut PokeTables {
+    // SAFETY: only the address is computed.
+    unsafe { core::ptr::addr_of_mut!((*TABLES.0.get()).poke[cpu]) }
+}
+
+/// The CPU whose kernel or IST stack holds `sp`, found from the static stack
+/// layout (not from per-CPU data, which ordinary stores can change).
+fn cpu_of_stack(sp: u64) -> Option<usize> {
+    let on = |b: StackBounds| sp >= b.lo && sp < b.hi;
+    let base = stacks(0) as u64;
+    let size = core::mem::size_of::<CpuStacks>() as u64;
+    let cpu = if on(kernel_stack(0)) {
+        0
+    } else if sp >= base && sp < base + size * MAX_CPUS as u64 {
+        ((sp - base) / size) as usize
+    } else {
+        return None;
+    };
+    (on(kernel_stack(cpu)) || (1..=IST_COUNT).any(|i| on(ist_stack(cpu, i)))).then_some(cpu)
+}
+
+/// The CPU whose private poking tables CR3 points at, if it points at one.
+fn poking_cpu() -> Option<usize> {
+    let cr3 = current_pml4();
+    // SAFETY: only addresses are compared.
+    (0..MAX_CPUS).find(|&c| table_addr(unsafe { &(*poke_tables(c)).pml4 }) == cr3)
+}
+
+/// A temporary writable alias of kernel text, read-only data or the sealed
+/// area, in an address space that only the CPU holding it uses.
+///
+/// `new` disables interrupts (restored by `drop`), takes the writers' lock,
+/// and switches this CPU's CR3 to its own private poking tables: the shared
+/// PML4's entries (the same lower-level tables, so the kernel runs on
+/// unchanged) plus PML4 slot `POKE_PML4_INDEX`, which no shared table maps.
+/// `write` maps one target page at a time at `POKE_ALIAS_VA` (RW+NX, not
+/// global) in those tables and INVLPGs the old translation. `drop` clears
+/// the PTE, INVLPGs it and goes back to the shared CR3 (which flushes every
+/// non-global translation too).
+///
+/// Why no other CPU can write through the alias: a translation is only made
+/// by a walk from a CR3, and no other CPU's CR3 can reach this CPU's slot
+/// `POKE_PML4_INDEX` (the shared PML4 has it empty; each CPU's private PML4
+/// is loaded by that CPU alone). So no other CPU can hold a TLB or
+/// paging-structure-cache entry for the alias, and removing it needs no
+/// shootdown. Which tables are this CPU's is derived from registers (RSP in
+/// `new`, CR3 afterwards) and the static stack layout, never from ordinary
+/// memory. The identity mappings never change: text stays RX and D=0, rodata
+/// and the sealed area R+NX and D=0 (W^X; no shadow-stack-like page).
+///
+/// Interrupts and NMIs: with IF=0 no interrupt handler runs on the private
+/// CR3, and no sync IPI is acked while an alias lives (the patcher drops its
+/// alias before every sync). An NMI (or #MC) can still arrive: its handler
+/// runs on the private CR3, which maps everything the shared one does, at
+/// the same addresses and with the same rights, plus the alias page, which no
+/// handler addresses (it is only reached through `POKE_ALIAS_VA`, used here
+/// alone); its IRET returns here on the same CR3 (an NMI does not switch
+/// CR3). So the handler reaches nothing it could not reach on the shared
+/// tables, and for every other CPU nothing changes.
 pub struct TextAlias {
-    page: Option<u64>,
+    /// IF before `new` (restored by `drop`).
+    interrupts: bool,
+    /// Must be dropped on the CPU that made it (it owns that CPU's CR3).
+    _cpu_bound: PhantomData<*const ()>,
 }
 
 impl TextAlias {
-    /// Only the patcher creates one, under its in-flight lock.
+    /// Enter this CPU's private poking address space. Spins while another
+    /// CPU holds an alias; panics if this CPU already holds one or runs on
+    /// no kernel or IST stack.
     pub fn new() -> Self {
-        TextAlias { page: None }
+        let was = interrupts::are_enabled();
+        interrupts::disable();
+        let marker = 0u8;
+        let sp = addr_of!(marker) as u64;
+        let cpu = cpu_of_stack(sp).unwrap_or_else(|| panic!("TextAlias::new: {sp:#x} is on no CPU's kernel stack"));
+        let (frame, flags) = Cr3::read();
+        assert_eq!(
+            frame.start_address().as_u64(),
+            shared_pml4(),
+            "TextAlias::new: CPU {cpu} is not on the shared page tables (already holding an alias?)"
+        );
+        while POKE_LOCK.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            core::hint::spin_loop();
+        }
+        // SAFETY: only the address is taken.
+        let pml4 = table_addr(unsafe { &(*poke_tables(cpu)).pml4 });
+        // SAFETY: the private tables map the kernel exactly as the shared
+        // ones (same lower-level tables) plus the alias slot; only this CPU
+        // uses them, with interrupts off until drop().
+        unsafe { Cr3::write(frame_of(pml4), flags) };
+        TextAlias { interrupts: was, _cpu_bound: PhantomData }
+    }
+
+    /// This CPU's private alias PTE (CR3 points at its private tables).
+    fn pte(&self) -> *mut u64 {
+        let cpu = poking_cpu().expect("TextAlias: CR3 is not a private poking PML4");
+        // SAFETY: only the address is computed.
+        unsafe { core::ptr::addr_of_mut!((*poke_tables(cpu)).pt.0[ALIAS_PT_INDEX]) }
     }
 
     fn map(&mut self, page: u64) {
-        if self.page == Some(page) {
-            return;
-        }
-        assert_eq!(classify(page), Some(Kind::Text), "poke outside kernel text");
-        // SAFETY: the poke table entry is only used by the (single) TextAlias
-        // alive under the patcher's lock; it maps a text page RW+NX.
+        let pte = self.pte();
+        let entry = paging::leaf(page, Kind::PokeAlias);
+        // SAFETY: this CPU's private PTE; only this CPU uses it. Compared
+        // with the PTE itself (not a copy in ordinary memory) so a forged
+        // copy cannot make a write land on the previous page.
         unsafe {
-            (*TABLES.0.get()).poke.0[0] = paging::leaf(page, Kind::PokeAlias);
+            if pte.read_volatile() == entry {
+                return;
+            }
+            pte.write_volatile(entry);
         }
+        // Only this CPU can have translated its alias (see the type's comment).
         tlb::flush(VirtAddr::new(POKE_ALIAS_VA));
-        self.page = Some(page);
     }
 
-    /// Write `bytes` to kernel text at `addr` (may cross pages).
+    /// Write `bytes` at `addr` (may cross pages). `[addr, addr + len)` must
+    /// lie inside kernel text, read-only data or the sealed area; anything
+    /// else panics before any byte is written.
     pub fn write(&mut self, addr: u64, bytes: &[u8]) {
-        for (i, &b) in bytes.iter().enumerate() {
-            let a = addr + i as u64;
-            self.map(a & !(PAGE_SIZE - 1));
-            // SAFETY: the alias maps the page of `a` writable right now.
-            unsafe { ((POKE_ALIAS_VA + (a & (PAGE_SIZE - 1))) as *mut u8).write_volatile(b) };
+        let len = bytes.len() as u64;
+        assert!(
+            pokeable(addr, len),
+            "TextAlias::write: {len} bytes at {addr:#x} are not inside kernel text, .rodata or the sealed area"
+        );
+        let mut done = 0usize;
+        while done < bytes.len() {
+            let a = addr + done as u64;
+            let offset = a & (PAGE_SIZE - 1);
+            let n = ((PAGE_SIZE - offset) as usize).min(bytes.len() - done);
+            self.map(a - offset);
+            for (i, &b) in bytes[done..done + n].iter().enumerate() {
+                // SAFETY: the alias maps the page of `a` writable right now.
+                unsafe { ((POKE_ALIAS_VA + offset + i as u64) as *mut u8).write_volatile(b) };
+            }
+            done += n;
         }
     }
 }
 
 impl Drop for TextAlias {
     fn drop(&mut self) {
-        if self.page.take().is_some() {
-            // SAFETY: as in map(); removing the alias.
-            unsafe { (*TABLES.0.get()).poke.0[0] = 0 };
-            tlb::flush(VirtAddr::new(POKE_ALIAS_VA));
+        let pte = self.pte();
+        // SAFETY: this CPU's private PTE; removing the alias.
+        unsafe { pte.write_volatile(0) };
+        tlb::flush(VirtAddr::new(POKE_ALIAS_VA));
+        let flags = Cr3::read().1;
+        // SAFETY: back to the shared tables this CPU ran on before new().
+        unsafe { Cr3::write(frame_of(shared_pml4()), flags) };
+        POKE_LOCK.store(false, Ordering::Release);
+        if self.interrupts {
+            interrupts::enable();
         }
     }
 }
 
-/// Is the poke alias unmapped (no writable view of text exists)?
+/// No writable view of text, rodata or the sealed area exists: no alias is
+/// held, every private alias PTE is empty, this CPU runs on the shared
+/// tables, the shared PML4 does not have the alias's slot, and no writable
+/// leaf of the shared tables maps a frame of text, rodata or the sealed area.
 pub fn text_alias_unmapped() -> bool {
-    // SAFETY: plain read of the poke table entry.
-    unsafe { (*TABLES.0.get()).poke.0[0] == 0 }
+    // SAFETY: plain reads of page-table entries.
+    let (ptes_clear, slot) = unsafe {
+        let t = &*TABLES.0.get();
+        (t.poke.iter().all(|p| p.pt.0[ALIAS_PT_INDEX] == 0), t.pml4.0[POKE_PML4_INDEX])
+    };
+    let mut writable_view = false;
+    walk(shared_pml4(), 4, 0, &mut |_, e, size| {
+        if e & paging::Pte::WRITABLE.bits() != 0 {
+            let phys = e & paging::ADDR_MASK & !(size - 1);
+            writable_view |= overlaps_pokeable(phys, phys + size);
+        }
+    });
+    !POKE_LOCK.load(Ordering::Relaxed) && ptes_clear && slot == 0 && current_pml4() == shared_pml4() && !writable_view
+}
+
+/// The shared tables' leaf entry covering `va`, if present.
+pub fn shared_leaf(va: u64) -> Option<u64> {
+    let mut found = None;
+    walk(shared_pml4(), 4, 0, &mut |start, e, size| {
+        if va >= start && va - start < size {
+            found = Some(e);
+        }
+    });
+    found
 }
 
 /// Visit every present leaf of the live page tables (from CR3): (linear address, entry, size).

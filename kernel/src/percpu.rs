@@ -199,13 +199,6 @@ impl PerCpu {
             hi: self.kstack[1].load(Ordering::Relaxed),
         }
     }
-    #[inline]
-    pub fn shadow_stack(&self) -> shadowcall::shstk::StackBounds {
-        shadowcall::shstk::StackBounds {
-            lo: self.shstk[0].load(Ordering::Relaxed),
-            hi: self.shstk[1].load(Ordering::Relaxed),
-        }
-    }
 
     /// The emulation LIFO. Only this CPU uses it, with interrupts off or from
     /// an exception handler.

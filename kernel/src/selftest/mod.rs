@@ -5,6 +5,7 @@
 
 pub mod cet_tests;
 pub mod emul_tests;
+pub mod sec_alias;
 pub mod sec_recover;
 pub mod sec_tests;
 pub mod smp_tests;
@@ -167,6 +168,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("frame_alignment", sec_tests::frame_alignment),
     ("sec_exit_forged_frame", sec_tests::sec_exit_forged_frame),
     ("sec_batch_forged", sec_tests::sec_batch_forged),
+    ("sec_poke_alias_private", sec_alias::sec_poke_alias_private),
     ("sec_try_forged_ssp", sec_recover::sec_try_forged_ssp),
     ("sec_fault_in_nmi", sec_recover::sec_fault_in_nmi),
     ("sec_tramp_record_bound", sec_tests::sec_tramp_record_bound),

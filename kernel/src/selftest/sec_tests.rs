@@ -22,7 +22,7 @@ use super::{tlog, tlog_reset};
 use crate::interrupts::{try_run, FaultInfo, GUARD_REFUSAL, VEC_CP, VEC_PF};
 use crate::patching::{self, InFlight, Step};
 use crate::percpu::this_cpu;
-use crate::{apic, cet, diag, interrupts, mm, BootState};
+use crate::{apic, cet, interrupts, mm, BootState};
 
 core::arch::global_asm!(
     include_str!("../../../asm/sec.S"),
