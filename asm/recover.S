@@ -19,7 +19,7 @@
  *   [rsp-8] = sc_try_marker while f runs, [rsp] = padding, [rsp+8..+56] =
  *   r15 r14 r13 r12 rbp rbx, [rsp+56] = the caller's return address. */
 
-.section .text
+.section .text.entry, "ax"
 .globl sc_try_call, sc_try_recover, sc_try_marker
 sc_try_call:
     pushq %rbx
