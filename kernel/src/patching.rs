@@ -471,6 +471,7 @@ pub fn note_frame_alignment(frame: &TrapFrame) {
 /// #BP, from asm/entry.S `sc_isr_3`. `ssp` is RDSSP at the stub (the shadow
 /// frame's base F), 0 with shadow stacks off.
 #[no_mangle]
+#[link_section = ".text.entry"]
 extern "C" fn sc_bp_handler(frame: &mut TrapFrame, ssp: u64) -> BpExit {
     note_frame_alignment(frame);
     let f = (ssp != 0).then(|| ShadowFrame::at(ssp));
@@ -515,6 +516,7 @@ fn bp_decide(frame: &mut TrapFrame, f: Option<ShadowFrame>, addr: u64) -> BpExit
 /// The exit found the frame or the state changed after the handler's
 /// checks (asm/entry.S `sc_bpx_refuse`): nothing was written.
 #[no_mangle]
+#[link_section = ".text.entry"]
 extern "C" fn sc_bp_exit_refused(frame: &mut TrapFrame, ssp: u64) {
     // What the CPU pushed is on the shadow stack: put the saved RIP/CS and
     // the recorded SSP back to it, so that the refusal unwinds this very
