@@ -14,8 +14,8 @@
  * every stub then adds 152 bytes (vector, error code, 15 registers, 2
  * bookkeeping words): 192 in all, so the Rust handler is called with RSP a
  * multiple of 16 (the ABI's alignment at a call). The #BP stub adds its
- * gap (BP_GAP = 8) and a full 192-byte TrapFrame holding a copy of the
- * hardware frame: 40 + 8 + 192 = 240 = 15 * 16, aligned too. The
+ * gap (BP_GAP = 24) and a full 192-byte TrapFrame holding a copy of the
+ * hardware frame: 40 + 24 + 192 = 256 = 16 * 16, aligned too. The
  * `frame_alignment` self-test checks both, from both interrupted alignments. */
 
 .macro PUSH_GPRS
@@ -178,7 +178,7 @@ sc_isr_3:
     jmp *sc_bpx_table(,%rax,8)
 
 sc_bpx_plain:
-    ISR_EXIT
+    jmp sc_bp_return
 
 /* r8 := F (SSP is F again: the handler's calls are popped), r9 := LIP. */
 .macro BPX_FRAME
@@ -258,7 +258,7 @@ sc_bpx_call_sg:
     wrssq %rcx, (%r8)
     wrssq %rdx, 8(%r8)
     wrssq %rax, 16(%r8)
-    ISR_EXIT
+    jmp sc_bp_return
 
 /* `jmp T`, and `call T` the classic way (the negative control: shadow stack
  * untouched, so T's ret raises #CP): LIP := T. */
@@ -273,7 +273,7 @@ sc_bpx_classic:
     cmpq %rcx, {FRAME_RIP}(%rsp)
     jne sc_bpx_refuse
     wrssq %rcx, 8(%r8)
-    ISR_EXIT
+    jmp sc_bp_return
 
 /* 5-byte NOP: LIP := S+5. */
 sc_bpx_nop:
@@ -283,7 +283,7 @@ sc_bpx_nop:
     cmpq %rcx, {FRAME_RIP}(%rsp)
     jne sc_bpx_refuse
     wrssq %rcx, 8(%r8)
-    ISR_EXIT
+    jmp sc_bp_return
 
 /* `ret`: pop both stacks. The return address is the top of the interrupted
  * shadow stack (the handler checked the normal stack's top equals it):
@@ -298,7 +298,7 @@ sc_bpx_ret:
     wrssq %rcx, 8(%r8)
     addq $8, %r11
     wrssq %r11, (%r8)
-    ISR_EXIT
+    jmp sc_bp_return
 
 /* Trampoline, first trap: claim a record on this CPU's record page (free,
  * or left by an abandoned emulation at the same SSP), bound to the
@@ -337,7 +337,7 @@ sc_bpx_tramp1:
     leaq sc_tramp_page(%rip), %rax
     wrssq %rax, 8(%r8)
     andq $~(1 << {RFLAGS_IF_BIT}), {FRAME_RFLAGS}(%rsp)
-    ISR_EXIT
+    jmp sc_bp_return
 
 /* Trampoline, second trap at its int3: both the trampoline's return
  * addresses must be on top of the interrupted shadow stack P, and a record
@@ -374,7 +374,7 @@ sc_bpx_tramp2:
     wrssq %rax, 8(%r11)
     xorl %eax, %eax
     wrssq %rax, {REC_SSP}(%rdi)
-    ISR_EXIT
+    jmp sc_bp_return
 
 /* Resume at the site itself (LIP := LIP-1): an int3 at a registered site
  * that is not (yet) in the live batch is executed again, never resumed in
@@ -385,7 +385,7 @@ sc_bpx_resume_site:
     cmpq %rcx, {FRAME_RIP}(%rsp)
     jne sc_bpx_refuse
     wrssq %rcx, 8(%r8)
-    ISR_EXIT
+    jmp sc_bp_return
 
 /* Self-test probe `iret_rip_and_lip`: only the probe's own int3 can be sent
  * to the probe's own landing (both fixed addresses). */
@@ -398,7 +398,88 @@ sc_bpx_test_landing:
     cmpq %rcx, {FRAME_RIP}(%rsp)
     jne sc_bpx_refuse
     wrssq %rcx, 8(%r8)
-    ISR_EXIT
+    jmp sc_bp_return
+
+/* ---- The end of every #BP exit --------------------------------------------
+ * Outside an NMI handler: IRET. Inside one (the stub's frame lies on this
+ * CPU's NMI stack: RSP against the static layout), IRET would end the CPU's
+ * NMI blocking before the NMI handler has finished, and a second NMI would
+ * find the NMI stack's shadow-stack token busy (#GP). So return without
+ * IRET, as the CPU state after IRET would be, with NMIs still blocked:
+ *   shadow stack (B = RDSSP, the frame IRET would pop; P' = [B], the SSP IRET
+ *   would restore; X = [B+8], its LIP, which must equal the saved RIP):
+ *     the slot RET will pop, P'-8, must hold X: it does for an emulated
+ *     `ret` (the interrupted top); otherwise it is this frame's own CS slot
+ *     B+16, rewritten to X with WRSS; INCSSP (P'-8-B)/8 slots (1..3).
+ *   normal stack (R' = the saved RSP): [R'-8] := X, [R'-16] := RFLAGS.
+ *   pop the registers, RSP := R'-16, POPFQ (IF, TF, DF, AC... as saved; RF
+ *   cleared), RET: pops X from both stacks and compares them.
+ * End state: RIP = X, RSP = R', SSP = P', RFLAGS as saved, NMIs still
+ * blocked until the NMI handler's own IRET. BP_GAP (24) keeps R'-16 above
+ * the trap frame in every case (R' >= interrupted RSP - 8). */
+sc_bp_return:
+    movq %rsp, %rax
+    leaq sc_stacks(%rip), %rcx
+    subq %rcx, %rax
+    jb 9f
+    xorl %edx, %edx
+    movq ${CPU_STACKS_SIZE}, %rcx
+    divq %rcx
+    cmpq ${MAX_CPUS}, %rax
+    jae 9f
+    subq ${NMI_STACK_OFF}, %rdx
+    cmpq ${IST_STACK_SIZE}, %rdx
+    jb sc_bp_return_in_nmi
+9:  ISR_EXIT
+
+sc_bp_return_in_nmi:
+    movq {FRAME_RSP}(%rsp), %rcx
+    movq {FRAME_RIP}(%rsp), %r9
+    cmpb $0, SC_SHSTK_ACTIVE(%rip)
+    je 2f
+    rdsspq %r8
+    cmpq %r9, 8(%r8)
+    jne 9b
+    movq (%r8), %r10
+    leaq -8(%r10), %r11
+    cmpq %r9, (%r11)
+    je 1f
+    leaq 16(%r8), %rax
+    cmpq %rax, %r11
+    jne 9b
+    wrssq %r9, (%r11)
+1:  movq %r11, %rax
+    subq %r8, %rax
+    shrq $3, %rax
+    jz 9b
+    cmpq $3, %rax
+    ja 9b
+    incsspq %rax
+2:  movq %r9, -8(%rcx)
+    movq {FRAME_RFLAGS}(%rsp), %rax
+    movq %rax, -16(%rcx)
+    subq $16, %rcx
+    movq %rcx, {FRAME_RSP}(%rsp)
+    addq $16, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rbp
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rbx
+    popq %rax
+    addq $16, %rsp                  /* TrapFrame.vector, .error_code */
+    movq 24(%rsp), %rsp             /* the saved RSP slot: R'-16 */
+    popfq
+    retq
 
 /* A check above failed: the frame or the state changed after the handler's
  * checks. Nothing was written; the handler reports it and refuses. */
@@ -406,7 +487,7 @@ sc_bpx_refuse:
     movq %rsp, %rdi
     movq %r8, %rsi                  /* F, from RDSSP */
     call sc_bp_exit_refused
-    ISR_EXIT
+    jmp sc_bp_return
 
 /* Stub addresses for the IDT, indexed by vector (0 = no stub). */
 .section .rodata

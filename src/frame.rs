@@ -43,7 +43,9 @@ pub const RFLAGS_IF: u64 = 1 << 9;
 
 /// Bytes the #BP stub moves the hardware frame down by, so that the handler
 /// can emulate a `push` onto the interrupted stack (classic and shadow-gap
-/// emulation) without overwriting the frame it will IRET through.
+/// emulation) and the exit can return without IRET in NMI context (two more
+/// words below the final RSP: RFLAGS for POPF and the address for RET)
+/// without overwriting the frame it returns through.
 ///
 /// Alignment: the CPU aligns RSP down to 16 and pushes the 40-byte hardware
 /// frame; the #BP stub then subtracts the gap and builds a whole
@@ -51,7 +53,11 @@ pub const RFLAGS_IF: u64 = 1 << 9;
 /// Rust handler is called with RSP = aligned - 40 - gap - 192. That is a
 /// multiple of 16 (the ABI's alignment at a call) only when
 /// `40 + gap` is: the gap is 8 (mod 16), see [`handler_rsp_aligned`].
-pub const BP_STACK_GAP: u64 = 8;
+pub const BP_STACK_GAP: u64 = 24;
+
+/// Words the #BP path may store below the interrupted RSP: the emulated
+/// call's return address, then the NMI-context return's two words.
+pub const BP_GAP_WORDS: u64 = 3;
 
 /// Bytes of the hardware interrupt frame (no error code).
 pub const HW_FRAME_BYTES: u64 = HW_FRAME_WORDS * 8;
@@ -110,6 +116,17 @@ mod tests {
         assert!(handler_rsp_aligned(HW_FRAME_BYTES, BP_STACK_GAP));
         // The old 16-byte gap left the handler at 8 (mod 16).
         assert!(!handler_rsp_aligned(HW_FRAME_BYTES, 16));
+    }
+
+    #[test]
+    fn gap_holds_the_nmi_return_words_at_every_alignment() {
+        // Lowest word written: interrupted RSP - 8 * BP_GAP_WORDS; it must
+        // stay above the copied frame for every interrupted alignment.
+        for low in (0..16u64).step_by(8) {
+            let rsp = 0x10_0000 + low;
+            assert!(copied_frame_end(rsp, BP_STACK_GAP) <= rsp - 8 * BP_GAP_WORDS, "rsp={rsp:#x}");
+        }
+        assert!(copied_frame_end(0x10_0000, 8) > 0x10_0000 - 8 * BP_GAP_WORDS);
     }
 
     #[test]

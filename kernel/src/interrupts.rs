@@ -62,6 +62,8 @@ core::arch::global_asm!(
     KIND_NOP = const shadowcall::patch::KIND_NOP,
     KIND_RET = const shadowcall::patch::KIND_RET,
     CPU_STACKS_SIZE = const mm::CPU_STACKS_SIZE,
+    NMI_STACK_OFF = const mm::ist_stack_offset(IST_NMI),
+    IST_STACK_SIZE = const mm::IST_STACK_SIZE,
     MAX_CPUS = const mm::MAX_CPUS,
     RECORD_SIZE = const shadowcall::emul::record::RECORD_SIZE,
     RECORDS_PER_PAGE = const shadowcall::emul::record::RECORDS_PER_PAGE,

@@ -639,6 +639,15 @@ fn walk(table: u64, level: u32, base: u64, f: &mut impl FnMut(u64, u64, u64)) {
 
 // ---- Trampoline records --------------------------------------------------
 
+/// Where IST stack `ist`'s normal stack (1-based) lies in a CPU's stack
+/// area (`sc_stacks` + cpu * CPU_STACKS_SIZE + this): the #BP exit tells
+/// NMI context from it.
+pub const fn ist_stack_offset(ist: usize) -> usize {
+    core::mem::offset_of!(CpuStacks, ist)
+        + (ist - 1) * core::mem::size_of::<Guarded<IST_STACK_SIZE>>()
+        + core::mem::offset_of!(Guarded<IST_STACK_SIZE>, stack)
+}
+
 /// Bytes of one CPU's stack area (`sc_stacks` + cpu * this).
 pub const CPU_STACKS_SIZE: usize = core::mem::size_of::<CpuStacks>();
 
