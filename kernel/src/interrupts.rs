@@ -290,10 +290,12 @@ extern "C" fn sc_exception_dispatch(frame: &mut TrapFrame) {
 fn nmi(frame: &mut TrapFrame) {
     let cpu = this_cpu();
     cpu.in_nmi.store(true, Ordering::Relaxed);
+    selftest::nmi_tests::nmi_depth_enter();
     let r = try_run(|| {
         selftest::smp_tests::nmi(frame);
         0
     });
+    selftest::nmi_tests::nmi_depth_exit();
     cpu.in_nmi.store(false, Ordering::Relaxed);
     if let Err(f) = r {
         NMI_LAST_FAULT[0].store(f.vector, Ordering::Relaxed);

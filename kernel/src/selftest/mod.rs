@@ -5,6 +5,7 @@
 
 pub mod cet_tests;
 pub mod emul_tests;
+pub mod nmi_tests;
 pub mod sec_alias;
 pub mod sec_recover;
 pub mod sec_tests;
@@ -173,6 +174,8 @@ const TESTS: &[(&str, TestFn)] = &[
     ("sec_fault_in_nmi", sec_recover::sec_fault_in_nmi),
     ("sec_tramp_record_bound", sec_tests::sec_tramp_record_bound),
     ("sec_stale_int3_race", sec_tests::sec_stale_int3_race),
+    ("nmi_bp_keeps_nmi_masked", nmi_tests::nmi_bp_keeps_nmi_masked),
+    ("nmi_storm", nmi_tests::nmi_storm),
 ];
 
 /// Run every test and print the report. True when none failed.

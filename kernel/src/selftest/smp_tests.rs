@@ -386,6 +386,7 @@ static NMI_UNBALANCED: AtomicU64 = AtomicU64::new(0);
 pub fn nmi(_frame: &mut TrapFrame) {
     let c = this_cpu();
     PerCpu::count(&c.counters.nmis);
+    super::nmi_tests::nmi_body();
     super::sec_recover::nmi_hook();
     if c.counters.window_depth.load(Ordering::Relaxed) > 0 {
         PerCpu::count(&c.counters.nmi_in_window);
