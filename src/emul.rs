@@ -128,7 +128,7 @@ mod tests {
     use super::*;
 
     fn pc(site: u64) -> PendingCall {
-        PendingCall { site, ret: site + 5, target: 0x9000, interrupts: site % 2 == 0 }
+        PendingCall { site, ret: site + 5, target: 0x9000, interrupts: site.is_multiple_of(2) }
     }
 
     #[test]
