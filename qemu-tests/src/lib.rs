@@ -113,7 +113,7 @@ fn run_or_panic(opts: &RunOptions) -> RunOutcome {
     if !outcome.report.security.is_empty() {
         for note in xtask::runner::security_notes(&outcome.report) {
             if note.contains("SECURITY") {
-                show(&format!("{} ({}):\n{note}", opts.label(), outcome.words.join(" ")));
+                show(&format!("{}:\n{note}", opts.label()));
             }
         }
     }
