@@ -103,7 +103,7 @@ pub struct RunArgs {
     pub smp: u32,
     #[command(flatten)]
     pub kernel: KernelArgs,
-    /// Timeout in seconds (default: 180 Bochs, 60 QEMU, 300 QEMU with --smp 2+, 1800 with --stress).
+    /// Timeout in seconds (default: 180 Bochs and qemu-kvm, 60 qemu, 300 QEMU with --smp 2+, 1800 with --stress).
     #[arg(long, value_name = "SECS", value_parser = timeout_parser)]
     pub timeout: Option<Duration>,
     /// QEMU only: wait for gdb on :1234 (no timeout).
@@ -267,6 +267,7 @@ mod tests {
         assert!(o.append.is_empty());
         assert_eq!(o.effective_timeout(), Some(Duration::from_secs(180)));
         assert_eq!(run(&["--machine", "qemu"]).unwrap().effective_timeout(), Some(Duration::from_secs(60)));
+        assert_eq!(run(&["--machine", "qemu-kvm"]).unwrap().effective_timeout(), Some(Duration::from_secs(180)));
         let o = run(&["--machine", "qemu", "--smp", "4"]).unwrap();
         assert_eq!(o.effective_timeout(), Some(Duration::from_secs(300)));
     }
