@@ -157,7 +157,7 @@ mod tests {
     use super::*;
 
     fn pc(site: u64) -> PendingCall {
-        PendingCall { site, ret: site + 5, target: 0x9000, interrupts: site % 2 == 0, rsp: 0x8000 }
+        PendingCall { site, ret: site + 5, target: 0x9000, interrupts: site.is_multiple_of(2), rsp: 0x8000 }
     }
 
     #[test]

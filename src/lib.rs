@@ -10,7 +10,8 @@
 extern crate alloc;
 
 pub mod acpi;
-pub mod cmdline;
+/// The kernel command line (the shared `shadowcall-cmdline` crate).
+pub use shadowcall_cmdline as cmdline;
 pub mod emul;
 pub mod frame;
 pub mod ktap;

@@ -142,7 +142,7 @@ mod tests {
         assert!(token_is_free(supervisor_token(a), a));
         assert!(token_is_busy(supervisor_token(a) | TOKEN_BUSY, a));
         assert!(!token_is_busy(supervisor_token(a), a));
-        assert!(!token_is_busy(a + 8 | 1, a));
+        assert!(!token_is_busy((a + 8) | 1, a));
     }
 
     #[test]

@@ -5,7 +5,11 @@ use shadowcall::cmdline::Cmdline;
 pub const MULTIBOOT_BOOTLOADER_MAGIC: u64 = 0x2bad_b002;
 const MBI_FLAG_MEM: u32 = 1 << 0;
 const MBI_FLAG_CMDLINE: u32 = 1 << 2;
-const CMDLINE_MAX: usize = 512;
+/// The longest command line kept (the shared vocabulary's limit).
+const CMDLINE_MAX: usize = shadowcall::cmdline::MAX_LEN;
+/// How far past [`CMDLINE_MAX`] the length of a too-long line is counted
+/// (so that a missing NUL cannot make us walk memory forever).
+const CMDLINE_SCAN_LIMIT: usize = 64 * 1024;
 /// BIOS data area word holding the EBDA's real-mode segment.
 const EBDA_SEGMENT_PTR: u64 = 0x40e;
 /// Assumed when the loader gives no memory size.
@@ -21,6 +25,9 @@ pub struct BootInfo {
     pub ebda: u64,
     cmdline: [u8; CMDLINE_MAX],
     cmdline_len: usize,
+    /// The length of the loader's line when it did not fit in `cmdline`
+    /// (at most [`CMDLINE_SCAN_LIMIT`]); None when it fit.
+    cmdline_overflow: Option<usize>,
     pub parsed: Cmdline,
 }
 
@@ -35,6 +42,7 @@ impl BootInfo {
             ebda: unsafe { ((EBDA_SEGMENT_PTR as *const u16).read_volatile() as u64) << 4 },
             cmdline: [0; CMDLINE_MAX],
             cmdline_len: 0,
+            cmdline_overflow: None,
             parsed: Cmdline::default(),
         };
         if !b.multiboot_ok || mbi == 0 {
@@ -54,6 +62,16 @@ impl BootInfo {
                     b.cmdline_len += 1;
                     p = p.add(1);
                 }
+                // Too long: count the rest (up to a bound) so the `cmdline`
+                // test can name the length instead of cutting it silently.
+                let mut len = b.cmdline_len;
+                while len < CMDLINE_SCAN_LIMIT && *p != 0 {
+                    len += 1;
+                    p = p.add(1);
+                }
+                if len > CMDLINE_MAX {
+                    b.cmdline_overflow = Some(len);
+                }
             }
         }
         b
@@ -61,6 +79,12 @@ impl BootInfo {
 
     pub fn cmdline(&self) -> &str {
         core::str::from_utf8(&self.cmdline[..self.cmdline_len]).unwrap_or("<not UTF-8>")
+    }
+
+    /// `Err` naming the length when the loader's line was longer than the
+    /// kernel keeps ([`shadowcall::cmdline::MAX_LEN`]).
+    pub fn cmdline_len_check(&self) -> Result<(), shadowcall::cmdline::CmdlineError<'static>> {
+        shadowcall::cmdline::check_len(self.cmdline_overflow.unwrap_or(self.cmdline_len))
     }
 
     pub fn with_cmdline(mut self, c: Cmdline) -> Self {

@@ -1,7 +1,12 @@
-//! Helpers for the emulator matrix in `tests/matrix.rs`.
+//! Helpers for the emulator matrix in `tests/matrix.rs`, and its harness
+//! ([`harness`]).
 //!
 //! The kernel is built once per test binary; every boot copies the ELF into
 //! its own temporary run directory, so tests can run in parallel.
+//!
+//! Nothing here installs anything: a missing host tool fails the boot with
+//! what is missing and the command that installs it (`cargo xtask test`
+//! installs first, then runs this).
 //!
 //! `SHADOWCALL_TEST_KERNEL=/path/to/elf` boots that ELF instead of building
 //! kernel/ (for testing the runner itself against a stand-in kernel).
@@ -9,15 +14,17 @@
 use std::path::PathBuf;
 use std::sync::{OnceLock, RwLock};
 
+pub mod harness;
+
 use xtask::ktap::Status;
-use xtask::{Cet, Emul, Machine, RunOptions, RunOutcome};
+use xtask::{CetMode, Echo, EmulStrategy, Machine, Policy, RunOptions, RunOutcome};
 
 /// Builds the kernel on first use; later calls get the same result.
 pub fn kernel() -> PathBuf {
     static KERNEL: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let build = || match std::env::var_os("SHADOWCALL_TEST_KERNEL") {
         Some(path) => Ok(PathBuf::from(path)),
-        None => xtask::build_kernel().map_err(|e| e.to_string()),
+        None => xtask::build_kernel(Policy::ReportOnly).map_err(|e| e.to_string()),
     };
     match KERNEL.get_or_init(build) {
         Ok(path) => path.clone(),
@@ -29,11 +36,14 @@ pub fn kernel() -> PathBuf {
 pub fn options(machine: Machine) -> RunOptions {
     let mut opts = RunOptions::new(machine);
     opts.kernel = Some(kernel());
+    opts.echo = Echo::Silent;
+    opts.announce = false;
+    opts.install = Policy::ReportOnly;
     opts
 }
 
 /// Options with `--cet` and `--emul` set.
-pub fn options_with(machine: Machine, cet: Cet, emul: Option<Emul>) -> RunOptions {
+pub fn options_with(machine: Machine, cet: Option<CetMode>, emul: Option<EmulStrategy>) -> RunOptions {
     let mut opts = options(machine);
     opts.cet = cet;
     opts.emul = emul;
@@ -95,10 +105,19 @@ pub fn assert_classic_fails_with_cp(outcome: &RunOutcome) {
 static HOST: RwLock<()> = RwLock::new(());
 
 fn run_or_panic(opts: &RunOptions) -> RunOutcome {
-    match xtask::run(opts) {
+    let outcome = match xtask::run(opts) {
         Ok(outcome) => outcome,
-        Err(e) => panic!("could not run {}: {e}", opts.machine.name()),
+        Err(e) => panic!("could not run {}: {e}", opts.label()),
+    };
+    // `# SECURITY` lines stay loud even in a passing run; `# expected:` ones are not alarms.
+    if !outcome.report.security.is_empty() {
+        for note in xtask::runner::security_notes(&outcome.report) {
+            if note.contains("SECURITY") {
+                show(&format!("{}:\n{note}", opts.label()));
+            }
+        }
     }
+    outcome
 }
 
 /// Boots once; a run that could not even start (missing tool...) panics.

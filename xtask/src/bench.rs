@@ -1,17 +1,22 @@
 //! `cargo xtask bench`: boots the kernel with `bench=1` on each machine,
-//! collects its `# bench {json}` lines, merges repeated runs, checks the
-//! design targets and writes bench/results/ (JSON, Markdown, SVG) and the
-//! README section between `<!-- bench:begin -->` and `<!-- bench:end -->`.
+//! collects its `# bench {json}` lines, merges repeated runs and checks the
+//! design targets. It writes nothing in the repository unless asked:
+//! `--json FILE` writes the results anywhere; `--publish` writes
+//! bench/results/ (JSON, Markdown, SVG) and the README section between
+//! `<!-- bench:begin -->` and `<!-- bench:end -->`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::emulator::fmt_elapsed;
 use crate::error::{Context, Error, Result};
-use crate::machines::{Cet, Machine};
-use crate::runner::RunOptions;
+use crate::install::Policy;
+use crate::machines::{Machine, MachineName};
+use crate::runner::{Echo, RunOptions};
+use shadowcall_cmdline::{CetMode, EmulStrategy};
 
 /// The diagnostic prefix of one figure.
 pub const PREFIX: &str = "# bench ";
@@ -147,32 +152,45 @@ pub fn merge_runs(runs: &[Vec<BenchLine>]) -> Vec<Figure> {
         .collect()
 }
 
-/// A machine configuration of the benchmark.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A machine configuration of the benchmark: a machine and its `--cet`,
+/// labelled with the machine name (`bochs-cetoff` for bochs with cet off).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BenchMachine {
-    pub label: &'static str,
+    pub label: String,
     pub machine: Machine,
-    pub cet: Cet,
+    pub cet: Option<CetMode>,
 }
 
-pub const BENCH_MACHINES: [BenchMachine; 5] = [
-    BenchMachine { label: "bochs", machine: Machine::Bochs, cet: Cet::Auto },
-    BenchMachine { label: "bochs-cetoff", machine: Machine::Bochs, cet: Cet::Off },
-    BenchMachine { label: "bochs-nocet", machine: Machine::BochsNocet, cet: Cet::Auto },
-    BenchMachine { label: "qemu", machine: Machine::Qemu, cet: Cet::Auto },
-    BenchMachine { label: "qemu-kvm", machine: Machine::QemuKvm, cet: Cet::Auto },
-];
-
 /// The default set (qemu-kvm is dropped, loudly, when it cannot run).
-pub const DEFAULT_LABELS: [&str; 4] = ["bochs", "bochs-cetoff", "qemu", "qemu-kvm"];
+pub const DEFAULT_MACHINES: [MachineName; 4] =
+    [MachineName::Bochs, MachineName::BochsCetoff, MachineName::Qemu, MachineName::QemuKvm];
 
 impl BenchMachine {
-    pub fn from_label(label: &str) -> Option<BenchMachine> {
-        BENCH_MACHINES.into_iter().find(|m| m.label == label)
+    pub fn new(machine: Machine, cet: Option<CetMode>) -> BenchMachine {
+        BenchMachine { label: MachineName::label(machine, cet), machine, cet }
+    }
+
+    /// `name` with `--cet` (see [`MachineName::resolve`]).
+    pub fn from_name(name: MachineName, cet: Option<CetMode>) -> std::result::Result<BenchMachine, String> {
+        let (machine, cet) = name.resolve(cet)?;
+        Ok(BenchMachine::new(machine, cet))
+    }
+
+    /// The machines of `names` (default: [`DEFAULT_MACHINES`]) with `cet`, each once.
+    pub fn list(names: &[MachineName], cet: Option<CetMode>) -> std::result::Result<Vec<BenchMachine>, String> {
+        let names = if names.is_empty() { &DEFAULT_MACHINES[..] } else { names };
+        let mut out: Vec<BenchMachine> = Vec::new();
+        for &n in names {
+            let m = BenchMachine::from_name(n, cet)?;
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        Ok(out)
     }
 
     /// Bochs with `clock: sync=none` counts retired instructions.
-    pub fn unit(self) -> &'static str {
+    pub fn unit(&self) -> &'static str {
         if self.machine.is_bochs() {
             "instructions"
         } else {
@@ -181,7 +199,7 @@ impl BenchMachine {
     }
 
     /// Bochs is deterministic: one run is enough.
-    pub fn runs(self, requested: u32) -> u32 {
+    pub fn runs(&self, requested: u32) -> u32 {
         if self.machine.is_bochs() {
             1
         } else {
@@ -496,21 +514,18 @@ pub fn update_readme(readme: Option<&str>, body: &str) -> String {
 
 // ------------------------------------------------------------------ running
 
-/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (proleptic Gregorian).
-pub fn utc_timestamp(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    // Shift the epoch to 0000-03-01 so leap days end each 4/100/400 cycle.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (the `time` crate).
+pub fn utc_timestamp(secs: i64) -> String {
+    let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_else(|| "unknown-date".to_string())
+}
+
+/// Now, as [`utc_timestamp`].
+pub fn utc_now() -> String {
+    utc_timestamp(time::OffsetDateTime::now_utc().unix_timestamp())
 }
 
 fn hostname() -> String {
@@ -560,7 +575,20 @@ pub struct BenchOptions {
     pub machines: Vec<BenchMachine>,
     pub runs: u32,
     pub kernel: Option<PathBuf>,
+    /// `--emul` for every boot.
+    pub emul: Option<EmulStrategy>,
+    /// `--append` words for every boot.
+    pub append: Vec<String>,
+    /// Write the results as JSON here.
+    pub json: Option<PathBuf>,
+    /// Write bench/results/ and the README section.
+    pub publish: bool,
+    /// Show the KTAP reports while they run.
+    pub verbose: bool,
 }
+
+/// How often a silent boot prints that it is still running.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 
 fn loud(msg: &str) {
     let bar = "!".repeat(78);
@@ -568,18 +596,28 @@ fn loud(msg: &str) {
 }
 
 /// Boots `m` `runs` times; `Ok(Err(why))` when qemu-kvm cannot be measured here.
-fn measure(m: BenchMachine, runs: u32, kernel: &Path) -> Result<std::result::Result<MachineResult, String>> {
+fn measure(
+    m: &BenchMachine,
+    runs: u32,
+    kernel: &Path,
+    opts: &BenchOptions,
+) -> Result<std::result::Result<MachineResult, String>> {
     let mut lines = Vec::new();
     let mut walls = Vec::new();
     let mut shstk = None;
     for i in 1..=runs {
         println!("==> bench {} run {i}/{runs}", m.label);
-        let mut opts = RunOptions::new(m.machine);
-        opts.cet = m.cet;
-        opts.append = vec!["bench=1".to_string()];
-        opts.kernel = Some(kernel.to_path_buf());
-        opts.echo = false;
-        let outcome = match crate::run(&opts) {
+        let started = Instant::now();
+        let mut run = RunOptions::new(m.machine);
+        run.cet = m.cet;
+        run.emul = opts.emul;
+        run.bench = true;
+        run.append = opts.append.clone();
+        run.kernel = Some(kernel.to_path_buf());
+        run.install = Policy::Install;
+        run.echo = if opts.verbose { Echo::Report } else { Echo::Silent };
+        run.progress_every = Some(PROGRESS_EVERY);
+        let outcome = match crate::run(&run) {
             Ok(o) => o,
             Err(e) if m.machine == Machine::QemuKvm => {
                 loud(&format!("qemu-kvm NOT BENCHMARKED: {e}"));
@@ -587,6 +625,7 @@ fn measure(m: BenchMachine, runs: u32, kernel: &Path) -> Result<std::result::Res
             }
             Err(e) => return Err(e),
         };
+        println!("    {} run {i}/{runs} took {}", m.label, fmt_elapsed(started.elapsed()));
         if !outcome.passed {
             if m.machine == Machine::QemuKvm {
                 let why = outcome.kvm_internal_error.as_ref().map_or(outcome.failures.join("; "), |k| k.to_string());
@@ -594,7 +633,7 @@ fn measure(m: BenchMachine, runs: u32, kernel: &Path) -> Result<std::result::Res
                 return Ok(Err(why));
             }
             return Err(Error::new(format!(
-                "bench run on {} failed; not publishing figures of a failing kernel:\n{}",
+                "bench run on {} failed; not using figures of a failing kernel:\n{}",
                 m.label,
                 outcome.describe()
             )));
@@ -611,7 +650,7 @@ fn measure(m: BenchMachine, runs: u32, kernel: &Path) -> Result<std::result::Res
         lines.push(parsed);
     }
     Ok(Ok(MachineResult {
-        machine: m.label.to_string(),
+        machine: m.label.clone(),
         unit: m.unit().to_string(),
         shstk: shstk.unwrap_or(false),
         runs,
@@ -620,14 +659,33 @@ fn measure(m: BenchMachine, runs: u32, kernel: &Path) -> Result<std::result::Res
     }))
 }
 
-/// Runs the whole benchmark and writes the results.
+/// Why `r` may not be published (`--publish`): a target without data
+/// (a subset of the machines, or one that could not run).
+pub fn publish_refusal(r: &BenchResults) -> Option<String> {
+    let missing: Vec<&str> = r.targets.iter().filter(|t| t.met.is_none()).map(|t| t.name.as_str()).collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "not publishing: no data for the target(s) {}; publish a full run (`cargo xtask bench --publish` \
+             measures bochs, bochs-cetoff and qemu)",
+            missing.join(", ")
+        )
+    })
+}
+
+/// The targets that were measured and missed.
+pub fn missed_targets(r: &BenchResults) -> Vec<&Target> {
+    r.targets.iter().filter(|t| t.met == Some(false)).collect()
+}
+
+/// Runs the whole benchmark; writes only what `--json`/`--publish` ask for.
 pub fn run_bench(opts: &BenchOptions) -> Result<BenchResults> {
+    let started = Instant::now();
     let kernel = match &opts.kernel {
         Some(k) => k.clone(),
-        None => crate::build_kernel()?,
+        None => crate::build_kernel(Policy::Install)?,
     };
     let mut results = BenchResults {
-        date: utc_timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)),
+        date: utc_now(),
         host: hostname(),
         cpu_model: cpu_model(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default()),
         kernel_source: match &opts.kernel {
@@ -638,32 +696,54 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchResults> {
         not_covered: Vec::new(),
         targets: Vec::new(),
     };
-    for &m in &opts.machines {
-        match measure(m, m.runs(opts.runs), &kernel)? {
+    for (i, m) in opts.machines.iter().enumerate() {
+        println!(
+            "\n==> bench machine {}/{}: {} ({} elapsed)",
+            i + 1,
+            opts.machines.len(),
+            m.label,
+            fmt_elapsed(started.elapsed())
+        );
+        match measure(m, m.runs(opts.runs), &kernel, opts)? {
             Ok(r) => results.machines.push(r),
-            Err(why) if why.starts_with(m.label) => results.not_covered.push(why),
+            Err(why) if why.starts_with(&m.label) => results.not_covered.push(why),
             Err(why) => results.not_covered.push(format!("{}: {why}", m.label)),
         }
     }
     results.targets = evaluate_targets(&results);
-    write_results(&results, &crate::kernel::repo_root())?;
+    println!("==> bench done in {}", fmt_elapsed(started.elapsed()));
+    if let Some(path) = &opts.json {
+        write_json(&results, path)?;
+    }
+    if opts.publish {
+        if let Some(why) = publish_refusal(&results) {
+            return Err(Error::new(why));
+        }
+        write_results(&results, &crate::kernel::repo_root())?;
+    }
     Ok(results)
 }
 
-/// Writes bench/results/* and the README section under `root`.
+fn write_json(r: &BenchResults, path: &Path) -> Result<()> {
+    let json = serde_json::to_string_pretty(r).context(|| "cannot serialise the results")? + "\n";
+    std::fs::write(path, json).context(|| format!("cannot write {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Writes bench/results/* and the README section under `root` (`--publish`).
 pub fn write_results(r: &BenchResults, root: &Path) -> Result<()> {
     let dir = root.join("bench/results");
     std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
-    let json = serde_json::to_string_pretty(r).context(|| "cannot serialise the results")? + "\n";
     let day = r.date.get(..10).unwrap_or("unknown-date");
+    write_json(r, &dir.join(format!("{day}-{}.json", r.host)))?;
+    write_json(r, &dir.join("latest.json"))?;
     let write = |name: &str, text: &str| {
         let p = dir.join(name);
         std::fs::write(&p, text).context(|| format!("cannot write {}", p.display()))?;
         println!("wrote {}", p.display());
         Ok::<(), Error>(())
     };
-    write(&format!("{day}-{}.json", r.host), &json)?;
-    write("latest.json", &json)?;
     write("latest.md", &format!("# shadowcall benchmarks\n\n{}", markdown(r, false)))?;
     write("latest.svg", &crate::benchchart::svg(r)?)?;
     let readme = root.join("README.md");
@@ -820,8 +900,40 @@ mod tests {
         assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
         assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(utc_timestamp(1_764_210_645), "2025-11-27T02:30:45Z");
+        assert_eq!(utc_now().len(), "2025-11-27T02:30:45Z".len());
         assert_eq!(cpu_model("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags: x\n"), "AMD EPYC 7B13");
         assert_eq!(cpu_model(""), "unknown CPU");
+    }
+
+    #[test]
+    fn machines_and_cet() {
+        let labels = |names: &[MachineName], cet| {
+            BenchMachine::list(names, cet).map(|v| v.into_iter().map(|m| m.label).collect::<Vec<_>>())
+        };
+        assert_eq!(labels(&[], None).unwrap(), ["bochs", "bochs-cetoff", "qemu", "qemu-kvm"]);
+        assert_eq!(labels(&[MachineName::Bochs], Some(CetMode::Off)).unwrap(), ["bochs-cetoff"]);
+        assert_eq!(
+            labels(&[MachineName::BochsCetoff, MachineName::Bochs], Some(CetMode::Off)).unwrap(),
+            ["bochs-cetoff"]
+        );
+        assert_eq!(labels(&[MachineName::Qemu], Some(CetMode::On)).unwrap(), ["qemu-ceton"]);
+        assert!(labels(&[MachineName::BochsCetoff], Some(CetMode::On)).is_err());
+        let m = BenchMachine::from_name(MachineName::BochsCetoff, None).unwrap();
+        assert_eq!((m.machine, m.cet, m.runs(5), m.unit()), (Machine::Bochs, Some(CetMode::Off), 1, "instructions"));
+        assert_eq!(BenchMachine::new(Machine::Qemu, None).runs(5), 5);
+    }
+
+    #[test]
+    fn publish_needs_every_target_and_missed_ones_are_listed() {
+        let r = results();
+        assert!(publish_refusal(&r).is_none());
+        let names: Vec<&str> = missed_targets(&r).iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["lookup growth", "batch patching per site", "sync rounds"]);
+        let mut partial = r.clone();
+        partial.machines.truncate(1);
+        partial.targets = evaluate_targets(&partial);
+        let why = publish_refusal(&partial).unwrap();
+        assert!(why.contains("shadowgap vs classic"), "{why}");
     }
 
     #[test]

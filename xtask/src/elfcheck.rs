@@ -4,14 +4,33 @@
 //! PT_LOAD must have the same `p_vaddr - p_offset`, and no segment with a
 //! zero-filled tail (memsz > filesz) may be followed by file-backed data.
 
+//!
+//! The ELF file is read with the `object` crate.
+
 use std::path::Path;
+
+use object::elf::{FileHeader64, EM_X86_64, PT_LOAD, SHT_SYMTAB};
+use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym};
+use object::LittleEndian;
 
 use crate::error::{Context, Error, Result};
 
-const PT_LOAD: u32 = 1;
-const EM_X86_64: u16 = 62;
 /// Largest file gap between two loaded segments that is only alignment padding.
 const MAX_PADDING: u64 = 4096;
+/// The ELF magic at the start of the file.
+const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+/// The section holding the kernel's patch-site table (when not merged into .rodata).
+const SITES_SECTION: &[u8] = b".shadowcall_sites";
+/// The bytes of one site address in the table.
+const SITE_BYTES: usize = 8;
+/// The Multiboot v1 header: magic, where it may be, and the flag that
+/// says the address fields are valid (needed for an ELF64 kernel).
+const MULTIBOOT_MAGIC: u32 = 0x1BAD_B002;
+const MULTIBOOT_SEARCH: usize = 8192;
+const MULTIBOOT_AOUT_KLUDGE: u32 = 1 << 16;
+
+const LE: LittleEndian = LittleEndian;
+type Header = FileHeader64<LittleEndian>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadSegment {
@@ -21,152 +40,53 @@ pub struct LoadSegment {
     pub memsz: u64,
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
-}
-
-/// Reads the PT_LOAD program headers of a little-endian x86-64 ELF64.
-pub fn load_segments(elf: &[u8]) -> std::result::Result<Vec<LoadSegment>, String> {
-    if elf.get(..4) != Some(b"\x7fELF") {
+/// The ELF header of a little-endian x86-64 ELF64.
+fn header(elf: &[u8]) -> std::result::Result<&Header, String> {
+    if elf.get(..ELF_MAGIC.len()) != Some(&ELF_MAGIC[..]) {
         return Err("not an ELF file".into());
     }
-    if elf[4] != 2 || elf.get(5) != Some(&1) {
-        return Err("not a little-endian 64-bit ELF (ELFCLASS64, ELFDATA2LSB)".into());
-    }
-    let short = || "truncated ELF header".to_string();
-    let machine = u16_at(elf, 0x12).ok_or_else(short)?;
+    let h = Header::parse(elf).map_err(|e| format!("not a little-endian 64-bit ELF (ELFCLASS64, ELFDATA2LSB): {e}"))?;
+    h.endian().map_err(|e| format!("not a little-endian 64-bit ELF (ELFCLASS64, ELFDATA2LSB): {e}"))?;
+    let machine = h.e_machine(LE);
     if machine != EM_X86_64 {
         return Err(format!("ELF machine is {machine}, not x86-64 ({EM_X86_64})"));
     }
-    let phoff = u64_at(elf, 0x20).ok_or_else(short)? as usize;
-    let phentsize = u16_at(elf, 0x36).ok_or_else(short)? as usize;
-    let phnum = u16_at(elf, 0x38).ok_or_else(short)? as usize;
-    if phentsize < 56 {
-        return Err(format!("program header entry size {phentsize} is smaller than 56"));
-    }
-    let mut segments = Vec::new();
-    for i in 0..phnum {
-        let at = phoff + i * phentsize;
-        let bad = || format!("program header {i} lies outside the file");
-        if u32_at(elf, at).ok_or_else(bad)? != PT_LOAD {
-            continue;
-        }
-        segments.push(LoadSegment {
-            offset: u64_at(elf, at + 8).ok_or_else(bad)?,
-            vaddr: u64_at(elf, at + 16).ok_or_else(bad)?,
-            filesz: u64_at(elf, at + 32).ok_or_else(bad)?,
-            memsz: u64_at(elf, at + 40).ok_or_else(bad)?,
-        });
-    }
-    Ok(segments)
+    Ok(h)
 }
 
-const SHT_SYMTAB: u32 = 2;
-
-/// One section header, with its name resolved through `.shstrtab`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Section {
-    pub name: String,
-    pub kind: u32,
-    pub addr: u64,
-    pub offset: u64,
-    pub size: u64,
-    pub link: u32,
+fn load_headers(elf: &[u8]) -> std::result::Result<Vec<&<Header as FileHeader>::ProgramHeader>, String> {
+    let h = header(elf)?;
+    let all = h.program_headers(LE, elf).map_err(|e| format!("bad program headers (outside the file?): {e}"))?;
+    Ok(all.iter().filter(|p| p.p_type(LE) == PT_LOAD).collect())
 }
 
-fn cstr_at(b: &[u8], at: usize) -> Option<&str> {
-    let tail = b.get(at..)?;
-    let len = tail.iter().position(|&c| c == 0)?;
-    std::str::from_utf8(&tail[..len]).ok()
-}
-
-/// The section headers of a little-endian ELF64 (checked as in [`load_segments`]).
-pub fn sections(elf: &[u8]) -> std::result::Result<Vec<Section>, String> {
-    load_segments(elf)?;
-    let short = || "truncated ELF header".to_string();
-    let shoff = u64_at(elf, 0x28).ok_or_else(short)? as usize;
-    let shentsize = u16_at(elf, 0x3a).ok_or_else(short)? as usize;
-    let shnum = u16_at(elf, 0x3c).ok_or_else(short)? as usize;
-    let shstrndx = u16_at(elf, 0x3e).ok_or_else(short)? as usize;
-    if shnum == 0 {
-        return Ok(Vec::new());
-    }
-    if shentsize < 64 {
-        return Err(format!("section header entry size {shentsize} is smaller than 64"));
-    }
-    let mut raw = Vec::new();
-    for i in 0..shnum {
-        let at = shoff + i * shentsize;
-        let bad = || format!("section header {i} lies outside the file");
-        raw.push((
-            u32_at(elf, at).ok_or_else(bad)?,
-            Section {
-                name: String::new(),
-                kind: u32_at(elf, at + 4).ok_or_else(bad)?,
-                addr: u64_at(elf, at + 16).ok_or_else(bad)?,
-                offset: u64_at(elf, at + 24).ok_or_else(bad)?,
-                size: u64_at(elf, at + 32).ok_or_else(bad)?,
-                link: u32_at(elf, at + 40).ok_or_else(bad)?,
-            },
-        ));
-    }
-    let strtab = raw
-        .get(shstrndx)
-        .map(|(_, s)| s.offset as usize)
-        .ok_or_else(|| format!("section name table index {shstrndx} out of range"))?;
-    raw.into_iter()
-        .map(|(name_off, mut s)| {
-            s.name = cstr_at(elf, strtab + name_off as usize)
-                .ok_or_else(|| "a section name lies outside the file".to_string())?
-                .to_string();
-            Ok(s)
+/// The PT_LOAD program headers of a little-endian x86-64 ELF64.
+pub fn load_segments(elf: &[u8]) -> std::result::Result<Vec<LoadSegment>, String> {
+    Ok(load_headers(elf)?
+        .into_iter()
+        .map(|p| LoadSegment {
+            offset: p.p_offset(LE),
+            vaddr: p.p_vaddr(LE),
+            filesz: p.p_filesz(LE),
+            memsz: p.p_memsz(LE),
         })
-        .collect()
-}
-
-/// The bytes of `section` in the file (empty for NOBITS).
-pub fn section_bytes<'a>(elf: &'a [u8], section: &Section) -> std::result::Result<&'a [u8], String> {
-    if section.kind == 8 {
-        return Ok(&[]);
-    }
-    let (start, size) = (section.offset as usize, section.size as usize);
-    elf.get(start..start.saturating_add(size)).ok_or_else(|| format!("section {} lies outside the file", section.name))
+        .collect())
 }
 
 /// The value of the first symbol called `name` in `.symtab`, if any.
 pub fn symbol(elf: &[u8], name: &str) -> std::result::Result<Option<u64>, String> {
-    let secs = sections(elf)?;
-    for symtab in secs.iter().filter(|s| s.kind == SHT_SYMTAB) {
-        let strtab =
-            secs.get(symtab.link as usize).ok_or_else(|| "the symbol table links to no string table".to_string())?;
-        let table = section_bytes(elf, symtab)?;
-        for sym in table.chunks_exact(24) {
-            let name_off = u32_at(sym, 0).unwrap_or(0) as usize;
-            if name_off == 0 {
-                continue;
-            }
-            if cstr_at(elf, strtab.offset as usize + name_off) == Some(name) {
-                return Ok(u64_at(sym, 8));
-            }
-        }
-    }
-    Ok(None)
+    let h = header(elf)?;
+    let sections = h.sections(LE, elf).map_err(|e| format!("bad section headers: {e}"))?;
+    let symbols = sections.symbols(LE, elf, SHT_SYMTAB).map_err(|e| format!("bad symbol table: {e}"))?;
+    Ok(symbols
+        .iter()
+        .find(|sym| sym.st_name(LE) != 0 && sym.name(LE, symbols.strings()) == Ok(name.as_bytes()))
+        .map(|sym| sym.st_value(LE)))
 }
 
 /// `len` bytes at virtual address `vaddr`, from the file-backed part of a PT_LOAD.
 pub fn bytes_at_vaddr(elf: &[u8], vaddr: u64, len: u64) -> Option<&[u8]> {
-    let seg = load_segments(elf)
-        .ok()?
-        .into_iter()
-        .find(|s| vaddr >= s.vaddr && vaddr.checked_add(len).is_some_and(|e| e <= s.vaddr + s.filesz))?;
-    let start = (seg.offset + (vaddr - seg.vaddr)) as usize;
-    elf.get(start..start + len as usize)
+    load_headers(elf).ok()?.into_iter().find_map(|p| p.data_range(LE, elf, vaddr, len).ok().flatten())
 }
 
 /// The kernel's registered patch sites: the little-endian u64 addresses of
@@ -174,20 +94,22 @@ pub fn bytes_at_vaddr(elf: &[u8], vaddr: u64, len: u64) -> Option<&[u8]> {
 /// input section into `.rodata`, of the table between the symbols
 /// `__sites_start` and `__sites_end`.
 pub fn patch_sites(elf: &[u8]) -> std::result::Result<Vec<u64>, String> {
-    let secs = sections(elf)?;
-    let table = if let Some(s) = secs.iter().find(|s| s.name == ".shadowcall_sites") {
-        section_bytes(elf, s)?
-    } else {
-        match (symbol(elf, "__sites_start")?, symbol(elf, "__sites_end")?) {
+    let h = header(elf)?;
+    let sections = h.sections(LE, elf).map_err(|e| format!("bad section headers: {e}"))?;
+    let table = match sections.section_by_name(LE, SITES_SECTION) {
+        Some((_, s)) => {
+            s.data(LE, elf).map_err(|e| format!("the .shadowcall_sites section lies outside the file: {e}"))?
+        }
+        None => match (symbol(elf, "__sites_start")?, symbol(elf, "__sites_end")?) {
             (Some(start), Some(end)) if end >= start => bytes_at_vaddr(elf, start, end - start)
                 .ok_or_else(|| format!("the site table {start:#x}..{end:#x} is not file-backed in a PT_LOAD"))?,
             _ => return Err("no .shadowcall_sites section and no __sites_start/__sites_end symbols".into()),
-        }
+        },
     };
-    if table.len() % 8 != 0 {
-        return Err(format!("the site table is {} bytes, not a multiple of 8", table.len()));
+    if table.len() % SITE_BYTES != 0 {
+        return Err(format!("the site table is {} bytes, not a multiple of {SITE_BYTES}", table.len()));
     }
-    Ok(table.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+    Ok(table.chunks_exact(SITE_BYTES).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; SITE_BYTES]))).collect())
 }
 
 /// The a.out-kludge rules described in the module comment.
@@ -243,18 +165,16 @@ pub fn check_segments(segments: &[LoadSegment]) -> std::result::Result<(), Strin
 /// Finds a Multiboot v1 header (in the first 8 KiB, 4-aligned, valid
 /// checksum) and checks it has the address fields (flag bit 16).
 pub fn check_multiboot_header(elf: &[u8]) -> std::result::Result<(), String> {
-    let window = &elf[..elf.len().min(8192)];
-    for at in (0..window.len().saturating_sub(11)).step_by(4) {
-        let (Some(magic), Some(flags), Some(sum)) =
-            (u32_at(window, at), u32_at(window, at + 4), u32_at(window, at + 8))
-        else {
-            break;
-        };
-        if magic == 0x1BAD_B002 && magic.wrapping_add(flags).wrapping_add(sum) == 0 {
-            if flags & (1 << 16) == 0 {
+    let window = &elf[..elf.len().min(MULTIBOOT_SEARCH)];
+    let words: Vec<u32> = window.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    for (i, w) in words.windows(3).enumerate() {
+        let (magic, flags, sum) = (w[0], w[1], w[2]);
+        if magic == MULTIBOOT_MAGIC && magic.wrapping_add(flags).wrapping_add(sum) == 0 {
+            if flags & MULTIBOOT_AOUT_KLUDGE == 0 {
                 return Err(format!(
-                    "the Multiboot header at file offset {at:#x} lacks flag bit 16 (address fields), \
-                     which an ELF64 kernel needs"
+                    "the Multiboot header at file offset {:#x} lacks flag bit 16 (address fields), \
+                     which an ELF64 kernel needs",
+                    i * 4
                 ));
             }
             return Ok(());
@@ -289,7 +209,7 @@ pub(crate) mod synth {
         b[4] = 2;
         b[5] = 1;
         b[6] = 1;
-        put16(&mut b, 0x12, super::EM_X86_64);
+        put16(&mut b, 0x12, object::elf::EM_X86_64.0);
         put64(&mut b, 0x20, 64);
         put16(&mut b, 0x36, 56);
         put16(&mut b, 0x38, 1);
@@ -299,7 +219,7 @@ pub(crate) mod synth {
         let table_off = b.len();
         b.extend(sites.iter().flat_map(|s| s.to_le_bytes()));
         let filesz = (b.len() - load_off) as u64;
-        put32(&mut b, 64, super::PT_LOAD);
+        put32(&mut b, 64, object::elf::PT_LOAD.0);
         put64(&mut b, 64 + 8, load_off as u64);
         put64(&mut b, 64 + 16, base);
         put64(&mut b, 64 + 24, base);
@@ -375,7 +295,7 @@ mod tests {
         b[4] = 2;
         b[5] = 1;
         b[6] = 1;
-        b[0x12..0x14].copy_from_slice(&EM_X86_64.to_le_bytes());
+        b[0x12..0x14].copy_from_slice(&EM_X86_64.0.to_le_bytes());
         b[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
         b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
         b[0x38..0x3a].copy_from_slice(&(phnum as u16).to_le_bytes());
@@ -384,7 +304,7 @@ mod tests {
         b.extend(note);
         for s in segments {
             let mut ph = vec![0u8; 56];
-            ph[..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+            ph[..4].copy_from_slice(&PT_LOAD.0.to_le_bytes());
             for (at, v) in [(8, s.offset), (16, s.vaddr), (24, s.vaddr), (32, s.filesz), (40, s.memsz)] {
                 ph[at..at + 8].copy_from_slice(&v.to_le_bytes());
             }
@@ -411,7 +331,8 @@ mod tests {
         assert!(load_segments(&b).unwrap_err().contains("not x86-64"));
         let mut b = elf(&[seg(0, 0, 1, 1)]);
         b.truncate(64 + 56 + 20);
-        assert!(load_segments(&b).unwrap_err().contains("outside the file"));
+        let e = load_segments(&b).unwrap_err();
+        assert!(e.contains("outside the file"), "{e}");
         assert!(check_segments(&[]).unwrap_err().contains("no PT_LOAD"));
     }
 
@@ -469,9 +390,6 @@ mod tests {
         let sites = [0x100002u64, 0x100000];
         for as_section in [true, false] {
             let elf = synth::elf(0x100000, &text, &sites, as_section);
-            let secs = sections(&elf).unwrap();
-            assert_eq!(secs[1].name, ".text");
-            assert_eq!(secs.iter().any(|s| s.name == ".shadowcall_sites"), as_section);
             assert_eq!(patch_sites(&elf).unwrap(), sites, "as_section={as_section}");
             assert_eq!(bytes_at_vaddr(&elf, 0x100001, 2), Some(&[0xcc, 0xe8][..]));
             assert_eq!(bytes_at_vaddr(&elf, 0x0fffff, 1), None);
@@ -482,12 +400,10 @@ mod tests {
         assert_eq!(symbol(&elf, "__sites_end").unwrap(), Some(0x100018));
         assert_eq!(symbol(&elf, "nope").unwrap(), None);
         // No table at all: an error that says what was looked for.
+        // (the synthetic kernel's section renamed, and it has no symbols).
         let mut bare = synth::elf(0x100000, &text, &[], true);
-        let secs = sections(&bare).unwrap();
-        let shoff = u64_at(&bare, 0x28).unwrap() as usize;
-        let i = secs.iter().position(|s| s.name == ".shadowcall_sites").unwrap();
-        bare[shoff + i * 64 + 4] = 0; // make it unnamed-type, keep name
-        bare[shoff + i * 64] = 0;
+        let at = bare.windows(SITES_SECTION.len()).position(|w| w == SITES_SECTION).unwrap();
+        bare[at + 1] = b'x';
         assert!(patch_sites(&bare).unwrap_err().contains("__sites_start"));
     }
 }

@@ -10,7 +10,52 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use crate::error::{Context, Result};
-use crate::ktap::Report;
+use crate::ktap::{self, LineKind, Report};
+use crate::runner::Echo;
+use crate::smp;
+
+/// What to show while the emulator runs.
+#[derive(Debug, Clone)]
+pub struct Show {
+    pub echo: Echo,
+    /// With [`Echo::Silent`]: print a progress line this often.
+    pub progress_every: Option<Duration>,
+    /// What is running (for progress lines).
+    pub label: String,
+}
+
+impl Show {
+    /// Nothing at all (unit tests, callers that report themselves).
+    pub fn silent() -> Show {
+        Show { echo: Echo::Silent, progress_every: None, label: String::new() }
+    }
+}
+
+/// `1m05s`, `42s`.
+pub fn fmt_elapsed(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// The line to print for emulator line `line` (parsed as `kind`), if any.
+fn shown_line(echo: Echo, line: &str, kind: LineKind) -> Option<String> {
+    let ktap_line = ktap::strip_prompt(line);
+    match echo {
+        Echo::Silent => None,
+        Echo::All => Some(line.to_string()),
+        Echo::Report if ktap_line.starts_with(ktap::SECURITY_PREFIX) => {
+            Some(format!("{ktap_line}    <<<<<<<< !!! SECURITY EVENT"))
+        }
+        Echo::Report if kind != LineKind::Other || ktap_line.starts_with(ktap::PANIC_PREFIX) => {
+            Some(ktap_line.to_string())
+        }
+        Echo::Report => None,
+    }
+}
 
 /// How long the emulator may keep running after the end-of-report marker
 /// (the kernel ends it right after printing that line).
@@ -128,10 +173,12 @@ fn spawn_line_reader(reader: impl std::io::Read + Send + 'static, tx: mpsc::Send
     });
 }
 
-/// Starts the emulator, echoes (if `echo`) and parses its stdout line by
+/// Starts the emulator, shows (see [`Show`]) and parses its stdout line by
 /// line, and stops it at the timeout. Raw output is also written to
-/// `output_log`, stderr to `launch.stderr_log`.
-pub fn run_streaming(launch: &Launch, timeout: Option<Duration>, echo: bool, output_log: &Path) -> Result<Streamed> {
+/// `output_log`, stderr to `launch.stderr_log`. Under the soak
+/// (`# soak {...}` lines) each progress line is followed by the calls so far
+/// against the goal and the elapsed time.
+pub fn run_streaming(launch: &Launch, timeout: Option<Duration>, show: &Show, output_log: &Path) -> Result<Streamed> {
     let mut err_log =
         File::create(&launch.stderr_log).context(|| format!("cannot create {}", launch.stderr_log.display()))?;
     let mut log = File::create(output_log).context(|| format!("cannot create {}", output_log.display()))?;
@@ -154,6 +201,8 @@ pub fn run_streaming(launch: &Launch, timeout: Option<Duration>, echo: bool, out
     spawn_line_reader(stderr, tx, Line::Err);
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut stop: Option<(Instant, Stop)> = None;
+    let every = show.progress_every.filter(|_| show.echo == Echo::Silent);
+    let mut next_tick = every.map(|e| started + e);
     let mut out = Streamed {
         report: Report::new(),
         raw: String::new(),
@@ -165,23 +214,23 @@ pub fn run_streaming(launch: &Launch, timeout: Option<Duration>, echo: bool, out
         end_after: None,
     };
     loop {
-        let wake = match (deadline, stop) {
-            (Some(a), Some((b, _))) => Some(a.min(b)),
-            (a, b) => a.or(b.map(|(t, _)| t)),
-        };
+        let wake = [deadline, stop.map(|(t, _)| t), next_tick].into_iter().flatten().min();
         let next = match wake {
             Some(w) => lines.recv_timeout(w.saturating_duration_since(Instant::now())),
             None => lines.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         match next {
             Ok(Line::Out(line)) => {
-                if echo {
-                    println!("{line}");
-                }
                 let _ = writeln!(log, "{line}");
                 out.raw.push_str(&line);
                 out.raw.push('\n');
-                out.report.feed_line(&line);
+                let kind = out.report.feed_line(&line);
+                if let Some(shown) = shown_line(show.echo, &line, kind) {
+                    println!("{shown}");
+                }
+                if let (false, Some(p)) = (show.echo == Echo::Silent, smp::parse_soak_line(ktap::strip_prompt(&line))) {
+                    println!("    {p}; {} elapsed", fmt_elapsed(started.elapsed()));
+                }
                 if out.report.end_seen && out.end_after.is_none() {
                     out.end_after = Some(started.elapsed());
                 }
@@ -202,6 +251,22 @@ pub fn run_streaming(launch: &Launch, timeout: Option<Duration>, echo: bool, out
                 out.stderr_tail.push(line);
             }
             Err(RecvTimeoutError::Timeout) => {
+                let now = Instant::now();
+                let stopping = stop.is_some_and(|(t, _)| now >= t) || deadline.is_some_and(|d| now >= d);
+                if let (false, Some(tick), Some(e)) = (stopping, next_tick, every) {
+                    if now >= tick {
+                        let r = &out.report;
+                        let plan = r.plan.map_or("?".to_string(), |n| n.to_string());
+                        println!(
+                            "    ... {}: {} elapsed, {} of {plan} results so far",
+                            show.label,
+                            fmt_elapsed(started.elapsed()),
+                            r.results.len()
+                        );
+                        next_tick = Some(tick + e);
+                        continue;
+                    }
+                }
                 match stop {
                     Some((t, Stop::EndOfReport)) if Instant::now() >= t => out.killed_after_end = true,
                     Some((t, Stop::Fatal)) if Instant::now() >= t => {}
@@ -241,7 +306,7 @@ mod tests {
             "printf 'noise\\n<bochs:1> KTAP version 1\\n1..1\\nok 1 a\\n# shadowcall: end of report\\n'",
             dir.path(),
         );
-        let s = run_streaming(&l, Some(Duration::from_secs(20)), false, &dir.join("out.log")).unwrap();
+        let s = run_streaming(&l, Some(Duration::from_secs(20)), &Show::silent(), &dir.join("out.log")).unwrap();
         assert!(s.report.passed(), "{:?}", s.report.failure_reasons());
         assert!(s.timed_out.is_none() && !s.killed_after_end);
         assert!(s.exit.is_some_and(|e| e.success()));
@@ -255,7 +320,7 @@ mod tests {
         let dir = crate::rundir::RunDir::create("xtask-unit-emu").unwrap();
         let l = sh("printf 'KTAP version 1\\n1..2\\nok 1 a\\n'; exec sleep 30", dir.path());
         let start = Instant::now();
-        let s = run_streaming(&l, Some(Duration::from_secs(1)), false, &dir.join("out.log")).unwrap();
+        let s = run_streaming(&l, Some(Duration::from_secs(1)), &Show::silent(), &dir.join("out.log")).unwrap();
         assert!(start.elapsed() < Duration::from_secs(10));
         assert_eq!(s.timed_out, Some(Duration::from_secs(1)));
         assert_eq!(s.report.failure_reasons(), ["incomplete plan: 1 of 2 results"]);
@@ -268,7 +333,7 @@ mod tests {
         let l =
             sh("printf 'KTAP version 1\\n1..2\\n'; echo 'FATAL-MARK x' >&2; echo more >&2; exec sleep 30", dir.path());
         let start = Instant::now();
-        let s = run_streaming(&l, Some(Duration::from_secs(20)), false, &dir.join("out.log")).unwrap();
+        let s = run_streaming(&l, Some(Duration::from_secs(20)), &Show::silent(), &dir.join("out.log")).unwrap();
         assert!(start.elapsed() < Duration::from_secs(10));
         assert_eq!(s.fatal.as_deref(), Some("FATAL-MARK x"));
         assert_eq!(s.stderr_tail, ["FATAL-MARK x", "more"]);
@@ -276,6 +341,26 @@ mod tests {
         let err = std::fs::read_to_string(dir.join("stderr.log")).unwrap();
         assert_eq!(err, "FATAL-MARK x\nmore\n");
         dir.remove().unwrap();
+    }
+
+    #[test]
+    fn report_echo_hides_emulator_noise() {
+        let echo = |e, line: &str| {
+            let mut r = Report::new();
+            r.feed_line("KTAP version 1");
+            let kind = r.feed_line(line);
+            shown_line(e, line, kind)
+        };
+        assert_eq!(echo(Echo::Report, "<bochs:2> ok 1 a"), Some("ok 1 a".into()));
+        assert_eq!(echo(Echo::Report, "(0) Magic breakpoint"), None);
+        assert_eq!(echo(Echo::Report, "Next at t=123"), None);
+        assert_eq!(echo(Echo::All, "(0) Magic breakpoint"), Some("(0) Magic breakpoint".into()));
+        assert_eq!(echo(Echo::Silent, "ok 1 a"), None);
+        assert_eq!(echo(Echo::Report, "# expected: refused"), Some("# expected: refused".into()));
+        let loud = echo(Echo::Report, "# SECURITY: refused").unwrap();
+        assert!(loud.starts_with("# SECURITY: refused") && loud.contains("!!! SECURITY EVENT"), "{loud}");
+        assert_eq!(fmt_elapsed(Duration::from_secs(65)), "1m05s");
+        assert_eq!(fmt_elapsed(Duration::from_secs(9)), "9s");
     }
 
     #[test]

@@ -1,8 +1,15 @@
 //! Host tools each machine needs, and installing the missing ones.
 //!
-//! As root, missing Debian packages are installed with apt-get (update once,
-//! then install). Otherwise the exact `sudo apt-get install` command is
-//! printed and the run fails.
+//! Only `cargo xtask` commands install ([`Policy::Install`]): as root,
+//! missing Debian packages are installed with `apt-get install -y
+//! --no-install-recommends --no-remove` (apt-get update once first), the
+//! exact command printed before it runs; `--no-remove` makes apt-get stop
+//! rather than remove an installed package to resolve a conflict. Not as
+//! root, the exact `sudo` command is printed and the run fails.
+//!
+//! A library user such as `cargo test --workspace` (the emulator matrix)
+//! never installs ([`Policy::ReportOnly`]): a missing tool is an error
+//! naming it and the command that installs it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -10,6 +17,24 @@ use std::sync::Mutex;
 
 use crate::error::{Context, Error, Result};
 use crate::machines::Machine;
+
+/// Whether missing host tools may be installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Install them (`cargo xtask` commands).
+    Install,
+    /// Fail with what is missing and how to install it (`cargo test`).
+    ReportOnly,
+}
+
+/// apt-get's options for every install: no recommended extras, and never
+/// remove an installed package.
+pub const APT_INSTALL_OPTIONS: [&str; 4] = ["install", "-y", "--no-install-recommends", "--no-remove"];
+
+/// The apt-get arguments that install `pkgs`.
+pub fn apt_install_args<'a>(pkgs: &[&'a str]) -> Vec<&'a str> {
+    APT_INSTALL_OPTIONS.iter().copied().chain(pkgs.iter().copied()).collect()
+}
 
 /// Something that must exist on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +152,7 @@ pub fn is_root() -> bool {
 static APT: Mutex<bool> = Mutex::new(false);
 
 fn apt_get(args: &[&str]) -> Result<()> {
-    println!("+ apt-get {}", args.join(" "));
+    println!("+ DEBIAN_FRONTEND=noninteractive apt-get {}", args.join(" "));
     let status = Command::new("apt-get")
         .args(args)
         .env("DEBIAN_FRONTEND", "noninteractive")
@@ -140,8 +165,9 @@ fn apt_get(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Makes sure everything in `reqs` exists, installing packages as root.
-pub fn ensure(reqs: &[Requirement]) -> Result<()> {
+/// Makes sure everything in `reqs` exists, installing packages as root
+/// when `policy` allows it.
+pub fn ensure(reqs: &[Requirement], policy: Policy) -> Result<()> {
     let mut updated = APT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let todo = missing(reqs);
     if todo.is_empty() {
@@ -149,21 +175,26 @@ pub fn ensure(reqs: &[Requirement]) -> Result<()> {
     }
     let pkgs = packages_of(&todo);
     let what: Vec<String> = todo.iter().map(|r| r.need.describe()).collect();
+    let command = format!("apt-get {}", apt_install_args(&pkgs).join(" "));
+    if policy == Policy::ReportOnly {
+        return Err(Error::new(format!(
+            "missing host tools ({}). This command does not install anything; install them with \
+             `cargo xtask test` (it installs what is missing, then runs all tests) or with:\n    sudo {command}",
+            what.join("; ")
+        )));
+    }
     println!("missing host tools: {}", what.join("; "));
     if !is_root() {
         return Err(Error::new(format!(
-            "missing host tools ({}). Install them with:\n    sudo apt-get install -y {}",
-            what.join("; "),
-            pkgs.join(" ")
+            "missing host tools ({}); not root, so not installing. Install them with:\n    sudo {command}",
+            what.join("; ")
         )));
     }
     if !*updated {
         apt_get(&["update"])?;
         *updated = true;
     }
-    let mut args = vec!["install", "-y"];
-    args.extend(&pkgs);
-    apt_get(&args)?;
+    apt_get(&apt_install_args(&pkgs))?;
     let still: Vec<String> = missing(reqs).iter().map(|r| r.need.describe()).collect();
     if !still.is_empty() {
         return Err(Error::new(format!("still missing after installing {}: {}", pkgs.join(" "), still.join("; "))));
@@ -172,15 +203,16 @@ pub fn ensure(reqs: &[Requirement]) -> Result<()> {
 }
 
 /// Everything the given machines need.
-pub fn ensure_machines(machines: &[Machine]) -> Result<()> {
+pub fn ensure_machines(machines: &[Machine], policy: Policy) -> Result<()> {
     let reqs: Vec<Requirement> = machines.iter().flat_map(|m| requirements(*m)).collect();
-    ensure(&reqs)
+    ensure(&reqs, policy)
 }
 
 pub const KERNEL_TARGET: &str = "x86_64-unknown-none";
 
-/// Adds the kernel's Rust target if the toolchain used in `dir` lacks it.
-pub fn ensure_rust_target(dir: &Path) -> Result<()> {
+/// Adds the kernel's Rust target if the toolchain used in `dir` lacks it
+/// (rustup normally does it from rust-toolchain.toml already).
+pub fn ensure_rust_target(dir: &Path, policy: Policy) -> Result<()> {
     let out = Command::new("rustc")
         .args(["--print", "sysroot"])
         .current_dir(dir)
@@ -193,6 +225,12 @@ pub fn ensure_rust_target(dir: &Path) -> Result<()> {
     let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     if sysroot.join("lib/rustlib").join(KERNEL_TARGET).is_dir() {
         return Ok(());
+    }
+    if policy == Policy::ReportOnly {
+        return Err(Error::new(format!(
+            "the Rust target {KERNEL_TARGET} is missing; install it with `rustup target add {KERNEL_TARGET}` \
+             (or run `cargo xtask test`, which does)"
+        )));
     }
     println!("+ rustup target add {KERNEL_TARGET}");
     let status = Command::new("rustup")
@@ -218,6 +256,22 @@ mod tests {
             assert!(pkgs.contains(&p), "{p} missing from {pkgs:?}");
         }
         assert_eq!(packages_of(&requirements(Machine::QemuKvm)), ["qemu-system-x86"]);
+    }
+
+    #[test]
+    fn installs_never_remove() {
+        let args = apt_install_args(&["bochs", "xorriso"]);
+        assert_eq!(args, ["install", "-y", "--no-install-recommends", "--no-remove", "bochs", "xorriso"]);
+    }
+
+    #[test]
+    fn report_only_names_the_command() {
+        let r = req(Need::Exe("definitely-not-a-tool-xyz"), "some-package");
+        let e = ensure(&[r], Policy::ReportOnly).unwrap_err().to_string();
+        assert!(e.contains("definitely-not-a-tool-xyz"), "{e}");
+        assert!(e.contains("sudo apt-get install -y --no-install-recommends --no-remove some-package"), "{e}");
+        assert!(e.contains("cargo xtask test"), "{e}");
+        assert!(ensure(&[req(Need::Exe("sh"), "dash")], Policy::ReportOnly).is_ok());
     }
 
     #[test]

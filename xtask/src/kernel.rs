@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{Context, Error, Result};
-use crate::install;
+use crate::install::{self, Policy};
 
 /// The repository root (the parent of xtask/).
 pub fn repo_root() -> PathBuf {
@@ -37,10 +37,11 @@ const SCRUBBED_ENV: &[&str] = &[
     "CARGO_BUILD_TARGET_DIR",
 ];
 
-/// `cargo build --release` in kernel/; returns the ELF path.
-pub fn build_kernel() -> Result<PathBuf> {
+/// `cargo build --release` in kernel/; returns the ELF path. A missing
+/// Rust target is added only under [`Policy::Install`].
+pub fn build_kernel(policy: Policy) -> Result<PathBuf> {
     let dir = kernel_dir();
-    install::ensure_rust_target(&dir)?;
+    install::ensure_rust_target(&dir, policy)?;
     println!("==> building the kernel (cargo build --release in {})", dir.display());
     let mut cmd = Command::new(cargo());
     cmd.args(["build", "--release"]).current_dir(&dir);

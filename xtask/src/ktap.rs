@@ -35,6 +35,11 @@ pub enum LineKind {
 pub const HEADER: &str = "KTAP version 1";
 pub const END_MARKER: &str = "# shadowcall: end of report";
 pub const PANIC_PREFIX: &str = "# PANIC";
+/// A real security event: the #BP handler refused a write it was asked
+/// for, outside a self-test that provokes it on purpose.
+pub const SECURITY_PREFIX: &str = "# SECURITY";
+/// A refusal or fault a self-test provokes on purpose (not an alarm).
+pub const EXPECTED_PREFIX: &str = "# expected:";
 
 /// The report as parsed so far.
 #[derive(Debug, Clone, Default)]
@@ -49,6 +54,10 @@ pub struct Report {
     pub errors: Vec<String>,
     /// The first `# PANIC` line, if any (also recognised before the header).
     pub panic: Option<String>,
+    /// `# SECURITY ...` diagnostics: shown loudly.
+    pub security: Vec<String>,
+    /// `# expected: ...` diagnostics: counted, not alarms.
+    pub expected: Vec<String>,
     /// Whether `# shadowcall: end of report` was seen.
     pub end_seen: bool,
     /// The KTAP lines (header onwards, prompt prefixes stripped).
@@ -143,6 +152,11 @@ impl Report {
         if line.starts_with('#') {
             if line.trim_end() == END_MARKER {
                 self.end_seen = true;
+            }
+            if line.starts_with(SECURITY_PREFIX) {
+                self.security.push(line.to_string());
+            } else if line.starts_with(EXPECTED_PREFIX) {
+                self.expected.push(line.to_string());
             }
             self.diagnostics.push(line.to_string());
             return LineKind::Diagnostic;
@@ -402,6 +416,20 @@ ok 4 patch_race
         let reasons = r.failure_reasons();
         assert!(reasons.iter().any(|e| e.contains("second `KTAP version 1`")), "{reasons:?}");
         assert!(reasons.iter().any(|e| e.contains("second plan line")), "{reasons:?}");
+    }
+
+    #[test]
+    fn security_and_expected_lines() {
+        let r = parse(
+            "KTAP version 1\n1..1\n# expected: #BP handler refused to write at rip=0x1: slot mismatch\n\
+             # SECURITY: #BP handler refused to write at rip=0x2: slot mismatch\nok 1 wrss_guard\n",
+        );
+        assert_eq!(r.expected.len(), 1);
+        assert_eq!(r.security, ["# SECURITY: #BP handler refused to write at rip=0x2: slot mismatch"]);
+        // Neither changes the verdict: the kernel's tests decide.
+        assert!(r.passed());
+        let before = parse("# SECURITY: early\nKTAP version 1\n1..0\n");
+        assert!(before.security.is_empty(), "lines before the header are not the report");
     }
 
     #[test]

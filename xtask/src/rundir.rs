@@ -1,48 +1,43 @@
-//! Fresh per-run temporary directories, so parallel runs never collide.
+//! Fresh per-run temporary directories (the `tempfile` crate), so parallel
+//! runs never collide. A directory is removed when its [`RunDir`] is
+//! dropped, unless it is kept.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Context, Error, Result};
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A directory under the system temp dir, named from the process id, the
-/// time and a counter. It is created with `create_dir`, so two runs can
-/// never share one.
+/// A fresh directory under the system temp dir, named `<prefix>-<random>`.
 #[derive(Debug)]
 pub struct RunDir {
-    path: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl RunDir {
     pub fn create(prefix: &str) -> Result<RunDir> {
-        let base = std::env::temp_dir();
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        for _ in 0..100 {
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let path = base.join(format!("{prefix}-{}-{nanos}-{n}", std::process::id()));
-            match std::fs::create_dir(&path) {
-                Ok(()) => return Ok(RunDir { path }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(Error::new(format!("cannot create run directory {}: {e}", path.display()))),
-            }
-        }
-        Err(Error::new(format!("cannot find a free run directory name in {}", base.display())))
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-"))
+            .tempdir()
+            .context(|| format!("cannot create a run directory in {}", std::env::temp_dir().display()))?;
+        Ok(RunDir { dir })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.dir.path()
     }
 
     pub fn join(&self, name: &str) -> PathBuf {
-        self.path.join(name)
+        self.dir.path().join(name)
+    }
+
+    /// Leaves the directory on disk and returns its path.
+    pub fn keep(self) -> PathBuf {
+        self.dir.keep()
     }
 
     /// Deletes the directory and everything in it.
     pub fn remove(self) -> Result<()> {
-        std::fs::remove_dir_all(&self.path).context(|| format!("cannot remove {}", self.path.display()))
+        let path = self.dir.path().to_path_buf();
+        self.dir.close().context(|| format!("cannot remove {}", path.display()))
     }
 }
 
@@ -73,7 +68,9 @@ mod tests {
         let p = a.path().to_path_buf();
         a.remove().unwrap();
         assert!(!p.exists());
-        b.remove().unwrap();
+        let kept = b.keep();
+        assert!(kept.is_dir());
+        std::fs::remove_dir(&kept).unwrap();
     }
 
     #[test]

@@ -6,15 +6,28 @@ use std::time::Duration;
 
 use crate::emulator::{self, Launch};
 use crate::error::{Context, Error, Result};
+use crate::install::Policy;
 use crate::ktap::Report;
 use crate::kvm::{self as kvmerr, KvmInternalError};
-use crate::machines::{kernel_words, Cet, Emul, Machine};
+use crate::machines::{kernel_words, length_warning, Machine, MachineName, RunnerWords};
 use crate::rundir::RunDir;
 use crate::smp::{self, StressFigures};
 use crate::{bochs, elfcheck, install, kernel, qemu};
+use shadowcall_cmdline::{CetMode, EmulStrategy};
 
 /// The default timeout of a `--stress` run.
 pub const STRESS_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// What of the emulator's output is shown while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Echo {
+    /// Nothing (the caller reports).
+    Silent,
+    /// The kernel's KTAP report only; `# SECURITY` lines marked loudly.
+    Report,
+    /// Everything the emulator prints (`--verbose`).
+    All,
+}
 
 /// Options of one run (`cargo xtask run ...`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,8 +35,9 @@ pub struct RunOptions {
     pub machine: Machine,
     /// CPU count, 1..=8.
     pub smp: u32,
-    pub cet: Cet,
-    pub emul: Option<Emul>,
+    /// `--cet`; None: not given (`cet=auto` unless `--append cet=...`).
+    pub cet: Option<CetMode>,
+    pub emul: Option<EmulStrategy>,
     /// Extra kernel command line words.
     pub append: Vec<String>,
     /// None: the default (see [`RunOptions::effective_timeout`]).
@@ -34,8 +48,17 @@ pub struct RunOptions {
     pub keep: bool,
     /// A kernel ELF already built; None: build it first.
     pub kernel: Option<PathBuf>,
-    /// Print the emulator's output lines as they arrive.
-    pub echo: bool,
+    /// What to show while the emulator runs.
+    pub echo: Echo,
+    /// Print the "booting" line, the verdict and the summaries.
+    pub announce: bool,
+    /// With [`Echo::Silent`]: a progress line this often.
+    pub progress_every: Option<Duration>,
+    /// Install missing host tools (only `cargo xtask` commands do); otherwise
+    /// a missing tool is an error saying how to install it.
+    pub install: Policy,
+    /// `bench=1`.
+    pub bench: bool,
     /// The soak: `stress=1` on the command line, a long default timeout,
     /// and the `smp_patch_stress` figures required and summarised.
     pub stress: bool,
@@ -46,25 +69,38 @@ impl RunOptions {
         RunOptions {
             machine,
             smp: 1,
-            cet: Cet::Auto,
+            cet: None,
             emul: None,
             append: Vec::new(),
             timeout: None,
             gdb: false,
             keep: false,
             kernel: None,
-            echo: true,
+            echo: Echo::Report,
+            announce: true,
+            progress_every: None,
+            install: Policy::ReportOnly,
+            bench: false,
             stress: false,
         }
     }
 
-    /// The kernel command line words of this run.
-    pub fn words(&self) -> Vec<String> {
-        let mut words = kernel_words(Some(self.machine), self.cet, self.emul, &self.append);
-        if self.stress && !words.iter().any(|w| w == smp::STRESS_WORD) {
-            words.push(smp::STRESS_WORD.to_string());
-        }
-        words
+    /// The kernel command line words of this run; `Err` names a bad or
+    /// conflicting `--append` word (see [`kernel_words`]).
+    pub fn words(&self) -> std::result::Result<Vec<String>, String> {
+        let r = RunnerWords {
+            machine: Some(self.machine),
+            cet: self.cet,
+            emul: self.emul,
+            stress: self.stress,
+            bench: self.bench,
+        };
+        kernel_words(&r, &self.append)
+    }
+
+    /// The machine's name with this `--cet` (`bochs-cetoff` for bochs with cet off).
+    pub fn label(&self) -> String {
+        MachineName::label(self.machine, self.cet)
     }
 
     /// The timeout in force: none with --gdb; else `timeout` if set; else
@@ -124,9 +160,7 @@ impl RunOutcome {
             Some(Ok(f)) => format!("stress: {f}{wall}"),
             Some(Err(e)) => format!("stress: no figures: {e}"),
             None => match smp::last_soak_progress(&self.report) {
-                Some((rounds, calls)) => format!(
-                    "stress: no final figures (smp_patch_stress did not finish); last progress: {rounds} rounds, {calls} calls"
-                ),
+                Some(p) => format!("stress: no final figures (smp_patch_stress did not finish); last progress: {p}"),
                 None => "stress: no smp_patch_stress figures in the report".to_string(),
             },
         }
@@ -159,9 +193,7 @@ fn validate(opts: &RunOptions) -> Result<()> {
     if !(1..=8).contains(&opts.smp) {
         return Err(Error::new(format!("smp must be from 1 to 8, not {}", opts.smp)));
     }
-    for w in &opts.append {
-        crate::machines::check_cmdline_word(w).map_err(Error::new)?;
-    }
+    opts.words().map_err(Error::new)?;
     Ok(())
 }
 
@@ -171,20 +203,20 @@ fn validate(opts: &RunOptions) -> Result<()> {
 /// `passed == false`.
 pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
     validate(opts)?;
-    install::ensure_machines(&[opts.machine])?;
+    install::ensure_machines(&[opts.machine], opts.install)?;
     if opts.machine == Machine::QemuKvm {
         qemu::kvm_usable().map_err(|e| Error::new(format!("machine qemu-kvm: /dev/kvm is not usable: {e}")))?;
     }
     let kernel = match &opts.kernel {
         Some(k) => k.clone(),
-        None => kernel::build_kernel()?,
+        None => kernel::build_kernel(opts.install)?,
     };
     elfcheck::check_kernel_elf(&kernel)?;
     let dir = RunDir::create("shadowcall-run")?;
     let result = run_in(&dir, opts, &kernel);
     if opts.keep {
-        println!("run directory kept: {}", dir.path().display());
-        let path = dir.path().to_path_buf();
+        let path = dir.keep();
+        println!("run directory kept: {}", path.display());
         return result.map(|mut o| {
             o.run_dir = Some(path);
             o
@@ -208,16 +240,22 @@ fn prepare(dir: &RunDir, opts: &RunOptions, words: &[String]) -> Result<Launch> 
 fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> {
     let copy = dir.join(qemu::KERNEL);
     std::fs::copy(kernel, &copy).context(|| format!("cannot copy {} to {}", kernel.display(), copy.display()))?;
-    let words = opts.words();
+    let words = opts.words().map_err(Error::new)?;
     let launch = prepare(dir, opts, &words)?;
     std::fs::write(dir.join("command.txt"), launch.command_line() + "\n").context(|| "cannot write command.txt")?;
     let timeout = opts.effective_timeout();
-    println!("==> booting {} (smp {}) with `{}`", opts.machine.name(), opts.smp, words.join(" "));
+    if opts.announce {
+        println!("==> booting {} (smp {}) with `{}`", opts.machine.name(), opts.smp, words.join(" "));
+        if let Some(w) = length_warning(&words) {
+            println!("{w}");
+        }
+    }
     if opts.gdb {
         println!("==> QEMU waits for gdb; no timeout. Attach with:");
         println!("    gdb {} -ex 'target remote :1234'", copy.display());
     }
-    let streamed = emulator::run_streaming(&launch, timeout, opts.echo, &dir.join("output.log"))?;
+    let show = emulator::Show { echo: opts.echo, progress_every: opts.progress_every, label: opts.label() };
+    let streamed = emulator::run_streaming(&launch, timeout, &show, &dir.join("output.log"))?;
     let mut failures = Vec::new();
     let kvm_internal_error =
         streamed.fatal.as_deref().filter(|line| !opts.machine.is_bochs() && line.contains(kvmerr::INTERNAL_ERROR)).map(
@@ -255,14 +293,14 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
         let log = std::fs::read_to_string(dir.join(bochs::LOG)).unwrap_or_default();
         failures.extend(bochs::log_problems(&log));
     }
-    if !opts.machine.is_bochs() && !complete && !streamed.stderr_tail.is_empty() {
+    if opts.announce && !opts.machine.is_bochs() && !complete && !streamed.stderr_tail.is_empty() {
         println!("--- end of the emulator's stderr ---");
         for line in &streamed.stderr_tail {
             println!("{line}");
         }
         println!("---");
     }
-    if streamed.killed_after_end {
+    if opts.announce && streamed.killed_after_end {
         println!("note: the emulator did not exit after the end of the report; it was killed");
     }
     let outcome = RunOutcome {
@@ -278,6 +316,9 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
         kvm_internal_error,
         boot_to_end: streamed.end_after,
     };
+    if !opts.announce {
+        return Ok(outcome);
+    }
     print_verdict(&outcome);
     if opts.stress {
         println!("{}", outcome.stress_summary());
@@ -319,7 +360,32 @@ fn stress_problems(report: &crate::ktap::Report) -> Vec<String> {
     }
 }
 
+/// The `# SECURITY` lines of a run, loudly; a count of the `# expected:`
+/// ones (refusals and faults the self-tests provoke on purpose), quietly.
+pub fn security_notes(report: &crate::ktap::Report) -> Vec<String> {
+    let mut notes = Vec::new();
+    if !report.expected.is_empty() {
+        notes.push(format!(
+            "{} expected refusal(s)/fault(s) provoked by the self-tests (`# expected:` lines): not alarms",
+            report.expected.len()
+        ));
+    }
+    if !report.security.is_empty() {
+        let bar = "!".repeat(78);
+        let mut s = format!("{bar}\n!!! {} SECURITY event(s) in this run:\n", report.security.len());
+        for line in &report.security {
+            s.push_str(&format!("!!!   {line}\n"));
+        }
+        s.push_str(&bar);
+        notes.push(s);
+    }
+    notes
+}
+
 fn print_verdict(outcome: &RunOutcome) {
+    for note in security_notes(&outcome.report) {
+        println!("{note}");
+    }
     println!("{}", outcome.summary_line());
     if outcome.passed {
         println!("PASS: {}", outcome.machine.name());

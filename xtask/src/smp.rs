@@ -2,23 +2,25 @@
 //! `smp_online` and the figures of `smp_patch_stress` (and its soak progress
 //! lines under `stress=1`).
 //!
-//! The formats are the kernel's (kernel/src/selftest/smp_tests.rs):
+//! The formats are the kernel's (kernel/src/selftest/smp_tests.rs); the
+//! figures are JSON lines, like the benchmark's `# bench {...}`:
 //!
 //! ```text
 //! # CPU <i> APIC id <n> online; shadow stack [<lo>,<hi>) SSP <ssp>[ NOT ITS OWN| (shadow stacks off)]
-//! # <k> CPUs calling, 1 patching: <rounds> patches, <calls> calls (<e> emulated; per round min <a> max <b>; <s> stale int3s re-executed), targets counted <n> [<t0>, <t1>, <t2>]
-//! # soak: <rounds> rounds, <calls> calls
+//! # stress {"callers":3,"patches":24,"calls":1127,"emulated":72,"per_round_min":3,"per_round_max":5,"stale_int3s":2,"counted":1127,"per_target":[410,376,341]}
+//! # soak {"rounds":1000,"calls":123456,"goal_rounds":100,"goal_calls":10000000}
 //! ```
 
 use std::fmt;
 
+use serde::Deserialize;
+
 use crate::ktap::Report;
 
-/// The kernel command line word that turns `smp_patch_stress` into the soak.
-pub const STRESS_WORD: &str = "stress=1";
-
-/// What marks the `smp_patch_stress` figures line.
-const STRESS_MARK: &str = "1 patching:";
+/// The diagnostic prefix of the `smp_patch_stress` figures.
+pub const STRESS_PREFIX: &str = "# stress ";
+/// The diagnostic prefix of a soak progress line (`stress=1`).
+pub const SOAK_PREFIX: &str = "# soak ";
 
 /// One `# CPU <i> APIC id <n> online; ...` line of `smp_online`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +58,7 @@ pub fn cpus_online(report: &Report) -> Vec<CpuOnline> {
 }
 
 /// The figures of one `smp_patch_stress` run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub struct StressFigures {
     /// CPUs calling the site (all but the patching one).
     pub callers: u64,
@@ -109,103 +111,46 @@ impl fmt::Display for StressFigures {
     }
 }
 
-/// A cursor over one diagnostic line: literal text and unsigned numbers.
-struct Cursor<'a> {
-    rest: &'a str,
-}
-
-impl<'a> Cursor<'a> {
-    fn lit(&mut self, text: &str) -> Result<(), String> {
-        match self.rest.strip_prefix(text) {
-            Some(r) => {
-                self.rest = r;
-                Ok(())
-            }
-            None => Err(format!("expected `{text}` at `{}`", self.rest)),
-        }
-    }
-
-    /// One of several literals.
-    fn one_of(&mut self, texts: &[&str]) -> Result<(), String> {
-        for t in texts {
-            if let Some(r) = self.rest.strip_prefix(t) {
-                self.rest = r;
-                return Ok(());
-            }
-        }
-        Err(format!("expected one of {texts:?} at `{}`", self.rest))
-    }
-
-    fn num(&mut self) -> Result<u64, String> {
-        let digits = self.rest.bytes().take_while(u8::is_ascii_digit).count();
-        let (n, r) = self.rest.split_at(digits);
-        let n = n.parse().map_err(|_| format!("expected a number at `{}`", self.rest))?;
-        self.rest = r;
-        Ok(n)
-    }
-}
-
-/// Parses the `smp_patch_stress` figures line (with or without the `# `).
+/// Parses the `# stress {...}` figures line (a `Err` names what is wrong).
 pub fn parse_stress_line(line: &str) -> Result<StressFigures, String> {
-    let line = line.trim_end();
-    let mut c = Cursor { rest: line.strip_prefix("# ").unwrap_or(line) };
-    let callers = c.num()?;
-    c.one_of(&[" CPUs calling, 1 patching: ", " CPU calling, 1 patching: "])?;
-    let patches = c.num()?;
-    c.lit(" patches, ")?;
-    let calls = c.num()?;
-    c.lit(" calls (")?;
-    let emulated = c.num()?;
-    c.lit(" emulated; per round min ")?;
-    let per_round_min = c.num()?;
-    c.lit(" max ")?;
-    let per_round_max = c.num()?;
-    c.lit("; ")?;
-    let stale_int3s = c.num()?;
-    c.lit(" stale int3s re-executed), targets counted ")?;
-    let counted = c.num()?;
-    c.lit(" [")?;
-    let t0 = c.num()?;
-    c.lit(", ")?;
-    let t1 = c.num()?;
-    c.lit(", ")?;
-    let t2 = c.num()?;
-    c.lit("]")?;
-    if !c.rest.is_empty() {
-        return Err(format!("unexpected text after the figures: `{}`", c.rest));
-    }
-    Ok(StressFigures {
-        callers,
-        patches,
-        calls,
-        emulated,
-        per_round_min,
-        per_round_max,
-        stale_int3s,
-        counted,
-        per_target: [t0, t1, t2],
-    })
+    let json = line.trim_end().strip_prefix(STRESS_PREFIX).ok_or_else(|| format!("no `{STRESS_PREFIX}` prefix"))?;
+    serde_json::from_str(json).map_err(|e| e.to_string())
 }
 
-/// The figures of the report's (last) `smp_patch_stress` line: `None` when
+/// The figures of the report's (last) `# stress {...}` line: `None` when
 /// there is none, `Some(Err)` when the line is there but does not parse.
 pub fn stress_figures(report: &Report) -> Option<Result<StressFigures, String>> {
-    let line = report.diagnostics.iter().rev().find(|d| d.contains(STRESS_MARK))?;
+    let line = report.diagnostics.iter().rev().find(|d| d.starts_with(STRESS_PREFIX))?;
     Some(parse_stress_line(line).map_err(|e| format!("cannot parse `{line}`: {e}")))
 }
 
-/// One `# soak: <rounds> rounds, <calls> calls` progress line.
-pub fn parse_soak_line(line: &str) -> Option<(u64, u64)> {
-    let mut c = Cursor { rest: line.trim_end().strip_prefix("# soak: ")? };
-    let rounds = c.num().ok()?;
-    c.lit(" rounds, ").ok()?;
-    let calls = c.num().ok()?;
-    c.lit(" calls").ok()?;
-    c.rest.is_empty().then_some((rounds, calls))
+/// One soak progress line: the calls so far against the goal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct SoakProgress {
+    pub rounds: u64,
+    pub calls: u64,
+    pub goal_rounds: u64,
+    pub goal_calls: u64,
 }
 
-/// The last soak progress line of the report, as (rounds, calls).
-pub fn last_soak_progress(report: &Report) -> Option<(u64, u64)> {
+impl fmt::Display for SoakProgress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pct = if self.goal_calls == 0 { 100.0 } else { self.calls as f64 * 100.0 / self.goal_calls as f64 };
+        write!(
+            f,
+            "soak: {} of {} calls ({pct:.0}%), {} of {} rounds",
+            self.calls, self.goal_calls, self.rounds, self.goal_rounds
+        )
+    }
+}
+
+/// One `# soak {...}` progress line.
+pub fn parse_soak_line(line: &str) -> Option<SoakProgress> {
+    serde_json::from_str(line.trim_end().strip_prefix(SOAK_PREFIX)?).ok()
+}
+
+/// The last soak progress line of the report.
+pub fn last_soak_progress(report: &Report) -> Option<SoakProgress> {
     report.diagnostics.iter().rev().find_map(|d| parse_soak_line(d))
 }
 
@@ -213,8 +158,7 @@ pub fn last_soak_progress(report: &Report) -> Option<(u64, u64)> {
 mod tests {
     use super::*;
 
-    const STRESS: &str = "# 3 CPUs calling, 1 patching: 24 patches, 1127 calls (72 emulated; \
-                          per round min 3 max 5; 2 stale int3s re-executed), targets counted 1127 [410, 376, 341]";
+    const STRESS: &str = r#"# stress {"callers":3,"patches":24,"calls":1127,"emulated":72,"per_round_min":3,"per_round_max":5,"stale_int3s":2,"counted":1127,"per_target":[410,376,341]}"#;
 
     fn report(text: &str) -> Report {
         let mut r = Report::new();
@@ -248,52 +192,59 @@ mod tests {
             "3 CPUs calling, 1 patching; calls 1127, patches 24, emulated 72 (per round 3..5), \
              stale int3s 2, targets counted 1127 [410, 376, 341], lost/misrouted 0"
         );
-        // Without the `# `, with a CR, with one caller.
-        let one = "1 CPUs calling, 1 patching: 24 patches, 10 calls (9 emulated; per round min 0 \
-                   max 18446744073709551615; 0 stale int3s re-executed), targets counted 12 [4, 4, 4]\r";
-        let f = parse_stress_line(one).unwrap();
-        assert_eq!((f.callers, f.calls, f.counted), (1, 10, 12));
+        let one = STRESS
+            .replace("\"counted\":1127", "\"counted\":1129")
+            .replace("\"per_round_max\":5", "\"per_round_max\":18446744073709551615");
+        let f = parse_stress_line(&format!("{one}\r")).unwrap();
         assert_eq!(f.per_round_max, u64::MAX);
         assert_eq!(f.lost_or_misrouted(), 2);
-        assert!(parse_stress_line(&one.replace("CPUs", "CPU")).is_ok());
+        assert!(!f.targets_add_up());
     }
 
     #[test]
-    fn stress_line_errors_say_where() {
-        let e = parse_stress_line(&STRESS.replace("1127 calls", "many calls")).unwrap_err();
-        assert!(e.contains("expected a number at `many calls"), "{e}");
-        let e = parse_stress_line(&STRESS.replace(", 341]", "]")).unwrap_err();
-        assert!(e.contains("expected `, ` at `]`"), "{e}");
-        let e = parse_stress_line(&format!("{STRESS} extra")).unwrap_err();
-        assert!(e.contains("unexpected text after the figures: ` extra`"), "{e}");
-        assert!(parse_stress_line("# soak: 1000 rounds, 5 calls").is_err());
+    fn stress_line_errors_say_what() {
+        let e = parse_stress_line(&STRESS.replace("1127,", "\"many\",")).unwrap_err();
+        assert!(e.contains("invalid type"), "{e}");
+        let e = parse_stress_line(&STRESS.replace(",341]", "]")).unwrap_err();
+        assert!(e.contains("array"), "{e}");
+        let e = parse_stress_line(&STRESS.replace(",\"stale_int3s\":2", "")).unwrap_err();
+        assert!(e.contains("stale_int3s"), "{e}");
+        assert!(parse_stress_line("# soak {}").is_err());
         assert!(parse_stress_line("").is_err());
         // A number too large for u64 is an error, not a wrap.
-        assert!(parse_stress_line(&STRESS.replace("24 patches", "99999999999999999999 patches")).is_err());
+        assert!(parse_stress_line(&STRESS.replace(":24,", ":99999999999999999999,")).is_err());
     }
 
     #[test]
     fn stress_figures_from_a_report() {
+        let soak = |r: u64, c: u64| {
+            format!("# soak {{\"rounds\":{r},\"calls\":{c},\"goal_rounds\":100,\"goal_calls\":10000000}}")
+        };
         let r = report(&format!(
-            "KTAP version 1\n1..2\n# soak: 1000 rounds, 123456 calls\n# soak: 2000 rounds, 250000 calls\n{STRESS}\nok 1 smp_patch_stress\n"
+            "KTAP version 1\n1..2\n{}\n{}\n{STRESS}\nok 1 smp_patch_stress\n",
+            soak(1000, 123456),
+            soak(2000, 2500000)
         ));
         assert_eq!(stress_figures(&r).unwrap().unwrap().calls, 1127);
-        assert_eq!(last_soak_progress(&r), Some((2000, 250000)));
+        let p = last_soak_progress(&r).unwrap();
+        assert_eq!((p.rounds, p.calls, p.goal_calls), (2000, 2500000, 10_000_000));
+        assert_eq!(p.to_string(), "soak: 2500000 of 10000000 calls (25%), 2000 of 100 rounds");
         let r = report("KTAP version 1\n1..1\nok 1 smp_patch_stress # SKIP one CPU: needs at least two\n");
         assert!(stress_figures(&r).is_none());
         assert_eq!(last_soak_progress(&r), None);
-        let r = report("KTAP version 1\n1..1\n# 3 CPUs calling, 1 patching: garbled\n");
+        let r = report("KTAP version 1\n1..1\n# stress {\"callers\":3}\n");
         let e = stress_figures(&r).unwrap().unwrap_err();
-        assert!(e.contains("cannot parse `# 3 CPUs calling"), "{e}");
+        assert!(e.contains("cannot parse `# stress {"), "{e}");
     }
 
     #[test]
     fn soak_lines() {
-        assert_eq!(parse_soak_line("# soak: 1000 rounds, 42 calls"), Some((1000, 42)));
-        assert_eq!(parse_soak_line("# soak: 1000 rounds, 42 calls\r"), Some((1000, 42)));
-        assert_eq!(parse_soak_line("# soak: 1000 rounds"), None);
-        assert_eq!(parse_soak_line("# soak: x rounds, 42 calls"), None);
-        assert_eq!(parse_soak_line("# soaked: 1 rounds, 2 calls"), None);
+        let line = r#"# soak {"rounds":1000,"calls":42,"goal_rounds":100,"goal_calls":10000000}"#;
+        assert_eq!(parse_soak_line(line).map(|p| (p.rounds, p.calls)), Some((1000, 42)));
+        assert!(parse_soak_line(&format!("{line}\r")).is_some());
+        assert_eq!(parse_soak_line(r#"# soak {"rounds":1000}"#), None);
+        assert_eq!(parse_soak_line("# soak: 1000 rounds, 42 calls"), None);
+        assert_eq!(parse_soak_line(r#"# soaked {"rounds":1,"calls":2,"goal_rounds":1,"goal_calls":1}"#), None);
     }
 
     #[test]

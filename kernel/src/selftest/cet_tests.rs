@@ -49,10 +49,14 @@ macro_rules! need_shstk {
 
 pub fn cmdline(st: &BootState) -> Outcome<'static> {
     diag!("cmdline: '{}'", st.boot.cmdline());
+    let too_long = st.boot.cmdline_len_check().err();
+    if let Some(e) = too_long {
+        diag!("FAIL: cmdline: {e} (only the first bytes were kept and parsed)");
+    }
     for e in &st.cmdline_errors {
         diag!("FAIL: cmdline: {e}");
     }
-    if !st.cmdline_errors.is_empty() {
+    if too_long.is_some() || !st.cmdline_errors.is_empty() {
         return Outcome::Fail;
     }
     let c = &st.boot.parsed;

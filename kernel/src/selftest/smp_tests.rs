@@ -229,7 +229,10 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
         max_em = max_em.max(em);
         rounds += 1;
         if soak && rounds % 10 == 0 {
-            diag!("soak: {rounds} rounds, {} calls", total_calls());
+            diag!(
+                "soak {{\"rounds\":{rounds},\"calls\":{},\"goal_rounds\":{min_rounds},\"goal_calls\":{min_calls}}}",
+                total_calls()
+            );
         }
     }
     STOP.store(true, Ordering::SeqCst);
@@ -253,7 +256,7 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
     let emulations = sum(|c| &c.counters.emulations) - em_total0;
     let stale = sum(|c| &c.counters.stale_int3) - stale0;
     diag!(
-        "{} CPUs calling, 1 patching: {rounds} patches, {calls} calls ({} emulated; per round min {min_em} max {max_em}; {stale} stale int3s re-executed), targets counted {landed} [{}, {}, {}]",
+        "stress {{\"callers\":{},\"patches\":{rounds},\"calls\":{calls},\"emulated\":{},\"per_round_min\":{min_em},\"per_round_max\":{max_em},\"stale_int3s\":{stale},\"counted\":{landed},\"per_target\":[{},{},{}]}}",
         workers.len(),
         emulations,
         SC_STRESS_COUNTS[0].load(Ordering::SeqCst),
