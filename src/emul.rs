@@ -52,7 +52,10 @@ impl Default for EmulLifo {
 
 impl EmulLifo {
     pub const fn new() -> Self {
-        EmulLifo { slots: [PendingCall { site: 0, ret: 0, target: 0, interrupts: false, rsp: 0 }; LIFO_DEPTH], depth: 0 }
+        EmulLifo {
+            slots: [PendingCall { site: 0, ret: 0, target: 0, interrupts: false, rsp: 0 }; LIFO_DEPTH],
+            depth: 0,
+        }
     }
     pub fn depth(&self) -> usize {
         self.depth

@@ -573,7 +573,6 @@ pub fn fault(frame: &mut TrapFrame, info: FaultInfo) {
     cpu.counters.window_depth.store(ctx.window_depth, Ordering::Relaxed);
 }
 
-
 /// Run `f` with a recovery point: a fault inside unwinds both stacks back
 /// here and comes back as `Err`.
 pub fn try_run<F: FnMut() -> u64>(mut f: F) -> Result<u64, FaultInfo> {

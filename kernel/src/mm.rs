@@ -260,8 +260,6 @@ fn this() -> usize {
     crate::percpu::this_cpu().index
 }
 
-
-
 /// The running CPU's normal stack holding `addr`, if any (kernel stack first).
 #[inline]
 pub fn normal_stack_of(addr: u64) -> Option<StackBounds> {

@@ -18,8 +18,8 @@ use shadowcall::emul::{check_tramp_slots, GuardError, PendingCall, StackKind};
 use shadowcall::frame::{TrapFrame, RFLAGS_IF};
 use shadowcall::paging::PAGE_SIZE;
 use shadowcall::patch::{
-    build_batch, classify, Batch, CodeRange, CodeRegion, Entry, NewInsn, PatchError, Registry, SealedBatch, SealedEntry,
-    SealedFlaw, SiteKind, INT3, KIND_CALL, KIND_JMP, KIND_NOP, SITE_LEN,
+    build_batch, classify, Batch, CodeRange, CodeRegion, Entry, NewInsn, PatchError, Registry, SealedBatch,
+    SealedEntry, SealedFlaw, SiteKind, INT3, KIND_CALL, KIND_JMP, KIND_NOP, SITE_LEN,
 };
 use shadowcall::shstk::ShadowFrame;
 use shadowcall::tramp::{self, TrampLayout, TRAMP_TRAP_OFF};
@@ -220,7 +220,6 @@ pub fn sync() {
     SYNC_ROUNDS.fetch_add(1, Ordering::Relaxed);
 }
 
-
 /// Patch a batch of sites with the int3 protocol. `hook` runs after steps 1
 /// and 2, inside the emulation window; a fault inside it is caught so that
 /// the protocol always completes. On error nothing has been written to text.
@@ -281,7 +280,12 @@ pub fn finish(flight: InFlight) -> PatchStats {
         core::hint::spin_loop();
     }
     IN_FLIGHT.store(false, Ordering::Release);
-    PatchStats { sites, sync_rounds: SYNC_ROUNDS.load(Ordering::Relaxed) - flight.rounds0, table_bytes, hook_fault: None }
+    PatchStats {
+        sites,
+        sync_rounds: SYNC_ROUNDS.load(Ordering::Relaxed) - flight.rounds0,
+        table_bytes,
+        hook_fault: None,
+    }
 }
 
 /// The three writes of the protocol.
@@ -341,8 +345,7 @@ fn seal(batch: &Batch) -> Result<(), PatchError> {
             // Every sealed entry must be what validation makes of its own
             // (site, instruction) pair: registered site, registered target,
             // patchable bytes in text now.
-            let pairs: Vec<(u64, NewInsn)> =
-                b.entries().iter().filter_map(|e| e.insn().map(|i| (e.site, i))).collect();
+            let pairs: Vec<(u64, NewInsn)> = b.entries().iter().filter_map(|e| e.insn().map(|i| (e.site, i))).collect();
             let again = build_batch(&mm::text(), &patch_registry(), &pairs)?;
             match again.entries().iter().zip(b.entries()).position(|(x, y)| SealedEntry::of(x) != *y) {
                 None if again.len() == b.len() => Ok(()),
@@ -461,7 +464,7 @@ pub static MISALIGNED_FRAMES: AtomicU64 = AtomicU64::new(0);
 #[inline(always)]
 pub fn note_frame_alignment(frame: &TrapFrame) {
     let at = frame as *const TrapFrame as u64;
-    if at % 16 != 0 {
+    if !at.is_multiple_of(16) {
         MISALIGNED_FRAMES.fetch_add(1, Ordering::Relaxed);
     }
     #[cfg(feature = "test-hooks")]
@@ -925,7 +928,10 @@ fn emulate_ret(frame: &mut TrapFrame, f: Option<ShadowFrame>, entry: u64) -> BpE
         }
         let shadow_ret = cet::read_slot(prev);
         if shadow_ret != ret {
-            refuse(frame, GuardError::SlotMismatch { stack: StackKind::Shadow, slot: 0, found: shadow_ret, expected: ret });
+            refuse(
+                frame,
+                GuardError::SlotMismatch { stack: StackKind::Shadow, slot: 0, found: shadow_ret, expected: ret },
+            );
             return BpExit::PLAIN;
         }
     }

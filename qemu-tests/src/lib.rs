@@ -178,7 +178,15 @@ pub fn assert_cmdline_rejected(outcome: &RunOutcome, needle: &str) {
 
 /// The kernel's SMP tests: each must be `ok` (not skipped) on a run with
 /// two CPUs or more.
-pub const SMP_TESTS: [&str; 5] = ["smp_online", "smp_sync", "smp_patch_stress", "irq_in_window", "nmi_in_window"];
+pub const SMP_TESTS: [&str; 7] = [
+    "smp_online",
+    "smp_sync",
+    "smp_patch_stress",
+    "irq_in_window",
+    "nmi_in_window",
+    "sec_poke_alias_private",
+    "nmi_storm",
+];
 
 /// The SMP checks of a run with `cpus` CPUs: the run passed with a
 /// diagnostic containing `path`; every test in [`SMP_TESTS`] is `ok`;

@@ -507,7 +507,13 @@ pub fn wrss_guard(_st: &BootState) -> Outcome<'static> {
         cpu.expect_refusal.store(true, Ordering::Relaxed);
         let r = try_run(|| {
             if pending {
-                patching::test_push_pending(PendingCall { site: 0, ret: evil, target: evil, interrupts: false, rsp: 0 });
+                patching::test_push_pending(PendingCall {
+                    site: 0,
+                    ret: evil,
+                    target: evil,
+                    interrupts: false,
+                    rsp: 0,
+                });
             }
             // SAFETY: jumps to the trampoline's int3 with forged state; the refusal is caught.
             unsafe {
@@ -569,8 +575,8 @@ pub fn wrss_guard(_st: &BootState) -> Outcome<'static> {
 pub fn breakpoint_not_emulated(_st: &BootState) -> Outcome<'static> {
     let bps = || this_cpu().counters.breakpoints.load(Ordering::Relaxed);
     let (b0, e0) = (bps(), emulations());
-    // SAFETY: asm probe with a stray int3.
     this_cpu().expect_refusal.store(true, Ordering::Relaxed);
+    // SAFETY: asm probe with a stray int3 (reported, execution continues).
     let v = unsafe { sc_t_stray_probe() };
     this_cpu().expect_refusal.store(false, Ordering::Relaxed);
     check!(v == 8, "execution did not continue after the stray int3 ({v})");
@@ -583,6 +589,7 @@ pub fn breakpoint_not_emulated(_st: &BootState) -> Outcome<'static> {
             let (b1, e1) = (bps(), emulations());
             // SAFETY: as above.
             this_cpu().expect_refusal.store(true, Ordering::Relaxed);
+            // SAFETY: as above.
             let v = unsafe { sc_t_stray_probe() };
             this_cpu().expect_refusal.store(false, Ordering::Relaxed);
             inside = (v, bps() - b1, emulations() - e1);

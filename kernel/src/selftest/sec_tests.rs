@@ -65,10 +65,11 @@ fn victim_slots() -> [u64; 4] {
 /// FNV-1a over kernel text, except `[skip, skip + SITE_LEN)`.
 fn text_checksum_except(skip: u64) -> u64 {
     let t = mm::text();
-    t.bytes.iter().enumerate().filter(|&(i, _)| !(skip..skip + SITE_LEN as u64).contains(&(t.base + i as u64))).fold(
-        0xcbf2_9ce4_8422_2325u64,
-        |h, (_, &b)| (h ^ b as u64).wrapping_mul(0x100_0000_01b3),
-    )
+    t.bytes
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| !(skip..skip + SITE_LEN as u64).contains(&(t.base + i as u64)))
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, (_, &b)| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
 /// Mark the refusals a test provokes as expected (printed "expected:").
@@ -172,7 +173,7 @@ pub fn frame_alignment(_st: &BootState) -> Outcome<'static> {
             }
             if at == 1 {
                 errors.push(format!("{name}: the handler did not run"));
-            } else if at % 16 != 0 {
+            } else if !at.is_multiple_of(16) {
                 errors.push(format!(
                     "{name}, interrupted RSP = {} (mod 16): handler entered with its frame at {at:#x} (RSP = {} mod 16)",
                     misalign * 8,
@@ -313,7 +314,10 @@ pub fn sec_batch_forged(_st: &BootState) -> Outcome<'static> {
         let v = try_run(|| unsafe { sc_t_fn_call(0) });
         let log = tlog();
         if v.is_err() || log.count[1] != 1 || log.last_ret != site + SITE_LEN as u64 {
-            errors.push(format!("call in the window: {v:?}, target b ran {} times, ret {:#x}", log.count[1], log.last_ret));
+            errors.push(format!(
+                "call in the window: {v:?}, target b ran {} times, ret {:#x}",
+                log.count[1], log.last_ret
+            ));
         }
     });
     if let Err(e) = r {
