@@ -56,6 +56,38 @@ fn measure(f: unsafe extern "C" fn(), n: u64) -> Vec<u64> {
         .collect()
 }
 
+static NMI_FN: AtomicU64 = AtomicU64::new(0);
+static NMI_N: AtomicU64 = AtomicU64::new(0);
+static NMI_DONE: AtomicU64 = AtomicU64::new(0);
+static NMI_PER_OP: [AtomicU64; REPS] = [const { AtomicU64::new(0) }; REPS];
+
+/// `measure(f, n)` run inside an NMI handler on this CPU (sent to itself).
+fn measure_in_nmi(f: unsafe extern "C" fn(), n: u64) -> Vec<u64> {
+    let cpu = crate::percpu::this_cpu();
+    let done0 = NMI_DONE.load(Ordering::SeqCst);
+    NMI_N.store(n, Ordering::SeqCst);
+    NMI_FN.store(f as usize as u64, Ordering::SeqCst);
+    crate::apic::send(cpu.apic_id.load(Ordering::Relaxed), crate::apic::Delivery::Nmi, 0);
+    while NMI_DONE.load(Ordering::SeqCst) == done0 {
+        core::hint::spin_loop();
+    }
+    NMI_PER_OP.iter().map(|v| v.load(Ordering::SeqCst)).collect()
+}
+
+/// Called by the NMI handler: run a pending `measure_in_nmi`.
+pub fn nmi_hook() {
+    let f = NMI_FN.swap(0, Ordering::SeqCst);
+    if f == 0 {
+        return;
+    }
+    // SAFETY: the value was stored from an `unsafe extern "C" fn()` by measure_in_nmi.
+    let f: unsafe extern "C" fn() = unsafe { core::mem::transmute(f as usize) };
+    for (slot, v) in NMI_PER_OP.iter().zip(measure(f, NMI_N.load(Ordering::SeqCst))) {
+        slot.store(v, Ordering::SeqCst);
+    }
+    NMI_DONE.fetch_add(1, Ordering::SeqCst);
+}
+
 /// One `# bench {json}` line.
 fn emit(name: &str, strategy: Option<EmulStrategy>, extra: &[(&str, u64)], per_op: &[u64]) {
     let mut s = String::new();
@@ -79,6 +111,9 @@ pub fn run_all(st: &BootState, tsc_tests_end: u64) {
     emit("boot", None, &[("tsc_kmain", TSC_KMAIN.load(Ordering::Relaxed)), ("tsc_tests_end", tsc_tests_end)], &[]);
     emit("direct_call", None, &[("n", ITERS)], &measure(sc_b_ret, ITERS));
     emit("int3_iret", None, &[("n", ITERS)], &measure(sc_b_int3_fn, ITERS));
+    // The same trap taken inside an NMI handler: its exit returns with
+    // POPF + INCSSP + RET instead of IRET (DESIGN §8.3).
+    emit("int3_nmi_ret", None, &[("n", ITERS)], &measure_in_nmi(sc_b_int3_fn, ITERS));
 
     // Emulation of each kind, under each strategy, inside one window.
     let target = sc_b_target as *const () as u64;
@@ -99,6 +134,7 @@ pub fn run_all(st: &BootState, tsc_tests_end: u64) {
             for k in &kinds {
                 results.push((k.0, s, measure(k.2, ITERS)));
             }
+            results.push(("emul_call_nmi", s, measure_in_nmi(sc_b_fn_call, ITERS)));
         }
         patching::set_strategy(st.strategy);
     });

@@ -390,6 +390,7 @@ pub fn nmi(_frame: &mut TrapFrame) {
     let c = this_cpu();
     PerCpu::count(&c.counters.nmis);
     super::nmi_tests::nmi_body();
+    crate::bench::nmi_hook();
     super::sec_recover::nmi_hook();
     if c.counters.window_depth.load(Ordering::Relaxed) > 0 {
         PerCpu::count(&c.counters.nmi_in_window);
