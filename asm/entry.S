@@ -186,21 +186,24 @@ sc_bpx_plain:
     movq 8(%r8), %r9
 .endm
 
-/* r10 := the entry in RDX after checking it: 8-byte aligned inside the
- * sealed area, the sealed batch live, kind \kind, site + 1 == LIP. */
+/* r10 := the entry in RDX after checking it: the sealed batch live, RDX one
+ * of its entries (index < len in the entry array the read-only header
+ * describes: no stale entry beyond it, no misaligned pointer), kind \kind,
+ * site + 1 == LIP. */
 .macro BPX_ENTRY kind
-    movq %rdx, %r10
     leaq __sealed_start(%rip), %rax
     movabsq ${SEALED_LIVE}, %rcx
     cmpq %rcx, {SEALED_STATE}(%rax)
     jne sc_bpx_refuse
-    cmpq %rax, %r10
-    jb sc_bpx_refuse
-    leaq __sealed_end-{ENTRY_SIZE}(%rip), %rax
-    cmpq %rax, %r10
-    ja sc_bpx_refuse
-    testb $7, %r10b
+    movq %rdx, %r10
+    subq %rax, %r10
+    subq {SEALED_ENTRIES_OFF}(%rax), %r10
+    testq ${ENTRY_SIZE}-1, %r10
     jnz sc_bpx_refuse
+    shrq ${ENTRY_SHIFT}, %r10
+    cmpq {SEALED_LEN}(%rax), %r10
+    jae sc_bpx_refuse
+    movq %rdx, %r10
     cmpq $\kind, {ENTRY_KIND}(%r10)
     jne sc_bpx_refuse
     movq {ENTRY_SITE}(%r10), %rax

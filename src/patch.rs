@@ -731,6 +731,24 @@ impl<'a> SealedBatch<'a> {
     /// `base` must point to `len` readable bytes that stay valid and
     /// unchanged for `'a` (read-only memory).
     pub unsafe fn from_raw(base: *const u8, len: usize) -> Result<SealedBatch<'a>, PatchError> {
+        // SAFETY: the caller's obligations are this function's.
+        unsafe { Self::from_raw_with(base, len, SEALED_MAGIC) }
+    }
+
+    /// `from_raw` for a sealed batch written without its magic word yet
+    /// (the word must be 0): the patcher verifies the read-only copy before
+    /// it publishes it by writing the magic.
+    ///
+    /// # Safety
+    /// As `from_raw`.
+    pub unsafe fn from_raw_unpublished(base: *const u8, len: usize) -> Result<SealedBatch<'a>, PatchError> {
+        // SAFETY: the caller's obligations are this function's.
+        unsafe { Self::from_raw_with(base, len, 0) }
+    }
+
+    /// # Safety
+    /// As `from_raw`.
+    unsafe fn from_raw_with(base: *const u8, len: usize, magic: u64) -> Result<SealedBatch<'a>, PatchError> {
         let flaw = |flaw| Err(PatchError::BadSealedBatch { flaw });
         if base.is_null() || !(base as usize).is_multiple_of(WORD) {
             return flaw(SealedFlaw::Misaligned);
@@ -742,7 +760,7 @@ impl<'a> SealedBatch<'a> {
         // bytes are readable (caller's obligation, length checked above);
         // every bit pattern is a valid SealedHeader (seven u64s).
         let header = unsafe { &*(base as *const SealedHeader) };
-        if header.magic != SEALED_MAGIC {
+        if header.magic != magic {
             return flaw(SealedFlaw::BadMagic);
         }
         let n = match usize::try_from(header.len) {
@@ -1285,6 +1303,15 @@ mod tests {
             Ok(_) => None,
         };
         assert_eq!(flaw(&good), None);
+        // Unpublished (magic 0): refused as a live batch, accepted as unpublished.
+        let mut unpublished = good.clone();
+        unpublished[0] = 0;
+        assert_eq!(flaw(&unpublished), Some(SealedFlaw::BadMagic));
+        // SAFETY: `unpublished` is an aligned, live Vec of u64s.
+        let u = unsafe { SealedBatch::from_raw_unpublished(unpublished.as_ptr() as *const u8, unpublished.len() * 8) };
+        assert!(u.is_ok_and(|b| b.verify().is_ok()));
+        // SAFETY: as above.
+        assert!(unsafe { SealedBatch::from_raw_unpublished(good.as_ptr() as *const u8, good.len() * 8) }.is_err());
         // Header words: magic, len, depth, keys_off, slots_off, entries_off, total_len.
         let cases: [(usize, u64, SealedFlaw); 8] = [
             (0, SEALED_MAGIC ^ 1, SealedFlaw::BadMagic),

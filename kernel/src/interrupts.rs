@@ -54,6 +54,9 @@ core::arch::global_asm!(
     SEALED_LIVE = const shadowcall::patch::SEALED_MAGIC,
     SEALED_STATE = const offset_of!(shadowcall::patch::SealedHeader, magic),
     ENTRY_SIZE = const core::mem::size_of::<shadowcall::patch::SealedEntry>(),
+    ENTRY_SHIFT = const core::mem::size_of::<shadowcall::patch::SealedEntry>().trailing_zeros(),
+    SEALED_ENTRIES_OFF = const offset_of!(shadowcall::patch::SealedHeader, entries_off),
+    SEALED_LEN = const offset_of!(shadowcall::patch::SealedHeader, len),
     ENTRY_SITE = const offset_of!(shadowcall::patch::SealedEntry, site),
     ENTRY_TARGET = const offset_of!(shadowcall::patch::SealedEntry, target),
     ENTRY_KIND = const offset_of!(shadowcall::patch::SealedEntry, kind),
@@ -84,6 +87,9 @@ core::arch::global_asm!(
     TRY_RFLAGS = const offset_of!(TryCtx, rflags),
     options(att_syntax)
 );
+
+// The #BP exit indexes sealed entries with a shift.
+const _: () = assert!(core::mem::size_of::<shadowcall::patch::SealedEntry>().is_power_of_two());
 
 // TryCtx is only passed by pointer; asm touches its leading u64 fields.
 #[allow(improper_ctypes)]
@@ -564,6 +570,9 @@ pub fn fault(frame: &mut TrapFrame, info: FaultInfo) {
             cet::wrss(f.lip_slot(), recover);
             cet::wrss(f.prev_ssp_slot(), ssp);
         }
+        // Emulations started between the fault and the recovery point will
+        // never reach their second trap: free their trampoline records.
+        patching::free_records_between(f.base, ssp);
     }
     ctx.fault = Some(info);
     frame.rip = recover;

@@ -348,7 +348,7 @@ pub fn write_shadow_tokens() {
 /// Build the final page tables and switch to them. Everything of the first
 /// GiB above the finely mapped part is mapped RW+NX (RAM, and the ACPI
 /// tables the firmware keeps at its top); `ram_end` must leave room for the heap.
-pub fn init_paging(ram_end: u64) {
+pub fn init_paging(ram_end: u64, map_xapic: bool) {
     assert!(
         ram_end >= HEAP_START + HEAP_SIZE,
         "shadowcall needs at least {} MiB of RAM",
@@ -379,9 +379,14 @@ pub fn init_paging(ram_end: u64) {
         t.pd.0[(addr / LARGE_PAGE_SIZE) as usize] = paging::large_leaf(addr, Kind::Data);
         addr += LARGE_PAGE_SIZE;
     }
-    t.pdpt.0[(LAPIC_BASE / GIB) as usize] = paging::table(phys(&t.pd_high));
-    t.pd_high.0[((LAPIC_BASE % GIB) / LARGE_PAGE_SIZE) as usize] = paging::table(phys(&t.pt_apic));
-    t.pt_apic.0[((LAPIC_BASE % LARGE_PAGE_SIZE) / PAGE_SIZE) as usize] = paging::leaf(LAPIC_BASE, Kind::Mmio);
+    // The xAPIC's registers are memory: whoever can store to that page can
+    // send INIT/SIPI and restart a CPU outside paging and CET (threat model,
+    // DESIGN §11). With x2APIC (MSRs only) the page is not mapped at all.
+    if map_xapic {
+        t.pdpt.0[(LAPIC_BASE / GIB) as usize] = paging::table(phys(&t.pd_high));
+        t.pd_high.0[((LAPIC_BASE % GIB) / LARGE_PAGE_SIZE) as usize] = paging::table(phys(&t.pt_apic));
+        t.pt_apic.0[((LAPIC_BASE % LARGE_PAGE_SIZE) / PAGE_SIZE) as usize] = paging::leaf(LAPIC_BASE, Kind::Mmio);
+    }
     // The private poking tables: the shared top level plus the alias's slot,
     // which the shared top level never has. The shared PML4 does not change
     // after this, so the copy stays exact.

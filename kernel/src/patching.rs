@@ -174,14 +174,23 @@ pub fn init(strategy: EmulStrategy, has_serialize: bool, tcg: bool) -> Result<()
         crate::exit(false);
     }
     let base = tramp_page();
-    let (bytes, layout) = tramp::emit(base)?;
+    let (bytes, _) = tramp::emit(base)?;
     {
         let mut alias = mm::TextAlias::new();
         alias.write(base, &bytes);
     }
     sync();
-    // Prove what is in text now (not only what we meant to write).
-    tramp::verify(tramp_bytes(&layout), &layout)?;
+    // Prove what is in text now (not only what we meant to write: the bytes
+    // passed through ordinary memory), against the fixed layout. Fail
+    // closed: text that is not the trampoline is replaced by int3s and the
+    // kernel stops.
+    let layout = tramp::layout_at(base);
+    if let Err(e) = tramp::verify(tramp_bytes(&layout), &layout) {
+        mm::TextAlias::new().write(base, &[INT3; tramp::TRAMP_LEN]);
+        sync();
+        crate::diag!("PANIC: the trampoline page does not hold the trampoline: {e}");
+        crate::exit(false);
+    }
     TRAMP.call_once(|| layout);
     Ok(())
 }
@@ -332,14 +341,13 @@ fn seal(batch: &Batch) -> Result<(), PatchError> {
     batch.write_sealed(&mut buf)?;
     #[cfg(feature = "test-hooks")]
     crate::selftest::sec_tests::forge_sealed_copy(&mut buf);
-    {
-        // The magic word last: the area holds a live batch only when complete.
-        let mut alias = mm::TextAlias::new();
-        alias.write(start + MAGIC_LEN as u64, &buf[MAGIC_LEN..]);
-        alias.write(start, &buf[..MAGIC_LEN]);
-    }
-    let checked = sealed_batch()
-        .ok_or(PatchError::BadSealedBatch { flaw: SealedFlaw::BadMagic })
+    // Everything but the magic word: not live yet. (The previous batch's
+    // magic was cleared when it retired.)
+    mm::TextAlias::new().write(start + MAGIC_LEN as u64, &buf[MAGIC_LEN..]);
+    // SAFETY: the sealed area is mapped read-only for the kernel's life and
+    // only this patcher (IN_FLIGHT held) writes it.
+    let unpublished = unsafe { SealedBatch::from_raw_unpublished(start as *const u8, (end - start) as usize) };
+    let checked = unpublished
         .and_then(|b| b.verify().map(|_| b))
         .and_then(|b| {
             // Every sealed entry must be what validation makes of its own
@@ -352,8 +360,9 @@ fn seal(batch: &Batch) -> Result<(), PatchError> {
                 i => Err(PatchError::BadSealedBatch { flaw: SealedFlaw::BadEntry { index: i.unwrap_or(0) as u64 } }),
             }
         });
-    if checked.is_err() {
-        unseal();
+    // Published (the magic word written) only once the read-only copy passed.
+    if checked.is_ok() {
+        mm::TextAlias::new().write(start, &buf[..MAGIC_LEN]);
     }
     checked
 }
@@ -853,6 +862,25 @@ fn second_trap(frame: &mut TrapFrame, f: Option<ShadowFrame>) -> BpExit {
         Err(e) => {
             refuse(frame, e);
             BpExit::PLAIN
+        }
+    }
+}
+
+/// Fault recovery unwinds the stack from `lo` up to the recovery point's SSP
+/// `hi`: free the trampoline records of emulations started in between (their
+/// second trap will never come). Values and slots: 0, on the record page of
+/// the CPU whose stack holds `lo` (static layout).
+pub fn free_records_between(lo: u64, hi: u64) {
+    if !cet::active() {
+        return;
+    }
+    let page = mm::tramp_record_page(lo);
+    for rec in (0..RECORDS_PER_PAGE).map(|i| page + i * RECORD_SIZE) {
+        let bound = cet::read_slot(rec + REC_SSP);
+        if bound != 0 && bound >= lo && bound < hi && mm::same_shadow_stack(lo, bound, 1) {
+            // SAFETY: a record slot of this CPU's record page (shadow-stack
+            // memory no CPU uses as its stack), freed with the constant 0.
+            unsafe { cet::wrss(rec + REC_SSP, 0) };
         }
     }
 }

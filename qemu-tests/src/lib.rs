@@ -52,13 +52,15 @@ pub fn options_with(machine: Machine, cet: Option<CetMode>, emul: Option<EmulStr
 
 /// The tests that emulate a CALL: with classic emulation and shadow stacks
 /// on, each must fail with #CP (near-return mismatch).
-pub const EMULATED_CALL_TESTS: [&str; 6] = [
+pub const EMULATED_CALL_TESTS: [&str; 8] = [
     "emul_call",
     "emul_call_nested",
     "emul_call_recursive",
     "emul_call_irq_on",
     "patch_roundtrip",
     "patch_batch_large",
+    "sec_batch_forged",
+    "sec_stale_int3_race",
 ];
 
 /// The negative control: exactly [`EMULATED_CALL_TESTS`] are `not ok`, each

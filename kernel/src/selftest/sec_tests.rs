@@ -313,11 +313,13 @@ pub fn sec_batch_forged(_st: &BootState) -> Outcome<'static> {
         // SAFETY: a site function of the batch.
         let v = try_run(|| unsafe { sc_t_fn_call(0) });
         let log = tlog();
-        if v.is_err() || log.count[1] != 1 || log.last_ret != site + SITE_LEN as u64 {
-            errors.push(format!(
-                "call in the window: {v:?}, target b ran {} times, ret {:#x}",
+        match v {
+            Err(f) => errors.push(format!("call in the window faulted: {f}")),
+            Ok(_) if log.count[1] != 1 || log.last_ret != site + SITE_LEN as u64 => errors.push(format!(
+                "call in the window: target b ran {} times, ret {:#x}",
                 log.count[1], log.last_ret
-            ));
+            )),
+            Ok(_) => {}
         }
     });
     if let Err(e) = r {
@@ -446,8 +448,8 @@ pub fn sec_stale_int3_race(_st: &BootState) -> Outcome<'static> {
         }
         None => errors.push(String::from("the race window was not reached (no batch published)")),
     }
-    if r.is_err() {
-        errors.push(format!("call through the raced int3 faulted: {r:?}"));
+    if let Err(f) = r {
+        errors.push(format!("call through the raced int3 faulted: {f}"));
     }
     if log.count[1] != 1 || log.last_ret != site + SITE_LEN as u64 || log.after != 1 {
         errors.push(format!(
