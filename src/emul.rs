@@ -130,8 +130,13 @@ impl fmt::Display for GuardError {
 pub mod record {
     /// Bytes of one record.
     pub const RECORD_SIZE: u64 = 32;
-    /// Records on one 4 KiB page.
-    pub const RECORDS_PER_PAGE: u64 = 4096 / RECORD_SIZE;
+    /// Records on one 4 KiB page (its last 32 bytes hold the sync word).
+    pub const RECORDS_PER_PAGE: u64 = 4096 / RECORD_SIZE - 1;
+    /// The CPU's sync word on its record page: 0 while the CPU is not
+    /// online with shadow stacks; then 1, plus one per sync IPI it took.
+    /// Written only with WRSS by its own CPU, so an ordinary store can
+    /// neither fake an acknowledgement nor take a CPU out of the sync.
+    pub const SYNC_WORD: u64 = RECORDS_PER_PAGE * RECORD_SIZE;
     /// The SSP interrupted by the first trap (0: the record is free). The
     /// second trap's interrupted SSP + 16 must equal it (bound to the stack).
     pub const REC_SSP: u64 = 0;

@@ -269,6 +269,7 @@ extern "C" fn sc_exception_dispatch(frame: &mut TrapFrame) {
         v if v == smp::VEC_WAKE as u64 => apic::eoi(),
         v if v == smp::VEC_SYNC as u64 => {
             // The IRET that ends this handler serializes this CPU.
+            patching::sync_word_ack();
             this_cpu().syncs.fetch_add(1, Ordering::Release);
             apic::eoi();
         }

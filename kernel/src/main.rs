@@ -105,6 +105,7 @@ extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
 /// Runs on a fresh kernel stack, on the shadow stack when CET is on. Never returns.
 extern "C" fn kmain_continue() -> ! {
     let st = state();
+    patching::sync_word_online();
     apic::init(st.features.x2apic);
     TOPOLOGY.call_once(|| smp::start_aps(st.boot.ebda));
     let ok = selftest::run_all(st);

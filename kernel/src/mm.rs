@@ -687,6 +687,11 @@ pub fn tramp_record_page(ssp: u64) -> u64 {
     tramp_records_base() + cpu as u64 * PAGE_SIZE
 }
 
+/// CPU `cpu`'s trampoline-record page.
+pub fn tramp_record_page_of_cpu(cpu: usize) -> u64 {
+    tramp_records_base() + cpu as u64 * PAGE_SIZE
+}
+
 /// Do the `n` slots at `addr` lie in the same shadow stack as `anchor`
 /// (a CPU's primary or one of its IST shadow stacks)? From the static
 /// layout only: nothing here is read from writable memory.

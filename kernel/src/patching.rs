@@ -13,7 +13,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use shadowcall::cmdline::EmulStrategy;
-use shadowcall::emul::record::{RECORDS_PER_PAGE, RECORD_SIZE, REC_RSP_IF, REC_SITE, REC_SSP, REC_TARGET};
+use shadowcall::emul::record::{RECORDS_PER_PAGE, RECORD_SIZE, REC_RSP_IF, REC_SITE, REC_SSP, REC_TARGET, SYNC_WORD};
 use shadowcall::emul::{check_tramp_slots, GuardError, PendingCall, StackKind};
 use shadowcall::frame::{TrapFrame, RFLAGS_IF};
 use shadowcall::paging::PAGE_SIZE;
@@ -347,19 +347,17 @@ fn seal(batch: &Batch) -> Result<(), PatchError> {
     // SAFETY: the sealed area is mapped read-only for the kernel's life and
     // only this patcher (IN_FLIGHT held) writes it.
     let unpublished = unsafe { SealedBatch::from_raw_unpublished(start as *const u8, (end - start) as usize) };
-    let checked = unpublished
-        .and_then(|b| b.verify().map(|_| b))
-        .and_then(|b| {
-            // Every sealed entry must be what validation makes of its own
-            // (site, instruction) pair: registered site, registered target,
-            // patchable bytes in text now.
-            let pairs: Vec<(u64, NewInsn)> = b.entries().iter().filter_map(|e| e.insn().map(|i| (e.site, i))).collect();
-            let again = build_batch(&mm::text(), &patch_registry(), &pairs)?;
-            match again.entries().iter().zip(b.entries()).position(|(x, y)| SealedEntry::of(x) != *y) {
-                None if again.len() == b.len() => Ok(()),
-                i => Err(PatchError::BadSealedBatch { flaw: SealedFlaw::BadEntry { index: i.unwrap_or(0) as u64 } }),
-            }
-        });
+    let checked = unpublished.and_then(|b| b.verify().map(|_| b)).and_then(|b| {
+        // Every sealed entry must be what validation makes of its own
+        // (site, instruction) pair: registered site, registered target,
+        // patchable bytes in text now.
+        let pairs: Vec<(u64, NewInsn)> = b.entries().iter().filter_map(|e| e.insn().map(|i| (e.site, i))).collect();
+        let again = build_batch(&mm::text(), &patch_registry(), &pairs)?;
+        match again.entries().iter().zip(b.entries()).position(|(x, y)| SealedEntry::of(x) != *y) {
+            None if again.len() == b.len() => Ok(()),
+            i => Err(PatchError::BadSealedBatch { flaw: SealedFlaw::BadEntry { index: i.unwrap_or(0) as u64 } }),
+        }
+    });
     // Published (the magic word written) only once the read-only copy passed.
     if checked.is_ok() {
         mm::TextAlias::new().write(start, &buf[..MAGIC_LEN]);
@@ -882,6 +880,36 @@ pub fn free_records_between(lo: u64, hi: u64) {
             // memory no CPU uses as its stack), freed with the constant 0.
             unsafe { cet::wrss(rec + REC_SSP, 0) };
         }
+    }
+}
+
+/// This CPU's sync word (see `shadowcall::emul::record::SYNC_WORD`), found
+/// from its shadow stack `ssp` (static layout).
+pub fn sync_word_addr(ssp: u64) -> u64 {
+    mm::tramp_record_page(ssp) + SYNC_WORD
+}
+
+/// CPU `cpu`'s sync word.
+pub fn sync_word_of(cpu: usize) -> u64 {
+    mm::tramp_record_page_of_cpu(cpu) + SYNC_WORD
+}
+
+/// This CPU is online with shadow stacks: its sync word becomes 1.
+pub fn sync_word_online() {
+    if cet::active() {
+        // SAFETY: this CPU's sync word on its record page (shadow-stack
+        // memory no CPU uses as its stack), the constant 1.
+        unsafe { cet::wrss(sync_word_addr(cet::rdssp()), 1) };
+    }
+}
+
+/// The sync IPI: acknowledge by adding one to this CPU's sync word (a value
+/// read from the same shadow-stack page).
+pub fn sync_word_ack() {
+    if cet::active() {
+        let word = sync_word_addr(cet::rdssp());
+        // SAFETY: as in sync_word_online; the value comes from that word itself.
+        unsafe { cet::wrss(word, cet::read_slot(word) + 1) };
     }
 }
 

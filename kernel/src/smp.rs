@@ -158,6 +158,7 @@ extern "C" fn ap_main(index: u64) -> ! {
 /// An AP's life after start-up: run work handed to it, sleep otherwise.
 extern "C" fn ap_idle() -> ! {
     let me = this_cpu();
+    crate::patching::sync_word_online();
     me.online.store(true, Ordering::Release);
     loop {
         x86_64::instructions::interrupts::disable();
@@ -199,6 +200,9 @@ pub static SYNC_IPIS: AtomicU64 = AtomicU64::new(0);
 /// until each has: an IPI whose handler ends in IRET (serializing) after
 /// counting. The caller serializes itself.
 pub fn sync_others() {
+    if cet::active() {
+        return sync_others_acked_on_shadow_pages();
+    }
     let me = this_cpu().index;
     let mut targets: [(usize, u64); mm::MAX_CPUS] = [(usize::MAX, 0); mm::MAX_CPUS];
     for c in percpu::online().filter(|c| c.index != me) {
@@ -208,6 +212,33 @@ pub fn sync_others() {
     }
     for &(index, before) in targets.iter().filter(|t| t.0 != usize::MAX) {
         while percpu::cpu(index).syncs.load(Ordering::Acquire) == before {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// `sync_others` with shadow stacks on: which CPUs take part, and their
+/// acknowledgements, come from their sync words (shadow-stack memory written
+/// only by WRSS on their own CPU), not from per-CPU data: an ordinary store can
+/// neither leave a CPU out nor fake its serialization. The APIC ID an IPI
+/// goes to is per-CPU data: forging it can only make the patcher wait.
+fn sync_others_acked_on_shadow_pages() {
+    let me = crate::patching::sync_word_addr(cet::rdssp());
+    let mut before = [0u64; mm::MAX_CPUS];
+    for (cpu, b) in before.iter_mut().enumerate() {
+        let word = crate::patching::sync_word_of(cpu);
+        if word == me {
+            continue;
+        }
+        *b = cet::read_slot(word);
+        if *b != 0 {
+            apic::send(percpu::cpu(cpu).apic_id.load(Ordering::Relaxed), Delivery::Fixed, VEC_SYNC);
+            SYNC_IPIS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    for (cpu, &b) in before.iter().enumerate().filter(|&(_, &b)| b != 0) {
+        let word = crate::patching::sync_word_of(cpu);
+        while cet::read_slot(word) == b {
             core::hint::spin_loop();
         }
     }

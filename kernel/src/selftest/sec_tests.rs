@@ -315,10 +315,9 @@ pub fn sec_batch_forged(_st: &BootState) -> Outcome<'static> {
         let log = tlog();
         match v {
             Err(f) => errors.push(format!("call in the window faulted: {f}")),
-            Ok(_) if log.count[1] != 1 || log.last_ret != site + SITE_LEN as u64 => errors.push(format!(
-                "call in the window: target b ran {} times, ret {:#x}",
-                log.count[1], log.last_ret
-            )),
+            Ok(_) if log.count[1] != 1 || log.last_ret != site + SITE_LEN as u64 => {
+                errors.push(format!("call in the window: target b ran {} times, ret {:#x}", log.count[1], log.last_ret))
+            }
             Ok(_) => {}
         }
     });
@@ -357,16 +356,21 @@ pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
     let refusals = || this_cpu().counters.refusals.load(Ordering::Relaxed);
     if cet::active() {
         // A record can only be written with WRSS: an ordinary store faults.
+        // Nor can one fake a sync acknowledgement (the sync word).
         let page = mm::tramp_record_page(cet::rdssp());
-        let slot = page + 63 * RECORD_SIZE;
-        // SAFETY: a deliberate store to the record page; the #PF is caught.
-        let w = try_run(|| unsafe {
-            (slot as *mut u64).write_volatile(evil);
-            0
-        });
-        match w {
-            Err(f) if f.vector == VEC_PF => {}
-            other => errors.push(format!("ordinary store to a trampoline record: expected #PF, got {other:?}")),
+        for slot in [page + 63 * RECORD_SIZE, patching::sync_word_addr(cet::rdssp())] {
+            let before = cet::read_slot(slot);
+            // SAFETY: a deliberate store to the record page; the #PF is caught.
+            let w = try_run(|| unsafe {
+                (slot as *mut u64).write_volatile(evil);
+                0
+            });
+            match w {
+                Err(f) if f.vector == VEC_PF && cet::read_slot(slot) == before => {}
+                other => {
+                    errors.push(format!("ordinary store to the record page at {slot:#x}: expected #PF, got {other:?}"))
+                }
+            }
         }
         // A pending record bound to another stack (as an interrupted
         // context's would be); this stack reaches the trampoline's trap with
