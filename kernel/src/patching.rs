@@ -298,7 +298,7 @@ pub fn finish(flight: InFlight) -> PatchStats {
 }
 
 /// The three writes of the protocol.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Write {
     /// 1. int3 over the first byte of every site.
     Int3,
@@ -313,6 +313,19 @@ enum Write {
 /// twice: see REWRITE_STEPS). The bytes come only from the sealed
 /// (read-only) batch.
 fn write_step(what: Write) {
+    // The protocol is never abandoned half-way: a fault inside a step (which
+    // would unwind to the caller's recovery point with int3s in text and the
+    // batch live) stops the kernel instead.
+    if let Err(f) = interrupts::try_run(|| {
+        write_step_now(what);
+        0
+    }) {
+        crate::diag!("PANIC: a fault interrupted step {what:?} of the patch protocol: {f}; stopping");
+        crate::exit(false);
+    }
+}
+
+fn write_step_now(what: Write) {
     let Some(batch) = sealed_batch() else { return };
     for _ in 0..if REWRITE_STEPS.load(Ordering::Relaxed) { 2 } else { 1 } {
         let mut alias = mm::TextAlias::new();

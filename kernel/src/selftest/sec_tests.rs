@@ -2,7 +2,9 @@
 //! ordinary stores only, the data an attacker could reach, and shows the
 //! forgery refused or without effect, with nothing written to any shadow
 //! stack. Also `frame_alignment`. The hooks here are compiled in only with
-//! the `test-hooks` feature.
+//! the `test-hooks` feature; without it the tests that need one report
+//! `# SKIP needs the test-hooks build`.
+#![cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
 
 use alloc::format;
 use alloc::string::String;
@@ -23,6 +25,29 @@ use crate::interrupts::{try_run, FaultInfo, GUARD_REFUSAL, VEC_CP, VEC_PF};
 use crate::patching::{self, InFlight, Step};
 use crate::percpu::this_cpu;
 use crate::{apic, cet, interrupts, mm, BootState};
+
+#[cfg(feature = "test-hooks")]
+use crate::patching::{test_claim_record, test_free_record, test_poke};
+
+/// Without the hooks these are never reached (the tests skip first).
+#[cfg(not(feature = "test-hooks"))]
+mod no_hooks {
+    pub fn test_poke(_: u64, _: &[u8]) {
+        unreachable!("test-hooks build only")
+    }
+    pub fn test_claim_record(_: u64, _: u64, _: u64, _: u64) -> u64 {
+        unreachable!("test-hooks build only")
+    }
+    pub fn test_free_record(_: u64) {
+        unreachable!("test-hooks build only")
+    }
+}
+#[cfg(not(feature = "test-hooks"))]
+use no_hooks::{test_claim_record, test_free_record, test_poke};
+
+/// Are the self-test hooks compiled in?
+const HOOKS: bool = cfg!(feature = "test-hooks");
+const NO_HOOKS: Outcome<'static> = Outcome::Skip("needs the test-hooks build");
 
 core::arch::global_asm!(
     include_str!("../../../asm/sec.S"),
@@ -147,7 +172,7 @@ pub fn race_window(addr: u64) {
     RACE_SITE.store(0, Ordering::Relaxed);
     // The stale int3 the test planted goes first: text as before, then the
     // batch's own step 1 writes the int3 again.
-    patching::test_poke(addr, &[OPC_CALL]);
+    test_poke(addr, &[OPC_CALL]);
     if let Ok(f) = patching::begin(&[(addr, NewInsn::Call(target(1)))]) {
         *RACE_FLIGHT.lock() = Some(f);
     }
@@ -158,6 +183,9 @@ const OPC_CALL: u8 = 0xe8;
 // ---- frame_alignment ---------------------------------------------------------
 
 pub fn frame_alignment(_st: &BootState) -> Outcome<'static> {
+    if !HOOKS {
+        return NO_HOOKS;
+    }
     let names = ["#BP", "IST test vector", "#UD", "#PF (error code)", "APIC spurious"];
     let mut errors = Vec::new();
     let mis0 = patching::MISALIGNED_FRAMES.load(Ordering::Relaxed);
@@ -193,6 +221,9 @@ pub fn frame_alignment(_st: &BootState) -> Outcome<'static> {
 // ---- sec_exit_forged_frame ---------------------------------------------------
 
 pub fn sec_exit_forged_frame(st: &BootState) -> Outcome<'static> {
+    if !HOOKS {
+        return NO_HOOKS;
+    }
     if let Some(o) = skip_without_shstk(st) {
         return o;
     }
@@ -266,6 +297,9 @@ pub fn sec_exit_forged_frame(st: &BootState) -> Outcome<'static> {
 // ---- sec_batch_forged --------------------------------------------------------
 
 pub fn sec_batch_forged(_st: &BootState) -> Outcome<'static> {
+    if !HOOKS {
+        return NO_HOOKS;
+    }
     let mut errors: Vec<String> = Vec::new();
     let site = site();
     // 1. The batch changed in ordinary memory between validation and
@@ -342,6 +376,9 @@ pub fn sec_batch_forged(_st: &BootState) -> Outcome<'static> {
 // ---- sec_tramp_record_bound --------------------------------------------------
 
 pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
+    if !HOOKS {
+        return NO_HOOKS;
+    }
     let mut errors: Vec<String> = Vec::new();
     let entry = patching::tramp_page();
     // The trampoline's addresses are no patch targets.
@@ -375,7 +412,7 @@ pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
         // A pending record bound to another stack (as an interrupted
         // context's would be); this stack reaches the trampoline's trap with
         // the trampoline's own return addresses on both stacks: refused.
-        let rec = patching::test_claim_record(other_stack_ssp, 0, site(), evil);
+        let rec = test_claim_record(other_stack_ssp, 0, site(), evil);
         let (r0, ssp0) = (refusals(), cet::rdssp());
         // SAFETY: calls the trampoline entry directly; the refusal is caught.
         let r = expecting(|| try_run(|| unsafe { sc_t_call_tramp(entry) }));
@@ -388,7 +425,7 @@ pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
         if cet::rdssp() != ssp0 {
             errors.push(String::from("SSP not recovered"));
         }
-        patching::test_free_record(rec);
+        test_free_record(rec);
     } else {
         // Without shadow stacks the record is the per-CPU LIFO: bound to the
         // interrupted RSP.
@@ -431,6 +468,9 @@ pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
 // ---- sec_stale_int3_race -----------------------------------------------------
 
 pub fn sec_stale_int3_race(_st: &BootState) -> Outcome<'static> {
+    if !HOOKS {
+        return NO_HOOKS;
+    }
     let mut errors: Vec<String> = Vec::new();
     let site = site();
     let c = &this_cpu().counters;
@@ -438,7 +478,7 @@ pub fn sec_stale_int3_race(_st: &BootState) -> Outcome<'static> {
     // A stale int3 at a registered site with no batch live; the handler's
     // window between "no batch" and reading the site is opened by the hook,
     // which publishes a batch for the site (int3 written) right there.
-    patching::test_poke(site, &[INT3]);
+    test_poke(site, &[INT3]);
     RACE_SITE.store(site, Ordering::Relaxed);
     tlog_reset();
     // SAFETY: a site function; a fault (e.g. #UD from resuming mid-instruction) is caught.
