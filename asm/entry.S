@@ -36,8 +36,9 @@
     pushq %r15
 .endm
 
-/* Restore the registers saved by the stub and return from the exception. */
-.macro ISR_EXIT
+/* Restore the registers saved by the stub (RSP at TrapFrame.ssp) and drop
+ * the vector and error code (RSP then at the hardware frame's RIP slot). */
+.macro POP_GPRS
     addq $16, %rsp
     popq %r15
     popq %r14
@@ -55,6 +56,11 @@
     popq %rbx
     popq %rax
     addq $16, %rsp                  /* TrapFrame.vector, .error_code */
+.endm
+
+/* Return from the exception. */
+.macro ISR_EXIT
+    POP_GPRS
     iretq
 .endm
 
@@ -463,23 +469,7 @@ sc_bp_return_in_nmi:
     movq %rax, -16(%rcx)
     subq $16, %rcx
     movq %rcx, {FRAME_RSP}(%rsp)
-    addq $16, %rsp
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rbp
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
-    popq %rbx
-    popq %rax
-    addq $16, %rsp                  /* TrapFrame.vector, .error_code */
+    POP_GPRS
     movq 24(%rsp), %rsp             /* the saved RSP slot: R'-16 */
     popfq
     retq

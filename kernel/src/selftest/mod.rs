@@ -107,6 +107,19 @@ pub fn tlog_reset() {
     unsafe { core::ptr::addr_of_mut!(SC_TLOG).write_volatile(TargetLog::default()) }
 }
 
+/// FNV-1a over kernel text, leaving out `[skip, skip + SITE_LEN)` (pass
+/// `None` to cover all of it).
+pub fn text_checksum_except(skip: Option<u64>) -> u64 {
+    use shadowcall::patch::SITE_LEN;
+    let t = crate::mm::text();
+    let skipped = |a: u64| skip.is_some_and(|s| (s..s + SITE_LEN as u64).contains(&a));
+    t.bytes
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| !skipped(t.base + i as u64))
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, (_, &b)| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
 /// A test's outcome from the failures it collected (each printed as a diagnostic).
 pub fn outcome_of(errors: &[alloc::string::String]) -> Outcome<'static> {
     for e in errors {

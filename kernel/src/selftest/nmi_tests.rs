@@ -18,25 +18,10 @@ use crate::patching::{self, Step};
 use crate::percpu::{self, this_cpu};
 use crate::{apic, cet, mm, smp, BootState};
 
-extern "C" {
-    fn sc_s_fn(_: u64) -> u64;
-    fn sc_s_nmi_fn(_: u64) -> u64;
-    fn sc_s_target_0();
-    fn sc_s_target_1();
-    fn sc_s_target_2();
-    static sc_s_site: u8;
-    static sc_s_nmi_site: u8;
-    fn sc_t_stray_probe() -> u64;
-}
+use super::smp_tests::{nmi_site, sc_s_fn, sc_s_nmi_fn, site as stress_site, targets};
 
-fn targets() -> [u64; 3] {
-    [sc_s_target_0 as *const () as u64, sc_s_target_1 as *const () as u64, sc_s_target_2 as *const () as u64]
-}
-fn nmi_site() -> u64 {
-    core::ptr::addr_of!(sc_s_nmi_site) as u64
-}
-fn stress_site() -> u64 {
-    core::ptr::addr_of!(sc_s_site) as u64
+extern "C" {
+    fn sc_t_stray_probe() -> u64;
 }
 
 /// NMI handlers running on each CPU right now, and NMIs that arrived while

@@ -155,14 +155,8 @@ fn site_bytes(site: u64) -> [u8; SITE_LEN] {
     unsafe { (site as *const [u8; SITE_LEN]).read_volatile() }
 }
 
-/// FNV-1a over kernel text, leaving out `[skip, skip + SITE_LEN)`.
 fn text_checksum_except(skip: u64) -> u64 {
-    let t = mm::text();
-    t.bytes
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| !(skip..skip + SITE_LEN as u64).contains(&(t.base + i as u64)))
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, (_, &b)| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    super::text_checksum_except(Some(skip))
 }
 
 /// Checks on this CPU alone, after a real patch of `site`: the shared tables

@@ -87,14 +87,8 @@ fn victim_slots() -> [u64; 4] {
     [cet::read_slot(v - 8), cet::read_slot(v), cet::read_slot(v + 8), cet::read_slot(v + 16)]
 }
 
-/// FNV-1a over kernel text, except `[skip, skip + SITE_LEN)`.
 fn text_checksum_except(skip: u64) -> u64 {
-    let t = mm::text();
-    t.bytes
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| !(skip..skip + SITE_LEN as u64).contains(&(t.base + i as u64)))
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, (_, &b)| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    super::text_checksum_except(Some(skip))
 }
 
 /// Mark the refusals a test provokes as expected (printed "expected:").
@@ -305,7 +299,7 @@ pub fn sec_batch_forged(_st: &BootState) -> Outcome<'static> {
     // 1. The batch changed in ordinary memory between validation and
     //    sealing: the sealed copy is validated again and refused; text and
     //    the sealed area unchanged, no batch live.
-    let sum0 = text_checksum_except(u64::MAX - SITE_LEN as u64);
+    let sum0 = super::text_checksum_except(None);
     FORGE_SEAL.store(true, Ordering::Relaxed);
     let r = patching::patch(&[(site, NewInsn::Call(target(1)))], |_| {});
     FORGE_SEAL.store(false, Ordering::Relaxed);
@@ -313,7 +307,7 @@ pub fn sec_batch_forged(_st: &BootState) -> Outcome<'static> {
         Err(PatchError::BadSealedBatch { .. }) => diag!("batch forged before sealing: {}", r.unwrap_err()),
         other => errors.push(format!("batch forged before sealing: expected a refusal, got {other:?}")),
     }
-    if text_checksum_except(u64::MAX - SITE_LEN as u64) != sum0 {
+    if super::text_checksum_except(None) != sum0 {
         errors.push(String::from("text changed by a refused batch"));
     }
     if patching::batch_live() {

@@ -21,8 +21,8 @@ use crate::{apic, cet, check, mm, smp, BootState};
 pub static SC_STRESS_COUNTS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
 
 extern "C" {
-    fn sc_s_fn(_: u64) -> u64;
-    fn sc_s_nmi_fn(_: u64) -> u64;
+    pub(super) fn sc_s_fn(_: u64) -> u64;
+    pub(super) fn sc_s_nmi_fn(_: u64) -> u64;
     fn sc_s_target_0();
     fn sc_s_target_1();
     fn sc_s_target_2();
@@ -30,7 +30,8 @@ extern "C" {
     static sc_s_nmi_site: u8;
 }
 
-fn targets() -> [u64; 3] {
+/// sc_s_target_0/1/2.
+pub(super) fn targets() -> [u64; 3] {
     [sc_s_target_0 as *const () as u64, sc_s_target_1 as *const () as u64, sc_s_target_2 as *const () as u64]
 }
 fn target_calls() -> u64 {
@@ -39,8 +40,13 @@ fn target_calls() -> u64 {
 fn sum(f: impl Fn(&PerCpu) -> &AtomicU64) -> u64 {
     percpu::online().map(|c| f(c).load(Ordering::SeqCst)).sum()
 }
-fn site() -> u64 {
+/// The stress site (sc_s_fn's).
+pub(super) fn site() -> u64 {
     core::ptr::addr_of!(sc_s_site) as u64
+}
+/// The site the NMI handler calls (sc_s_nmi_fn's).
+pub(super) fn nmi_site() -> u64 {
+    core::ptr::addr_of!(sc_s_nmi_site) as u64
 }
 fn restore_site() -> bool {
     patching::patch(&[(site(), NewInsn::Call(targets()[0]))], |_| {}).is_ok()
