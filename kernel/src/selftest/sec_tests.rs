@@ -14,9 +14,9 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use shadowcall::emul::record::{RECORD_SIZE, REC_SSP};
 use shadowcall::emul::PendingCall;
 use shadowcall::frame::TrapFrame;
-use shadowcall::ktap::Outcome;
 use shadowcall::patch::{NewInsn, PatchError, SealedEntry, SealedHeader, INT3, SITE_LEN};
 use shadowcall::shstk::CpError;
+use shadowcall_support::ktap::Outcome;
 use spin::Mutex;
 
 use super::cet_tests::skip_without_shstk;
