@@ -9,8 +9,6 @@
 
 extern crate alloc;
 
-/// The kernel command line (the shared `shadowcall-cmdline` crate).
-pub use shadowcall_cmdline as cmdline;
 pub mod emul;
 pub mod frame;
 pub mod patch;

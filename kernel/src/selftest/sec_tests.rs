@@ -433,7 +433,7 @@ pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
         this_cpu().lifo().truncate(0);
     }
     // A trampoline emulation on this stack still works.
-    patching::set_strategy(shadowcall::cmdline::EmulStrategy::Trampoline);
+    patching::set_strategy(shadowcall_cmdline::EmulStrategy::Trampoline);
     let r = patching::patch(&[(site(), NewInsn::Call(target(1)))], |step| {
         if step != Step::Int3Written {
             return;
