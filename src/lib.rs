@@ -9,13 +9,8 @@
 
 extern crate alloc;
 
-pub mod acpi;
-/// The kernel command line (the shared `shadowcall-cmdline` crate).
-pub use shadowcall_cmdline as cmdline;
 pub mod emul;
 pub mod frame;
-pub mod ktap;
-pub mod paging;
 pub mod patch;
 pub mod shstk;
 pub mod tramp;

@@ -9,8 +9,8 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use shadowcall::cmdline::EmulStrategy;
 use shadowcall::patch::NewInsn;
+use shadowcall_cmdline::EmulStrategy;
 
 use crate::patching::{self, Step};
 use crate::selftest::block_site;

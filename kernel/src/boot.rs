@@ -1,12 +1,12 @@
 //! The Multiboot (v1) information the boot loader hands over.
 
-use shadowcall::cmdline::Cmdline;
+use shadowcall_cmdline::Cmdline;
 
 pub const MULTIBOOT_BOOTLOADER_MAGIC: u64 = 0x2bad_b002;
 const MBI_FLAG_MEM: u32 = 1 << 0;
 const MBI_FLAG_CMDLINE: u32 = 1 << 2;
 /// The longest command line kept (the shared vocabulary's limit).
-const CMDLINE_MAX: usize = shadowcall::cmdline::MAX_LEN;
+const CMDLINE_MAX: usize = shadowcall_cmdline::MAX_LEN;
 /// How far past [`CMDLINE_MAX`] the length of a too-long line is counted
 /// (so that a missing NUL cannot make us walk memory forever).
 const CMDLINE_SCAN_LIMIT: usize = 64 * 1024;
@@ -82,9 +82,9 @@ impl BootInfo {
     }
 
     /// `Err` naming the length when the loader's line was longer than the
-    /// kernel keeps ([`shadowcall::cmdline::MAX_LEN`]).
-    pub fn cmdline_len_check(&self) -> Result<(), shadowcall::cmdline::CmdlineError<'static>> {
-        shadowcall::cmdline::check_len(self.cmdline_overflow.unwrap_or(self.cmdline_len))
+    /// kernel keeps ([`shadowcall_cmdline::MAX_LEN`]).
+    pub fn cmdline_len_check(&self) -> Result<(), shadowcall_cmdline::CmdlineError<'static>> {
+        shadowcall_cmdline::check_len(self.cmdline_overflow.unwrap_or(self.cmdline_len))
     }
 
     pub fn with_cmdline(mut self, c: Cmdline) -> Self {

@@ -21,7 +21,7 @@ mod percpu;
 mod selftest;
 mod smp;
 
-use shadowcall::cmdline::{CetMode, EmulStrategy};
+use shadowcall_cmdline::{CetMode, EmulStrategy};
 use spin::Once;
 
 core::arch::global_asm!(
@@ -65,7 +65,7 @@ extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
     if !boot.multiboot_ok {
         errors.push(alloc::format!("not started by a Multiboot loader (magic {magic:#x})"));
     }
-    let cmdline = match shadowcall::cmdline::parse_multiboot(boot.cmdline()) {
+    let cmdline = match shadowcall_cmdline::parse_multiboot(boot.cmdline()) {
         Ok(c) => c,
         Err(e) => {
             errors.push(alloc::format!("{e}"));

@@ -20,8 +20,8 @@ use core::ptr::addr_of;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use linked_list_allocator::LockedHeap;
-use shadowcall::paging::{self, Kind, ENTRIES, LARGE_PAGE_SIZE, PAGE_SIZE};
 use shadowcall::shstk::{self, StackBounds};
+use shadowcall_support::paging::{self, Kind, ENTRIES, LARGE_PAGE_SIZE, PAGE_SIZE};
 use x86_64::instructions::{interrupts, tlb};
 use x86_64::registers::control::{Cr3, Cr3Flags};
 use x86_64::structures::paging::PhysFrame;

@@ -12,17 +12,17 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
-use shadowcall::cmdline::EmulStrategy;
 use shadowcall::emul::record::{RECORDS_PER_PAGE, RECORD_SIZE, REC_RSP_IF, REC_SITE, REC_SSP, REC_TARGET, SYNC_WORD};
 use shadowcall::emul::{check_tramp_slots, GuardError, PendingCall, StackKind};
 use shadowcall::frame::{TrapFrame, RFLAGS_IF};
-use shadowcall::paging::PAGE_SIZE;
 use shadowcall::patch::{
     build_batch, classify, Batch, CodeRange, CodeRegion, Entry, NewInsn, PatchError, Registry, SealedBatch,
     SealedEntry, SealedFlaw, SiteKind, INT3, KIND_CALL, KIND_JMP, KIND_NOP, SITE_LEN,
 };
 use shadowcall::shstk::ShadowFrame;
 use shadowcall::tramp::{self, TrampLayout, TRAMP_TRAP_OFF};
+use shadowcall_cmdline::EmulStrategy;
+use shadowcall_support::paging::PAGE_SIZE;
 use spin::Once;
 
 use crate::interrupts::{self, FaultInfo, GUARD_REFUSAL};

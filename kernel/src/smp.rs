@@ -5,7 +5,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use shadowcall::acpi;
+use shadowcall_support::acpi;
 
 use crate::apic::{self, Delivery};
 use crate::percpu::{self, this_cpu};

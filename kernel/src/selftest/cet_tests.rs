@@ -4,9 +4,9 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use shadowcall::frame::TrapFrame;
-use shadowcall::ktap::Outcome;
-use shadowcall::paging::{self, Kind, Pte, PAGE_SIZE};
 use shadowcall::shstk::{self, CpError, ShadowFrame};
+use shadowcall_support::ktap::Outcome;
+use shadowcall_support::paging::{self, Kind, Pte, PAGE_SIZE};
 use x86_64::registers::control::{Cr4, Cr4Flags};
 use x86_64::registers::model_specific::{CetFlags, Msr};
 

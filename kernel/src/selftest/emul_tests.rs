@@ -10,13 +10,13 @@ use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-use shadowcall::cmdline::EmulStrategy;
 use shadowcall::emul::{GuardError, PendingCall, StackKind};
 use shadowcall::frame::RFLAGS_IF;
-use shadowcall::ktap::Outcome;
 use shadowcall::patch::{build_batch, CodeRegion, NewInsn, PatchError, Registry, SITE_LEN};
 use shadowcall::shstk::CpError;
 use shadowcall::tramp;
+use shadowcall_cmdline::EmulStrategy;
+use shadowcall_support::ktap::Outcome;
 
 use super::cet_tests::skip_without_shstk;
 use super::{block_site, tlog, tlog_reset, LARGE_SITES};

@@ -13,7 +13,7 @@ pub mod smp_tests;
 
 use core::mem::offset_of;
 
-use shadowcall::ktap::{Ktap, Outcome};
+use shadowcall_support::ktap::{Ktap, Outcome};
 
 use crate::console::CONSOLE;
 use crate::percpu::this_cpu;
@@ -138,7 +138,7 @@ macro_rules! check {
     ($cond:expr, $($arg:tt)*) => {
         if !$cond {
             $crate::diag!("FAIL: {}", format_args!($($arg)*));
-            return shadowcall::ktap::Outcome::Fail;
+            return shadowcall_support::ktap::Outcome::Fail;
         }
     };
 }

@@ -7,9 +7,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use shadowcall::ktap::Outcome;
 use shadowcall::patch::NewInsn;
 use shadowcall::shstk;
+use shadowcall_support::ktap::Outcome;
 
 use super::emul_tests::{call_checked, SiteFn};
 use super::smp_tests::SC_STRESS_COUNTS;

@@ -21,9 +21,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
-use shadowcall::ktap::Outcome;
-use shadowcall::paging::{Pte, PAGE_SIZE};
 use shadowcall::patch::{NewInsn, SITE_LEN};
+use shadowcall_support::ktap::Outcome;
+use shadowcall_support::paging::{Pte, PAGE_SIZE};
 
 use crate::interrupts::{try_run, FaultInfo, VEC_PF};
 use crate::patching::{self, Step};

@@ -14,9 +14,9 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use shadowcall::emul::record::{RECORD_SIZE, REC_SSP};
 use shadowcall::emul::PendingCall;
 use shadowcall::frame::TrapFrame;
-use shadowcall::ktap::Outcome;
 use shadowcall::patch::{NewInsn, PatchError, SealedEntry, SealedHeader, INT3, SITE_LEN};
 use shadowcall::shstk::CpError;
+use shadowcall_support::ktap::Outcome;
 use spin::Mutex;
 
 use super::cet_tests::skip_without_shstk;
@@ -433,7 +433,7 @@ pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
         this_cpu().lifo().truncate(0);
     }
     // A trampoline emulation on this stack still works.
-    patching::set_strategy(shadowcall::cmdline::EmulStrategy::Trampoline);
+    patching::set_strategy(shadowcall_cmdline::EmulStrategy::Trampoline);
     let r = patching::patch(&[(site(), NewInsn::Call(target(1)))], |step| {
         if step != Step::Int3Written {
             return;

@@ -8,8 +8,8 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use shadowcall::frame::TrapFrame;
-use shadowcall::ktap::Outcome;
 use shadowcall::patch::NewInsn;
+use shadowcall_support::ktap::Outcome;
 
 use super::emul_tests::{call_checked, SiteFn};
 use crate::patching::{self, Step};
