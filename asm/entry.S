@@ -14,8 +14,8 @@
  * every stub then adds 152 bytes (vector, error code, 15 registers, 2
  * bookkeeping words): 192 in all, so the Rust handler is called with RSP a
  * multiple of 16 (the ABI's alignment at a call). The #BP stub adds its
- * gap (BP_GAP = 24) and a full 192-byte TrapFrame holding a copy of the
- * hardware frame: 40 + 24 + 192 = 256 = 16 * 16, aligned too. The
+ * gap (BP_GAP = 8) and a full 192-byte TrapFrame holding a copy of the
+ * hardware frame: 40 + 8 + 192 = 240 = 15 * 16, aligned too. The
  * `frame_alignment` self-test checks both, from both interrupted alignments. */
 
 .macro PUSH_GPRS
@@ -138,7 +138,35 @@ sc_isr_common:
     movq %rsp, %rdi
     cld
     call sc_exception_dispatch
+    /* Inside a private poking window (CR3 is not the shared tables: the
+     * patching CPU took an NMI, #MC or fault while it held the text alias)
+     * the RSP IRET restores must be one of the kernel's stacks: a forged
+     * saved RSP aimed at the alias would have the interrupted code's pushes
+     * write text. (IRET loads RSP from this ordinary frame: the check
+     * narrows that to the IRET instruction itself; DESIGN §11.) */
+    movq %cr3, %rax
+    leaq sc_shared_tables(%rip), %rcx
+    cmpq %rcx, %rax
+    jne sc_isr_exit_private
     ISR_EXIT
+
+sc_isr_exit_private:
+    movq {FRAME_RSP}(%rsp), %rax
+    leaq sc_stacks(%rip), %rcx
+    cmpq %rcx, %rax
+    jb 1f
+    addq ${ALL_STACKS_SIZE}, %rcx
+    cmpq %rcx, %rax
+    jbe 2f
+1:  leaq boot_stack_bottom(%rip), %rcx
+    cmpq %rcx, %rax
+    jb 3f
+    leaq boot_stack_top(%rip), %rcx
+    cmpq %rcx, %rax
+    ja 3f
+2:  ISR_EXIT
+3:  movq %rsp, %rdi
+    call sc_exit_bad_rsp
 
 /* ---- #BP ---------------------------------------------------------------
  * Move the hardware frame down by {BP_GAP} bytes before anything else,
@@ -424,8 +452,9 @@ sc_bpx_test_landing:
  *   pop the registers, RSP := R'-16, POPFQ (IF, TF, DF, AC... as saved; RF
  *   cleared), RET: pops X from both stacks and compares them.
  * End state: RIP = X, RSP = R', SSP = P', RFLAGS as saved, NMIs still
- * blocked until the NMI handler's own IRET. BP_GAP (24) keeps R'-16 above
- * the trap frame in every case (R' >= interrupted RSP - 8). */
+ * blocked until the NMI handler's own IRET. R' is checked to be one the
+ * exits can produce (interrupted RSP - 8 .. + 8, right above this frame), so
+ * the stores below it land in the CPU's own (copied, dead) frame or above. */
 sc_bp_return:
     movq %rsp, %rax
     leaq sc_stacks(%rip), %rcx
@@ -442,7 +471,18 @@ sc_bp_return:
 9:  ISR_EXIT
 
 sc_bp_return_in_nmi:
+    /* R': only a return RSP the emulation can produce, right above this
+     * frame (the saved RSP is ordinary memory: a forged one must not aim
+     * the stores below, nor RSP itself, anywhere else). */
     movq {FRAME_RSP}(%rsp), %rcx
+    leaq {BP_RSP_MIN}(%rsp), %rax
+    cmpq %rax, %rcx
+    jb 9b
+    leaq {BP_RSP_MAX}(%rsp), %rax
+    cmpq %rax, %rcx
+    ja 9b
+    testb $7, %cl
+    jnz 9b
     movq {FRAME_RIP}(%rsp), %r9
     cmpb $0, SC_SHSTK_ACTIVE(%rip)
     je 2f
@@ -464,13 +504,33 @@ sc_bp_return_in_nmi:
     cmpq $3, %rax
     ja 9b
     incsspq %rax
+    /* [R'-8] = X, [R'-16] = RFLAGS, [R'-24] = the saved RCX; RCX keeps
+     * R'-24 (checked above) through the register pops: RSP is never loaded
+     * from the frame again. */
 2:  movq %r9, -8(%rcx)
     movq {FRAME_RFLAGS}(%rsp), %rax
     movq %rax, -16(%rcx)
-    subq $16, %rcx
-    movq %rcx, {FRAME_RSP}(%rsp)
-    POP_GPRS
-    movq 24(%rsp), %rsp             /* the saved RSP slot: R'-16 */
+    movq {FRAME_RCX}(%rsp), %rax
+    movq %rax, -24(%rcx)
+    subq $24, %rcx
+    addq $16, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rbp
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    addq $8, %rsp                   /* RCX: restored from R'-24 below */
+    popq %rbx
+    popq %rax
+    movq %rcx, %rsp
+    popq %rcx
     popfq
     retq
 

@@ -41,23 +41,35 @@ pub struct TrapFrame {
 /// RFLAGS.IF
 pub const RFLAGS_IF: u64 = 1 << 9;
 
-/// Bytes the #BP stub moves the hardware frame down by, so that the handler
-/// can emulate a `push` onto the interrupted stack (classic and shadow-gap
-/// emulation) and the exit can return without IRET in NMI context (two more
-/// words below the final RSP: RFLAGS for POPF and the address for RET)
-/// without overwriting the frame it returns through.
+/// Bytes the #BP stub leaves between the CPU's hardware frame and the
+/// TrapFrame it builds below it (with a copy of the hardware frame). The
+/// handler and the exits then store only at or above the CPU's original
+/// frame, which is dead once copied: the emulated `push` at RSP-8, and the
+/// NMI-context return's three words below its return RSP (see
+/// [`BP_RETURN_RSP_MIN`]); the frame they return through is the copy.
 ///
-/// Alignment: the CPU aligns RSP down to 16 and pushes the 40-byte hardware
-/// frame; the #BP stub then subtracts the gap and builds a whole
-/// [`TrapFrame`] (192 bytes, a copy of the hardware frame included), so the
-/// Rust handler is called with RSP = aligned - 40 - gap - 192. That is a
-/// multiple of 16 (the ABI's alignment at a call) only when
+/// The gap exists for alignment: the CPU aligns RSP down to 16 and pushes
+/// 40 bytes; the stub subtracts the gap and builds a whole [`TrapFrame`]
+/// (192 bytes), so the Rust handler is called with RSP = aligned - 40 -
+/// gap - 192, a multiple of 16 (the ABI's alignment at a call) only when
 /// `40 + gap` is: the gap is 8 (mod 16), see [`handler_rsp_aligned`].
-pub const BP_STACK_GAP: u64 = 24;
+pub const BP_STACK_GAP: u64 = 8;
 
-/// Words the #BP path may store below the interrupted RSP: the emulated
-/// call's return address, then the NMI-context return's two words.
-pub const BP_GAP_WORDS: u64 = 3;
+/// From the #BP handler's frame (RSP at the stub's call, S) to the CPU's
+/// 16-byte-aligned interrupted RSP A: the TrapFrame, the gap, the CPU's
+/// own frame. The interrupted RSP is A or A+8.
+pub const BP_FRAME_TO_ALIGNED_RSP: u64 = core::mem::size_of::<TrapFrame>() as u64 + BP_STACK_GAP + HW_FRAME_BYTES;
+
+/// The RSP a #BP exit may return to, from S: the interrupted RSP, one slot
+/// lower (an emulated call) or one slot higher (an emulated ret). The
+/// NMI-context return stores below it and loads RSP from it, so it must not
+/// come from the (writable) trap frame unchecked.
+pub const BP_RETURN_RSP_MIN: u64 = BP_FRAME_TO_ALIGNED_RSP - 8;
+pub const BP_RETURN_RSP_MAX: u64 = BP_FRAME_TO_ALIGNED_RSP + 16;
+
+/// Words the NMI-context return stores below its return RSP (RCX, RFLAGS,
+/// the return address).
+pub const NMI_RETURN_WORDS: u64 = 3;
 
 /// Bytes of the hardware interrupt frame (no error code).
 pub const HW_FRAME_BYTES: u64 = HW_FRAME_WORDS * 8;
@@ -72,11 +84,12 @@ pub const fn handler_rsp_aligned(hw: u64, extra: u64) -> bool {
 /// Words of the hardware interrupt frame (RIP, CS, RFLAGS, RSP, SS).
 pub const HW_FRAME_WORDS: u64 = 5;
 
-/// Where the copied hardware frame ends (exclusive) when the CPU interrupted
-/// code running with `rsp` and the stub moved the frame down by `gap`.
-/// In 64-bit mode the CPU aligns RSP down to 16 before pushing the frame.
+/// Where the copy of the hardware frame (the top of the TrapFrame) ends,
+/// exclusive, when the CPU interrupted code running with `rsp` and the stub
+/// left `gap` bytes below the CPU's frame. In 64-bit mode the CPU aligns RSP
+/// down to 16 before pushing its frame.
 pub const fn copied_frame_end(rsp: u64, gap: u64) -> u64 {
-    (rsp & !15) - gap
+    (rsp & !15) - HW_FRAME_BYTES - gap
 }
 
 /// Can the handler store one emulated return address at `rsp - 8` without
@@ -119,14 +132,23 @@ mod tests {
     }
 
     #[test]
-    fn gap_holds_the_nmi_return_words_at_every_alignment() {
-        // Lowest word written: interrupted RSP - 8 * BP_GAP_WORDS; it must
-        // stay above the copied frame for every interrupted alignment.
-        for low in (0..16u64).step_by(8) {
+    fn nmi_return_window_stays_above_the_frame() {
+        // S = the frame; A = interrupted RSP & !15. Every return RSP the #BP
+        // exits can produce lies in the allowed window, and the NMI-context
+        // return's stores below it stay above the copied frame.
+        for low in [0u64, 8] {
             let rsp = 0x10_0000 + low;
-            assert!(copied_frame_end(rsp, BP_STACK_GAP) <= rsp - 8 * BP_GAP_WORDS, "rsp={rsp:#x}");
+            let a = rsp & !15;
+            let s = copied_frame_end(rsp, BP_STACK_GAP) - size_of::<TrapFrame>() as u64;
+            assert_eq!(a - s, BP_FRAME_TO_ALIGNED_RSP);
+            assert!(handler_rsp_aligned(HW_FRAME_BYTES, BP_STACK_GAP) && s % 16 == 0);
+            for r in [rsp - 8, rsp, rsp + 8] {
+                assert!((s + BP_RETURN_RSP_MIN..=s + BP_RETURN_RSP_MAX).contains(&r), "r={r:#x}");
+                assert!(r - 8 * NMI_RETURN_WORDS >= copied_frame_end(rsp, BP_STACK_GAP), "r={r:#x}");
+            }
         }
-        assert!(copied_frame_end(0x10_0000, 8) > 0x10_0000 - 8 * BP_GAP_WORDS);
+        // The window's extremes are 8-aligned and 3 slots apart.
+        assert_eq!((BP_RETURN_RSP_MAX - BP_RETURN_RSP_MIN) / 8, 3);
     }
 
     #[test]
@@ -137,7 +159,8 @@ mod tests {
                 assert!(gap_fits_one_push(rsp, BP_STACK_GAP), "rsp={rsp:#x}");
             }
         }
-        // Without a gap the push would land on the frame's SS slot.
-        assert!(!gap_fits_one_push(0x10_0000, 0));
+        // Even without a gap the push misses the copy (it lands on the CPU's
+        // own frame, dead once copied): the gap is there for alignment.
+        assert!(gap_fits_one_push(0x10_0000, 0));
     }
 }

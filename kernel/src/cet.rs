@@ -40,6 +40,14 @@ pub fn active() -> bool {
     SC_SHSTK_ACTIVE.load(Ordering::Relaxed)
 }
 
+/// Are supervisor shadow stacks enforced, read from the CPU (CR4.CET and
+/// IA32_S_CET.SH_STK_EN), not from `SC_SHSTK_ACTIVE` (ordinary memory)?
+/// For decisions a forged byte must not steer: which CPUs a sync waits for,
+/// freeing trampoline records. Slower than `active` (an MSR read).
+pub fn enforced() -> bool {
+    Cr4::read().contains(Cr4Flags::CONTROL_FLOW_ENFORCEMENT) && SCet::read().0.contains(CetFlags::SS_ENABLE)
+}
+
 /// The current SSP, or 0 when shadow stacks are off (RDSSP is never executed then).
 pub fn rdssp() -> u64 {
     if !active() {

@@ -96,6 +96,7 @@ static STACKS: Shared<[CpuStacks; MAX_CPUS]> = Shared(UnsafeCell::new(
 
 #[repr(C, align(4096))]
 struct Table([u64; ENTRIES]);
+#[repr(C)]
 struct Tables {
     /// The shared top level: every CPU's CR3 except while it pokes.
     pml4: Table,
@@ -118,6 +119,9 @@ struct PokeTables {
     pd: Table,
     pt: Table,
 }
+// The exception exit compares CR3 with this address (the shared PML4, the
+// first field) to tell a CPU inside its private poking window.
+#[export_name = "sc_shared_tables"]
 static TABLES: Shared<Tables> = Shared(UnsafeCell::new(Tables {
     pml4: Table([0; ENTRIES]),
     pdpt: Table([0; ENTRIES]),
@@ -419,6 +423,8 @@ fn frame_of(table: u64) -> PhysFrame {
 }
 
 /// The shared top-level table (every CPU's CR3 outside `TextAlias`).
+const _: () = assert!(core::mem::offset_of!(Tables, pml4) == 0);
+
 pub fn shared_pml4() -> u64 {
     // SAFETY: only the address is taken.
     table_addr(unsafe { &(*TABLES.0.get()).pml4 })

@@ -882,7 +882,7 @@ fn second_trap(frame: &mut TrapFrame, f: Option<ShadowFrame>) -> BpExit {
 /// second trap will never come). Values and slots: 0, on the record page of
 /// the CPU whose stack holds `lo` (static layout).
 pub fn free_records_between(lo: u64, hi: u64) {
-    if !cet::active() {
+    if !cet::enforced() {
         return;
     }
     let page = mm::tramp_record_page(lo);
@@ -909,7 +909,7 @@ pub fn sync_word_of(cpu: usize) -> u64 {
 
 /// This CPU is online with shadow stacks: its sync word becomes 1.
 pub fn sync_word_online() {
-    if cet::active() {
+    if cet::enforced() {
         // SAFETY: this CPU's sync word on its record page (shadow-stack
         // memory no CPU uses as its stack), the constant 1.
         unsafe { cet::wrss(sync_word_addr(cet::rdssp()), 1) };
@@ -919,7 +919,7 @@ pub fn sync_word_online() {
 /// The sync IPI: acknowledge by adding one to this CPU's sync word (a value
 /// read from the same shadow-stack page).
 pub fn sync_word_ack() {
-    if cet::active() {
+    if cet::enforced() {
         let word = sync_word_addr(cet::rdssp());
         // SAFETY: as in sync_word_online; the value comes from that word itself.
         unsafe { cet::wrss(word, cet::read_slot(word) + 1) };

@@ -200,7 +200,7 @@ pub static SYNC_IPIS: AtomicU64 = AtomicU64::new(0);
 /// until each has: an IPI whose handler ends in IRET (serializing) after
 /// counting. The caller serializes itself.
 pub fn sync_others() {
-    if cet::active() {
+    if cet::enforced() {
         return sync_others_acked_on_shadow_pages();
     }
     let me = this_cpu().index;
