@@ -141,7 +141,7 @@ mod tests {
             let a = rsp & !15;
             let s = copied_frame_end(rsp, BP_STACK_GAP) - size_of::<TrapFrame>() as u64;
             assert_eq!(a - s, BP_FRAME_TO_ALIGNED_RSP);
-            assert!(handler_rsp_aligned(HW_FRAME_BYTES, BP_STACK_GAP) && s % 16 == 0);
+            assert!(handler_rsp_aligned(HW_FRAME_BYTES, BP_STACK_GAP) && s.is_multiple_of(16));
             for r in [rsp - 8, rsp, rsp + 8] {
                 assert!((s + BP_RETURN_RSP_MIN..=s + BP_RETURN_RSP_MAX).contains(&r), "r={r:#x}");
                 assert!(r - 8 * NMI_RETURN_WORDS >= copied_frame_end(rsp, BP_STACK_GAP), "r={r:#x}");
