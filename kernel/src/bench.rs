@@ -108,7 +108,16 @@ fn emit(name: &str, strategy: Option<EmulStrategy>, extra: &[(&str, u64)], per_o
 
 pub fn run_all(st: &BootState, tsc_tests_end: u64) {
     crate::diag!("bench: start (unit: TSC ticks; instructions on Bochs with clock sync=none)");
-    emit("boot", None, &[("tsc_kmain", TSC_KMAIN.load(Ordering::Relaxed)), ("tsc_tests_end", tsc_tests_end)], &[]);
+    emit(
+        "boot",
+        None,
+        &[
+            ("tsc_kmain", TSC_KMAIN.load(Ordering::Relaxed)),
+            ("tsc_tests_end", tsc_tests_end),
+            ("test_hooks", cfg!(feature = "test-hooks") as u64),
+        ],
+        &[],
+    );
     emit("direct_call", None, &[("n", ITERS)], &measure(sc_b_ret, ITERS));
     emit("int3_iret", None, &[("n", ITERS)], &measure(sc_b_int3_fn, ITERS));
     // The same trap taken inside an NMI handler: its exit returns with

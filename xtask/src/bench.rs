@@ -40,6 +40,9 @@ pub struct BenchLine {
     pub tsc_kmain: Option<u64>,
     #[serde(default)]
     pub tsc_tests_end: Option<u64>,
+    /// On the `boot` line: 1 when the kernel has the self-test hooks compiled in.
+    #[serde(default)]
+    pub test_hooks: Option<u64>,
     pub per_op: Vec<u64>,
 }
 
@@ -215,6 +218,9 @@ pub struct MachineResult {
     pub unit: String,
     /// Shadow stacks were on in the kernel.
     pub shstk: bool,
+    /// The kernel had the self-test hooks compiled in (its `boot` line says).
+    #[serde(default)]
+    pub test_hooks: bool,
     pub runs: u32,
     /// Wall-clock seconds from emulator start to end of report, one per run.
     pub wall_boot_to_end_s: Vec<f64>,
@@ -253,6 +259,10 @@ pub struct BenchResults {
     /// uncommitted changes when it was built.
     #[serde(default)]
     pub kernel_source: String,
+    /// Whether the measured kernel had the self-test hooks compiled in
+    /// (false: the production build, `--no-default-features`).
+    #[serde(default)]
+    pub test_hooks: bool,
     pub machines: Vec<MachineResult>,
     /// Machines that were asked for but could not be measured, and why.
     pub not_covered: Vec<String>,
@@ -605,6 +615,7 @@ fn measure(
     let mut lines = Vec::new();
     let mut walls = Vec::new();
     let mut shstk = None;
+    let mut test_hooks = false;
     for i in 1..=runs {
         println!("==> bench {} run {i}/{runs}", m.label);
         let started = Instant::now();
@@ -646,6 +657,7 @@ fn measure(
             )));
         }
         shstk = shstk.or(parsed.first().map(|l| l.shstk));
+        test_hooks |= parsed.iter().any(|l| l.test_hooks == Some(1));
         walls.push(outcome.boot_to_end.unwrap_or(Duration::ZERO).as_secs_f64());
         lines.push(parsed);
     }
@@ -653,6 +665,7 @@ fn measure(
         machine: m.label.clone(),
         unit: m.unit().to_string(),
         shstk: shstk.unwrap_or(false),
+        test_hooks,
         runs,
         wall_boot_to_end_s: walls,
         figures: merge_runs(&lines),
@@ -682,9 +695,10 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchResults> {
     let started = Instant::now();
     let kernel = match &opts.kernel {
         Some(k) => k.clone(),
-        None => crate::build_kernel(Policy::Install)?,
+        None => crate::kernel::build_kernel_of(Policy::Install, crate::kernel::Build::Production)?,
     };
     let mut results = BenchResults {
+        test_hooks: false,
         date: utc_now(),
         host: hostname(),
         cpu_model: cpu_model(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default()),
@@ -705,7 +719,10 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchResults> {
             fmt_elapsed(started.elapsed())
         );
         match measure(m, m.runs(opts.runs), &kernel, opts)? {
-            Ok(r) => results.machines.push(r),
+            Ok(r) => {
+                results.test_hooks |= r.test_hooks;
+                results.machines.push(r)
+            }
             Err(why) if why.starts_with(&m.label) => results.not_covered.push(why),
             Err(why) => results.not_covered.push(format!("{}: {why}", m.label)),
         }
@@ -781,6 +798,7 @@ mod tests {
 
     fn results() -> BenchResults {
         let mk = |label: &str, text: &str, shstk| MachineResult {
+            test_hooks: false,
             machine: label.into(),
             unit: "instructions".into(),
             shstk,
@@ -789,6 +807,7 @@ mod tests {
             figures: merge_runs(&[lines(text)]),
         };
         let mut r = BenchResults {
+            test_hooks: false,
             date: "2025-01-02T03:04:05Z".into(),
             host: "h".into(),
             cpu_model: "cpu".into(),

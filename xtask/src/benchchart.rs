@@ -201,11 +201,13 @@ mod tests {
         .map(String::from)
         .to_vec();
         let r = BenchResults {
+            test_hooks: false,
             date: "2025-01-02T00:00:00Z".into(),
             host: "testhost".into(),
             cpu_model: "cpu".into(),
             kernel_source: String::new(),
             machines: vec![MachineResult {
+                test_hooks: false,
                 machine: "bochs".into(),
                 unit: "instructions".into(),
                 shstk: true,

@@ -17,9 +17,28 @@ pub fn kernel_dir() -> PathBuf {
     repo_root().join("kernel")
 }
 
-/// Where `cargo build --release` in kernel/ puts the ELF.
+/// Which kernel to build: the self-test kernel (with the `test-hooks`
+/// feature: forgery and race hooks in the #BP path), or the production
+/// build (`--no-default-features`: no hook compiled in), which the
+/// benchmarks measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    SelfTest,
+    Production,
+}
+
+/// Where `cargo build --release` in kernel/ puts the ELF (the production
+/// build in its own target directory, so the two do not rebuild each other).
+pub fn kernel_elf_of(build: Build) -> PathBuf {
+    match build {
+        Build::SelfTest => kernel_dir().join("target/x86_64-unknown-none/release/shadowcall-kernel"),
+        Build::Production => kernel_dir().join("target/production/x86_64-unknown-none/release/shadowcall-kernel"),
+    }
+}
+
+/// The self-test kernel's ELF.
 pub fn kernel_elf() -> PathBuf {
-    kernel_dir().join("target/x86_64-unknown-none/release/shadowcall-kernel")
+    kernel_elf_of(Build::SelfTest)
 }
 
 /// The cargo that runs us (CARGO is set by `cargo run`/`cargo test`).
@@ -40,11 +59,19 @@ const SCRUBBED_ENV: &[&str] = &[
 /// `cargo build --release` in kernel/; returns the ELF path. A missing
 /// Rust target is added only under [`Policy::Install`].
 pub fn build_kernel(policy: Policy) -> Result<PathBuf> {
+    build_kernel_of(policy, Build::SelfTest)
+}
+
+/// `build_kernel` for either build.
+pub fn build_kernel_of(policy: Policy, build: Build) -> Result<PathBuf> {
     let dir = kernel_dir();
     install::ensure_rust_target(&dir, policy)?;
-    println!("==> building the kernel (cargo build --release in {})", dir.display());
     let mut cmd = Command::new(cargo());
     cmd.args(["build", "--release"]).current_dir(&dir);
+    if build == Build::Production {
+        cmd.args(["--no-default-features", "--target-dir", "target/production"]);
+    }
+    println!("==> building the kernel ({build:?}: {:?} in {})", cmd.get_args().collect::<Vec<_>>(), dir.display());
     for var in SCRUBBED_ENV {
         cmd.env_remove(var);
     }
@@ -52,7 +79,7 @@ pub fn build_kernel(policy: Policy) -> Result<PathBuf> {
     if !status.success() {
         return Err(Error::new(format!("kernel build failed ({status}); see the cargo output above")));
     }
-    let elf = kernel_elf();
+    let elf = kernel_elf_of(build);
     if !elf.is_file() {
         return Err(Error::new(format!("the kernel build succeeded but {} does not exist", elf.display())));
     }

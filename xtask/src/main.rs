@@ -56,6 +56,11 @@ fn cmd_bench(args: &BenchArgs) -> Outcome {
     };
     from_result(bench::run_bench(&opts), |r| {
         println!("\n======== figures ========");
+        println!(
+            "kernel: {} ({})",
+            if r.test_hooks { "self-test hooks compiled in" } else { "production build (test hooks compiled out)" },
+            r.kernel_source
+        );
         for n in &r.not_covered {
             println!("NOT COVERED: {n}");
         }
