@@ -126,6 +126,20 @@ ISR_NOERR {VEC_SPURIOUS}
  * IRET itself checks RIP/CS against the shadow frame's LIP/CS (#CP). */
 sc_isr_common:
     PUSH_GPRS
+    /* Taken inside this CPU's private poking window (an NMI, #MC or fault
+     * while the patching CPU held the text alias: CR3 is not the shared
+     * tables)? Leave the window for good: the handler runs, and the
+     * interrupted writer resumes, on the shared tables, where the alias does
+     * not exist. Whatever registers the writer gets back from this
+     * (ordinary) frame, it can no longer write text; its next store to the
+     * alias faults and the patcher redoes the step (mm::poke_aborted). */
+    movq %cr3, %rax
+    leaq sc_shared_tables(%rip), %rcx
+    cmpq %rcx, %rax
+    je 1f
+    movq %rcx, %cr3
+    movb $1, SC_POKE_ABORTED(%rip)
+1:
     subq $16, %rsp                  /* TrapFrame.ssp, TrapFrame.shadow_push */
     movq $0, 8(%rsp)
     xorl %eax, %eax
@@ -138,35 +152,7 @@ sc_isr_common:
     movq %rsp, %rdi
     cld
     call sc_exception_dispatch
-    /* Inside a private poking window (CR3 is not the shared tables: the
-     * patching CPU took an NMI, #MC or fault while it held the text alias)
-     * the RSP IRET restores must be one of the kernel's stacks: a forged
-     * saved RSP aimed at the alias would have the interrupted code's pushes
-     * write text. (IRET loads RSP from this ordinary frame: the check
-     * narrows that to the IRET instruction itself; DESIGN §11.) */
-    movq %cr3, %rax
-    leaq sc_shared_tables(%rip), %rcx
-    cmpq %rcx, %rax
-    jne sc_isr_exit_private
     ISR_EXIT
-
-sc_isr_exit_private:
-    movq {FRAME_RSP}(%rsp), %rax
-    leaq sc_stacks(%rip), %rcx
-    cmpq %rcx, %rax
-    jb 1f
-    addq ${ALL_STACKS_SIZE}, %rcx
-    cmpq %rcx, %rax
-    jbe 2f
-1:  leaq boot_stack_bottom(%rip), %rcx
-    cmpq %rcx, %rax
-    jb 3f
-    leaq boot_stack_top(%rip), %rcx
-    cmpq %rcx, %rax
-    ja 3f
-2:  ISR_EXIT
-3:  movq %rsp, %rdi
-    call sc_exit_bad_rsp
 
 /* ---- #BP ---------------------------------------------------------------
  * Move the hardware frame down by {BP_GAP} bytes before anything else,

@@ -51,7 +51,6 @@ core::arch::global_asm!(
     FRAME_RCX = const offset_of!(TrapFrame, rcx),
     BP_RSP_MIN = const shadowcall::frame::BP_RETURN_RSP_MIN,
     BP_RSP_MAX = const shadowcall::frame::BP_RETURN_RSP_MAX,
-    ALL_STACKS_SIZE = const mm::CPU_STACKS_SIZE * mm::MAX_CPUS,
     FRAME_RFLAGS = const offset_of!(TrapFrame, rflags),
     RFLAGS_IF_BIT = const shadowcall::frame::RFLAGS_IF.trailing_zeros(),
     BPX_COUNT = const patching::BPX_COUNT,
@@ -291,18 +290,6 @@ extern "C" fn sc_exception_dispatch(frame: &mut TrapFrame) {
     }
     #[cfg(feature = "test-hooks")]
     selftest::sec_tests::after_dispatch(frame);
-}
-
-/// The common exit found a RSP outside every kernel stack in a frame it
-/// would IRET through while this CPU's private poking tables are loaded.
-#[no_mangle]
-extern "C" fn sc_exit_bad_rsp(frame: &TrapFrame) -> ! {
-    crate::diag!(
-        "PANIC: SECURITY: exception exit inside the text-poking window would restore RSP {:#x} (vector {}): not a kernel stack",
-        frame.rsp,
-        frame.vector
-    );
-    crate::exit(false)
 }
 
 /// NMI: the handler body runs under its own recovery point, so a fault in it

@@ -418,6 +418,33 @@ pub fn init_heap() {
 /// forged lock cannot make two CPUs share.
 static POKE_LOCK: AtomicBool = AtomicBool::new(false);
 
+/// Set by the exception entry (asm/entry.S `sc_isr_common`) when it took this
+/// CPU out of its private poking window: the alias writer was interrupted
+/// and its next alias store faults. Ordinary memory: forging it can only
+/// cause a redone step (set) or a stop instead of a redo (cleared).
+#[no_mangle]
+pub static SC_POKE_ABORTED: AtomicBool = AtomicBool::new(false);
+
+/// Was a poking window aborted by an exception since the last call? (Clears it.)
+pub fn poke_aborted() -> bool {
+    SC_POKE_ABORTED.swap(false, Ordering::AcqRel)
+}
+
+/// After a fault unwound an aborted `TextAlias` (its `drop` never ran):
+/// clear this CPU's alias PTE and release the writers' lock. This CPU is
+/// already back on the shared tables (the exception entry switched).
+pub fn poke_reset_after_abort() {
+    let marker = 0u8;
+    let cpu = cpu_of_stack(addr_of!(marker) as u64).expect("poke_reset_after_abort: not on a kernel stack");
+    // SAFETY: this CPU's private alias PTE; only this CPU uses it.
+    unsafe { core::ptr::addr_of_mut!((*poke_tables(cpu)).pt.0[ALIAS_PT_INDEX]).write_volatile(0) };
+    POKE_LOCK.store(false, Ordering::Release);
+}
+
+/// Self-test hook: send this CPU an NMI before the next alias store.
+#[cfg(feature = "test-hooks")]
+pub static NMI_IN_NEXT_POKE: AtomicBool = AtomicBool::new(false);
+
 fn frame_of(table: u64) -> PhysFrame {
     PhysFrame::containing_address(PhysAddr::new(table))
 }
@@ -530,31 +557,37 @@ impl TextAlias {
     }
 
     /// This CPU's private alias PTE (CR3 points at its private tables).
-    fn pte(&self) -> *mut u64 {
-        let cpu = poking_cpu().expect("TextAlias: CR3 is not a private poking PML4");
+    /// None once an exception took this CPU out of its poking window.
+    fn pte(&self) -> Option<*mut u64> {
+        let cpu = poking_cpu()?;
         // SAFETY: only the address is computed.
-        unsafe { core::ptr::addr_of_mut!((*poke_tables(cpu)).pt.0[ALIAS_PT_INDEX]) }
+        Some(unsafe { core::ptr::addr_of_mut!((*poke_tables(cpu)).pt.0[ALIAS_PT_INDEX]) })
     }
 
-    fn map(&mut self, page: u64) {
-        let pte = self.pte();
+    /// Map `page` at the alias; false when the window was aborted.
+    fn map(&mut self, page: u64) -> bool {
+        let Some(pte) = self.pte() else { return false };
         let entry = paging::leaf(page, Kind::PokeAlias);
         // SAFETY: this CPU's private PTE; only this CPU uses it. Compared
         // with the PTE itself (not a copy in ordinary memory) so a forged
         // copy cannot make a write land on the previous page.
         unsafe {
             if pte.read_volatile() == entry {
-                return;
+                return true;
             }
             pte.write_volatile(entry);
         }
         // Only this CPU can have translated its alias (see the type's comment).
         tlb::flush(VirtAddr::new(POKE_ALIAS_VA));
+        true
     }
 
     /// Write `bytes` at `addr` (may cross pages). `[addr, addr + len)` must
     /// lie inside kernel text, read-only data or the sealed area; anything
-    /// else panics before any byte is written.
+    /// else panics before any byte is written. If an exception takes this
+    /// CPU out of its poking window meanwhile (`poke_aborted`), the write
+    /// stops (at a page boundary, or with a fault at the next store): the
+    /// caller redoes it (`patching::poke_retrying`).
     pub fn write(&mut self, addr: u64, bytes: &[u8]) {
         let len = bytes.len() as u64;
         assert!(
@@ -566,7 +599,13 @@ impl TextAlias {
             let a = addr + done as u64;
             let offset = a & (PAGE_SIZE - 1);
             let n = ((PAGE_SIZE - offset) as usize).min(bytes.len() - done);
-            self.map(a - offset);
+            if !self.map(a - offset) {
+                return;
+            }
+            #[cfg(feature = "test-hooks")]
+            if NMI_IN_NEXT_POKE.swap(false, Ordering::Relaxed) {
+                crate::selftest::nmi_tests::nmi_now();
+            }
             for (i, &b) in bytes[done..done + n].iter().enumerate() {
                 // SAFETY: the alias maps the page of `a` writable right now.
                 unsafe { ((POKE_ALIAS_VA + offset + i as u64) as *mut u8).write_volatile(b) };
@@ -578,13 +617,18 @@ impl TextAlias {
 
 impl Drop for TextAlias {
     fn drop(&mut self) {
-        let pte = self.pte();
-        // SAFETY: this CPU's private PTE; removing the alias.
-        unsafe { pte.write_volatile(0) };
-        tlb::flush(VirtAddr::new(POKE_ALIAS_VA));
-        let flags = Cr3::read().1;
-        // SAFETY: back to the shared tables this CPU ran on before new().
-        unsafe { Cr3::write(frame_of(shared_pml4()), flags) };
+        match self.pte() {
+            Some(pte) => {
+                // SAFETY: this CPU's private PTE; removing the alias.
+                unsafe { pte.write_volatile(0) };
+                tlb::flush(VirtAddr::new(POKE_ALIAS_VA));
+                let flags = Cr3::read().1;
+                // SAFETY: back to the shared tables this CPU ran on before new().
+                unsafe { Cr3::write(frame_of(shared_pml4()), flags) };
+            }
+            // Aborted: already on the shared tables; clear the PTE all the same.
+            None => poke_reset_after_abort(),
+        }
         POKE_LOCK.store(false, Ordering::Release);
         if self.interrupts {
             interrupts::enable();

@@ -175,10 +175,7 @@ pub fn init(strategy: EmulStrategy, has_serialize: bool, tcg: bool) -> Result<()
     }
     let base = tramp_page();
     let (bytes, _) = tramp::emit(base)?;
-    {
-        let mut alias = mm::TextAlias::new();
-        alias.write(base, &bytes);
-    }
+    poke(base, &bytes);
     sync();
     // Prove what is in text now (not only what we meant to write: the bytes
     // passed through ordinary memory), against the fixed layout. Fail
@@ -186,7 +183,7 @@ pub fn init(strategy: EmulStrategy, has_serialize: bool, tcg: bool) -> Result<()
     // kernel stops.
     let layout = tramp::layout_at(base);
     if let Err(e) = tramp::verify(tramp_bytes(&layout), &layout) {
-        mm::TextAlias::new().write(base, &[INT3; tramp::TRAMP_LEN]);
+        poke(base, &[INT3; tramp::TRAMP_LEN]);
         sync();
         crate::diag!("PANIC: the trampoline page does not hold the trampoline: {e}");
         crate::exit(false);
@@ -313,16 +310,50 @@ enum Write {
 /// twice: see REWRITE_STEPS). The bytes come only from the sealed
 /// (read-only) batch.
 fn write_step(what: Write) {
-    // The protocol is never abandoned half-way: a fault inside a step (which
-    // would unwind to the caller's recovery point with int3s in text and the
-    // batch live) stops the kernel instead.
-    if let Err(f) = interrupts::try_run(|| {
-        write_step_now(what);
-        0
-    }) {
-        crate::diag!("PANIC: a fault interrupted step {what:?} of the patch protocol: {f}; stopping");
-        crate::exit(false);
+    poke_retrying("a step of the patch protocol", || write_step_now(what));
+    sync();
+}
+
+/// Tries of one alias write that exceptions keep aborting.
+const POKE_TRIES: u32 = 8;
+
+/// Alias writes redone because an exception aborted the poking window.
+pub static POKES_REDONE: AtomicU64 = AtomicU64::new(0);
+
+/// Run `f`, a sequence of alias writes that can be repeated (every byte it
+/// writes comes from read-only data or from its own arguments), until no
+/// exception took this CPU out of its poking window meanwhile (see
+/// asm/entry.S `sc_isr_common` and `mm::poke_aborted`): the writer then may
+/// hold registers restored from an ordinary trap frame, but no alias; it
+/// stopped (or faulted at its next alias store, unwound here) and is redone
+/// from scratch. Any other fault stops the kernel: a step of the protocol is
+/// never abandoned half-way with int3s in text.
+fn poke_retrying(what: &str, f: impl Fn()) {
+    for _ in 0..POKE_TRIES {
+        let r = interrupts::try_run(|| {
+            f();
+            0
+        });
+        let aborted = mm::poke_aborted();
+        match r {
+            Ok(_) if !aborted => return,
+            Ok(_) => {}
+            Err(_) if aborted => mm::poke_reset_after_abort(),
+            Err(fault) => {
+                crate::diag!("PANIC: a fault interrupted {what}: {fault}; stopping");
+                crate::exit(false);
+            }
+        }
+        POKES_REDONE.fetch_add(1, Ordering::Relaxed);
     }
+    crate::diag!("PANIC: {what} was aborted {POKE_TRIES} times in a row; stopping");
+    crate::exit(false);
+}
+
+/// Write `bytes` at `addr` through this CPU's private alias (redone if an
+/// exception aborts it).
+fn poke(addr: u64, bytes: &[u8]) {
+    poke_retrying("a text/sealed-area write", || mm::TextAlias::new().write(addr, bytes));
 }
 
 fn write_step_now(what: Write) {
@@ -338,7 +369,6 @@ fn write_step_now(what: Write) {
             }
         }
     }
-    sync();
 }
 
 /// Copy a validated batch into the sealed area and validate the read-only
@@ -356,7 +386,7 @@ fn seal(batch: &Batch) -> Result<(), PatchError> {
     crate::selftest::sec_tests::forge_sealed_copy(&mut buf);
     // Everything but the magic word: not live yet. (The previous batch's
     // magic was cleared when it retired.)
-    mm::TextAlias::new().write(start + MAGIC_LEN as u64, &buf[MAGIC_LEN..]);
+    poke(start + MAGIC_LEN as u64, &buf[MAGIC_LEN..]);
     // SAFETY: the sealed area is mapped read-only for the kernel's life and
     // only this patcher (IN_FLIGHT held) writes it.
     let unpublished = unsafe { SealedBatch::from_raw_unpublished(start as *const u8, (end - start) as usize) };
@@ -373,7 +403,7 @@ fn seal(batch: &Batch) -> Result<(), PatchError> {
     });
     // Published (the magic word written) only once the read-only copy passed.
     if checked.is_ok() {
-        mm::TextAlias::new().write(start, &buf[..MAGIC_LEN]);
+        poke(start, &buf[..MAGIC_LEN]);
     }
     checked
 }
@@ -384,7 +414,7 @@ const MAGIC_LEN: usize = 8;
 /// Clear the sealed batch's magic: no batch is live.
 fn unseal() {
     let (start, _) = mm::sealed_area();
-    mm::TextAlias::new().write(start, &[0; MAGIC_LEN]);
+    poke(start, &[0; MAGIC_LEN]);
 }
 
 /// The sealed batch in the sealed area (live or not yet verified).
@@ -1029,7 +1059,7 @@ pub fn live_entry(site: u64) -> Option<&'static SealedEntry> {
 /// (to plant a stale int3). Test builds only.
 #[cfg(feature = "test-hooks")]
 pub fn test_poke(addr: u64, bytes: &[u8]) {
-    mm::TextAlias::new().write(addr, bytes);
+    poke(addr, bytes);
     sync();
 }
 

@@ -120,6 +120,12 @@ pub fn text_checksum_except(skip: Option<u64>) -> u64 {
         .fold(0xcbf2_9ce4_8422_2325u64, |h, (_, &b)| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
+/// The five bytes at a site now.
+pub fn site_bytes_of(site: u64) -> [u8; shadowcall::patch::SITE_LEN] {
+    // SAFETY: sites lie in mapped, readable kernel text.
+    unsafe { (site as *const [u8; shadowcall::patch::SITE_LEN]).read_volatile() }
+}
+
 /// A test's outcome from the failures it collected (each printed as a diagnostic).
 pub fn outcome_of(errors: &[alloc::string::String]) -> Outcome<'static> {
     for e in errors {
@@ -189,6 +195,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("sec_stale_int3_race", sec_tests::sec_stale_int3_race),
     ("nmi_bp_keeps_nmi_masked", nmi_tests::nmi_bp_keeps_nmi_masked),
     ("nmi_storm", nmi_tests::nmi_storm),
+    ("sec_poke_nmi_abort", nmi_tests::sec_poke_nmi_abort),
 ];
 
 /// Run every test and print the report. True when none failed.

@@ -61,6 +61,10 @@ pub fn nmi_depth_exit() {
 
 /// The NMI handler's test work (inside its recovery point).
 pub fn nmi_body() {
+    if POKE_NMI.swap(false, Ordering::SeqCst) {
+        let shared = mm::current_pml4() == mm::shared_pml4();
+        POKE_NMI_SAW.store(if shared { 1 } else { 2 }, Ordering::SeqCst);
+    }
     let me = this_cpu().index;
     if EXPECT_SECOND.swap(false, Ordering::SeqCst) {
         SECOND_AT.store(SEQ.fetch_add(1, Ordering::SeqCst), Ordering::SeqCst);
@@ -308,5 +312,72 @@ pub fn nmi_storm(st: &BootState) -> Outcome<'static> {
     if patching::patch(&[(nmi_site(), NewInsn::Call(t[0])), (stress_site(), NewInsn::Call(t[0]))], |_| {}).is_err() {
         errors.push(String::from("restore failed"));
     }
+    super::outcome_of(&errors)
+}
+
+// ---- sec_poke_nmi_abort -------------------------------------------------------
+
+/// An NMI sent from inside an alias write (mm::NMI_IN_NEXT_POKE).
+static POKE_NMI: AtomicBool = AtomicBool::new(false);
+/// What that NMI's handler ran on: 1 = the shared tables, 2 = the private ones.
+static POKE_NMI_SAW: AtomicU64 = AtomicU64::new(0);
+
+/// Send this CPU an NMI now and let it land (called inside a poking window).
+#[cfg(feature = "test-hooks")]
+pub fn nmi_now() {
+    let c = this_cpu();
+    let n0 = c.counters.nmis.load(Ordering::SeqCst);
+    POKE_NMI.store(true, Ordering::SeqCst);
+    apic::send(c.apic_id.load(Ordering::Relaxed), apic::Delivery::Nmi, 0);
+    for _ in 0..MASKED_WAIT_SPINS {
+        if c.counters.nmis.load(Ordering::SeqCst) != n0 {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// An NMI taken while the patching CPU holds its text alias: the handler runs
+/// on the shared tables (the alias out of its reach), the interrupted write
+/// is redone from read-only data, and the patch completes with text exactly
+/// as validated.
+pub fn sec_poke_nmi_abort(_st: &BootState) -> Outcome<'static> {
+    if !cfg!(feature = "test-hooks") {
+        return Outcome::Skip("needs the test-hooks build");
+    }
+    let mut errors: Vec<String> = Vec::new();
+    let t = targets();
+    let site = nmi_site();
+    let redone0 = patching::POKES_REDONE.load(Ordering::SeqCst);
+    let sum0 = super::text_checksum_except(Some(site));
+    POKE_NMI_SAW.store(0, Ordering::SeqCst);
+    #[cfg(feature = "test-hooks")]
+    mm::NMI_IN_NEXT_POKE.store(true, Ordering::SeqCst);
+    let r = patching::patch(&[(site, NewInsn::Call(t[1]))], |_| {});
+    if let Err(e) = r {
+        errors.push(format!("patch: {e}"));
+    }
+    match POKE_NMI_SAW.load(Ordering::SeqCst) {
+        1 => {}
+        2 => errors.push(String::from("the NMI handler ran on the private poking tables (the alias in its reach)")),
+        _ => errors.push(String::from("no NMI arrived inside the poking window")),
+    }
+    let redone = patching::POKES_REDONE.load(Ordering::SeqCst) - redone0;
+    if redone == 0 {
+        errors.push(String::from("the interrupted alias write was not redone"));
+    }
+    if NewInsn::Call(t[1]).encode(site).ok() != Some(super::site_bytes_of(site)) {
+        errors.push(String::from("the site does not hold the validated instruction"));
+    }
+    if super::text_checksum_except(Some(site)) != sum0 {
+        errors.push(String::from("text outside the site changed"));
+    }
+    if !mm::text_alias_unmapped() {
+        errors.push(String::from("a writable view of text remains (alias mapped or lock held)"));
+    }
+    if patching::patch(&[(site, NewInsn::Call(t[0]))], |_| {}).is_err() {
+        errors.push(String::from("restore failed"));
+    }
+    crate::diag!("an NMI inside the poking window: handler on the shared tables, {redone} alias write(s) redone");
     super::outcome_of(&errors)
 }
