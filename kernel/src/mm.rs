@@ -732,9 +732,8 @@ fn cpu_of_stack_addr(addr: u64) -> Option<usize> {
 
 /// The trampoline-record page of the CPU whose shadow stack holds `ssp`
 /// (the same arithmetic as the #BP exit's).
-pub fn tramp_record_page(ssp: u64) -> u64 {
-    let cpu = cpu_of_stack_addr(ssp).unwrap_or(0);
-    tramp_records_base() + cpu as u64 * PAGE_SIZE
+pub fn tramp_record_page(ssp: u64) -> Option<u64> {
+    cpu_of_stack_addr(ssp).map(tramp_record_page_of_cpu)
 }
 
 /// CPU `cpu`'s trampoline-record page.

@@ -824,7 +824,7 @@ pub fn pending_tramp_records() -> usize {
     if !cet::active() {
         return this_cpu().lifo().depth();
     }
-    let page = mm::tramp_record_page(cet::rdssp());
+    let Some(page) = mm::tramp_record_page(cet::rdssp()) else { return 0 };
     (0..RECORDS_PER_PAGE).filter(|i| cet::read_slot(page + i * RECORD_SIZE + REC_SSP) != 0).count()
 }
 
@@ -915,7 +915,7 @@ pub fn free_records_between(lo: u64, hi: u64) {
     if !cet::enforced() {
         return;
     }
-    let page = mm::tramp_record_page(lo);
+    let Some(page) = mm::tramp_record_page(lo) else { return };
     for rec in (0..RECORDS_PER_PAGE).map(|i| page + i * RECORD_SIZE) {
         let bound = cet::read_slot(rec + REC_SSP);
         if bound != 0 && bound >= lo && bound < hi && mm::same_shadow_stack(lo, bound, 1) {
@@ -929,7 +929,14 @@ pub fn free_records_between(lo: u64, hi: u64) {
 /// This CPU's sync word (see `shadowcall::emul::record::SYNC_WORD`), found
 /// from its shadow stack `ssp` (static layout).
 pub fn sync_word_addr(ssp: u64) -> u64 {
-    mm::tramp_record_page(ssp) + SYNC_WORD
+    match mm::tramp_record_page(ssp) {
+        Some(page) => page + SYNC_WORD,
+        // RDSSP of a running CPU is always inside the stack area: fail closed.
+        None => {
+            crate::diag!("PANIC: SSP {ssp:#x} is on no CPU's shadow stack");
+            crate::exit(false)
+        }
+    }
 }
 
 /// CPU `cpu`'s sync word.
@@ -958,7 +965,7 @@ pub fn sync_word_ack() {
 
 /// The record on this CPU's record page bound to `bound_ssp`.
 fn find_record(f_base: u64, bound_ssp: u64) -> Option<u64> {
-    let page = mm::tramp_record_page(f_base);
+    let page = mm::tramp_record_page(f_base)?;
     (0..RECORDS_PER_PAGE).map(|i| page + i * RECORD_SIZE).find(|&r| cet::read_slot(r + REC_SSP) == bound_ssp)
 }
 
@@ -1067,7 +1074,7 @@ pub fn test_poke(addr: u64, bytes: &[u8]) {
 /// with WRSS, as a first trap on the stack at `ssp` would. Test builds only.
 #[cfg(feature = "test-hooks")]
 pub fn test_claim_record(ssp: u64, rsp_if: u64, site: u64, target: u64) -> u64 {
-    let page = mm::tramp_record_page(cet::rdssp());
+    let page = mm::tramp_record_page(cet::rdssp()).expect("SSP on this CPU's shadow stack");
     let rec = (0..RECORDS_PER_PAGE)
         .map(|i| page + i * RECORD_SIZE)
         .find(|&r| cet::read_slot(r + REC_SSP) == 0)
