@@ -388,7 +388,7 @@ pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
     if cet::active() {
         // A record can only be written with WRSS: an ordinary store faults.
         // Nor can one fake a sync acknowledgement (the sync word).
-        let page = mm::tramp_record_page(cet::rdssp()).unwrap_or(0);
+        let page = mm::tramp_record_page(cet::rdssp()).expect("SSP in the stack area");
         for slot in [page + 63 * RECORD_SIZE, patching::sync_word_addr(cet::rdssp())] {
             let before = cet::read_slot(slot);
             // SAFETY: a deliberate store to the record page; the #PF is caught.
