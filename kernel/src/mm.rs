@@ -113,6 +113,7 @@ struct Tables {
 /// One CPU's private poking tables: `pml4` holds the shared PML4's entries
 /// (sharing every lower-level table) plus slot POKE_PML4_INDEX -> pdpt -> pd
 /// -> pt, whose one used entry maps POKE_ALIAS_VA while a TextAlias writes.
+#[repr(C)]
 struct PokeTables {
     pml4: Table,
     pdpt: Table,
@@ -439,6 +440,97 @@ pub fn poke_reset_after_abort() {
     // SAFETY: this CPU's private alias PTE; only this CPU uses it.
     unsafe { core::ptr::addr_of_mut!((*poke_tables(cpu)).pt.0[ALIAS_PT_INDEX]).write_volatile(0) };
     POKE_LOCK.store(false, Ordering::Release);
+}
+
+// The alias writers of the patcher (asm/poke.S): every address, byte and
+// length they store is derived in registers from read-only data.
+core::arch::global_asm!(
+    include_str!("../../asm/poke.S"),
+    CPU_STACKS_SIZE = const CPU_STACKS_SIZE,
+    MAX_CPUS = const MAX_CPUS,
+    POKE_TABLES_SIZE = const core::mem::size_of::<PokeTables>(),
+    POKE_TABLES_OFF = const core::mem::offset_of!(Tables, poke),
+    POKE_PT_OFF = const core::mem::offset_of!(PokeTables, pt),
+    ALIAS_PT_INDEX = const ALIAS_PT_INDEX,
+    ALIAS_FLAGS = const paging::leaf(0, Kind::PokeAlias),
+    ALIAS_VA = const POKE_ALIAS_VA,
+    SEALED_LIVE = const shadowcall::patch::SEALED_MAGIC,
+    SEALED_STATE = const core::mem::offset_of!(shadowcall::patch::SealedHeader, magic),
+    SEALED_ENTRIES_OFF = const core::mem::offset_of!(shadowcall::patch::SealedHeader, entries_off),
+    SEALED_LEN = const core::mem::offset_of!(shadowcall::patch::SealedHeader, len),
+    ENTRY_SIZE = const core::mem::size_of::<shadowcall::patch::SealedEntry>(),
+    ENTRY_SHIFT = const core::mem::size_of::<shadowcall::patch::SealedEntry>().trailing_zeros(),
+    ENTRY_SITE = const core::mem::offset_of!(shadowcall::patch::SealedEntry, site),
+    ENTRY_BYTES = const core::mem::offset_of!(shadowcall::patch::SealedEntry, bytes),
+    SITE_LEN = const shadowcall::patch::SITE_LEN,
+    INT3 = const shadowcall::patch::INT3,
+    MAGIC_LEN = const core::mem::size_of::<u64>(),
+    options(att_syntax)
+);
+
+extern "C" {
+    fn sc_poke_int3(e: *const shadowcall::patch::SealedEntry);
+    fn sc_poke_tails(e: *const shadowcall::patch::SealedEntry);
+    fn sc_poke_head(e: *const shadowcall::patch::SealedEntry);
+    fn sc_poke_sealed(offset: u64, src: *const u8, len: u64);
+    fn sc_poke_publish();
+    fn sc_poke_unseal();
+    fn sc_poke_tramp(src: *const u8, len: u64);
+}
+
+/// One of the patcher's alias writes (asm/poke.S).
+#[derive(Clone, Copy, Debug)]
+pub enum Poke<'a> {
+    /// Step 1 / 2 / 3 of the protocol at a live sealed entry's site.
+    Int3(&'a shadowcall::patch::SealedEntry),
+    Tails(&'a shadowcall::patch::SealedEntry),
+    Head(&'a shadowcall::patch::SealedEntry),
+    /// Bytes into the sealed area past its magic word (not live until published).
+    Sealed { offset: u64, bytes: &'a [u8] },
+    /// The sealed batch's magic word: live / not live.
+    Publish,
+    Unseal,
+    /// Bytes into the trampoline page.
+    Tramp(&'a [u8]),
+}
+
+/// Do `pokes` with this CPU's private alias: the writers' lock held and
+/// interrupts off meanwhile. Each write checks its own destination in asm
+/// (a sealed entry of the live batch; the sealed area past its magic; the
+/// trampoline page) and stops the kernel (#UD, then a fault report) on a
+/// bad one. If an exception aborts the window, the remaining writes fault or
+/// do nothing: the caller redoes them (`poke_aborted`).
+pub fn poke_all<'a>(pokes: impl Iterator<Item = Poke<'a>>) {
+    let was = interrupts::are_enabled();
+    interrupts::disable();
+    while POKE_LOCK.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        core::hint::spin_loop();
+    }
+    for p in pokes {
+        poke_one(p);
+    }
+    POKE_LOCK.store(false, Ordering::Release);
+    if was {
+        interrupts::enable();
+    }
+}
+
+fn poke_one(p: Poke<'_>) {
+    // SAFETY: each routine checks its destination itself (asm/poke.S) and
+    // writes only text sites of the live, verified sealed batch, the sealed
+    // area past its magic word, the magic word (constants), or the
+    // trampoline page; the lock is held with interrupts off.
+    unsafe {
+        match p {
+            Poke::Int3(e) => sc_poke_int3(e),
+            Poke::Tails(e) => sc_poke_tails(e),
+            Poke::Head(e) => sc_poke_head(e),
+            Poke::Sealed { offset, bytes } => sc_poke_sealed(offset, bytes.as_ptr(), bytes.len() as u64),
+            Poke::Publish => sc_poke_publish(),
+            Poke::Unseal => sc_poke_unseal(),
+            Poke::Tramp(bytes) => sc_poke_tramp(bytes.as_ptr(), bytes.len() as u64),
+        }
+    }
 }
 
 /// Self-test hook: send this CPU an NMI before the next alias store.

@@ -175,7 +175,7 @@ pub fn init(strategy: EmulStrategy, has_serialize: bool, tcg: bool) -> Result<()
     }
     let base = tramp_page();
     let (bytes, _) = tramp::emit(base)?;
-    poke(base, &bytes);
+    poke(mm::Poke::Tramp(&bytes));
     sync();
     // Prove what is in text now (not only what we meant to write: the bytes
     // passed through ordinary memory), against the fixed layout. Fail
@@ -183,7 +183,7 @@ pub fn init(strategy: EmulStrategy, has_serialize: bool, tcg: bool) -> Result<()
     // kernel stops.
     let layout = tramp::layout_at(base);
     if let Err(e) = tramp::verify(tramp_bytes(&layout), &layout) {
-        poke(base, &[INT3; tramp::TRAMP_LEN]);
+        poke(mm::Poke::Tramp(&[INT3; tramp::TRAMP_LEN]));
         sync();
         crate::diag!("PANIC: the trampoline page does not hold the trampoline: {e}");
         crate::exit(false);
@@ -350,24 +350,20 @@ fn poke_retrying(what: &str, f: impl Fn()) {
     crate::exit(false);
 }
 
-/// Write `bytes` at `addr` through this CPU's private alias (redone if an
-/// exception aborts it).
-fn poke(addr: u64, bytes: &[u8]) {
-    poke_retrying("a text/sealed-area write", || mm::TextAlias::new().write(addr, bytes));
+/// One alias write of the patcher (asm/poke.S), redone if an exception
+/// aborts it.
+fn poke(p: mm::Poke<'_>) {
+    poke_retrying("an alias write", || mm::poke_all(core::iter::once(p)));
 }
 
 fn write_step_now(what: Write) {
     let Some(batch) = sealed_batch() else { return };
     for _ in 0..if REWRITE_STEPS.load(Ordering::Relaxed) { 2 } else { 1 } {
-        let mut alias = mm::TextAlias::new();
-        for e in batch.entries() {
-            let bytes = e.site_bytes();
-            match what {
-                Write::Int3 => alias.write(e.site, &[INT3]),
-                Write::Tails => alias.write(e.site + 1, &bytes[1..]),
-                Write::Heads => alias.write(e.site, &bytes[..1]),
-            }
-        }
+        mm::poke_all(batch.entries().iter().map(|e| match what {
+            Write::Int3 => mm::Poke::Int3(e),
+            Write::Tails => mm::Poke::Tails(e),
+            Write::Heads => mm::Poke::Head(e),
+        }));
     }
 }
 
@@ -386,7 +382,7 @@ fn seal(batch: &Batch) -> Result<(), PatchError> {
     crate::selftest::sec_tests::forge_sealed_copy(&mut buf);
     // Everything but the magic word: not live yet. (The previous batch's
     // magic was cleared when it retired.)
-    poke(start + MAGIC_LEN as u64, &buf[MAGIC_LEN..]);
+    poke(mm::Poke::Sealed { offset: MAGIC_LEN as u64, bytes: &buf[MAGIC_LEN..] });
     // SAFETY: the sealed area is mapped read-only for the kernel's life and
     // only this patcher (IN_FLIGHT held) writes it.
     let unpublished = unsafe { SealedBatch::from_raw_unpublished(start as *const u8, (end - start) as usize) };
@@ -403,7 +399,7 @@ fn seal(batch: &Batch) -> Result<(), PatchError> {
     });
     // Published (the magic word written) only once the read-only copy passed.
     if checked.is_ok() {
-        poke(start, &buf[..MAGIC_LEN]);
+        poke(mm::Poke::Publish);
     }
     checked
 }
@@ -413,8 +409,7 @@ const MAGIC_LEN: usize = 8;
 
 /// Clear the sealed batch's magic: no batch is live.
 fn unseal() {
-    let (start, _) = mm::sealed_area();
-    poke(start, &[0; MAGIC_LEN]);
+    poke(mm::Poke::Unseal);
 }
 
 /// The sealed batch in the sealed area (live or not yet verified).
@@ -1066,7 +1061,7 @@ pub fn live_entry(site: u64) -> Option<&'static SealedEntry> {
 /// (to plant a stale int3). Test builds only.
 #[cfg(feature = "test-hooks")]
 pub fn test_poke(addr: u64, bytes: &[u8]) {
-    poke(addr, bytes);
+    poke_retrying("a test write", || mm::TextAlias::new().write(addr, bytes));
     sync();
 }
 

@@ -1,0 +1,242 @@
+/* Writes through this CPU's private text alias (kernel/src/mm.rs), in asm so
+ * that no address, byte or length passes through memory another CPU could
+ * change between its check and its store (the third review raced spilled
+ * Rust locals of the earlier writer). Each routine derives everything from
+ * its register arguments, read-only data (the live sealed batch, linker
+ * symbols) and the static stack layout, checks it, and writes: loads this
+ * CPU's private poking tables, maps each target page at the alias, stores,
+ * and goes back to the shared tables. The caller holds the poke lock with
+ * interrupts off (mm::PokeWindow). An exception taken meanwhile switches the
+ * CPU to the shared tables for good (entry.S `sc_isr_common`): the stores
+ * that follow fault and the caller redoes the write (patching::poke_retrying).
+ * Pulled in by kernel/src/mm.rs with global_asm!. */
+
+.section .text.entry, "ax"
+
+/* r8 := this CPU's alias PTE address, r9 := its private PML4 (from RSP and
+ * the static layout: the boot stack is CPU 0's). Clobbers rax, rcx, rdx. */
+.macro POKE_TABLES
+    movq %rsp, %rax
+    leaq boot_stack_bottom(%rip), %rcx
+    cmpq %rcx, %rax
+    jb 1f
+    leaq boot_stack_top(%rip), %rcx
+    cmpq %rcx, %rax
+    ja 1f
+    xorl %eax, %eax
+    jmp 2f
+1:  leaq sc_stacks(%rip), %rcx
+    subq %rcx, %rax
+    jb sc_poke_bad
+    xorl %edx, %edx
+    movq ${CPU_STACKS_SIZE}, %rcx
+    divq %rcx
+    cmpq ${MAX_CPUS}, %rax
+    jae sc_poke_bad
+2:  imulq ${POKE_TABLES_SIZE}, %rax
+    leaq sc_shared_tables+{POKE_TABLES_OFF}(%rip), %r9
+    addq %rax, %r9
+    leaq {POKE_PT_OFF}+8*{ALIAS_PT_INDEX}(%r9), %r8
+.endm
+
+/* Store byte %bl at text/rodata/sealed address %r12 through the alias (PTE
+ * at r8). Clobbers rax, rcx, rdx. */
+.macro POKE_BYTE
+    movq %r12, %rax
+    andq $-4096, %rax
+    movabsq ${ALIAS_FLAGS}, %rcx
+    orq %rcx, %rax
+    movq %rax, (%r8)
+    movabsq ${ALIAS_VA}, %rdx
+    invlpg (%rdx)
+    movq %r12, %rcx
+    andl $4095, %ecx
+    movb %bl, (%rdx,%rcx)
+.endm
+
+/* Enter / leave the private tables. */
+.macro POKE_ENTER
+    movq %r9, %cr3
+.endm
+.macro POKE_LEAVE
+    movq $0, (%r8)
+    leaq sc_shared_tables(%rip), %rax
+    movq %rax, %cr3
+.endm
+
+/* rdi = a sealed entry: it must be one of the live batch's entries (index <
+ * len of the array the read-only header describes). r10 := site, r11 :=
+ * its new bytes; the site and its 5 bytes must lie in kernel text. */
+.macro POKE_ENTRY
+    leaq __sealed_start(%rip), %rax
+    movabsq ${SEALED_LIVE}, %rcx
+    cmpq %rcx, {SEALED_STATE}(%rax)
+    jne sc_poke_bad
+    movq %rdi, %r10
+    subq %rax, %r10
+    subq {SEALED_ENTRIES_OFF}(%rax), %r10
+    testq ${ENTRY_SIZE}-1, %r10
+    jnz sc_poke_bad
+    shrq ${ENTRY_SHIFT}, %r10
+    cmpq {SEALED_LEN}(%rax), %r10
+    jae sc_poke_bad
+    movq {ENTRY_SITE}(%rdi), %r10
+    movq {ENTRY_BYTES}(%rdi), %r11
+    leaq __text_start(%rip), %rax
+    cmpq %rax, %r10
+    jb sc_poke_bad
+    leaq __text_end-{SITE_LEN}(%rip), %rax
+    cmpq %rax, %r10
+    ja sc_poke_bad
+.endm
+
+.macro SAVE
+    pushq %rbx
+    pushq %r12
+.endm
+.macro RESTORE
+    popq %r12
+    popq %rbx
+.endm
+
+/* void sc_poke_int3(const SealedEntry *e): step 1 at e's site. */
+.globl sc_poke_int3
+sc_poke_int3:
+    SAVE
+    POKE_ENTRY
+    POKE_TABLES
+    POKE_ENTER
+    movq %r10, %r12
+    movb ${INT3}, %bl
+    POKE_BYTE
+    POKE_LEAVE
+    RESTORE
+    ret
+
+/* void sc_poke_tails(const SealedEntry *e): step 2, bytes 1..4. */
+.globl sc_poke_tails
+sc_poke_tails:
+    SAVE
+    POKE_ENTRY
+    POKE_TABLES
+    POKE_ENTER
+    movq %r10, %r12
+    movq %r11, %rbx
+.rept {SITE_LEN}-1
+    incq %r12
+    shrq $8, %rbx
+    POKE_BYTE
+.endr
+    POKE_LEAVE
+    RESTORE
+    ret
+
+/* void sc_poke_head(const SealedEntry *e): step 3, byte 0. */
+.globl sc_poke_head
+sc_poke_head:
+    SAVE
+    POKE_ENTRY
+    POKE_TABLES
+    POKE_ENTER
+    movq %r10, %r12
+    movq %r11, %rbx
+    POKE_BYTE
+    POKE_LEAVE
+    RESTORE
+    ret
+
+/* void sc_poke_sealed(u64 offset, const u8 *src, u64 len): copy into the
+ * sealed area at `offset`, past its magic word (published separately):
+ * {MAGIC_LEN} <= offset and offset + len <= the area's size. The bytes come
+ * from ordinary memory; the patcher verifies the read-only copy before it
+ * publishes it. */
+.globl sc_poke_sealed
+sc_poke_sealed:
+    SAVE
+    pushq %r13
+    pushq %r14
+    cmpq ${MAGIC_LEN}, %rdi
+    jb sc_poke_bad
+    leaq __sealed_end(%rip), %rax
+    leaq __sealed_start(%rip), %rcx
+    subq %rcx, %rax                 /* the area's size */
+    cmpq %rax, %rdi
+    ja sc_poke_bad
+    subq %rdi, %rax
+    cmpq %rax, %rdx
+    ja sc_poke_bad
+    leaq (%rcx,%rdi), %r12          /* first destination byte */
+    movq %rsi, %r13                 /* source */
+    movq %rdx, %r14                 /* bytes left */
+    POKE_TABLES
+    POKE_ENTER
+    testq %r14, %r14
+    jz 4f
+3:  movb (%r13), %bl
+    POKE_BYTE
+    incq %r12
+    incq %r13
+    decq %r14
+    jnz 3b
+4:  POKE_LEAVE
+    popq %r14
+    popq %r13
+    RESTORE
+    ret
+
+/* void sc_poke_publish(void) / sc_poke_unseal(void): the sealed batch's
+ * magic word := SEALED_MAGIC / 0 (constants). */
+.globl sc_poke_publish, sc_poke_unseal
+sc_poke_publish:
+    movabsq ${SEALED_LIVE}, %rsi
+    jmp 5f
+sc_poke_unseal:
+    xorl %esi, %esi
+5:  SAVE
+    pushq %r13
+    movq %rsi, %r13
+    POKE_TABLES
+    POKE_ENTER
+    leaq __sealed_start+{SEALED_STATE}(%rip), %r12
+.rept 8
+    movq %r13, %rbx
+    POKE_BYTE
+    incq %r12
+    shrq $8, %r13
+.endr
+    POKE_LEAVE
+    popq %r13
+    RESTORE
+    ret
+
+/* void sc_poke_tramp(const u8 *src, u64 len): the trampoline page only
+ * (len <= 4096); the patcher proves the result by decoding text after. */
+.globl sc_poke_tramp
+sc_poke_tramp:
+    SAVE
+    pushq %r13
+    pushq %r14
+    cmpq $4096, %rsi
+    ja sc_poke_bad
+    leaq sc_tramp_page(%rip), %r12
+    movq %rdi, %r13
+    movq %rsi, %r14
+    POKE_TABLES
+    POKE_ENTER
+    testq %r14, %r14
+    jz 7f
+6:  movb (%r13), %bl
+    POKE_BYTE
+    incq %r12
+    incq %r13
+    decq %r14
+    jnz 6b
+7:  POKE_LEAVE
+    popq %r14
+    popq %r13
+    RESTORE
+    ret
+
+/* A check failed: never write. */
+sc_poke_bad:
+    ud2
