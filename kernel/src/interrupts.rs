@@ -20,6 +20,7 @@ use crate::percpu::this_cpu;
 use crate::{apic, cet, mm, patching, selftest, smp};
 
 pub const VEC_NMI: u64 = 2;
+pub const VEC_UD: u64 = 6;
 pub const VEC_GP: u64 = 13;
 pub const VEC_PF: u64 = 14;
 pub const VEC_CP: u64 = CpError::VECTOR as u64;

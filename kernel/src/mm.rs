@@ -486,7 +486,10 @@ pub enum Poke<'a> {
     Tails(&'a shadowcall::patch::SealedEntry),
     Head(&'a shadowcall::patch::SealedEntry),
     /// Bytes into the sealed area past its magic word (not live until published).
-    Sealed { offset: u64, bytes: &'a [u8] },
+    Sealed {
+        offset: u64,
+        bytes: &'a [u8],
+    },
     /// The sealed batch's magic word: live / not live.
     Publish,
     Unseal,

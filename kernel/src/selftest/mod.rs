@@ -193,6 +193,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("sec_fault_in_nmi", sec_recover::sec_fault_in_nmi),
     ("sec_tramp_record_bound", sec_tests::sec_tramp_record_bound),
     ("sec_stale_int3_race", sec_tests::sec_stale_int3_race),
+    ("sec_poke_forged_entry", sec_tests::sec_poke_forged_entry),
     ("nmi_bp_keeps_nmi_masked", nmi_tests::nmi_bp_keeps_nmi_masked),
     ("nmi_storm", nmi_tests::nmi_storm),
     ("sec_poke_nmi_abort", nmi_tests::sec_poke_nmi_abort),

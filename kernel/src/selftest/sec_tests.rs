@@ -21,7 +21,7 @@ use spin::Mutex;
 
 use super::cet_tests::skip_without_shstk;
 use super::{tlog, tlog_reset};
-use crate::interrupts::{try_run, FaultInfo, GUARD_REFUSAL, VEC_CP, VEC_PF};
+use crate::interrupts::{try_run, FaultInfo, GUARD_REFUSAL, VEC_CP, VEC_PF, VEC_UD};
 use crate::patching::{self, InFlight, Step};
 use crate::percpu::this_cpu;
 use crate::{apic, cet, interrupts, mm, BootState};
@@ -509,6 +509,71 @@ pub fn sec_stale_int3_race(_st: &BootState) -> Outcome<'static> {
     // SAFETY: readable text.
     if want != Some(unsafe { (site as *const [u8; SITE_LEN]).read_volatile() }) {
         errors.push(String::from("site not restored"));
+    }
+    super::outcome_of(&errors)
+}
+
+// ---- sec_poke_forged_entry ---------------------------------------------------
+
+/// The patcher's alias writers (asm/poke.S) take their destination and bytes
+/// only from the live sealed batch (or the sealed area's bounds): a sealed
+/// entry forged in ordinary memory, a copy of a live entry with another site,
+/// and sealed-area writes over the magic word or past the end are each
+/// refused in asm (#UD) with nothing written.
+pub fn sec_poke_forged_entry(_st: &BootState) -> Outcome<'static> {
+    let mut errors: Vec<String> = Vec::new();
+    let site = site();
+    let bytes = NewInsn::Call(target(1)).encode(site).unwrap_or_default();
+    let mut word = [0u8; 8];
+    word[..SITE_LEN].copy_from_slice(&bytes);
+    let forged =
+        SealedEntry { site, target: target(1), kind: shadowcall::patch::KIND_CALL, bytes: u64::from_le_bytes(word) };
+    let (start, end) = mm::sealed_area();
+    let size = end - start;
+    let sum0 = super::text_checksum_except(Some(site));
+    let refused = |what: &str, p: mm::Poke<'_>, errors: &mut Vec<String>| {
+        let r = try_run(|| {
+            mm::poke_all(core::iter::once(p));
+            0
+        });
+        mm::poke_reset_after_abort();
+        match r {
+            Err(f) if f.vector == VEC_UD => {}
+            other => errors.push(format!("{what}: expected a refusal (#UD), got {other:?}")),
+        }
+    };
+    // No batch live: nothing is an entry.
+    refused("forged entry, no batch live", mm::Poke::Int3(&forged), &mut errors);
+    refused("sealed write over the magic word", mm::Poke::Sealed { offset: 0, bytes: &[0xff; 8] }, &mut errors);
+    refused("sealed write past the end", mm::Poke::Sealed { offset: size - 4, bytes: &[0xff; 8] }, &mut errors);
+    // A batch live: a copy of its entry (ordinary memory) with another site.
+    let other = super::block_site(0);
+    let r = patching::patch(&[(site, NewInsn::Call(target(1)))], |step| {
+        if step != Step::Int3Written {
+            return;
+        }
+        let Some(live) = patching::live_entry(site) else {
+            errors.push(String::from("no live entry"));
+            return;
+        };
+        let copy = SealedEntry { site: other, ..*live };
+        refused("copy of a live entry with another site", mm::Poke::Head(&copy), &mut errors);
+        refused("copy of a live entry, same site", mm::Poke::Head(&SealedEntry { ..*live }), &mut errors);
+    });
+    if let Err(e) = r {
+        errors.push(format!("patch: {e}"));
+    }
+    if super::text_checksum_except(Some(site)) != sum0 {
+        errors.push(String::from("text outside the patched site changed"));
+    }
+    if patching::batch_live() {
+        errors.push(String::from("a batch is live after the refusals"));
+    }
+    if patching::patch(&[(site, NewInsn::Call(target(0)))], |_| {}).is_err() {
+        errors.push(String::from("restore failed"));
+    }
+    if !mm::text_alias_unmapped() {
+        errors.push(String::from("a writable view of text remains"));
     }
     super::outcome_of(&errors)
 }
