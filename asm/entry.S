@@ -206,23 +206,10 @@ sc_bpx_plain:
     movq 8(%r8), %r9
 .endm
 
-/* r10 := the entry in RDX after checking it: the sealed batch live, RDX one
- * of its entries (index < len in the entry array the read-only header
- * describes: no stale entry beyond it, no misaligned pointer), kind \kind,
- * site + 1 == LIP. */
+/* r10 := the entry in RDX after checking it: one of the live batch's
+ * entries (sealed.S LIVE_ENTRY), kind \kind, site + 1 == LIP. */
 .macro BPX_ENTRY kind
-    leaq __sealed_start(%rip), %rax
-    movabsq ${SEALED_LIVE}, %rcx
-    cmpq %rcx, {SEALED_STATE}(%rax)
-    jne sc_bpx_refuse
-    movq %rdx, %r10
-    subq %rax, %r10
-    subq {SEALED_ENTRIES_OFF}(%rax), %r10
-    testq ${ENTRY_SIZE}-1, %r10
-    jnz sc_bpx_refuse
-    shrq ${ENTRY_SHIFT}, %r10
-    cmpq {SEALED_LEN}(%rax), %r10
-    jae sc_bpx_refuse
+    LIVE_ENTRY %rdx, sc_bpx_refuse
     movq %rdx, %r10
     cmpq $\kind, {ENTRY_KIND}(%r10)
     jne sc_bpx_refuse
@@ -579,3 +566,5 @@ sc_cet_enter:
     jmp *%r12
 .popsection
 .popsection
+
+.purgem LIVE_ENTRY

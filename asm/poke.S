@@ -68,18 +68,7 @@
  * len of the array the read-only header describes). r10 := site, r11 :=
  * its new bytes; the site and its 5 bytes must lie in kernel text. */
 .macro POKE_ENTRY
-    leaq __sealed_start(%rip), %rax
-    movabsq ${SEALED_LIVE}, %rcx
-    cmpq %rcx, {SEALED_STATE}(%rax)
-    jne sc_poke_bad
-    movq %rdi, %r10
-    subq %rax, %r10
-    subq {SEALED_ENTRIES_OFF}(%rax), %r10
-    testq ${ENTRY_SIZE}-1, %r10
-    jnz sc_poke_bad
-    shrq ${ENTRY_SHIFT}, %r10
-    cmpq {SEALED_LEN}(%rax), %r10
-    jae sc_poke_bad
+    LIVE_ENTRY %rdi, sc_poke_bad
     movq {ENTRY_SITE}(%rdi), %r10
     movq {ENTRY_BYTES}(%rdi), %r11
     leaq __text_start(%rip), %rax
@@ -99,29 +88,32 @@
     popq %rbx
 .endm
 
-/* void sc_poke_int3(const SealedEntry *e): step 1 at e's site. */
-.globl sc_poke_int3
-sc_poke_int3:
-    SAVE
-    POKE_ENTRY
-    POKE_TABLES
-    POKE_ENTER
-    movq %r10, %r12
-    movb ${INT3}, %bl
-    POKE_BYTE
-    POKE_LEAVE
-    RESTORE
-    ret
-
-/* void sc_poke_tails(const SealedEntry *e): step 2, bytes 1..4. */
-.globl sc_poke_tails
-sc_poke_tails:
+/* The start of the three step writers: checks, tables, r12 := the site,
+ * rbx := its new bytes. */
+.macro POKE_STEP_BEGIN
     SAVE
     POKE_ENTRY
     POKE_TABLES
     POKE_ENTER
     movq %r10, %r12
     movq %r11, %rbx
+.endm
+
+/* void sc_poke_int3(const SealedEntry *e): step 1 at e's site. */
+.globl sc_poke_int3
+sc_poke_int3:
+    POKE_STEP_BEGIN
+    movb ${INT3}, %bl
+    POKE_BYTE
+    POKE_LEAVE
+    RESTORE
+    ret
+
+
+/* void sc_poke_tails(const SealedEntry *e): step 2, bytes 1..4. */
+.globl sc_poke_tails
+sc_poke_tails:
+    POKE_STEP_BEGIN
 .rept {SITE_LEN}-1
     incq %r12
     shrq $8, %rbx
@@ -134,12 +126,7 @@ sc_poke_tails:
 /* void sc_poke_head(const SealedEntry *e): step 3, byte 0. */
 .globl sc_poke_head
 sc_poke_head:
-    SAVE
-    POKE_ENTRY
-    POKE_TABLES
-    POKE_ENTER
-    movq %r10, %r12
-    movq %r11, %rbx
+    POKE_STEP_BEGIN
     POKE_BYTE
     POKE_LEAVE
     RESTORE
@@ -240,3 +227,5 @@ sc_poke_tramp:
 /* A check failed: never write. */
 sc_poke_bad:
     ud2
+
+.purgem LIVE_ENTRY

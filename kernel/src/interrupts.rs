@@ -39,7 +39,7 @@ pub const IST_DB: usize = 4;
 pub const IST_TEST: usize = 5;
 
 core::arch::global_asm!(
-    include_str!("../../asm/entry.S"),
+    concat!(include_str!("../../asm/sealed.S"), include_str!("../../asm/entry.S")),
     BP_GAP = const shadowcall::frame::BP_STACK_GAP,
     IST_TEST_VECTOR = const IST_TEST_VECTOR,
     MSR_S_CET = const 0x6a2u32,
