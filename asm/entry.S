@@ -121,6 +121,56 @@ ISR_NOERR {VEC_SYNC}
 ISR_NOERR {VEC_TIMER}
 ISR_NOERR {VEC_SPURIOUS}
 
+/* NMI and #MC with shadow stacks on (interrupts::load_cet_idt). If they
+ * interrupted a #BP exit (its LIP, read from this interrupt's shadow frame,
+ * lies in [sc_bpx_region_start, sc_bpx_region_end)), the interrupted
+ * registers are stored with WRSS on this CPU's save page (FS base, an MSR,
+ * points at it; the page is shadow-stack memory: only WRSS writes it), bound
+ * to the interrupted SSP, straight from the registers (no copy passes
+ * through memory an ordinary store could change), and sc_isr_common's exit
+ * gives them back from there instead of from the trap frame. */
+.macro ISR_CET_IST vec
+sc_isr_cet_\vec:
+    wrssq %rax, %fs:{SAVE_SCRATCH}
+    rdsspq %rax
+    movq 8(%rax), %rax
+    cmpq $sc_bpx_region_start, %rax
+    jb 1f
+    cmpq $sc_bpx_region_end, %rax
+    jae 1f
+    SAVE_REGS_WRSS
+1:  movq %fs:{SAVE_SCRATCH}, %rax
+    pushq $0
+    pushq $\vec
+    jmp sc_isr_common
+.endm
+
+.macro SAVE_REGS_WRSS
+    wrssq %rbx, %fs:{SAVE_RBX}
+    wrssq %rcx, %fs:{SAVE_RCX}
+    wrssq %rdx, %fs:{SAVE_RDX}
+    wrssq %rsi, %fs:{SAVE_RSI}
+    wrssq %rdi, %fs:{SAVE_RDI}
+    wrssq %rbp, %fs:{SAVE_RBP}
+    wrssq %r8, %fs:{SAVE_R8}
+    wrssq %r9, %fs:{SAVE_R9}
+    wrssq %r10, %fs:{SAVE_R10}
+    wrssq %r11, %fs:{SAVE_R11}
+    wrssq %r12, %fs:{SAVE_R12}
+    wrssq %r13, %fs:{SAVE_R13}
+    wrssq %r14, %fs:{SAVE_R14}
+    wrssq %r15, %fs:{SAVE_R15}
+    movq %fs:{SAVE_SCRATCH}, %rbx
+    wrssq %rbx, %fs:{SAVE_RAX}
+    rdsspq %rbx
+    movq (%rbx), %rbx               /* the interrupted SSP: the binding */
+    wrssq %rbx, %fs:{SAVE_BOUND}
+    movq %fs:{SAVE_RBX}, %rbx
+.endm
+
+ISR_CET_IST 2
+ISR_CET_IST 18
+
 /* Every vector but #BP. Its exit never writes a shadow stack: whatever a
  * handler (or an attacker who rewrote the saved frame) left in the frame,
  * IRET itself checks RIP/CS against the shadow frame's LIP/CS (#CP). */
@@ -152,7 +202,48 @@ sc_isr_common:
     movq %rsp, %rdi
     cld
     call sc_exception_dispatch
-    ISR_EXIT
+    /* With shadow stacks: did this exception interrupt a #BP exit? Then its
+     * registers come back from the save page (see ISR_CET_IST), which must
+     * be bound to the SSP it interrupted; the binding is then cleared. */
+    movq %cr4, %rax
+    btq ${CR4_CET_BIT}, %rax
+    jnc 2f
+    rdsspq %rax
+    movq 8(%rax), %rcx
+    cmpq $sc_bpx_region_start, %rcx
+    jb 2f
+    cmpq $sc_bpx_region_end, %rcx
+    jae 2f
+    movq (%rax), %rcx
+    cmpq %rcx, %fs:{SAVE_BOUND}
+    jne sc_isr_save_lost
+    xorl %ecx, %ecx
+    wrssq %rcx, %fs:{SAVE_BOUND}
+    addq $16 + 15 * 8, %rsp         /* ssp, shadow_push, the frame's copies of the registers */
+    movq %fs:{SAVE_R15}, %r15
+    movq %fs:{SAVE_R14}, %r14
+    movq %fs:{SAVE_R13}, %r13
+    movq %fs:{SAVE_R12}, %r12
+    movq %fs:{SAVE_R11}, %r11
+    movq %fs:{SAVE_R10}, %r10
+    movq %fs:{SAVE_R9}, %r9
+    movq %fs:{SAVE_R8}, %r8
+    movq %fs:{SAVE_RBP}, %rbp
+    movq %fs:{SAVE_RDI}, %rdi
+    movq %fs:{SAVE_RSI}, %rsi
+    movq %fs:{SAVE_RDX}, %rdx
+    movq %fs:{SAVE_RCX}, %rcx
+    movq %fs:{SAVE_RBX}, %rbx
+    movq %fs:{SAVE_RAX}, %rax
+    addq $16, %rsp                  /* TrapFrame.vector, .error_code */
+    iretq
+2:  ISR_EXIT
+
+/* A save bound to another SSP: a nested interrupt of a #BP exit overwrote
+ * it. Stop rather than return forged or foreign registers. */
+sc_isr_save_lost:
+    movq %rsp, %rdi
+    call sc_isr_save_lost_report
 
 /* ---- #BP ---------------------------------------------------------------
  * Move the hardware frame down by {BP_GAP} bytes before anything else,
@@ -193,6 +284,12 @@ sc_isr_3:
     movq %rsp, %rdi
     cld
     call sc_bp_handler
+/* From here to sc_bpx_region_end: the #BP exits, which hold the operands of
+ * their WRSS in registers. An NMI or #MC taken in between (the only
+ * interrupts possible: IF=0) keeps the registers it interrupted on a page
+ * only WRSS writes and gives them back from there (sc_isr_cet_ist below). */
+.globl sc_bpx_region_start, sc_bpx_region_end
+sc_bpx_region_start:
     cmpq ${BPX_COUNT}, %rax
     jae sc_bpx_plain
     jmp *sc_bpx_table(,%rax,8)
@@ -260,6 +357,14 @@ sc_bpx_call_sg:
     jne sc_bpx_refuse
     leaq 4(%r9), %rax               /* S+5 = LIP+4 */
     movq 16(%r8), %rdx              /* CS, from the shadow frame */
+.if {TEST_HOOKS}
+    /* sec_exit_nmi_regs: an NMI right here, whose frame the test forges. */
+    cmpb $0, SC_T_EXIT_NMI(%rip)
+    je 8f
+    movb $0, SC_T_EXIT_NMI(%rip)
+    int $2
+8:
+.endif
     call 1f
     int3
 1:  addq $8, %rsp
@@ -514,6 +619,7 @@ sc_bpx_refuse:
     movq %r8, %rsi                  /* F, from RDSSP */
     call sc_bp_exit_refused
     jmp sc_bp_return
+sc_bpx_region_end:
 
 /* Stub addresses for the IDT, indexed by vector (0 = no stub). */
 .section .rodata
@@ -530,6 +636,9 @@ SC_ISR_PIC_SPURIOUS:
 .globl SC_ISR_IST_TEST
 SC_ISR_IST_TEST:
     .quad sc_isr_{IST_TEST_VECTOR}
+.globl SC_ISR_CET_IST
+SC_ISR_CET_IST:
+    .quad sc_isr_cet_2, sc_isr_cet_18
 .globl SC_ISR_APIC
 SC_ISR_APIC:
     .quad sc_isr_{VEC_WAKE}, sc_isr_{VEC_SYNC}, sc_isr_{VEC_TIMER}, sc_isr_{VEC_SPURIOUS}

@@ -148,6 +148,32 @@ pub mod record {
     pub const REC_TARGET: u64 = 24;
 }
 
+/// The per-CPU save page of an NMI or #MC that interrupted a #BP exit: the
+/// interrupted general registers, written with WRSS straight from the
+/// registers (a page mapped as shadow stack: only WRSS writes it), bound to
+/// the SSP it interrupted, and restored from there by the exception exit.
+pub mod save {
+    /// Scratch word of the entry stub (RAX while it decides).
+    pub const SCRATCH: u64 = 0;
+    pub const RAX: u64 = 8;
+    pub const RBX: u64 = 16;
+    pub const RCX: u64 = 24;
+    pub const RDX: u64 = 32;
+    pub const RSI: u64 = 40;
+    pub const RDI: u64 = 48;
+    pub const RBP: u64 = 56;
+    pub const R8: u64 = 64;
+    pub const R9: u64 = 72;
+    pub const R10: u64 = 80;
+    pub const R11: u64 = 88;
+    pub const R12: u64 = 96;
+    pub const R13: u64 = 104;
+    pub const R14: u64 = 112;
+    pub const R15: u64 = 120;
+    /// The interrupted SSP (0: no save is live).
+    pub const BOUND: u64 = 128;
+}
+
 /// The two slots the second trap inspects on one stack: `[top]` must be the
 /// trampoline's second return address, `[top + 8]` its first.
 pub fn check_tramp_slots(layout: &TrampLayout, stack: StackKind, slots: [u64; 2]) -> Result<(), GuardError> {

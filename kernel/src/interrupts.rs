@@ -78,6 +78,25 @@ core::arch::global_asm!(
     REC_RSP_IF = const shadowcall::emul::record::REC_RSP_IF,
     REC_SITE = const shadowcall::emul::record::REC_SITE,
     REC_TARGET = const shadowcall::emul::record::REC_TARGET,
+    SAVE_SCRATCH = const shadowcall::emul::save::SCRATCH,
+    SAVE_RAX = const shadowcall::emul::save::RAX,
+    SAVE_RBX = const shadowcall::emul::save::RBX,
+    SAVE_RCX = const shadowcall::emul::save::RCX,
+    SAVE_RDX = const shadowcall::emul::save::RDX,
+    SAVE_RSI = const shadowcall::emul::save::RSI,
+    SAVE_RDI = const shadowcall::emul::save::RDI,
+    SAVE_RBP = const shadowcall::emul::save::RBP,
+    SAVE_R8 = const shadowcall::emul::save::R8,
+    SAVE_R9 = const shadowcall::emul::save::R9,
+    SAVE_R10 = const shadowcall::emul::save::R10,
+    SAVE_R11 = const shadowcall::emul::save::R11,
+    SAVE_R12 = const shadowcall::emul::save::R12,
+    SAVE_R13 = const shadowcall::emul::save::R13,
+    SAVE_R14 = const shadowcall::emul::save::R14,
+    SAVE_R15 = const shadowcall::emul::save::R15,
+    SAVE_BOUND = const shadowcall::emul::save::BOUND,
+    CR4_CET_BIT = const 23,
+    TEST_HOOKS = const cfg!(feature = "test-hooks") as u8,
     TRAMP_RET1 = const shadowcall::tramp::TRAMP_RET1_OFF,
     TRAMP_RET2 = const shadowcall::tramp::TRAMP_RET2_OFF,
     TRAMP_TRAP = const shadowcall::tramp::TRAMP_TRAP_OFF,
@@ -102,6 +121,7 @@ extern "C" {
     static SC_ISR_PIC_SPURIOUS: [u64; 3];
     static SC_ISR_IST_TEST: u64;
     static SC_ISR_APIC: [u64; 4];
+    static SC_ISR_CET_IST: [u64; 2];
     fn sc_try_call(f: extern "C" fn(u64) -> u64, arg: u64, ctx: *mut TryCtx) -> u64;
     fn sc_try_recover();
     /// The return address `sc_try_call`'s call pushes: the recovery point's marker.
@@ -165,6 +185,8 @@ struct Tables {
 static TSS: [Once<TaskStateSegment>; mm::MAX_CPUS] = [const { Once::new() }; mm::MAX_CPUS];
 static GDT: [Once<Tables>; mm::MAX_CPUS] = [const { Once::new() }; mm::MAX_CPUS];
 static IDT: Once<InterruptDescriptorTable> = Once::new();
+/// The IDT with shadow stacks on (NMI and #MC through ISR_CET_IST).
+static IDT_CET: Once<InterruptDescriptorTable> = Once::new();
 
 /// Load this CPU's GDT with its TSS (carrying its IST stacks), and the shared IDT.
 pub fn init(cpu: usize) {
@@ -191,13 +213,35 @@ pub fn init(cpu: usize) {
         ES::set_reg(t.data);
         load_tss(t.tss);
     }
-    IDT.call_once(build_idt).load();
+    // FS base: this CPU's save page (asm/entry.S ISR_CET_IST).
+    x86_64::registers::model_specific::FsBase::write(VirtAddr::new(mm::irq_save_page(cpu)));
+    if cpu != 0 && crate::state().want_shstk {
+        IDT_CET.call_once(|| build_idt(true)).load();
+    } else {
+        IDT.call_once(|| build_idt(false)).load();
+    }
     if cpu == 0 {
         mask_legacy_pic();
     }
 }
 
-fn build_idt() -> InterruptDescriptorTable {
+/// Switch this CPU to the IDT whose NMI and #MC entries keep the registers
+/// of an interrupted #BP exit on the save page (before shadow stacks go on).
+pub fn load_cet_idt() {
+    IDT_CET.call_once(|| build_idt(true)).load();
+}
+
+/// The common exit found the save page bound to another SSP.
+#[no_mangle]
+extern "C" fn sc_isr_save_lost_report(frame: &TrapFrame) -> ! {
+    crate::diag!(
+        "PANIC: SECURITY: an interrupt of a #BP exit (vector {}) found its register save overwritten; not returning",
+        frame.vector
+    );
+    crate::exit(false)
+}
+
+fn build_idt(cet: bool) -> InterruptDescriptorTable {
     let mut idt = InterruptDescriptorTable::new();
     // SAFETY: symbol addresses of the asm stubs.
     let stub = |v: usize| VirtAddr::new(unsafe { SC_ISR_TABLE[v] });
@@ -211,7 +255,9 @@ fn build_idt() -> InterruptDescriptorTable {
     unsafe {
         set!(divide_error, 0);
         set!(debug, 1).set_stack_index((IST_DB - 1) as u16);
-        set!(non_maskable_interrupt, 2).set_stack_index((IST_NMI - 1) as u16);
+        // (set_handler_addr resets the entry's options: the IST index after it.)
+        let nmi = if cet { VirtAddr::new(SC_ISR_CET_IST[0]) } else { stub(2) };
+        idt.non_maskable_interrupt.set_handler_addr(nmi).set_stack_index((IST_NMI - 1) as u16);
         set!(breakpoint, 3);
         set!(overflow, 4);
         set!(bound_range_exceeded, 5);
@@ -225,7 +271,8 @@ fn build_idt() -> InterruptDescriptorTable {
         set!(page_fault, 14);
         set!(x87_floating_point, 16);
         set!(alignment_check, 17);
-        set!(machine_check, 18).set_stack_index((IST_MC - 1) as u16);
+        let mc = if cet { VirtAddr::new(SC_ISR_CET_IST[1]) } else { stub(18) };
+        idt.machine_check.set_handler_addr(mc).set_stack_index((IST_MC - 1) as u16);
         set!(simd_floating_point, 19);
         set!(virtualization, 20);
         set!(cp_protection_exception, 21);

@@ -96,6 +96,7 @@ extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
         strategy,
     });
     if want_shstk {
+        interrupts::load_cet_idt();
         cet::enable_and_continue(&features, 0, kmain_continue)
     } else {
         kmain_continue()

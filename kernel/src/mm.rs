@@ -809,13 +809,24 @@ struct RecordPages([Page; MAX_CPUS]);
 #[export_name = "sc_tramp_records"]
 static TRAMP_RECORDS: Shared<RecordPages> = Shared(UnsafeCell::new(RecordPages([const { Page([0; 4096]) }; MAX_CPUS])));
 
+/// One page per CPU where an NMI or #MC that interrupted a #BP exit keeps
+/// the interrupted registers (shadowcall::emul::save), mapped as shadow-stack
+/// memory like the record pages: only WRSS writes it.
+#[export_name = "sc_irq_save_pages"]
+static IRQ_SAVE_PAGES: Shared<RecordPages> = Shared(UnsafeCell::new(RecordPages([const { Page([0; 4096]) }; MAX_CPUS])));
+
+/// CPU `cpu`'s register-save page.
+pub fn irq_save_page(cpu: usize) -> u64 {
+    addr_of!(*IRQ_SAVE_PAGES.0.get()) as u64 + cpu as u64 * PAGE_SIZE
+}
+
 fn tramp_records_base() -> u64 {
     addr_of!(*TRAMP_RECORDS.0.get()) as u64
 }
 
 fn is_tramp_record_page(addr: u64) -> bool {
-    let base = tramp_records_base();
-    addr >= base && addr < base + MAX_CPUS as u64 * PAGE_SIZE
+    let within = |base: u64| addr >= base && addr < base + MAX_CPUS as u64 * PAGE_SIZE;
+    within(tramp_records_base()) || within(irq_save_page(0))
 }
 
 /// The CPU whose stack area holds `addr` (static layout, no per-CPU data).

@@ -343,9 +343,9 @@ pub fn no_ro_dirty_leaf(_st: &BootState) -> Outcome<'static> {
             diag!("FAIL: text leaf at {addr:#x} is writable or Dirty ({e:#x})");
         }
     });
-    // Every CPU's primary and IST shadow stacks and trampoline-record page,
-    // and the one spare page.
-    let expected = ((mm::PRIMARY_SHSTK_PAGES + mm::IST_COUNT + 1) * mm::MAX_CPUS + 1) as u64;
+    // Every CPU's primary and IST shadow stacks, trampoline-record page and
+    // register-save page, and the one spare page.
+    let expected = ((mm::PRIMARY_SHSTK_PAGES + mm::IST_COUNT + 2) * mm::MAX_CPUS + 1) as u64;
     diag!("leaves={leaves} shadow-stack pages={shadow_pages} (expected {expected}) W+X={wx}");
     check!(bad == 0 && wx == 0 && text_bad == 0, "page-table invariant broken");
     check!(shadow_pages == expected, "found {shadow_pages} shadow-stack pages, expected {expected}");

@@ -194,6 +194,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("sec_tramp_record_bound", sec_tests::sec_tramp_record_bound),
     ("sec_stale_int3_race", sec_tests::sec_stale_int3_race),
     ("sec_poke_forged_entry", sec_tests::sec_poke_forged_entry),
+    ("sec_exit_nmi_regs", sec_tests::sec_exit_nmi_regs),
     ("nmi_bp_keeps_nmi_masked", nmi_tests::nmi_bp_keeps_nmi_masked),
     ("nmi_storm", nmi_tests::nmi_storm),
     ("sec_poke_nmi_abort", nmi_tests::sec_poke_nmi_abort),

@@ -133,8 +133,22 @@ pub fn after_bp_checks(frame: &mut TrapFrame) {
     }
 }
 
+/// The shadow-gap exit raises a (software) NMI just before its WRSS, once.
+#[no_mangle]
+pub static SC_T_EXIT_NMI: AtomicBool = AtomicBool::new(false);
+/// That NMI's handler forges the registers saved in its trap frame.
+static FORGE_NMI_REGS: AtomicBool = AtomicBool::new(false);
+
 /// A handler of a vector other than #BP ran (the common exit comes next).
 pub fn after_dispatch(frame: &mut TrapFrame) {
+    if frame.vector == interrupts::VEC_NMI && FORGE_NMI_REGS.swap(false, Ordering::Relaxed) {
+        // The shadow-gap exit holds F in r8 and the target in rcx: aim its
+        // WRSS at the victim slots, with the attacker's values.
+        frame.r8 = victim() + 8;
+        frame.rcx = landing();
+        frame.rax = landing();
+        frame.rdx = landing();
+    }
     if frame.vector == apic::SPURIOUS_VECTOR as u64 && FORGE_IST.swap(false, Ordering::Relaxed) {
         forge(frame);
     }
@@ -574,6 +588,64 @@ pub fn sec_poke_forged_entry(_st: &BootState) -> Outcome<'static> {
     }
     if !mm::text_alias_unmapped() {
         errors.push(String::from("a writable view of text remains"));
+    }
+    super::outcome_of(&errors)
+}
+
+// ---- sec_exit_nmi_regs --------------------------------------------------------
+
+/// An NMI taken inside a #BP exit, between its checks and its WRSS, whose
+/// trap frame's saved registers are forged: the exit gets its own registers
+/// back (from the WRSS-only save page), writes the right slots with the right
+/// values, and the victim slots stay untouched.
+pub fn sec_exit_nmi_regs(st: &BootState) -> Outcome<'static> {
+    if let Some(o) = skip_without_shstk(st) {
+        return o;
+    }
+    if !HOOKS {
+        return NO_HOOKS;
+    }
+    let mut errors: Vec<String> = Vec::new();
+    let c = this_cpu();
+    patching::set_strategy(shadowcall_cmdline::EmulStrategy::ShadowGap);
+    let before = victim_slots();
+    let nmis0 = c.counters.nmis.load(Ordering::SeqCst);
+    let r = patching::patch(&[(site(), NewInsn::Call(target(1)))], |step| {
+        if step != Step::Int3Written {
+            return;
+        }
+        tlog_reset();
+        FORGE_NMI_REGS.store(true, Ordering::SeqCst);
+        SC_T_EXIT_NMI.store(true, Ordering::SeqCst);
+        // SAFETY: a site function of the batch.
+        let v = try_run(|| unsafe { sc_t_fn_call(0) });
+        SC_T_EXIT_NMI.store(false, Ordering::SeqCst);
+        FORGE_NMI_REGS.store(false, Ordering::SeqCst);
+        let log = tlog();
+        match v {
+            Err(f) => errors.push(format!("the call faulted: {f}")),
+            Ok(_) if log.count[1] != 1 || log.last_ret != site() + SITE_LEN as u64 => errors.push(format!(
+                "the emulated call went wrong: target b ran {} times, ret {:#x} (shadow {:#x})",
+                log.count[1], log.last_ret, log.last_shret
+            )),
+            Ok(_) => {}
+        }
+    });
+    patching::set_strategy(crate::state().strategy);
+    if let Err(e) = r {
+        errors.push(format!("patch: {e}"));
+    }
+    if c.counters.nmis.load(Ordering::SeqCst) == nmis0 {
+        errors.push(String::from("no NMI was taken inside the exit: the test tested nothing"));
+    }
+    if victim_slots() != before {
+        errors.push(format!("the forged registers steered a WRSS: {before:x?} -> {:x?}", victim_slots()));
+    }
+    if cet::read_slot(mm::irq_save_page(c.index) + shadowcall::emul::save::BOUND) != 0 {
+        errors.push(String::from("the register save was left bound"));
+    }
+    if patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {}).is_err() {
+        errors.push(String::from("restore failed"));
     }
     super::outcome_of(&errors)
 }
