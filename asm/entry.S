@@ -134,15 +134,27 @@ sc_isr_cet_\vec:
     wrssq %rax, %fs:{SAVE_SCRATCH}
     rdsspq %rax
     movq 8(%rax), %rax
-    cmpq $sc_bpx_region_start, %rax
-    jb 1f
-    cmpq $sc_bpx_region_end, %rax
-    jae 1f
+    IN_CRITICAL_REGION %rax, 1f
     SAVE_REGS_WRSS
 1:  movq %fs:{SAVE_SCRATCH}, %rax
     pushq $0
     pushq $\vec
     jmp sc_isr_common
+.endm
+
+/* Continue if \lip lies in a region whose registers must not come back
+ * from a trap frame: the #BP exits, or the patcher's alias writers
+ * (poke.S); else jump to \out. */
+.macro IN_CRITICAL_REGION lip, out
+    cmpq $sc_bpx_region_start, \lip
+    jb 7f
+    cmpq $sc_bpx_region_end, \lip
+    jb 8f
+7:  cmpq $sc_poke_region_start, \lip
+    jb \out
+    cmpq $sc_poke_region_end, \lip
+    jae \out
+8:
 .endm
 
 .macro SAVE_REGS_WRSS
@@ -210,10 +222,7 @@ sc_isr_common:
     jnc 2f
     rdsspq %rax
     movq 8(%rax), %rcx
-    cmpq $sc_bpx_region_start, %rcx
-    jb 2f
-    cmpq $sc_bpx_region_end, %rcx
-    jae 2f
+    IN_CRITICAL_REGION %rcx, 2f
     movq (%rax), %rcx
     cmpq %rcx, %fs:{SAVE_BOUND}
     jne sc_isr_save_lost

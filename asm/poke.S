@@ -99,6 +99,12 @@
     movq %r11, %rbx
 .endm
 
+/* From here to sc_poke_region_end: an NMI or #MC taken here gives the
+ * interrupted registers back from the WRSS-only save page (entry.S
+ * ISR_CET_IST), not from its trap frame. */
+.globl sc_poke_region_start, sc_poke_region_end
+sc_poke_region_start:
+
 /* void sc_poke_int3(const SealedEntry *e): step 1 at e's site. */
 .globl sc_poke_int3
 sc_poke_int3:
@@ -227,5 +233,6 @@ sc_poke_tramp:
 /* A check failed: never write. */
 sc_poke_bad:
     ud2
+sc_poke_region_end:
 
 .purgem LIVE_ENTRY

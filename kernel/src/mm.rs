@@ -813,7 +813,8 @@ static TRAMP_RECORDS: Shared<RecordPages> = Shared(UnsafeCell::new(RecordPages([
 /// the interrupted registers (shadowcall::emul::save), mapped as shadow-stack
 /// memory like the record pages: only WRSS writes it.
 #[export_name = "sc_irq_save_pages"]
-static IRQ_SAVE_PAGES: Shared<RecordPages> = Shared(UnsafeCell::new(RecordPages([const { Page([0; 4096]) }; MAX_CPUS])));
+static IRQ_SAVE_PAGES: Shared<RecordPages> =
+    Shared(UnsafeCell::new(RecordPages([const { Page([0; 4096]) }; MAX_CPUS])));
 
 /// CPU `cpu`'s register-save page.
 pub fn irq_save_page(cpu: usize) -> u64 {
