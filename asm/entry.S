@@ -220,7 +220,10 @@ sc_isr_common:
     movq %cr4, %rax
     btq ${CR4_CET_BIT}, %rax
     jnc 2f
-    rdsspq %rax
+    xorl %eax, %eax
+    rdsspq %rax                     /* a NOP until SETSSBSY: RAX stays 0 */
+    testq %rax, %rax
+    jz 2f
     movq 8(%rax), %rcx
     IN_CRITICAL_REGION %rcx, 2f
     movq (%rax), %rcx

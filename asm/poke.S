@@ -16,7 +16,14 @@
 /* r8 := this CPU's alias PTE address, r9 := its private PML4 (from RSP and
  * the static layout: the boot stack is CPU 0's). Clobbers rax, rcx, rdx. */
 .macro POKE_TABLES
-    movq %rsp, %rax
+    /* With shadow stacks: the CPU whose stack area holds SSP (RSP may come
+     * back from a trap frame; SSP cannot be forged). */
+    movq %cr4, %rax
+    btq ${CR4_CET_BIT}, %rax
+    jnc 0f
+    rdsspq %rax
+    jmp 1f
+0:  movq %rsp, %rax
     leaq boot_stack_bottom(%rip), %rcx
     cmpq %rcx, %rax
     jb 1f
@@ -148,6 +155,12 @@ sc_poke_sealed:
     SAVE
     pushq %r13
     pushq %r14
+    /* Never while a batch is live: its header and entries must not change
+     * under the exits and the step writers (the fourth review did). */
+    leaq __sealed_start(%rip), %rax
+    movabsq ${SEALED_LIVE}, %rcx
+    cmpq %rcx, {SEALED_STATE}(%rax)
+    je sc_poke_bad
     cmpq ${MAGIC_LEN}, %rdi
     jb sc_poke_bad
     leaq __sealed_end(%rip), %rax
@@ -212,6 +225,9 @@ sc_poke_tramp:
     cmpq $4096, %rsi
     ja sc_poke_bad
     leaq sc_tramp_page(%rip), %r12
+    /* Once only: onto the page's build-time int3 fill. */
+    cmpb ${INT3}, (%r12)
+    jne sc_poke_bad
     movq %rdi, %r13
     movq %rsi, %r14
     POKE_TABLES

@@ -2,11 +2,18 @@
  * the macro at its end, since all global_asm! of the crate form one module).
  *
  * LIVE_ENTRY ptr, fail: is `ptr` one of the live sealed batch's entries?
- * The batch is live (its magic word) and `ptr` indexes the entry array its
- * read-only header describes (aligned, index < len): no stale entry beyond
- * it, no entry forged elsewhere. Jumps to `fail` otherwise. Clobbers rax,
+ * `ptr` lies inside the sealed area past its header, the batch is live (its
+ * magic word) and `ptr` indexes the entry array its read-only header
+ * describes (aligned, index < len): no stale entry beyond it, no entry
+ * forged elsewhere. Jumps to `fail` otherwise. Clobbers rax,
  * rcx, r10; `ptr` must be none of them. */
 .macro LIVE_ENTRY ptr, fail
+    leaq __sealed_start+{SEALED_HEADER_SIZE}(%rip), %rax
+    cmpq %rax, \ptr
+    jb \fail
+    leaq __sealed_end-{ENTRY_SIZE}(%rip), %rax
+    cmpq %rax, \ptr
+    ja \fail
     leaq __sealed_start(%rip), %rax
     movabsq ${SEALED_LIVE}, %rcx
     cmpq %rcx, {SEALED_STATE}(%rax)

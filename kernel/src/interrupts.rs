@@ -61,6 +61,7 @@ core::arch::global_asm!(
     ENTRY_SHIFT = const core::mem::size_of::<shadowcall::patch::SealedEntry>().trailing_zeros(),
     SEALED_ENTRIES_OFF = const offset_of!(shadowcall::patch::SealedHeader, entries_off),
     SEALED_LEN = const offset_of!(shadowcall::patch::SealedHeader, len),
+    SEALED_HEADER_SIZE = const core::mem::size_of::<shadowcall::patch::SealedHeader>(),
     ENTRY_SITE = const offset_of!(shadowcall::patch::SealedEntry, site),
     ENTRY_TARGET = const offset_of!(shadowcall::patch::SealedEntry, target),
     ENTRY_KIND = const offset_of!(shadowcall::patch::SealedEntry, kind),
@@ -215,11 +216,8 @@ pub fn init(cpu: usize) {
     }
     // FS base: this CPU's save page (asm/entry.S ISR_CET_IST).
     x86_64::registers::model_specific::FsBase::write(VirtAddr::new(mm::irq_save_page(cpu)));
-    if cpu != 0 && crate::state().want_shstk {
-        IDT_CET.call_once(|| build_idt(true)).load();
-    } else {
-        IDT.call_once(|| build_idt(false)).load();
-    }
+    // The CET IDT is loaded once shadow stacks are on (load_cet_idt).
+    IDT.call_once(|| build_idt(false)).load();
     if cpu == 0 {
         mask_legacy_pic();
     }

@@ -96,7 +96,6 @@ extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
         strategy,
     });
     if want_shstk {
-        interrupts::load_cet_idt();
         cet::enable_and_continue(&features, 0, kmain_continue)
     } else {
         kmain_continue()
@@ -106,6 +105,11 @@ extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
 /// Runs on a fresh kernel stack, on the shadow stack when CET is on. Never returns.
 extern "C" fn kmain_continue() -> ! {
     let st = state();
+    if st.want_shstk {
+        // Shadow stacks are on (SETSSBSY ran): NMI/#MC may now enter through
+        // the stubs that store registers with WRSS.
+        interrupts::load_cet_idt();
+    }
     patching::sync_word_online();
     apic::init(st.features.x2apic);
     TOPOLOGY.call_once(|| smp::start_aps(st.boot.ebda));

@@ -458,12 +458,14 @@ core::arch::global_asm!(
     SEALED_STATE = const core::mem::offset_of!(shadowcall::patch::SealedHeader, magic),
     SEALED_ENTRIES_OFF = const core::mem::offset_of!(shadowcall::patch::SealedHeader, entries_off),
     SEALED_LEN = const core::mem::offset_of!(shadowcall::patch::SealedHeader, len),
+    SEALED_HEADER_SIZE = const core::mem::size_of::<shadowcall::patch::SealedHeader>(),
     ENTRY_SIZE = const core::mem::size_of::<shadowcall::patch::SealedEntry>(),
     ENTRY_SHIFT = const core::mem::size_of::<shadowcall::patch::SealedEntry>().trailing_zeros(),
     ENTRY_SITE = const core::mem::offset_of!(shadowcall::patch::SealedEntry, site),
     ENTRY_BYTES = const core::mem::offset_of!(shadowcall::patch::SealedEntry, bytes),
     SITE_LEN = const shadowcall::patch::SITE_LEN,
     INT3 = const shadowcall::patch::INT3,
+    CR4_CET_BIT = const 23,
     MAGIC_LEN = const core::mem::size_of::<u64>(),
     options(att_syntax)
 );

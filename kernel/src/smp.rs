@@ -158,6 +158,9 @@ extern "C" fn ap_main(index: u64) -> ! {
 /// An AP's life after start-up: run work handed to it, sleep otherwise.
 extern "C" fn ap_idle() -> ! {
     let me = this_cpu();
+    if crate::state().want_shstk {
+        interrupts::load_cet_idt();
+    }
     crate::patching::sync_word_online();
     me.online.store(true, Ordering::Release);
     loop {

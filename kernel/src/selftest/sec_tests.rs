@@ -532,8 +532,9 @@ pub fn sec_stale_int3_race(_st: &BootState) -> Outcome<'static> {
 /// The patcher's alias writers (asm/poke.S) take their destination and bytes
 /// only from the live sealed batch (or the sealed area's bounds): a sealed
 /// entry forged in ordinary memory, a copy of a live entry with another site,
-/// and sealed-area writes over the magic word or past the end are each
-/// refused in asm (#UD) with nothing written.
+/// sealed-area writes over the magic word, past the end or while a batch is
+/// live, and a second write of the trampoline are each refused in asm (#UD)
+/// with nothing written.
 pub fn sec_poke_forged_entry(_st: &BootState) -> Outcome<'static> {
     let mut errors: Vec<String> = Vec::new();
     let site = site();
@@ -573,6 +574,9 @@ pub fn sec_poke_forged_entry(_st: &BootState) -> Outcome<'static> {
         let copy = SealedEntry { site: other, ..*live };
         refused("copy of a live entry with another site", mm::Poke::Head(&copy), &mut errors);
         refused("copy of a live entry, same site", mm::Poke::Head(&SealedEntry { ..*live }), &mut errors);
+        // The live batch itself cannot be rewritten (its header or entries).
+        refused("sealed write while a batch is live", mm::Poke::Sealed { offset: 8, bytes: &[0x41; 8] }, &mut errors);
+        refused("trampoline rewritten", mm::Poke::Tramp(&[0x90; 4]), &mut errors);
     });
     if let Err(e) = r {
         errors.push(format!("patch: {e}"));
