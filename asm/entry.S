@@ -339,14 +339,7 @@ sc_bpx_plain:
  * F (static layout arithmetic, no per-CPU data). Clobbers rax, rcx, rdx. */
 .macro BPX_RECORD_PAGE
     movq %r8, %rax
-    leaq sc_stacks(%rip), %rcx
-    subq %rcx, %rax
-    jb sc_bpx_refuse
-    xorl %edx, %edx
-    movq ${CPU_STACKS_SIZE}, %rcx
-    divq %rcx
-    cmpq ${MAX_CPUS}, %rax
-    jae sc_bpx_refuse
+    STACK_CPU sc_bpx_refuse
     shlq $12, %rax
     leaq sc_tramp_records(%rip), %rdi
     addq %rax, %rdi
@@ -547,14 +540,7 @@ sc_bpx_test_landing:
  * the stores below it land in the CPU's own (copied, dead) frame or above. */
 sc_bp_return:
     movq %rsp, %rax
-    leaq sc_stacks(%rip), %rcx
-    subq %rcx, %rax
-    jb 9f
-    xorl %edx, %edx
-    movq ${CPU_STACKS_SIZE}, %rcx
-    divq %rcx
-    cmpq ${MAX_CPUS}, %rax
-    jae 9f
+    STACK_CPU 9f                    /* rdx := RSP's offset in the CPU's area */
     subq ${NMI_STACK_OFF}, %rdx
     cmpq ${IST_STACK_SIZE}, %rdx
     jb sc_bp_return_in_nmi
@@ -689,3 +675,4 @@ sc_cet_enter:
 .popsection
 
 .purgem LIVE_ENTRY
+.purgem STACK_CPU

@@ -32,14 +32,7 @@
     ja 1f
     xorl %eax, %eax
     jmp 2f
-1:  leaq sc_stacks(%rip), %rcx
-    subq %rcx, %rax
-    jb sc_poke_bad
-    xorl %edx, %edx
-    movq ${CPU_STACKS_SIZE}, %rcx
-    divq %rcx
-    cmpq ${MAX_CPUS}, %rax
-    jae sc_poke_bad
+1:  STACK_CPU sc_poke_bad
 2:  imulq ${POKE_TABLES_SIZE}, %rax
     leaq sc_shared_tables+{POKE_TABLES_OFF}(%rip), %r9
     addq %rax, %r9
@@ -252,3 +245,4 @@ sc_poke_bad:
 sc_poke_region_end:
 
 .purgem LIVE_ENTRY
+.purgem STACK_CPU

@@ -1,5 +1,5 @@
 /* Shared by entry.S and poke.S (concatenated in front of each; each purges
- * the macro at its end, since all global_asm! of the crate form one module).
+ * the macros at its end, since all global_asm! of the crate form one module).
  *
  * LIVE_ENTRY ptr, fail: is `ptr` one of the live sealed batch's entries?
  * `ptr` lies inside the sealed area past its header, the batch is live (its
@@ -25,5 +25,19 @@
     jnz \fail
     shrq ${ENTRY_SHIFT}, %r10
     cmpq {SEALED_LEN}(%rax), %r10
+    jae \fail
+.endm
+
+/* STACK_CPU fail: rax (an address in the static stack area: an SSP, or an
+ * RSP on an AP or IST stack) := the CPU whose stack area holds it. Jumps to
+ * `fail` outside the area. Clobbers rcx, rdx. */
+.macro STACK_CPU fail
+    leaq sc_stacks(%rip), %rcx
+    subq %rcx, %rax
+    jb \fail
+    xorl %edx, %edx
+    movq ${CPU_STACKS_SIZE}, %rcx
+    divq %rcx
+    cmpq ${MAX_CPUS}, %rax
     jae \fail
 .endm
