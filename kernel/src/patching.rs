@@ -276,7 +276,7 @@ pub fn write_tails() {
 /// Step 3 (the first bytes; sync) and retirement of the batch.
 pub fn finish(flight: InFlight) -> PatchStats {
     write_step(Write::Heads);
-    let (sites, table_bytes) = sealed_batch().map(|b| (b.len(), b.header().total_len as usize)).unwrap_or_default();
+    let (sites, table_bytes) = live_batch().map(|b| (b.len(), b.header().total_len as usize)).unwrap_or_default();
     // Retire the batch: no CPU can fetch one of its int3s any more (sync
     // above), and a handler that did has finished (it ran with interrupts
     // off, so it acked the sync only after leaving) or is counted in
@@ -357,7 +357,7 @@ fn poke(p: mm::Poke<'_>) {
 }
 
 fn write_step_now(what: Write) {
-    let Some(batch) = sealed_batch() else { return };
+    let Some(batch) = live_batch() else { return };
     for _ in 0..if REWRITE_STEPS.load(Ordering::Relaxed) { 2 } else { 1 } {
         mm::poke_all(batch.entries().iter().map(|e| match what {
             Write::Int3 => mm::Poke::Int3(e),
@@ -410,11 +410,6 @@ const MAGIC_LEN: usize = 8;
 /// Clear the sealed batch's magic: no batch is live.
 fn unseal() {
     poke(mm::Poke::Unseal);
-}
-
-/// The sealed batch in the sealed area (live or not yet verified).
-fn sealed_batch() -> Option<SealedBatch<'static>> {
-    live_batch()
 }
 
 /// #BP handlers that may be looking at the batch in flight (all CPUs).
@@ -539,11 +534,7 @@ fn bp_decide(frame: &mut TrapFrame, f: Option<ShadowFrame>, addr: u64) -> BpExit
     if addr == tramp_page() + TRAMP_TRAP_OFF {
         return second_trap(frame, f);
     }
-    BATCH_USERS.fetch_add(1, Ordering::SeqCst);
-    let found = live_batch().and_then(|b| b.lookup(addr));
-    let exit = found.map(|e| emulate(frame, f, e));
-    BATCH_USERS.fetch_sub(1, Ordering::SeqCst);
-    if let Some(exit) = exit {
+    if let Some(exit) = emulate_live(frame, f, addr) {
         return exit;
     }
     #[cfg(feature = "test-hooks")]
@@ -559,6 +550,17 @@ fn bp_decide(frame: &mut TrapFrame, f: Option<ShadowFrame>, addr: u64) -> BpExit
     let how = if cpu.expect_refusal.load(Ordering::Relaxed) { "expected: " } else { "" };
     crate::diag!("{how}breakpoint at {addr:#x}: not a site of a patch in flight; not emulated");
     BpExit::PLAIN
+}
+
+/// Emulate the live sealed batch's instruction for `addr`, if it has one.
+/// The reference taken in BATCH_USERS keeps the batch from being retired
+/// meanwhile (DESIGN §8.2).
+#[inline(always)]
+fn emulate_live(frame: &mut TrapFrame, f: Option<ShadowFrame>, addr: u64) -> Option<BpExit> {
+    BATCH_USERS.fetch_add(1, Ordering::SeqCst);
+    let exit = live_batch().and_then(|b| b.lookup(addr)).map(|e| emulate(frame, f, e));
+    BATCH_USERS.fetch_sub(1, Ordering::SeqCst);
+    exit
 }
 
 /// The exit found the frame or the state changed after the handler's
@@ -591,10 +593,7 @@ fn registered_site_int3(frame: &mut TrapFrame, f: Option<ShadowFrame>, addr: u64
         // x86 keeps our two loads in order): look again. If the batch is
         // still not there, execute the site again; never resume at site+1,
         // the middle of the instruction.
-        BATCH_USERS.fetch_add(1, Ordering::SeqCst);
-        let found = live_batch().and_then(|b| b.lookup(addr));
-        let exit = found.map(|e| emulate(frame, f, e));
-        BATCH_USERS.fetch_sub(1, Ordering::SeqCst);
+        let exit = emulate_live(frame, f, addr);
         PerCpu::count(&this_cpu().counters.int3_races);
         return Some(exit.unwrap_or_else(|| resume_at(frame, f, addr)));
     }
