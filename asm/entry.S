@@ -647,31 +647,6 @@ sc_bpx_table:
     .quad sc_bpx_plain, sc_bpx_call_sg, sc_bpx_jmp, sc_bpx_classic, sc_bpx_nop
     .quad sc_bpx_ret, sc_bpx_tramp1, sc_bpx_tramp2, sc_bpx_resume_site, sc_bpx_test_landing
 
-.section .text.entry, "ax"
-
-/* ---- Turning shadow stacks on ------------------------------------------
- * noreturn sc_cet_enter(u64 s_cet, void (*cont)(void) noreturn, u64 rsp)
- * CR4.CET and IA32_PL0_SSP are already set. From the write to IA32_S_CET
- * until SETSSBSY, SSP is 0: no call or ret may run. SETSSBSY claims the
- * token PL0_SSP points at and loads SSP; this function then never returns
- * (its own return address was never pushed on the shadow stack): it resets
- * RSP and jumps to the continuation. */
-.pushsection .text.cet, "ax"
-.globl sc_cet_enter
-sc_cet_enter:
-    movq %rsi, %r12
-    movq %rdx, %r13
-    movl ${MSR_S_CET}, %ecx
-    movq %rdi, %rax
-    movq %rdi, %rdx
-    shrq $32, %rdx
-    wrmsr
-    setssbsy
-    movb $1, SC_SHSTK_ACTIVE(%rip)
-    movq %r13, %rsp
-    xorl %ebp, %ebp
-    jmp *%r12
-.popsection
 .popsection
 
 .purgem LIVE_ENTRY

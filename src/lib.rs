@@ -9,6 +9,8 @@
 
 extern crate alloc;
 
+#[cfg(target_arch = "x86_64")]
+pub mod cet;
 pub mod emul;
 pub mod frame;
 pub mod patch;

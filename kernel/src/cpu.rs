@@ -1,47 +1,7 @@
-//! CPU feature detection and the CET registers the `x86_64` crate lacks,
-//! one zero-sized type per MSR (like `x86_64::registers::model_specific`).
+//! CPU feature detection (the CET registers are the engine's:
+//! `shadowcall::cet`).
 
 use raw_cpuid::CpuId;
-use x86_64::registers::model_specific::Msr;
-
-/// IA32_PL0_SSP: the supervisor shadow-stack token SETSSBSY claims.
-pub struct Pl0Ssp;
-/// IA32_INTERRUPT_SSP_TABLE_ADDR: 8 token addresses, entry i for IST i.
-pub struct InterruptSspTable;
-/// IA32_XSS: supervisor state components managed by XSAVES.
-pub struct Xss;
-
-impl Pl0Ssp {
-    pub const MSR: u32 = 0x6a4;
-    pub fn write(token: u64) {
-        // SAFETY: only called while shadow stacks are being set up, with the
-        // address of a free supervisor token on a registered shadow stack.
-        unsafe { Msr::new(Self::MSR).write(token) }
-    }
-}
-
-impl InterruptSspTable {
-    pub const MSR: u32 = 0x6a8;
-    pub fn write(table: u64) {
-        // SAFETY: `table` points at the kernel's static SSP table whose
-        // entries are tokens on registered IST shadow stacks.
-        unsafe { Msr::new(Self::MSR).write(table) }
-    }
-}
-
-impl Xss {
-    pub const MSR: u32 = 0xda0;
-    /// XSS component bit for supervisor CET state (S_CET, PL0_SSP..).
-    pub const CET_S: u64 = 1 << 12;
-    pub fn read() -> u64 {
-        // SAFETY: reading IA32_XSS is side-effect free; only called when CPUID enumerates XSAVES.
-        unsafe { Msr::new(Self::MSR).read() }
-    }
-    pub fn write(v: u64) {
-        // SAFETY: only bits CPUID.(0xD,1):ECX enumerates are ever set.
-        unsafe { Msr::new(Self::MSR).write(v) }
-    }
-}
 
 /// What CPUID says about CET and the related features.
 #[derive(Clone, Copy, Debug, Default)]

@@ -42,7 +42,6 @@ core::arch::global_asm!(
     concat!(include_str!("../../asm/sealed.S"), include_str!("../../asm/entry.S")),
     BP_GAP = const shadowcall::frame::BP_STACK_GAP,
     IST_TEST_VECTOR = const IST_TEST_VECTOR,
-    MSR_S_CET = const 0x6a2u32,
     VEC_WAKE = const smp::VEC_WAKE,
     VEC_SYNC = const smp::VEC_SYNC,
     VEC_TIMER = const smp::VEC_TIMER,

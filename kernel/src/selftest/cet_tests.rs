@@ -8,13 +8,13 @@ use shadowcall::shstk::{self, CpError, ShadowFrame};
 use shadowcall_support::ktap::Outcome;
 use shadowcall_support::paging::{self, Kind, Pte, PAGE_SIZE};
 use x86_64::registers::control::{Cr4, Cr4Flags};
-use x86_64::registers::model_specific::{CetFlags, Msr};
+use x86_64::registers::model_specific::CetFlags;
 
-use crate::cpu::Pl0Ssp;
 use crate::interrupts::{try_run, IST_TEST, VEC_CP, VEC_GP, VEC_PF};
 use crate::patching::BpTestHook;
 use crate::percpu::this_cpu;
 use crate::{cet, check, mm, BootState};
+use shadowcall::cet::Pl0Ssp;
 
 extern "C" {
     fn sc_t_tamper_ret() -> u64;
@@ -104,8 +104,7 @@ pub fn shstk_enabled(st: &BootState) -> Outcome<'static> {
     let stack = mm::primary_shadow_stack(this_cpu().index);
     let token = shstk::token_addr(stack.hi);
     let token_val = cet::read_slot(token);
-    // SAFETY: reading IA32_PL0_SSP has no side effects.
-    let pl0 = unsafe { Msr::new(Pl0Ssp::MSR).read() };
+    let pl0 = Pl0Ssp::read();
     diag!(
         "S_CET={:#x} CR4.CET={} SSP={ssp:#x} shadow stack=[{:#x},{:#x}) token@{token:#x}={token_val:#x} PL0_SSP={pl0:#x}",
         s_cet.bits(),
