@@ -15,4 +15,5 @@ pub mod emul;
 pub mod frame;
 pub mod patch;
 pub mod shstk;
+pub mod site;
 pub mod tramp;

@@ -68,10 +68,10 @@ static HAS_SERIALIZE: AtomicBool = AtomicBool::new(false);
 static REWRITE_STEPS: AtomicBool = AtomicBool::new(false);
 
 extern "C" {
-    static __sites_start: u64;
-    static __sites_end: u64;
-    static __targets_start: u64;
-    static __targets_end: u64;
+    static mut __sites_start: u64;
+    static mut __sites_end: u64;
+    static mut __targets_start: u64;
+    static mut __targets_end: u64;
     static __entry_text_start: u8;
     static __entry_text_end: u8;
     static __cet_text_start: u8;
@@ -86,6 +86,18 @@ extern "C" {
 unsafe fn linker_table(start: *const u64, end: *const u64) -> &'static [u64] {
     // SAFETY: the caller's obligation; the image is never unmapped.
     unsafe { core::slice::from_raw_parts(start, end.offset_from(start) as usize) }
+}
+
+/// Sort `.shadowcall_sites` and `.shadowcall_targets` (entries of Rust
+/// `patch_site!` sites land in link order). Called once on the boot CPU
+/// before `mm::init_paging` maps them read-only.
+pub fn sort_tables() {
+    // SAFETY: the linker script brackets both tables with these symbols;
+    // before init_paging the boot identity map is writable and no other CPU runs.
+    unsafe {
+        shadowcall::site::sort_table(core::ptr::addr_of_mut!(__sites_start), core::ptr::addr_of_mut!(__sites_end));
+        shadowcall::site::sort_table(core::ptr::addr_of_mut!(__targets_start), core::ptr::addr_of_mut!(__targets_end));
+    }
 }
 
 /// The registered sites, read in place (`.shadowcall_sites`, read-only).

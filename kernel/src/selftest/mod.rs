@@ -9,6 +9,7 @@ pub mod nmi_tests;
 pub mod sec_alias;
 pub mod sec_recover;
 pub mod sec_tests;
+pub mod site_tests;
 pub mod smp_tests;
 
 use core::mem::offset_of;
@@ -180,6 +181,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("wrss_guard", emul_tests::wrss_guard),
     ("breakpoint_not_emulated", emul_tests::breakpoint_not_emulated),
     ("patch_bad_input", emul_tests::patch_bad_input),
+    ("patch_site_macro", site_tests::patch_site_macro),
     ("smp_online", smp_tests::smp_online),
     ("smp_sync", smp_tests::smp_sync),
     ("smp_patch_stress", smp_tests::smp_patch_stress),

@@ -1,0 +1,150 @@
+//! Sites declared from Rust with the engine's `patch_site!`, patched live
+//! through the same protocol as the asm sites, under every strategy.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use shadowcall::patch::{NewInsn, SITE_LEN};
+use shadowcall::site::{SiteError, SiteFn};
+use shadowcall_support::ktap::Outcome;
+
+use crate::percpu::this_cpu;
+use crate::{cet, patching, BootState};
+
+const VALUE_A: u64 = 0xa1;
+const VALUE_B: u64 = 0xb2;
+const VALUE_C: u64 = 0xc3;
+
+extern "C" fn value_a(x: u64) -> u64 {
+    x + VALUE_A
+}
+extern "C" fn value_b(x: u64) -> u64 {
+    x + VALUE_B
+}
+/// Never declared as a target of any site.
+extern "C" fn value_c(x: u64) -> u64 {
+    x + VALUE_C
+}
+
+static HOOK_HITS: AtomicU64 = AtomicU64::new(0);
+extern "C" fn hook_count() {
+    HOOK_HITS.fetch_add(1, Ordering::Relaxed);
+}
+
+shadowcall::patch_site! {
+    /// A static call: `value_a` at boot, `value_b` once patched.
+    static VALUE: extern "C" fn(u64) -> u64 = value_a, [value_b];
+}
+shadowcall::patch_site! {
+    /// A jump label: on (calls `hook_count`) or off (a NOP).
+    static HOOK: extern "C" fn() = hook_count;
+}
+
+fn emulations() -> u64 {
+    this_cpu().counters.emulations.load(Ordering::Relaxed)
+}
+
+fn bytes(site: u64) -> [u8; SITE_LEN] {
+    // SAFETY: sites lie in readable kernel text.
+    unsafe { *(site as *const [u8; SITE_LEN]) }
+}
+
+/// Patch `site` to `insn`, calling it inside the window after steps 1 and
+/// 2 (the call traps and is emulated) and once after; `check(value, when)`.
+fn patch_calling(
+    errors: &mut Vec<String>,
+    what: &str,
+    site: u64,
+    insn: NewInsn,
+    call: impl Fn() -> u64,
+    check: impl Fn(u64, bool) -> bool,
+) {
+    let em0 = emulations();
+    let ssp0 = cet::rdssp();
+    let mut seen = Vec::new();
+    let r = patching::patch(&[(site, insn)], |_| seen.push(call()));
+    if let Err(e) = r {
+        errors.push(format!("{what}: patch refused: {e}"));
+        return;
+    }
+    if insn.encode(site).ok() != Some(bytes(site)) {
+        errors.push(format!("{what}: the site does not hold the new instruction"));
+    }
+    for (i, v) in seen.iter().enumerate() {
+        if !check(*v, true) {
+            errors.push(format!("{what}: call {i} inside the window returned {v:#x}"));
+        }
+    }
+    let after = call();
+    if !check(after, false) {
+        errors.push(format!("{what}: the call after the patch returned {after:#x}"));
+    }
+    if emulations() - em0 < 2 {
+        errors.push(format!("{what}: {} emulations for 2 calls inside the window", emulations() - em0));
+    }
+    if cet::rdssp() != ssp0 {
+        errors.push(format!("{what}: SSP {:#x} -> {:#x}", ssp0, cet::rdssp()));
+    }
+}
+
+/// `patch_site!` sites: a value-returning static call retargeted and back,
+/// a jump label turned off and on, each called inside the window under
+/// every strategy this CPU runs; undeclared targets and a NOP for a
+/// value-returning site are refused, text unchanged.
+pub fn patch_site_macro(_st: &BootState) -> Outcome<'static> {
+    let mut errors = Vec::new();
+    let (value, hook) = (VALUE.addr(), HOOK.addr());
+    let call_value = || VALUE.get()(1);
+    let call_hook = || {
+        let h0 = HOOK_HITS.load(Ordering::Relaxed);
+        HOOK.get()();
+        HOOK_HITS.load(Ordering::Relaxed) - h0
+    };
+    let saved = patching::strategy();
+    for strategy in patching::strategies_here() {
+        patching::set_strategy(strategy);
+        let s = strategy.name();
+        match VALUE.call_to(value_b) {
+            // Inside the window the emulation runs the new instruction.
+            Ok(insn) => {
+                patch_calling(&mut errors, &format!("{s}: value_a -> value_b"), value, insn, call_value, |v, _| {
+                    v == 1 + VALUE_B
+                })
+            }
+            Err(e) => errors.push(format!("{s}: call_to(value_b): {e}")),
+        }
+        let (site, insn) = VALUE.restore();
+        patch_calling(&mut errors, &format!("{s}: value_b -> value_a"), site, insn, call_value, |v, _| {
+            v == 1 + VALUE_A
+        });
+        match HOOK.nop() {
+            Ok(insn) => patch_calling(&mut errors, &format!("{s}: hook off"), hook, insn, call_hook, |n, _| n == 0),
+            Err(e) => errors.push(format!("{s}: HOOK.nop(): {e}")),
+        }
+        let (site, insn) = HOOK.restore();
+        patch_calling(&mut errors, &format!("{s}: hook on"), site, insn, call_hook, |n, _| n == 1);
+    }
+    patching::set_strategy(saved);
+
+    // Refusals: nothing declared, nothing written.
+    let before = (bytes(value), bytes(hook));
+    let undeclared: extern "C" fn(u64) -> u64 = value_c;
+    if VALUE.call_to(value_c) != Err(SiteError::UndeclaredTarget(undeclared.addr())) {
+        errors.push(format!("call_to(value_c) not refused: {:?}", VALUE.call_to(value_c)));
+    }
+    if VALUE.nop() != Err(SiteError::ReturnsValue) {
+        errors.push("a value-returning site offered a NOP".into());
+    }
+    if patching::patch(&[(value, NewInsn::Call(undeclared.addr()))], |_| {}).is_ok() {
+        errors.push("the patcher accepted a target outside .shadowcall_targets".into());
+    }
+    if (bytes(value), bytes(hook)) != before {
+        errors.push("a refused patch changed a site".into());
+    }
+    if call_value() != 1 + VALUE_A || call_hook() != 1 {
+        errors.push("the sites do not call their defaults at the end".into());
+    }
+    super::outcome_of(&errors)
+}
