@@ -52,7 +52,7 @@ pub fn options_with(machine: Machine, cet: Option<CetMode>, emul: Option<EmulStr
 
 /// The tests that emulate a CALL: with classic emulation and shadow stacks
 /// on, each must fail with #CP (near-return mismatch).
-pub const EMULATED_CALL_TESTS: [&str; 8] = [
+pub const EMULATED_CALL_TESTS: [&str; 9] = [
     "emul_call",
     "emul_call_nested",
     "emul_call_recursive",
@@ -61,6 +61,7 @@ pub const EMULATED_CALL_TESTS: [&str; 8] = [
     "patch_batch_large",
     "sec_batch_forged",
     "sec_stale_int3_race",
+    "patch_site_macro",
 ];
 
 /// The negative control: exactly [`EMULATED_CALL_TESTS`] are `not ok`, each

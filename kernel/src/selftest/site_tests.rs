@@ -65,9 +65,19 @@ fn patch_calling(
     let ssp0 = cet::rdssp();
     let mut seen = Vec::new();
     let r = patching::patch(&[(site, insn)], |_| seen.push(call()));
-    if let Err(e) = r {
-        errors.push(format!("{what}: patch refused: {e}"));
-        return;
+    match r {
+        Err(e) => {
+            errors.push(format!("{what}: patch refused: {e}"));
+            return;
+        }
+        Ok(stats) => {
+            if let Some(f) = stats.hook_fault {
+                errors.push(format!("{what}: fault calling the site inside the window: {f}"));
+            }
+        }
+    }
+    if seen.len() != 2 {
+        errors.push(format!("{what}: {} of 2 calls inside the window returned", seen.len()));
     }
     if insn.encode(site).ok() != Some(bytes(site)) {
         errors.push(format!("{what}: the site does not hold the new instruction"));
@@ -103,7 +113,13 @@ pub fn patch_site_macro(_st: &BootState) -> Outcome<'static> {
         HOOK_HITS.load(Ordering::Relaxed) - h0
     };
     let saved = patching::strategy();
-    for strategy in patching::strategies_here() {
+    let mut strategies = patching::strategies_here();
+    if !strategies.contains(&saved) {
+        // Forced by the command line (classic with shadow stacks on: the
+        // negative control, which must end in #CP).
+        strategies.push(saved);
+    }
+    for strategy in strategies {
         patching::set_strategy(strategy);
         let s = strategy.name();
         match VALUE.call_to(value_b) {
