@@ -59,6 +59,7 @@ pub struct InterruptSspTable;
 pub struct Xss;
 
 impl Pl0Ssp {
+    /// The MSR's number.
     pub const MSR: u32 = 0x6a4;
 
     /// # Safety
@@ -70,6 +71,7 @@ impl Pl0Ssp {
         unsafe { Msr::new(Self::MSR).write(token) }
     }
 
+    /// The token address SETSSBSY claims next.
     pub fn read() -> u64 {
         // SAFETY: reading IA32_PL0_SSP has no side effect (CET_SS enumerated by the caller's CPU).
         unsafe { Msr::new(Self::MSR).read() }
@@ -77,6 +79,7 @@ impl Pl0Ssp {
 }
 
 impl InterruptSspTable {
+    /// The MSR's number.
     pub const MSR: u32 = 0x6a8;
 
     /// # Safety
@@ -89,6 +92,7 @@ impl InterruptSspTable {
 }
 
 impl Xss {
+    /// The MSR's number.
     pub const MSR: u32 = 0xda0;
     /// XSS component bit for supervisor CET state (S_CET, PL0_SSP..PL2_SSP).
     pub const CET_S: u64 = 1 << 12;
@@ -125,6 +129,7 @@ pub enum SspTableError {
 }
 
 impl SspTable {
+    /// A table with no IST token (an IST vector then raises #GP on delivery).
     pub const fn new() -> Self {
         SspTable([0; SSP_TABLE_ENTRIES])
     }
@@ -141,6 +146,7 @@ impl SspTable {
         Ok(())
     }
 
+    /// The token of IST `ist` (0: none).
     pub fn get(&self, ist: usize) -> u64 {
         self.0[ist]
     }
@@ -159,18 +165,19 @@ const LEAF_XSAVE: u32 = 0xd;
 /// What CPUID says about supervisor shadow stacks on this CPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Support {
-    /// CPUID.(7,0):ECX[7] CET_SS: shadow stacks.
+    /// CPUID.(7,0):ECX\[7\] CET_SS: shadow stacks.
     pub cet_ss: bool,
-    /// CPUID.(7,1):EDX[18] CET_SSS: supervisor shadow stacks survive VMM
+    /// CPUID.(7,1):EDX\[18\] CET_SSS: supervisor shadow stacks survive VMM
     /// paging games (informational).
     pub cet_sss: bool,
-    /// CPUID.(0xD,1):EAX[3] XSAVES.
+    /// CPUID.(0xD,1):EAX\[3\] XSAVES.
     pub xsaves: bool,
-    /// CPUID.(0xD,1):ECX[12]: XSS can hold supervisor CET state.
+    /// CPUID.(0xD,1):ECX\[12\]: XSS can hold supervisor CET state.
     pub xss_cet_s: bool,
 }
 
 impl Support {
+    /// Read CPUID on the running CPU.
     pub fn detect() -> Self {
         let id = CpuId::new();
         let mut s = Support::default();

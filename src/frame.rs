@@ -14,27 +14,49 @@ pub struct TrapFrame {
     /// `sec_exit_forged_frame` test (which forges it) stay stable: no exit
     /// path reads the trap frame to decide a shadow-stack write.
     pub shadow_push: u64,
+    /// The interrupted R15 (restored by the exit).
     pub r15: u64,
+    /// The interrupted R14 (restored by the exit).
     pub r14: u64,
+    /// The interrupted R13 (restored by the exit).
     pub r13: u64,
+    /// The interrupted R12 (restored by the exit).
     pub r12: u64,
+    /// The interrupted R11 (restored by the exit).
     pub r11: u64,
+    /// The interrupted R10 (restored by the exit).
     pub r10: u64,
+    /// The interrupted R9 (restored by the exit).
     pub r9: u64,
+    /// The interrupted R8 (restored by the exit).
     pub r8: u64,
+    /// The interrupted RBP (restored by the exit).
     pub rbp: u64,
+    /// The interrupted RDI (restored by the exit).
     pub rdi: u64,
+    /// The interrupted RSI (restored by the exit).
     pub rsi: u64,
+    /// The interrupted RDX (restored by the exit).
     pub rdx: u64,
+    /// The interrupted RCX (restored by the exit).
     pub rcx: u64,
+    /// The interrupted RBX (restored by the exit).
     pub rbx: u64,
+    /// The interrupted RAX (restored by the exit).
     pub rax: u64,
+    /// The vector the stub was entered for.
     pub vector: u64,
+    /// The CPU's error code, or 0 for vectors without one.
     pub error_code: u64,
+    /// Hardware frame: the RIP IRET returns to.
     pub rip: u64,
+    /// Hardware frame: the CS IRET returns to.
     pub cs: u64,
+    /// Hardware frame: the RFLAGS IRET restores.
     pub rflags: u64,
+    /// Hardware frame: the RSP IRET restores.
     pub rsp: u64,
+    /// Hardware frame: the SS IRET restores.
     pub ss: u64,
 }
 
@@ -65,6 +87,7 @@ pub const BP_FRAME_TO_ALIGNED_RSP: u64 = core::mem::size_of::<TrapFrame>() as u6
 /// NMI-context return stores below it and loads RSP from it, so it must not
 /// come from the (writable) trap frame unchecked.
 pub const BP_RETURN_RSP_MIN: u64 = BP_FRAME_TO_ALIGNED_RSP - 8;
+/// The highest RSP a #BP exit may return to, from S (see [`BP_RETURN_RSP_MIN`]).
 pub const BP_RETURN_RSP_MAX: u64 = BP_FRAME_TO_ALIGNED_RSP + 16;
 
 /// Words the NMI-context return stores below its return RSP (RCX, RFLAGS,

@@ -47,15 +47,21 @@ pub const fn ist_token_well_placed(token: u64) -> bool {
 /// push (what RDSSP returns first thing in the handler).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShadowFrame {
+    /// The frame's lowest slot (the SSP right after the CPU pushed it).
     pub base: u64,
 }
 
 impl ShadowFrame {
+    /// Slots in the frame.
     pub const SLOTS: u64 = 3;
+    /// Offset of the interrupted SSP.
     pub const PREV_SSP: u64 = 0;
+    /// Offset of the linear address of the interrupted instruction (LIP).
     pub const LIP: u64 = 8;
+    /// Offset of the interrupted CS.
     pub const CS: u64 = 16;
 
+    /// The frame whose lowest slot is `base`.
     pub const fn at(base: u64) -> Self {
         ShadowFrame { base }
     }
@@ -80,7 +86,9 @@ impl ShadowFrame {
 /// A half-open address range `[lo, hi)` of stack memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StackBounds {
+    /// Lowest byte.
     pub lo: u64,
+    /// One past the highest byte.
     pub hi: u64,
 }
 
@@ -96,17 +104,25 @@ impl StackBounds {
 /// #CP (control protection, vector 21) error codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpError {
+    /// 1: a near RET found a different return address on the shadow stack.
     NearRet,
+    /// 2: a far RET or IRET found a different CS/LIP/SSP frame.
     FarRetIret,
+    /// 3: an indirect branch target without ENDBR (IBT).
     Endbranch,
+    /// 4: RSTORSSP found a bad restore token.
     Rstorssp,
+    /// 5: SETSSBSY found a bad or busy supervisor token.
     Setssbsy,
+    /// Any other code (the raw error code).
     Unknown(u64),
 }
 
 impl CpError {
+    /// The #CP vector.
     pub const VECTOR: u8 = 21;
 
+    /// Decode a #CP error code (bits 14:0; bit 15 flags an ENCLU context).
     pub fn decode(code: u64) -> Self {
         match code & 0x7fff {
             1 => CpError::NearRet,
