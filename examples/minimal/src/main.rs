@@ -172,7 +172,7 @@ fn test_call_site() -> Verdict {
     let bytes = unsafe { core::slice::from_raw_parts(site as *const u8, SITE_LEN) };
     match patch::classify(bytes, site) {
         Ok(SiteKind::Call(t)) if t == target => {}
-        other => return Verdict::Fail(format!("site {site:#x} holds {other:?}, not a call to {target:#x}")),
+        other => return Verdict::Fail(format!("site {site:#x} holds {other:x?}, not a call to {target:#x}")),
     }
     let before = EXAMPLE_CALLS_A.load(Ordering::Relaxed);
     // SAFETY: an asm function that calls the target and returns.
