@@ -27,6 +27,8 @@ pub const KERNEL_VMA: u64 = 0xffff_ffff_8000_0000;
 /// What GRUB leaves in EAX for a Multiboot2 kernel.
 const MB2_BOOTLOADER_MAGIC: u32 = 0x36d7_6289;
 const STACK_SIZE: usize = 64 * 1024;
+/// The boot page tables map 4 KiB pages.
+const PAGE_SHIFT: u64 = 12;
 /// The iced-x86 decoder tables alone take about 370 KiB.
 const HEAP_SIZE: usize = 1024 * 1024;
 /// QEMU's isa-debug-exit port (the runner adds the device); Bochs ignores it.
@@ -72,7 +74,7 @@ static BOOT_MAGIC: AtomicU32 = AtomicU32::new(0);
 
 /// The boot page-table entry that maps the high-half page at `vaddr`.
 pub fn boot_pte(vaddr: u64) -> *mut u64 {
-    let index = ((vaddr - KERNEL_VMA) >> 12) as usize;
+    let index = ((vaddr - KERNEL_VMA) >> PAGE_SHIFT) as usize;
     // SAFETY: only the address is taken; the index is < 1024 (the kernel ends below 4 MiB).
     unsafe { addr_of_mut!(boot_pt[index]) }
 }
