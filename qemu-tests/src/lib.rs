@@ -16,6 +16,7 @@ use std::sync::{OnceLock, RwLock};
 
 pub mod harness;
 
+use xtask::example::Example;
 use xtask::ktap::Status;
 use xtask::{CetMode, Echo, EmulStrategy, Machine, Policy, RunOptions, RunOutcome};
 
@@ -40,6 +41,52 @@ pub fn options(machine: Machine) -> RunOptions {
     opts.announce = false;
     opts.install = Policy::ReportOnly;
     opts
+}
+
+/// Builds example `e` on first use (one example per test binary is built
+/// once); later calls get the same result.
+pub fn example_elf(e: Example) -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match BUILT.get_or_init(|| e.build(Policy::ReportOnly).map_err(|err| err.to_string())) {
+        Ok(path) if path == &e.elf() => path.clone(),
+        Ok(other) => panic!("only one example is built per test binary: {} already, not {}", other.display(), e.name),
+        Err(err) => panic!("example `{}` build failed: {err}", e.name),
+    }
+}
+
+/// Options for booting example `e` (built once) on `machine`.
+pub fn example_options(e: Example, machine: Machine) -> RunOptions {
+    let mut opts = RunOptions::new(machine);
+    opts.example = Some(e);
+    opts.kernel = Some(example_elf(e));
+    opts.echo = Echo::Silent;
+    opts.announce = false;
+    opts.install = Policy::ReportOnly;
+    opts
+}
+
+/// The tests every boot of the minimal example reports.
+pub const EXAMPLE_TESTS: [&str; 3] = ["example_boot", "example_shadow_stack", "example_call_site"];
+
+/// The example's run passed with every test of [`EXAMPLE_TESTS`] ok;
+/// `example_shadow_stack` may be skipped only without `shadow_stacks`.
+pub fn assert_example_passes(outcome: &RunOutcome, shadow_stacks: bool) {
+    assert!(outcome.passed, "the example run should pass but failed:\n{}", outcome.describe());
+    for name in EXAMPLE_TESTS {
+        let status = outcome.report.result(name).map(|r| &r.status);
+        let skip_allowed = name == "example_shadow_stack" && !shadow_stacks;
+        let fine = match status {
+            Some(Status::Ok) => true,
+            Some(Status::Skip(_)) => skip_allowed,
+            _ => false,
+        };
+        assert!(
+            fine,
+            "`{name}` must be ok{} but is {status:?}:\n{}",
+            if skip_allowed { " or skip" } else { "" },
+            outcome.describe()
+        );
+    }
 }
 
 /// Options with `--cet` and `--emul` set.

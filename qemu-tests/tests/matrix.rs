@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use qemu_tests::harness::{self, Coverage, Entry};
 use qemu_tests::{
-    assert_classic_fails_with_cp, assert_cmdline_rejected, assert_passes_with_path, assert_smp, boot,
-    boot_needing_host_cpus, options, options_with, show,
+    assert_classic_fails_with_cp, assert_cmdline_rejected, assert_example_passes, assert_passes_with_path, assert_smp,
+    boot, boot_needing_host_cpus, example_options, options, options_with, show,
 };
+use xtask::example::MINIMAL;
 use xtask::{CetMode, EmulStrategy, Machine};
 
 const OFF: Option<CetMode> = Some(CetMode::Off);
@@ -124,6 +125,16 @@ const MATRIX: &[Entry] = &[
                 .any(|n| n >= len && n > xtask::cmdline::MAX_LEN)
         });
         assert!(named, "no diagnostic names a length of at least {len}:\n{}", outcome.describe());
+        Coverage::Covered
+    }),
+    // The example kernel (Multiboot2, mapped high): its shadow stack on the CET CPU...
+    entry("example_minimal_bochs", Machine::Bochs, None, None, || {
+        assert_example_passes(&boot(&example_options(MINIMAL, Machine::Bochs)), true);
+        Coverage::Covered
+    }),
+    // ... and skipped without CET.
+    entry("example_minimal_qemu", Machine::Qemu, None, None, || {
+        assert_example_passes(&boot(&example_options(MINIMAL, Machine::Qemu)), false);
         Coverage::Covered
     }),
 ];

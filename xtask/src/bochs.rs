@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::emulator::Launch;
 use crate::error::{Context, Error, Result};
-use crate::iso;
+use crate::iso::{self, Loader};
 use crate::machines::Machine;
 use crate::rundir::{check_plain_path, RunDir};
 
@@ -43,13 +43,20 @@ sound: driver=dummy
     )
 }
 
-/// Builds the ISO, bochsrc and debugger rc file in `dir`.
-pub fn prepare(dir: &RunDir, machine: Machine, smp: u32, words: &[String], kernel: &Path) -> Result<Launch> {
+/// Builds the ISO (GRUB loading `kernel` with `loader`), bochsrc and debugger rc file in `dir`.
+pub fn prepare(
+    dir: &RunDir,
+    machine: Machine,
+    smp: u32,
+    words: &[String],
+    kernel: &Path,
+    loader: Loader,
+) -> Result<Launch> {
     let model =
         machine.bochs_cpu_model().ok_or_else(|| Error::new(format!("`{}` is not a Bochs machine", machine.name())))?;
     check_plain_path(dir.path())?;
     let iso_path = dir.join(ISO);
-    iso::build_iso(kernel, words, &dir.join("iso-root"), &iso_path)?;
+    iso::build_iso(kernel, loader, words, &dir.join("iso-root"), &iso_path)?;
     let rc = bochsrc(model, smp, &iso_path, &dir.join(SERIAL_LOG), &dir.join(LOG));
     std::fs::write(dir.join(BOCHSRC), rc).context(|| "cannot write bochsrc")?;
     // The debugger built into Debian's Bochs stops at its prompt: continue,

@@ -13,6 +13,7 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use shadowcall_cmdline::{CetMode, EmulStrategy};
 
+use crate::example::{self, Example};
 use crate::machines::{check_cmdline_word, MachineName};
 use crate::runner::RunOptions;
 
@@ -61,6 +62,10 @@ fn cet_parser() -> impl TypedValueParser<Value = CetMode> {
 
 fn emul_parser() -> impl TypedValueParser<Value = EmulStrategy> {
     PossibleValuesParser::new(EmulStrategy::NAMES).map(|s| EmulStrategy::from_name(&s).unwrap_or(EmulStrategy::Classic))
+}
+
+fn example_parser() -> impl TypedValueParser<Value = Example> {
+    PossibleValuesParser::new(example::names()).map(|s| Example::from_name(&s).unwrap_or(example::EXAMPLES[0]))
 }
 
 fn word_parser(s: &str) -> Result<String, String> {
@@ -118,6 +123,11 @@ pub struct RunArgs {
     /// Also show the emulator's own output (Bochs banner, magic-breakpoint dumps, ...).
     #[arg(long, short)]
     pub verbose: bool,
+    /// Boot this example kernel from examples/ instead (Multiboot2 through GRUB; one CPU,
+    /// no kernel command line).
+    #[arg(long, value_name = "NAME", value_parser = example_parser(),
+          conflicts_with_all = ["cet", "emul", "append", "kernel", "stress"])]
+    pub example: Option<Example>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -176,7 +186,20 @@ impl RunArgs {
                 "`--stress` needs at least two CPUs (one patches, the others call): add `--smp 2` or more".into()
             );
         }
+        if let Some(e) = self.example {
+            if self.machine == MachineName::BochsCetoff {
+                return Err(format!(
+                    "example `{}` reads no command line, so `bochs-cetoff` (cet=off) means nothing to it: \
+                     use `bochs`, `bochs-nocet`, `qemu` or `qemu-kvm`",
+                    e.name
+                ));
+            }
+            if self.smp != 1 {
+                return Err(format!("example `{}` runs on one CPU: drop `--smp {}`", e.name, self.smp));
+            }
+        }
         let mut opts = RunOptions::new(machine);
+        opts.example = self.example;
         opts.smp = self.smp;
         opts.cet = cet;
         opts.emul = self.kernel.emul;
@@ -317,6 +340,26 @@ mod tests {
         let b = bench(&["--machine", "bochs", "--cet", "off", "--runs", "1", "--json", "/tmp/x.json"]);
         assert_eq!((b.kernel.cet, b.runs, b.json.as_deref()), (Some(CetMode::Off), 1, Some("/tmp/x.json".as_ref())));
         assert!(!b.publish);
+    }
+
+    #[test]
+    fn example() {
+        let o = run(&["--example", "minimal", "--machine", "qemu"]).unwrap();
+        assert_eq!((o.example.map(|e| e.name), o.machine), (Some("minimal"), Machine::Qemu));
+        assert!(o.words().unwrap().is_empty());
+        assert_eq!(run(&["--example=minimal"]).unwrap().machine, Machine::Bochs);
+        assert_eq!(run(&[]).unwrap().example, None);
+        let e = run(&["--example", "tiny"]).unwrap_err();
+        assert!(e.contains("'tiny'") && e.contains("minimal"), "{e}");
+        for other in [&["--cet", "off"][..], &["--emul", "classic"], &["--append", "a=1"], &["--kernel", "k.elf"]] {
+            let mut args = vec!["--example", "minimal"];
+            args.extend(other);
+            let e = run(&args).unwrap_err();
+            assert!(e.contains("--example") && e.contains(other[0]), "{e}");
+        }
+        assert!(run(&["--example", "minimal", "--smp", "2"]).unwrap_err().contains("one CPU"));
+        assert!(run(&["--example", "minimal", "--machine", "bochs-cetoff"]).unwrap_err().contains("bochs-cetoff"));
+        assert!(parse(&["run", "--help"]).unwrap_err().to_string().contains("--example"));
     }
 
     #[test]

@@ -64,24 +64,32 @@ pub fn build_kernel(policy: Policy) -> Result<PathBuf> {
 
 /// `build_kernel` for either build.
 pub fn build_kernel_of(policy: Policy, build: Build) -> Result<PathBuf> {
-    let dir = kernel_dir();
-    install::ensure_rust_target(&dir, policy)?;
-    let mut cmd = Command::new(cargo());
-    cmd.args(["build", "--release"]).current_dir(&dir);
+    let mut args = vec!["build", "--release"];
     if build == Build::Production {
-        cmd.args(["--no-default-features", "--target-dir", "target/production"]);
+        args.extend(["--no-default-features", "--target-dir", "target/production"]);
     }
-    println!("==> building the kernel ({build:?}: {:?} in {})", cmd.get_args().collect::<Vec<_>>(), dir.display());
-    for var in SCRUBBED_ENV {
-        cmd.env_remove(var);
-    }
-    let status = cmd.status().context(|| "cannot run cargo")?;
-    if !status.success() {
-        return Err(Error::new(format!("kernel build failed ({status}); see the cargo output above")));
-    }
+    cargo_build(&kernel_dir(), &args, &format!("the kernel ({build:?})"), policy)?;
     let elf = kernel_elf_of(build);
     if !elf.is_file() {
         return Err(Error::new(format!("the kernel build succeeded but {} does not exist", elf.display())));
     }
     Ok(elf)
+}
+
+/// `cargo <args>` in `dir` (a crate with its own .cargo/config.toml, built
+/// for x86_64-unknown-none), with the environment that would override that
+/// config removed. A missing Rust target is added only under [`Policy::Install`].
+pub fn cargo_build(dir: &Path, args: &[&str], what: &str, policy: Policy) -> Result<()> {
+    install::ensure_rust_target(dir, policy)?;
+    let mut cmd = Command::new(cargo());
+    cmd.args(args).current_dir(dir);
+    println!("==> building {what}: {args:?} in {}", dir.display());
+    for var in SCRUBBED_ENV {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().context(|| "cannot run cargo")?;
+    if !status.success() {
+        return Err(Error::new(format!("the build of {what} failed ({status}); see the cargo output above")));
+    }
+    Ok(())
 }

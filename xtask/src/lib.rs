@@ -11,6 +11,7 @@ pub mod cli;
 pub mod elfcheck;
 pub mod emulator;
 pub mod error;
+pub mod example;
 pub mod install;
 pub mod iso;
 pub mod kernel;
@@ -103,7 +104,7 @@ pub fn hardware_iso(args: &cli::IsoArgs) -> Result<PathBuf> {
     std::fs::create_dir_all(&out_dir).context(|| format!("cannot create {}", out_dir.display()))?;
     let out = out_dir.join("shadowcall.iso");
     let staging = rundir::RunDir::create("shadowcall-iso")?;
-    let built = iso::build_iso(&elf, &words, &staging.join("iso-root"), &out);
+    let built = iso::build_iso(&elf, iso::Loader::Multiboot, &words, &staging.join("iso-root"), &out);
     if let Err(e) = staging.remove() {
         eprintln!("warning: {e}");
     }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use crate::emulator::{self, Launch};
 use crate::error::{Context, Error, Result};
+use crate::example::{self, Example};
 use crate::install::Policy;
+use crate::iso::{self, Loader};
 use crate::ktap::Report;
 use crate::kvm::{self as kvmerr, KvmInternalError};
 use crate::machines::{kernel_words, length_warning, Machine, MachineName, RunnerWords};
@@ -62,6 +64,9 @@ pub struct RunOptions {
     /// The soak: `stress=1` on the command line, a long default timeout,
     /// and the `smp_patch_stress` figures required and summarised.
     pub stress: bool,
+    /// Boot this example kernel (examples/<name>/, Multiboot2 from an ISO,
+    /// no command line) instead of the reference kernel.
+    pub example: Option<Example>,
 }
 
 impl RunOptions {
@@ -82,12 +87,17 @@ impl RunOptions {
             install: Policy::ReportOnly,
             bench: false,
             stress: false,
+            example: None,
         }
     }
 
     /// The kernel command line words of this run; `Err` names a bad or
-    /// conflicting `--append` word (see [`kernel_words`]).
+    /// conflicting `--append` word (see [`kernel_words`]). None for an
+    /// example (it reads no command line).
     pub fn words(&self) -> std::result::Result<Vec<String>, String> {
+        if self.example.is_some() {
+            return Ok(Vec::new());
+        }
         let r = RunnerWords {
             machine: Some(self.machine),
             cet: self.cet,
@@ -207,11 +217,17 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
     if opts.machine == Machine::QemuKvm {
         qemu::kvm_usable().map_err(|e| Error::new(format!("machine qemu-kvm: /dev/kvm is not usable: {e}")))?;
     }
-    let kernel = match &opts.kernel {
-        Some(k) => k.clone(),
-        None => kernel::build_kernel(opts.install)?,
+    let kernel = match (&opts.kernel, opts.example) {
+        (Some(k), _) => k.clone(),
+        (None, Some(e)) => e.build(opts.install)?,
+        (None, None) => kernel::build_kernel(opts.install)?,
     };
-    elfcheck::check_kernel_elf(&kernel)?;
+    if opts.example.is_some() {
+        install::ensure(install::GRUB_ISO, opts.install)?;
+        example::check_example_elf(&kernel)?;
+    } else {
+        elfcheck::check_kernel_elf(&kernel)?;
+    }
     let dir = RunDir::create("shadowcall-run")?;
     let result = run_in(&dir, opts, &kernel);
     if opts.keep {
@@ -230,10 +246,15 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
 
 fn prepare(dir: &RunDir, opts: &RunOptions, words: &[String]) -> Result<Launch> {
     let kernel = dir.join(qemu::KERNEL);
+    let loader = if opts.example.is_some() { Loader::Multiboot2 } else { Loader::Multiboot };
     if opts.machine.is_bochs() {
-        bochs::prepare(dir, opts.machine, opts.smp, words, &kernel)
+        bochs::prepare(dir, opts.machine, opts.smp, words, &kernel, loader)
+    } else if loader == Loader::Multiboot2 {
+        // QEMU's -kernel loads Multiboot v1 only: boot GRUB from an ISO, as Bochs does.
+        iso::build_iso(&kernel, loader, words, &dir.join("iso-root"), &dir.join(bochs::ISO))?;
+        qemu::prepare(dir, opts.machine, opts.smp, words, opts.gdb, qemu::Boot::Iso(bochs::ISO))
     } else {
-        qemu::prepare(dir, opts.machine, opts.smp, words, opts.gdb)
+        qemu::prepare(dir, opts.machine, opts.smp, words, opts.gdb, qemu::Boot::Kernel)
     }
 }
 
@@ -245,7 +266,10 @@ fn run_in(dir: &RunDir, opts: &RunOptions, kernel: &Path) -> Result<RunOutcome> 
     std::fs::write(dir.join("command.txt"), launch.command_line() + "\n").context(|| "cannot write command.txt")?;
     let timeout = opts.effective_timeout();
     if opts.announce {
-        println!("==> booting {} (smp {}) with `{}`", opts.machine.name(), opts.smp, words.join(" "));
+        match opts.example {
+            Some(e) => println!("==> booting example `{}` on {} (smp {})", e.name, opts.machine.name(), opts.smp),
+            None => println!("==> booting {} (smp {}) with `{}`", opts.machine.name(), opts.smp, words.join(" ")),
+        }
         if let Some(w) = length_warning(&words) {
             println!("{w}");
         }
