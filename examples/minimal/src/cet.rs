@@ -1,31 +1,26 @@
-//! CET supervisor shadow stacks for the example, in one file: one shadow-stack
-//! page on the boot CPU, turned on once and never off. (Example-local; the
-//! crate's own helpers may replace it.)
+//! CET supervisor shadow stacks for the example, with the engine's helpers
+//! (`shadowcall::cet`): one shadow-stack page on the boot CPU, turned on
+//! once and never off.
 //!
 //! Order: token written while the page is ordinary data -> its PTE made
-//! R/W=0 + Dirty (a shadow-stack page) -> CR4.CET (CR0.WP is set by boot.S)
-//! -> IA32_PL0_SSP -> asm `example_cet_enter`: IA32_S_CET, SETSSBSY, and a
-//! jump to a continuation on a fresh stack that never returns.
+//! R/W=0 + Dirty (a shadow-stack page) -> `shadowcall::cet::enable`: CR4.CET
+//! (CR0.WP is set by boot.S), IA32_PL0_SSP, the (empty) interrupt SSP
+//! table, IA32_S_CET, SETSSBSY, and a jump to a continuation on a fresh
+//! stack that never returns.
 
 use alloc::format;
 use alloc::string::String;
-use core::arch::x86_64::__cpuid_count;
 use core::ptr::addr_of;
 
+use shadowcall::cet::{self, Bringup, SspTable, Support, S_CET_FLAGS};
 use shadowcall::shstk::{self, TOKEN_BUSY};
 use x86_64::instructions::tlb;
 use x86_64::registers::control::{Cr4, Cr4Flags};
-use x86_64::registers::model_specific::{CetFlags, Msr, SCet};
+use x86_64::registers::model_specific::SCet;
 use x86_64::VirtAddr;
 
 use crate::{boot_pte, KERNEL_VMA};
 
-/// CPUID.(7,0):ECX[7]: CET supervisor shadow stacks.
-const CPUID_EXT_FEATURES: u32 = 7;
-const ECX_CET_SS: u32 = 1 << 7;
-const MSR_PL0_SSP: u32 = 0x6a4;
-/// S_CET: shadow stacks on, WRSS allowed (the call emulation needs it).
-pub const S_CET_FLAGS: CetFlags = CetFlags::SS_ENABLE.union(CetFlags::SS_WRITE_ENABLE);
 const PAGE_SIZE: u64 = 4096;
 /// A shadow-stack PTE: present, R/W=0, Dirty.
 const PTE_PRESENT: u64 = 1;
@@ -35,16 +30,16 @@ const PTE_DIRTY: u64 = 1 << 6;
 struct ShadowPage([u64; (PAGE_SIZE / shstk::SLOT) as usize]);
 /// The shadow stack: ordinary .bss until `enable_and_continue` remaps it.
 static mut SHADOW_STACK: ShadowPage = ShadowPage([0; (PAGE_SIZE / shstk::SLOT) as usize]);
+/// No IST vector here: every entry stays empty.
+static SSP_TABLE: SspTable = SspTable::new();
 
 extern "C" {
-    fn example_cet_enter(s_cet: u64, cont: extern "C" fn() -> !, rsp: u64) -> !;
     fn example_shstk_top_is_ret() -> bool;
 }
 
 /// Does this CPU have supervisor shadow stacks?
 pub fn supported() -> bool {
-    // An absent leaf 7 reads as zeros on x86-64: no CET.
-    __cpuid_count(CPUID_EXT_FEATURES, 0).ecx & ECX_CET_SS != 0
+    Support::detect().supervisor_shadow_stacks()
 }
 
 /// The shadow-stack page `[lo, hi)`.
@@ -65,12 +60,10 @@ pub unsafe fn enable_and_continue(cont: extern "C" fn() -> !, rsp: u64) -> ! {
     // SAFETY: the PTE of our own page; it becomes R/W=0 + Dirty: a shadow-stack page.
     unsafe { boot_pte(b.lo).write_volatile((b.lo - KERNEL_VMA) | PTE_PRESENT | PTE_DIRTY) };
     tlb::flush(VirtAddr::new(b.lo));
-    // SAFETY: CR0.WP is set; with S_CET still 0, CR4.CET alone changes nothing.
-    unsafe { Cr4::update(|f| f.insert(Cr4Flags::CONTROL_FLOW_ENFORCEMENT)) };
-    // SAFETY: PL0_SSP points at the free token of our shadow stack.
-    unsafe { Msr::new(MSR_PL0_SSP).write(token) };
-    // SAFETY: token, CR4.CET and PL0_SSP are in place; neither function returns.
-    unsafe { example_cet_enter(S_CET_FLAGS.bits(), cont, rsp) }
+    let bringup = Bringup { pl0_token: token, ssp_table: &SSP_TABLE, rsp };
+    // SAFETY: the token is free at the top of a page now mapped as a shadow
+    // stack; boot.S set CR0.WP; interrupts are off; `rsp` is the caller's.
+    unsafe { cet::enable(&bringup, &Support::detect(), cont) }
 }
 
 /// Are shadow stacks enforced on this CPU, on our page? Read from the CPU.
@@ -83,15 +76,13 @@ pub fn check() -> Result<String, String> {
     if s_cet != S_CET_FLAGS {
         return Err(format!("IA32_S_CET reads {s_cet:?}, not {S_CET_FLAGS:?}"));
     }
-    let ssp: u64;
-    // SAFETY: CR4.CET and S_CET.SH_STK_EN are set (checked above): RDSSP is defined.
-    unsafe { core::arch::asm!("rdsspq {}", out(reg) ssp, options(nomem, nostack)) };
+    let ssp = cet::rdssp();
     if !b.holds_slots(ssp, 1) {
         return Err(format!("SSP {ssp:#x} is outside the shadow-stack page {:#x}..{:#x}", b.lo, b.hi));
     }
     let token = shstk::token_addr(b.hi);
-    // SAFETY: ordinary loads may read a shadow-stack page.
-    let value = unsafe { (token as *const u64).read_volatile() };
+    // SAFETY: the token slot is aligned and mapped (ordinary loads may read a shadow-stack page).
+    let value = unsafe { cet::read_slot(token) };
     if !shstk::token_is_busy(value, token) {
         return Err(format!("the token at {token:#x} reads {value:#x}, not busy ({:#x})", token | TOKEN_BUSY));
     }
