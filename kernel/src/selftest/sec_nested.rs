@@ -1,0 +1,147 @@
+//! `sec_nested_save` (issue 8, the fourth review's nested NMI/#MC finding):
+//! an NMI taken inside a critical region saves the interrupted registers on
+//! this CPU's save page; a #MC nested inside that NMI's path (while it saves
+//! them, or while its exit gives them back) has a trap frame whose saved
+//! registers an attacker forges. The nested #MC must give the NMI path its
+//! own registers back from the #MC's save area (asm/entry.S, DESIGN §11), so
+//! the interrupted code gets exactly its registers.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+
+use shadowcall::frame::TrapFrame;
+use shadowcall_support::ktap::Outcome;
+
+use super::cet_tests::skip_without_shstk;
+use crate::percpu::this_cpu;
+use crate::{cet, mm, BootState};
+
+/// Where the NMI path raises its software #MC (asm/entry.S
+/// `NESTED_TEST_HOOK`); 0: nowhere.
+pub const NESTED_AT_ENTRY: u8 = 1;
+/// In the middle of the NMI's save (RBX..R8 stored, R9..R15 not yet).
+pub const NESTED_IN_SAVE: u8 = 2;
+/// In the middle of the NMI exit's restore (R15..R8 loaded, the rest not yet).
+pub const NESTED_IN_RESTORE: u8 = 3;
+/// `sc_t_nested_probe` loads `NESTED_PATTERN + i` into GPR i.
+pub const NESTED_PATTERN: u64 = 0x5ca1_ab1e_0000_0000;
+/// The nested #MC's handler forges GPR i of its trap frame to `FORGED + i`.
+const FORGED: u64 = 0x0bad_f00d_0000_0000;
+
+const HOOKS: bool = cfg!(feature = "test-hooks");
+/// The probe's register order (its `out` array).
+const GPRS: [&str; 15] =
+    ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
+
+/// Read by the NMI path's test hook: the point to raise the #MC at, once.
+#[no_mangle]
+pub static SC_T_NESTED_MC: AtomicU8 = AtomicU8::new(0);
+/// The #MC handler forges its frame, once.
+static ARMED: AtomicBool = AtomicBool::new(false);
+static MC_TAKEN: AtomicU64 = AtomicU64::new(0);
+static MC_RIP: AtomicU64 = AtomicU64::new(0);
+
+extern "C" {
+    static sc_isr_region_start: u8;
+    static sc_isr_region_end: u8;
+}
+
+#[cfg(feature = "test-hooks")]
+extern "C" {
+    fn sc_t_nested_probe(out: *mut [u64; 15]);
+}
+
+/// The frame's GPRs in the probe's order.
+fn gprs(f: &mut TrapFrame) -> [&mut u64; 15] {
+    [
+        &mut f.rax, &mut f.rbx, &mut f.rcx, &mut f.rdx, &mut f.rsi, &mut f.rdi, &mut f.rbp, &mut f.r8, &mut f.r9,
+        &mut f.r10, &mut f.r11, &mut f.r12, &mut f.r13, &mut f.r14, &mut f.r15,
+    ]
+}
+
+/// A #MC (test-hooks builds, before the dispatcher's own handling): if the
+/// test armed it, this is the software #MC the NMI path raised. Forge every
+/// GPR of its trap frame, as an attacker who writes the IST stack would, and
+/// let it return. False: not ours (a real #MC is handled as before).
+pub fn nested_mc(frame: &mut TrapFrame) -> bool {
+    if !ARMED.swap(false, Ordering::SeqCst) {
+        return false;
+    }
+    MC_RIP.store(frame.rip, Ordering::SeqCst);
+    for (i, r) in gprs(frame).into_iter().enumerate() {
+        *r = FORGED + i as u64;
+    }
+    MC_TAKEN.fetch_add(1, Ordering::SeqCst);
+    true
+}
+
+/// Run the probe once with the #MC raised at `at`; the registers it got back.
+#[cfg(feature = "test-hooks")]
+fn probe(at: u8) -> [u64; 15] {
+    let mut out = [0u64; 15];
+    ARMED.store(true, Ordering::SeqCst);
+    SC_T_NESTED_MC.store(at, Ordering::SeqCst);
+    // IF=0: no maskable interrupt may land in the critical region (its exit
+    // would stop the kernel: no save for it).
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        // SAFETY: asm probe (asm/entry.S): restores the callee-saved
+        // registers, writes only `out`.
+        unsafe { sc_t_nested_probe(&mut out) };
+    });
+    SC_T_NESTED_MC.store(0, Ordering::SeqCst);
+    ARMED.store(false, Ordering::SeqCst);
+    out
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn probe(_at: u8) -> [u64; 15] {
+    [0; 15]
+}
+
+pub fn sec_nested_save(st: &BootState) -> Outcome<'static> {
+    if let Some(o) = skip_without_shstk(st) {
+        return o;
+    }
+    if !HOOKS {
+        return Outcome::Skip("needs the test-hooks build");
+    }
+    let mut errors: Vec<String> = Vec::new();
+    let c = this_cpu();
+    let region = core::ptr::addr_of!(sc_isr_region_start) as u64..core::ptr::addr_of!(sc_isr_region_end) as u64;
+    let points = [
+        (NESTED_AT_ENTRY, "at the NMI stub's entry"),
+        (NESTED_IN_SAVE, "in the NMI's register save"),
+        (NESTED_IN_RESTORE, "in the NMI exit's restore"),
+    ];
+    for (at, name) in points {
+        let taken0 = MC_TAKEN.load(Ordering::SeqCst);
+        let nmis0 = c.counters.nmis.load(Ordering::SeqCst);
+        let out = probe(at);
+        if c.counters.nmis.load(Ordering::SeqCst) == nmis0 {
+            errors.push(format!("{name}: the probe's NMI was not taken"));
+        }
+        if MC_TAKEN.load(Ordering::SeqCst) != taken0 + 1 {
+            errors.push(format!("{name}: no nested #MC was taken: the test tested nothing"));
+            continue;
+        }
+        let rip = MC_RIP.load(Ordering::SeqCst);
+        if !region.contains(&rip) {
+            errors.push(format!("{name}: the #MC interrupted {rip:#x}, outside the NMI path"));
+        }
+        for (i, (&got, reg)) in out.iter().zip(GPRS).enumerate() {
+            let want = NESTED_PATTERN + i as u64;
+            if got != want {
+                let how = if got == FORGED + i as u64 { " (the forged value)" } else { "" };
+                errors.push(format!("{name}: {reg} came back {got:#x}{how}, expected {want:#x}"));
+            }
+        }
+        for (area, vec) in [(mm::SAVE_AREA_NMI, "NMI"), (mm::SAVE_AREA_MC, "#MC")] {
+            if cet::read_slot(mm::irq_save_page(c.index) + area + shadowcall::emul::save::BOUND) != 0 {
+                errors.push(format!("{name}: the {vec} save was left bound"));
+            }
+        }
+    }
+    super::outcome_of(&errors)
+}
