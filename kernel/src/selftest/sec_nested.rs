@@ -9,9 +9,8 @@
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
-use shadowcall::frame::TrapFrame;
 use shadowcall_support::ktap::Outcome;
 
 use super::cet_tests::skip_without_shstk;
@@ -38,8 +37,9 @@ const GPRS: [&str; 15] =
 /// Read by the NMI path's test hook: the point to raise the #MC at, once.
 #[no_mangle]
 pub static SC_T_NESTED_MC: AtomicU8 = AtomicU8::new(0);
+#[cfg(feature = "test-hooks")]
 /// The #MC handler forges its frame, once.
-static ARMED: AtomicBool = AtomicBool::new(false);
+static ARMED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 static MC_TAKEN: AtomicU64 = AtomicU64::new(0);
 static MC_RIP: AtomicU64 = AtomicU64::new(0);
 
@@ -53,8 +53,9 @@ extern "C" {
     fn sc_t_nested_probe(out: *mut [u64; 15]);
 }
 
+#[cfg(feature = "test-hooks")]
 /// The frame's GPRs in the probe's order.
-fn gprs(f: &mut TrapFrame) -> [&mut u64; 15] {
+fn gprs(f: &mut shadowcall::frame::TrapFrame) -> [&mut u64; 15] {
     [
         &mut f.rax, &mut f.rbx, &mut f.rcx, &mut f.rdx, &mut f.rsi, &mut f.rdi, &mut f.rbp, &mut f.r8, &mut f.r9,
         &mut f.r10, &mut f.r11, &mut f.r12, &mut f.r13, &mut f.r14, &mut f.r15,
@@ -65,7 +66,8 @@ fn gprs(f: &mut TrapFrame) -> [&mut u64; 15] {
 /// test armed it, this is the software #MC the NMI path raised. Forge every
 /// GPR of its trap frame, as an attacker who writes the IST stack would, and
 /// let it return. False: not ours (a real #MC is handled as before).
-pub fn nested_mc(frame: &mut TrapFrame) -> bool {
+#[cfg(feature = "test-hooks")]
+pub fn nested_mc(frame: &mut shadowcall::frame::TrapFrame) -> bool {
     if !ARMED.swap(false, Ordering::SeqCst) {
         return false;
     }
