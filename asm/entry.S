@@ -168,16 +168,23 @@ ISR_NOERR {VEC_SPURIOUS}
 8:
 .endm
 
-/* sec_nested_save (test-hooks builds only): the NMI path raises a software
- * #MC at point \at (selftest::nmi_tests::NESTED_AT_*), once, when the test
- * armed it; the #MC handler forges the GPRs of its trap frame. */
+/* sec_nested_save (test-hooks builds only): at point \at
+ * (selftest::sec_nested::NESTED_AT_*), once, when the test armed it, the NMI
+ * path raises a software #MC, or the #MC path (points + NESTED_MC_OUTER) a
+ * software NMI; that nested handler forges the GPRs of its trap frame. */
 .macro NESTED_TEST_HOOK vec, at
 .if {TEST_HOOKS}
 .if \vec == {VEC_NMI}
-    cmpb $\at, SC_T_NESTED_MC(%rip)
+    cmpb $\at, SC_T_NESTED(%rip)
     jne 9f
-    movb $0, SC_T_NESTED_MC(%rip)
+    movb $0, SC_T_NESTED(%rip)
     int ${VEC_MC}
+9:
+.else
+    cmpb $\at+{NESTED_MC_OUTER}, SC_T_NESTED(%rip)
+    jne 9f
+    movb $0, SC_T_NESTED(%rip)
+    int ${VEC_NMI}
 9:
 .endif
 .endif
@@ -326,10 +333,11 @@ sc_isr_save_lost:
     call sc_isr_save_lost_report
 
 .if {TEST_HOOKS}
-/* sec_nested_save: void sc_t_nested_probe(u64 out[15]). Loads
+/* sec_nested_save: void sc_t_nested_probe(u64 out[15], u64 mc). Loads
  * NESTED_PATTERN + i into GPR i (RAX, RBX, RCX, RDX, RSI, RDI, RBP, R8..R15),
- * takes a software NMI inside this critical region, and stores the registers
- * it got back in out[i]. The caller keeps IF=0. */
+ * takes a software NMI (mc = 0) or #MC (mc != 0) inside this critical
+ * region, and stores the registers it got back in out[i]. The caller keeps
+ * IF=0. */
 .globl sc_t_nested_probe
 sc_t_nested_probe:
     pushq %rbx
@@ -339,6 +347,7 @@ sc_t_nested_probe:
     pushq %r14
     pushq %r15
     pushq %rdi
+    cmpq $0, %rsi                   /* MOVABS leaves the flags alone */
     movabsq ${NESTED_PATTERN}+0, %rax
     movabsq ${NESTED_PATTERN}+1, %rbx
     movabsq ${NESTED_PATTERN}+2, %rcx
@@ -354,8 +363,11 @@ sc_t_nested_probe:
     movabsq ${NESTED_PATTERN}+12, %r13
     movabsq ${NESTED_PATTERN}+13, %r14
     movabsq ${NESTED_PATTERN}+14, %r15
+    jne 1f
     int ${VEC_NMI}
-    pushq %rax
+    jmp 2f
+1:  int ${VEC_MC}
+2:  pushq %rax
     movq 8(%rsp), %rax              /* out */
     movq %rbx, 8(%rax)
     movq %rcx, 16(%rax)

@@ -106,6 +106,7 @@ core::arch::global_asm!(
     NESTED_IN_SAVE = const selftest::sec_nested::NESTED_IN_SAVE,
     NESTED_IN_RESTORE = const selftest::sec_nested::NESTED_IN_RESTORE,
     NESTED_PATTERN = const selftest::sec_nested::NESTED_PATTERN,
+    NESTED_MC_OUTER = const selftest::sec_nested::NESTED_MC_OUTER,
     CR4_CET_BIT = const 23,
     TEST_HOOKS = const cfg!(feature = "test-hooks") as u8,
     TRAMP_RET1 = const shadowcall::tramp::TRAMP_RET1_OFF,
@@ -326,7 +327,7 @@ fn mask_legacy_pic() {
 extern "C" fn sc_exception_dispatch(frame: &mut TrapFrame) {
     patching::note_frame_alignment(frame);
     #[cfg(feature = "test-hooks")]
-    if frame.vector == VEC_MC && selftest::sec_nested::nested_mc(frame) {
+    if selftest::sec_nested::nested_hook(frame) {
         return;
     }
     match frame.vector {
