@@ -121,72 +121,104 @@ ISR_NOERR {VEC_SYNC}
 ISR_NOERR {VEC_TIMER}
 ISR_NOERR {VEC_SPURIOUS}
 
-/* NMI and #MC with shadow stacks on (interrupts::load_cet_idt). If they
- * interrupted a #BP exit (its LIP, read from this interrupt's shadow frame,
- * lies in [sc_bpx_region_start, sc_bpx_region_end)), the interrupted
- * registers are stored with WRSS on this CPU's save page (FS base, an MSR,
- * points at it; the page is shadow-stack memory: only WRSS writes it), bound
- * to the interrupted SSP, straight from the registers (no copy passes
- * through memory an ordinary store could change), and sc_isr_common's exit
- * gives them back from there instead of from the trap frame. */
-.macro ISR_CET_IST vec
-sc_isr_cet_\vec:
-    wrssq %rax, %fs:{SAVE_SCRATCH}
-    rdsspq %rax
-    movq 8(%rax), %rax
-    IN_CRITICAL_REGION %rax, 1f
-    SAVE_REGS_WRSS
-1:  movq %fs:{SAVE_SCRATCH}, %rax
-    pushq $0
-    pushq $\vec
-    jmp sc_isr_common
-.endm
+/* ---- Critical regions and the NMI/#MC register saves ----------------------
+ * IRET hands the interrupted code the registers its trap frame holds, and
+ * the frame is ordinary memory. Code that holds the operands of a WRSS, a
+ * CR3 or a PTE write in registers (a critical region) must never get its
+ * registers back that way. The regions:
+ *   [sc_bpx_region_start, sc_bpx_region_end)    the #BP exits
+ *   [sc_poke_region_start, sc_poke_region_end)  the alias writers (poke.S)
+ *   [sc_isr_region_start, sc_isr_region_end)    this code: the NMI and #MC
+ *     paths (which hold the registers of the region they interrupted, and
+ *     decide from RAX/RCX where to restore them from) and the common exit.
+ * They run with IF=0, so only an NMI or #MC can interrupt them. With shadow
+ * stacks on, the IDT's NMI and #MC gates enter through ISR_CET_IST
+ * (interrupts::load_cet_idt). If the LIP it interrupted (read from its own
+ * shadow frame) lies in a region, the stub stores the interrupted registers
+ * with WRSS in its vector's area of this CPU's save page (FS base, an MSR,
+ * points at the page; shadow-stack memory: only WRSS writes it), bound to the
+ * interrupted SSP, straight from the registers; its exit gives them back from
+ * there instead of from the trap frame.
+ *
+ * One area per vector (NMI: mm::SAVE_AREA_NMI, #MC: mm::SAVE_AREA_MC) and at
+ * most one live save in each: NMI and #MC each run on their own IST shadow
+ * stack, whose token stays busy until the handler's IRET, so a second
+ * delivery of the same vector while its path runs raises #GP instead of
+ * entering the stub (besides, NMIs are blocked until an IRET and a #MC while
+ * MCIP is set shuts the CPU down). The other vector can nest (a #MC in the
+ * NMI path or an NMI in the #MC path): the nested stub finds the outer path's
+ * LIP in this region and saves the outer path's registers in its own area.
+ * Any other vector that finds a region LIP at its exit has no save: the
+ * kernel stops (sc_isr_save_lost). */
 
-/* Continue if \lip lies in a region whose registers must not come back
- * from a trap frame: the #BP exits, or the patcher's alias writers
- * (poke.S); else jump to \out. */
+/* Continue if \lip lies in a critical region; else jump to \out. */
 .macro IN_CRITICAL_REGION lip, out
     cmpq $sc_bpx_region_start, \lip
     jb 7f
     cmpq $sc_bpx_region_end, \lip
     jb 8f
 7:  cmpq $sc_poke_region_start, \lip
-    jb \out
+    jb 6f
     cmpq $sc_poke_region_end, \lip
+    jb 8f
+6:  cmpq $sc_isr_region_start, \lip
+    jb \out
+    cmpq $sc_isr_region_end, \lip
     jae \out
 8:
 .endm
 
-.macro SAVE_REGS_WRSS
-    wrssq %rbx, %fs:{SAVE_RBX}
-    wrssq %rcx, %fs:{SAVE_RCX}
-    wrssq %rdx, %fs:{SAVE_RDX}
-    wrssq %rsi, %fs:{SAVE_RSI}
-    wrssq %rdi, %fs:{SAVE_RDI}
-    wrssq %rbp, %fs:{SAVE_RBP}
-    wrssq %r8, %fs:{SAVE_R8}
-    wrssq %r9, %fs:{SAVE_R9}
-    wrssq %r10, %fs:{SAVE_R10}
-    wrssq %r11, %fs:{SAVE_R11}
-    wrssq %r12, %fs:{SAVE_R12}
-    wrssq %r13, %fs:{SAVE_R13}
-    wrssq %r14, %fs:{SAVE_R14}
-    wrssq %r15, %fs:{SAVE_R15}
-    movq %fs:{SAVE_SCRATCH}, %rbx
-    wrssq %rbx, %fs:{SAVE_RAX}
-    rdsspq %rbx
-    movq (%rbx), %rbx               /* the interrupted SSP: the binding */
-    wrssq %rbx, %fs:{SAVE_BOUND}
-    movq %fs:{SAVE_RBX}, %rbx
+/* sec_nested_save (test-hooks builds only): at point \at
+ * (selftest::sec_nested::NESTED_AT_*), once, when the test armed it, the NMI
+ * path raises a software #MC, or the #MC path (points + NESTED_MC_OUTER) a
+ * software NMI; that nested handler forges the GPRs of its trap frame. */
+.macro NESTED_TEST_HOOK vec, at
+.if {TEST_HOOKS}
+.if \vec == {VEC_NMI}
+    cmpb $\at, SC_T_NESTED(%rip)
+    jne 9f
+    movb $0, SC_T_NESTED(%rip)
+    int ${VEC_MC}
+9:
+.else
+    cmpb $\at+{NESTED_MC_OUTER}, SC_T_NESTED(%rip)
+    jne 9f
+    movb $0, SC_T_NESTED(%rip)
+    int ${VEC_NMI}
+9:
+.endif
+.endif
 .endm
 
-ISR_CET_IST 2
-ISR_CET_IST 18
+/* Store the interrupted registers (RAX in the area's scratch word) in
+ * \area, bound to the interrupted SSP (this interrupt's shadow frame). */
+.macro SAVE_REGS_WRSS area, vec
+    wrssq %rbx, %fs:\area+{SAVE_RBX}
+    wrssq %rcx, %fs:\area+{SAVE_RCX}
+    wrssq %rdx, %fs:\area+{SAVE_RDX}
+    wrssq %rsi, %fs:\area+{SAVE_RSI}
+    wrssq %rdi, %fs:\area+{SAVE_RDI}
+    wrssq %rbp, %fs:\area+{SAVE_RBP}
+    wrssq %r8, %fs:\area+{SAVE_R8}
+    NESTED_TEST_HOOK \vec, {NESTED_IN_SAVE}
+    wrssq %r9, %fs:\area+{SAVE_R9}
+    wrssq %r10, %fs:\area+{SAVE_R10}
+    wrssq %r11, %fs:\area+{SAVE_R11}
+    wrssq %r12, %fs:\area+{SAVE_R12}
+    wrssq %r13, %fs:\area+{SAVE_R13}
+    wrssq %r14, %fs:\area+{SAVE_R14}
+    wrssq %r15, %fs:\area+{SAVE_R15}
+    movq %fs:\area+{SAVE_SCRATCH}, %rbx
+    wrssq %rbx, %fs:\area+{SAVE_RAX}
+    rdsspq %rbx
+    movq (%rbx), %rbx               /* the interrupted SSP: the binding */
+    wrssq %rbx, %fs:\area+{SAVE_BOUND}
+    movq %fs:\area+{SAVE_RBX}, %rbx
+.endm
 
-/* Every vector but #BP. Its exit never writes a shadow stack: whatever a
- * handler (or an attacker who rewrote the saved frame) left in the frame,
- * IRET itself checks RIP/CS against the shadow frame's LIP/CS (#CP). */
-sc_isr_common:
+/* The entry every stub shares: registers into the TrapFrame, then
+ * sc_exception_dispatch(&mut TrapFrame). */
+.macro ISR_ENTRY
     PUSH_GPRS
     /* Taken inside this CPU's private poking window (an NMI, #MC or fault
      * while the patching CPU held the text alias: CR3 is not the shared
@@ -214,48 +246,155 @@ sc_isr_common:
     movq %rsp, %rdi
     cld
     call sc_exception_dispatch
-    /* With shadow stacks: did this exception interrupt a #BP exit? Then its
-     * registers come back from the save page (see ISR_CET_IST), which must
-     * be bound to the SSP it interrupted; the binding is then cleared. */
+.endm
+
+/* RAX := this exception's shadow frame (RDSSP), RCX := its LIP, and
+ * continue if that LIP lies in a critical region; else jump to \out
+ * (also without shadow stacks: CR4.CET clear, or before SETSSBSY, when
+ * RDSSP is a NOP and RAX stays 0; RDSSP never runs without CR4.CET, which
+ * some hypervisors do not treat as a NOP). */
+.macro EXIT_IN_CRITICAL_REGION out
     movq %cr4, %rax
     btq ${CR4_CET_BIT}, %rax
-    jnc 2f
+    jnc \out
     xorl %eax, %eax
-    rdsspq %rax                     /* a NOP until SETSSBSY: RAX stays 0 */
+    rdsspq %rax
     testq %rax, %rax
-    jz 2f
+    jz \out
     movq 8(%rax), %rcx
-    IN_CRITICAL_REGION %rcx, 2f
+    IN_CRITICAL_REGION %rcx, \out
+.endm
+
+/* NMI (\vec 2) or #MC (\vec 18) with shadow stacks on: the whole path, from
+ * the IDT gate to IRET, with its own save area \area and its own exit. */
+.macro ISR_CET_IST vec, area
+sc_isr_cet_\vec:
+    wrssq %rax, %fs:\area+{SAVE_SCRATCH}
+    NESTED_TEST_HOOK \vec, {NESTED_AT_ENTRY}
+    rdsspq %rax
+    movq 8(%rax), %rax
+    IN_CRITICAL_REGION %rax, 1f
+    SAVE_REGS_WRSS \area, \vec
+1:  movq %fs:\area+{SAVE_SCRATCH}, %rax
+    pushq $0
+    pushq $\vec
+    ISR_ENTRY
+    /* A critical region interrupted: its registers come back from the area,
+     * which must be bound to the SSP it interrupted; the binding is then
+     * cleared. This CET IDT is loaded only once shadow stacks are on. */
+    EXIT_IN_CRITICAL_REGION 2f
     movq (%rax), %rcx
-    cmpq %rcx, %fs:{SAVE_BOUND}
+    cmpq %rcx, %fs:\area+{SAVE_BOUND}
     jne sc_isr_save_lost
     xorl %ecx, %ecx
-    wrssq %rcx, %fs:{SAVE_BOUND}
+    wrssq %rcx, %fs:\area+{SAVE_BOUND}
     addq $16 + 15 * 8, %rsp         /* ssp, shadow_push, the frame's copies of the registers */
-    movq %fs:{SAVE_R15}, %r15
-    movq %fs:{SAVE_R14}, %r14
-    movq %fs:{SAVE_R13}, %r13
-    movq %fs:{SAVE_R12}, %r12
-    movq %fs:{SAVE_R11}, %r11
-    movq %fs:{SAVE_R10}, %r10
-    movq %fs:{SAVE_R9}, %r9
-    movq %fs:{SAVE_R8}, %r8
-    movq %fs:{SAVE_RBP}, %rbp
-    movq %fs:{SAVE_RDI}, %rdi
-    movq %fs:{SAVE_RSI}, %rsi
-    movq %fs:{SAVE_RDX}, %rdx
-    movq %fs:{SAVE_RCX}, %rcx
-    movq %fs:{SAVE_RBX}, %rbx
-    movq %fs:{SAVE_RAX}, %rax
+    movq %fs:\area+{SAVE_R15}, %r15
+    movq %fs:\area+{SAVE_R14}, %r14
+    movq %fs:\area+{SAVE_R13}, %r13
+    movq %fs:\area+{SAVE_R12}, %r12
+    movq %fs:\area+{SAVE_R11}, %r11
+    movq %fs:\area+{SAVE_R10}, %r10
+    movq %fs:\area+{SAVE_R9}, %r9
+    movq %fs:\area+{SAVE_R8}, %r8
+    NESTED_TEST_HOOK \vec, {NESTED_IN_RESTORE}
+    movq %fs:\area+{SAVE_RBP}, %rbp
+    movq %fs:\area+{SAVE_RDI}, %rdi
+    movq %fs:\area+{SAVE_RSI}, %rsi
+    movq %fs:\area+{SAVE_RDX}, %rdx
+    movq %fs:\area+{SAVE_RCX}, %rcx
+    movq %fs:\area+{SAVE_RBX}, %rbx
+    movq %fs:\area+{SAVE_RAX}, %rax
     addq $16, %rsp                  /* TrapFrame.vector, .error_code */
     iretq
 2:  ISR_EXIT
+.endm
 
-/* A save bound to another SSP: a nested interrupt of a #BP exit overwrote
- * it. Stop rather than return forged or foreign registers. */
+.globl sc_isr_region_start, sc_isr_region_end
+sc_isr_region_start:
+ISR_CET_IST {VEC_NMI}, {SAVE_AREA_NMI}
+ISR_CET_IST {VEC_MC}, {SAVE_AREA_MC}
+
+/* Every other vector but #BP. Its exit never writes a shadow stack: whatever
+ * a handler (or an attacker who rewrote the saved frame) left in the frame,
+ * IRET itself checks RIP/CS against the shadow frame's LIP/CS (#CP). Having
+ * no save area, it must not return into a critical region. */
+sc_isr_common:
+    ISR_ENTRY
+    EXIT_IN_CRITICAL_REGION 2f
+    jmp sc_isr_save_lost
+2:  ISR_EXIT
+
+/* A critical region interrupted without a save bound to its SSP (a vector
+ * other than NMI/#MC, e.g. after a forged RFLAGS.IF or TF, or a save lost).
+ * Stop rather than return forged or foreign registers. */
 sc_isr_save_lost:
     movq %rsp, %rdi
     call sc_isr_save_lost_report
+
+.if {TEST_HOOKS}
+/* sec_nested_save: void sc_t_nested_probe(u64 out[15], u64 mc). Loads
+ * NESTED_PATTERN + i into GPR i (RAX, RBX, RCX, RDX, RSI, RDI, RBP, R8..R15),
+ * takes a software NMI (mc = 0) or #MC (mc != 0) inside this critical
+ * region, and stores the registers it got back in out[i]. The caller keeps
+ * IF=0. */
+.globl sc_t_nested_probe
+sc_t_nested_probe:
+    pushq %rbx
+    pushq %rbp
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    pushq %rdi
+    cmpq $0, %rsi                   /* MOVABS leaves the flags alone */
+    movabsq ${NESTED_PATTERN}+0, %rax
+    movabsq ${NESTED_PATTERN}+1, %rbx
+    movabsq ${NESTED_PATTERN}+2, %rcx
+    movabsq ${NESTED_PATTERN}+3, %rdx
+    movabsq ${NESTED_PATTERN}+4, %rsi
+    movabsq ${NESTED_PATTERN}+5, %rdi
+    movabsq ${NESTED_PATTERN}+6, %rbp
+    movabsq ${NESTED_PATTERN}+7, %r8
+    movabsq ${NESTED_PATTERN}+8, %r9
+    movabsq ${NESTED_PATTERN}+9, %r10
+    movabsq ${NESTED_PATTERN}+10, %r11
+    movabsq ${NESTED_PATTERN}+11, %r12
+    movabsq ${NESTED_PATTERN}+12, %r13
+    movabsq ${NESTED_PATTERN}+13, %r14
+    movabsq ${NESTED_PATTERN}+14, %r15
+    jne 1f
+    int ${VEC_NMI}
+    jmp 2f
+1:  int ${VEC_MC}
+2:  pushq %rax
+    movq 8(%rsp), %rax              /* out */
+    movq %rbx, 8(%rax)
+    movq %rcx, 16(%rax)
+    movq %rdx, 24(%rax)
+    movq %rsi, 32(%rax)
+    movq %rdi, 40(%rax)
+    movq %rbp, 48(%rax)
+    movq %r8, 56(%rax)
+    movq %r9, 64(%rax)
+    movq %r10, 72(%rax)
+    movq %r11, 80(%rax)
+    movq %r12, 88(%rax)
+    movq %r13, 96(%rax)
+    movq %r14, 104(%rax)
+    movq %r15, 112(%rax)
+    popq %rbx                       /* the RAX it got back */
+    movq %rbx, (%rax)
+    popq %rdi
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbp
+    popq %rbx
+    ret
+.endif
+sc_isr_region_end:
 
 /* ---- #BP ---------------------------------------------------------------
  * Move the hardware frame down by {BP_GAP} bytes before anything else,

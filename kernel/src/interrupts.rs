@@ -16,10 +16,12 @@ use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::structures::tss::TaskStateSegment;
 use x86_64::VirtAddr;
 
+use crate::mm::ShadowStackId;
 use crate::percpu::this_cpu;
 use crate::{apic, cet, mm, patching, selftest, smp};
 
 pub const VEC_NMI: u64 = 2;
+pub const VEC_MC: u64 = 18;
 pub const VEC_UD: u64 = 6;
 pub const VEC_GP: u64 = 13;
 pub const VEC_PF: u64 = 14;
@@ -95,6 +97,15 @@ core::arch::global_asm!(
     SAVE_R14 = const shadowcall::emul::save::R14,
     SAVE_R15 = const shadowcall::emul::save::R15,
     SAVE_BOUND = const shadowcall::emul::save::BOUND,
+    SAVE_AREA_NMI = const mm::SAVE_AREA_NMI,
+    SAVE_AREA_MC = const mm::SAVE_AREA_MC,
+    VEC_NMI = const VEC_NMI,
+    VEC_MC = const VEC_MC,
+    NESTED_AT_ENTRY = const selftest::sec_nested::NESTED_AT_ENTRY,
+    NESTED_IN_SAVE = const selftest::sec_nested::NESTED_IN_SAVE,
+    NESTED_IN_RESTORE = const selftest::sec_nested::NESTED_IN_RESTORE,
+    NESTED_PATTERN = const selftest::sec_nested::NESTED_PATTERN,
+    NESTED_MC_OUTER = const selftest::sec_nested::NESTED_MC_OUTER,
     CR4_CET_BIT = const 23,
     TEST_HOOKS = const cfg!(feature = "test-hooks") as u8,
     TRAMP_RET1 = const shadowcall::tramp::TRAMP_RET1_OFF,
@@ -228,12 +239,14 @@ pub fn load_cet_idt() {
     IDT_CET.call_once(|| build_idt(true)).load();
 }
 
-/// The common exit found the save page bound to another SSP.
+/// An exit found a critical region (asm/entry.S) interrupted without a
+/// register save bound to it.
 #[no_mangle]
 extern "C" fn sc_isr_save_lost_report(frame: &TrapFrame) -> ! {
     crate::diag!(
-        "PANIC: SECURITY: an interrupt of a #BP exit (vector {}) found its register save overwritten; not returning",
-        frame.vector
+        "PANIC: SECURITY: vector {} interrupted a critical region (rip={:#x}) and no register save is bound to it; not returning",
+        frame.vector,
+        frame.rip
     );
     crate::exit(false)
 }
@@ -312,6 +325,10 @@ fn mask_legacy_pic() {
 #[no_mangle]
 extern "C" fn sc_exception_dispatch(frame: &mut TrapFrame) {
     patching::note_frame_alignment(frame);
+    #[cfg(feature = "test-hooks")]
+    if selftest::sec_nested::nested_hook(frame) {
+        return;
+    }
     match frame.vector {
         VEC_NMI => nmi(frame),
         v if v == smp::VEC_WAKE as u64 => apic::eoi(),
@@ -359,41 +376,6 @@ fn nmi(frame: &mut TrapFrame) {
     }
 }
 
-/// One shadow stack of the static stack layout (mm): CPU `cpu`'s primary
-/// stack (`ist` = 0) or its stack for IST `ist`.
-#[derive(Clone, Copy, Debug)]
-struct ShadowStackId {
-    cpu: usize,
-    ist: usize,
-    bounds: StackBounds,
-}
-
-impl ShadowStackId {
-    fn of(cpu: usize, ist: usize) -> Self {
-        let bounds = if ist == 0 { mm::primary_shadow_stack(cpu) } else { mm::ist_shadow_stack(cpu, ist) };
-        ShadowStackId { cpu, ist, bounds }
-    }
-    /// The normal stack used together with this shadow stack.
-    fn normal(self) -> StackBounds {
-        if self.ist == 0 {
-            mm::kernel_stack(self.cpu)
-        } else {
-            mm::ist_stack(self.cpu, self.ist)
-        }
-    }
-}
-
-/// The shadow stack holding `addr`, from the static stack layout alone.
-/// `hint` (a CPU index, e.g. from per-CPU data) only picks which CPU's
-/// stacks are tried first; the answer is the layout's.
-fn shadow_stack_at(addr: u64, hint: usize) -> Option<ShadowStackId> {
-    core::iter::once(hint)
-        .chain(0..mm::MAX_CPUS)
-        .filter(|&c| c < mm::MAX_CPUS)
-        .flat_map(|c| (0..=mm::IST_COUNT).map(move |ist| ShadowStackId::of(c, ist)))
-        .find(|s| addr >= s.bounds.lo && addr < s.bounds.hi)
-}
-
 /// The normal stack of CPU `cpu` holding `addr` (static layout).
 fn normal_stack_at(addr: u64, cpu: usize) -> Option<StackBounds> {
     (0..=mm::IST_COUNT).map(|ist| ShadowStackId::of(cpu, ist).normal()).find(|b| addr >= b.lo && addr < b.hi)
@@ -411,7 +393,7 @@ fn kernel_cs() -> u64 {
 /// by the end of that stack from the static layout. CET only.
 fn innermost_shadow_frame() -> Result<(ShadowFrame, ShadowStackId), &'static str> {
     let ssp = cet::rdssp();
-    let Some(stack) = shadow_stack_at(ssp, this_cpu().index) else {
+    let Some(stack) = mm::shadow_stack_at(ssp) else {
         return Err("SSP is not on a shadow stack of the static layout");
     };
     let cs = kernel_cs();
@@ -477,7 +459,7 @@ fn find_marker(f: ShadowFrame, fstack: ShadowStackId) -> Result<Option<Marker>, 
     let lip = cet::read_slot(f.lip_slot());
     let cs = kernel_cs();
     let marker = core::ptr::addr_of!(sc_try_marker) as u64;
-    let Some(stack) = shadow_stack_at(prev, fstack.cpu).filter(|s| s.cpu == fstack.cpu) else {
+    let Some(stack) = mm::shadow_stack_at(prev).filter(|s| s.cpu == fstack.cpu) else {
         return Err("the frame's previous SSP is not on this CPU's shadow stacks");
     };
     if !prev.is_multiple_of(SLOT) {

@@ -811,9 +811,12 @@ struct RecordPages([Page; MAX_CPUS]);
 #[export_name = "sc_tramp_records"]
 static TRAMP_RECORDS: Shared<RecordPages> = Shared(UnsafeCell::new(RecordPages([const { Page([0; 4096]) }; MAX_CPUS])));
 
-/// One page per CPU where an NMI or #MC that interrupted a #BP exit keeps
-/// the interrupted registers (shadowcall::emul::save), mapped as shadow-stack
-/// memory like the record pages: only WRSS writes it.
+/// One page per CPU where an NMI or #MC that interrupted a critical region
+/// (asm/entry.S) keeps the interrupted registers, mapped as shadow-stack
+/// memory like the record pages: only WRSS writes it. Each of the two
+/// vectors has its own area on the page (`SAVE_AREA_NMI`, `SAVE_AREA_MC`;
+/// the layout of an area is shadowcall::emul::save), so a #MC nested in the
+/// NMI path, or an NMI in the #MC path, never touches the outer one's save.
 #[export_name = "sc_irq_save_pages"]
 static IRQ_SAVE_PAGES: Shared<RecordPages> =
     Shared(UnsafeCell::new(RecordPages([const { Page([0; 4096]) }; MAX_CPUS])));
@@ -822,6 +825,15 @@ static IRQ_SAVE_PAGES: Shared<RecordPages> =
 pub fn irq_save_page(cpu: usize) -> u64 {
     addr_of!(*IRQ_SAVE_PAGES.0.get()) as u64 + cpu as u64 * PAGE_SIZE
 }
+
+/// Bytes of one vector's area on a save page.
+pub const SAVE_AREA_SIZE: u64 = 256;
+/// The NMI's area on a save page (offset from the page).
+pub const SAVE_AREA_NMI: u64 = 0;
+/// The #MC's area on a save page.
+pub const SAVE_AREA_MC: u64 = SAVE_AREA_SIZE;
+const _: () = assert!(shadowcall::emul::save::BOUND + shstk::SLOT <= SAVE_AREA_SIZE);
+const _: () = assert!(SAVE_AREA_MC + SAVE_AREA_SIZE <= PAGE_SIZE);
 
 fn tramp_records_base() -> u64 {
     addr_of!(*TRAMP_RECORDS.0.get()) as u64
@@ -850,16 +862,39 @@ pub fn tramp_record_page_of_cpu(cpu: usize) -> u64 {
     tramp_records_base() + cpu as u64 * PAGE_SIZE
 }
 
-/// Do the `n` slots at `addr` lie in the same shadow stack as `anchor`
-/// (a CPU's primary or one of its IST shadow stacks)? From the static
-/// layout only: nothing here is read from writable memory.
-pub fn same_shadow_stack(anchor: u64, addr: u64, n: u64) -> bool {
-    let Some(cpu) = cpu_of_stack_addr(anchor) else { return false };
-    let stacks = core::iter::once(primary_shadow_stack(cpu)).chain((1..=IST_COUNT).map(|i| ist_shadow_stack(cpu, i)));
-    for b in stacks {
-        if anchor >= b.lo && anchor < b.hi {
-            return b.holds_slots(addr, n);
+/// One shadow stack of the static stack layout: CPU `cpu`'s primary stack
+/// (`ist` = 0) or its stack for IST `ist`.
+#[derive(Clone, Copy, Debug)]
+pub struct ShadowStackId {
+    pub cpu: usize,
+    pub ist: usize,
+    pub bounds: StackBounds,
+}
+
+impl ShadowStackId {
+    pub fn of(cpu: usize, ist: usize) -> Self {
+        let bounds = if ist == 0 { primary_shadow_stack(cpu) } else { ist_shadow_stack(cpu, ist) };
+        ShadowStackId { cpu, ist, bounds }
+    }
+    /// The normal stack used together with this shadow stack.
+    pub fn normal(self) -> StackBounds {
+        if self.ist == 0 {
+            kernel_stack(self.cpu)
+        } else {
+            ist_stack(self.cpu, self.ist)
         }
     }
-    false
+}
+
+/// The shadow stack holding `addr`, from the static layout only: nothing
+/// here is read from writable memory.
+pub fn shadow_stack_at(addr: u64) -> Option<ShadowStackId> {
+    let cpu = cpu_of_stack_addr(addr)?;
+    (0..=IST_COUNT).map(|ist| ShadowStackId::of(cpu, ist)).find(|s| addr >= s.bounds.lo && addr < s.bounds.hi)
+}
+
+/// Do the `n` slots at `addr` lie in the same shadow stack as `anchor`
+/// (a CPU's primary or one of its IST shadow stacks)? Static layout only.
+pub fn same_shadow_stack(anchor: u64, addr: u64, n: u64) -> bool {
+    shadow_stack_at(anchor).is_some_and(|s| s.bounds.holds_slots(addr, n))
 }

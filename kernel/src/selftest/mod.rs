@@ -7,6 +7,7 @@ pub mod cet_tests;
 pub mod emul_tests;
 pub mod nmi_tests;
 pub mod sec_alias;
+pub mod sec_nested;
 pub mod sec_recover;
 pub mod sec_tests;
 pub mod site_tests;
@@ -200,6 +201,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("nmi_bp_keeps_nmi_masked", nmi_tests::nmi_bp_keeps_nmi_masked),
     ("nmi_storm", nmi_tests::nmi_storm),
     ("sec_poke_nmi_abort", nmi_tests::sec_poke_nmi_abort),
+    ("sec_nested_save", sec_nested::sec_nested_save),
 ];
 
 /// Run every test and print the report. True when none failed.

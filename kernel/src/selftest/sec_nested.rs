@@ -1,0 +1,177 @@
+//! `sec_nested_save` (issue 8, the fourth review's nested NMI/#MC finding):
+//! an NMI (or #MC) taken inside a critical region saves the interrupted
+//! registers in its area of this CPU's save page; a #MC nested inside that
+//! NMI's path (or an NMI inside the #MC's path) — while it saves them, or
+//! while its exit gives them back — has a trap frame whose saved registers an
+//! attacker forges. The nested handler must give the outer path its own
+//! registers back from the nested vector's own save area (asm/entry.S,
+//! DESIGN §11), so the interrupted code gets exactly its registers.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+use shadowcall_support::ktap::Outcome;
+
+use super::cet_tests::skip_without_shstk;
+use crate::interrupts::{VEC_MC, VEC_NMI};
+use crate::percpu::this_cpu;
+use crate::{cet, mm, BootState};
+
+/// Where the NMI path raises its software #MC (asm/entry.S
+/// `NESTED_TEST_HOOK`); 0: nowhere. At the stub's entry:
+pub const NESTED_AT_ENTRY: u8 = 1;
+/// In the middle of the NMI's save (RBX..R8 stored, R9..R15 not yet).
+pub const NESTED_IN_SAVE: u8 = 2;
+/// In the middle of the NMI exit's restore (R15..R8 loaded, the rest not yet).
+pub const NESTED_IN_RESTORE: u8 = 3;
+/// Added to a point: the #MC path raises a software NMI there instead.
+pub const NESTED_MC_OUTER: u8 = 3;
+/// `sc_t_nested_probe` loads `NESTED_PATTERN + i` into GPR i.
+pub const NESTED_PATTERN: u64 = 0x5ca1_ab1e_0000_0000;
+/// The nested handler forges GPR i of its trap frame to `FORGED + i`.
+const FORGED: u64 = 0x0bad_f00d_0000_0000;
+
+const HOOKS: bool = cfg!(feature = "test-hooks");
+/// The probe's register order (its `out` array).
+const GPRS: [&str; 15] =
+    ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
+
+/// Read by the NMI/#MC paths' test hook: the point to raise the nested
+/// event at, once.
+#[no_mangle]
+pub static SC_T_NESTED: AtomicU8 = AtomicU8::new(0);
+/// The vector whose handler forges its frame, once (0: none).
+#[cfg(feature = "test-hooks")]
+static NESTED_VEC: AtomicU64 = AtomicU64::new(0);
+/// The probe's software #MC is the outer event: its handler just returns, once.
+#[cfg(feature = "test-hooks")]
+static OUTER_MC: AtomicU64 = AtomicU64::new(0);
+static NESTED_TAKEN: AtomicU64 = AtomicU64::new(0);
+static NESTED_RIP: AtomicU64 = AtomicU64::new(0);
+static OUTER_MC_TAKEN: AtomicU64 = AtomicU64::new(0);
+
+extern "C" {
+    static sc_isr_region_start: u8;
+    static sc_isr_region_end: u8;
+}
+
+#[cfg(feature = "test-hooks")]
+extern "C" {
+    fn sc_t_nested_probe(out: *mut [u64; 15], mc: u64);
+}
+
+#[cfg(feature = "test-hooks")]
+/// The frame's GPRs in the probe's order.
+fn gprs(f: &mut shadowcall::frame::TrapFrame) -> [&mut u64; 15] {
+    [
+        &mut f.rax, &mut f.rbx, &mut f.rcx, &mut f.rdx, &mut f.rsi, &mut f.rdi, &mut f.rbp, &mut f.r8, &mut f.r9,
+        &mut f.r10, &mut f.r11, &mut f.r12, &mut f.r13, &mut f.r14, &mut f.r15,
+    ]
+}
+
+/// An NMI or #MC (test-hooks builds, before the dispatcher's own handling).
+/// The nested event the test armed: forge every GPR of its trap frame, as an
+/// attacker who writes the IST stack would, and let it return. The probe's
+/// own software #MC (the outer event of the second direction): let it
+/// return. True: handled here; false: not the test's (a real NMI or #MC is
+/// handled as before).
+#[cfg(feature = "test-hooks")]
+pub fn nested_hook(frame: &mut shadowcall::frame::TrapFrame) -> bool {
+    let v = frame.vector;
+    if v != VEC_NMI && v != VEC_MC {
+        return false;
+    }
+    if NESTED_VEC.compare_exchange(v, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+        NESTED_RIP.store(frame.rip, Ordering::SeqCst);
+        for (i, r) in gprs(frame).into_iter().enumerate() {
+            *r = FORGED + i as u64;
+        }
+        NESTED_TAKEN.fetch_add(1, Ordering::SeqCst);
+        return true;
+    }
+    if v == VEC_MC && OUTER_MC.swap(0, Ordering::SeqCst) != 0 {
+        OUTER_MC_TAKEN.fetch_add(1, Ordering::SeqCst);
+        return true;
+    }
+    false
+}
+
+/// Run the probe once: the outer event `outer` (NMI or #MC) inside the
+/// region, the other vector nested in its path at `at`; the registers the
+/// probe got back.
+#[cfg(feature = "test-hooks")]
+fn probe(outer: u64, at: u8) -> [u64; 15] {
+    let mut out = [0u64; 15];
+    let (nested, point) = if outer == VEC_NMI { (VEC_MC, at) } else { (VEC_NMI, at + NESTED_MC_OUTER) };
+    NESTED_VEC.store(nested, Ordering::SeqCst);
+    OUTER_MC.store((outer == VEC_MC) as u64, Ordering::SeqCst);
+    SC_T_NESTED.store(point, Ordering::SeqCst);
+    // IF=0: no maskable interrupt may land in the critical region (its exit
+    // would stop the kernel: no save for it).
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        // SAFETY: asm probe (asm/entry.S): restores the callee-saved
+        // registers, writes only `out`.
+        unsafe { sc_t_nested_probe(&mut out, (outer == VEC_MC) as u64) };
+    });
+    SC_T_NESTED.store(0, Ordering::SeqCst);
+    OUTER_MC.store(0, Ordering::SeqCst);
+    NESTED_VEC.store(0, Ordering::SeqCst);
+    out
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn probe(_outer: u64, _at: u8) -> [u64; 15] {
+    [0; 15]
+}
+
+pub fn sec_nested_save(st: &BootState) -> Outcome<'static> {
+    if let Some(o) = skip_without_shstk(st) {
+        return o;
+    }
+    if !HOOKS {
+        return Outcome::Skip("needs the test-hooks build");
+    }
+    let mut errors: Vec<String> = Vec::new();
+    let c = this_cpu();
+    let region = core::ptr::addr_of!(sc_isr_region_start) as u64..core::ptr::addr_of!(sc_isr_region_end) as u64;
+    let points = [
+        (NESTED_AT_ENTRY, "at the stub's entry"),
+        (NESTED_IN_SAVE, "in the register save"),
+        (NESTED_IN_RESTORE, "in the exit's restore"),
+    ];
+    for (outer, inner) in [(VEC_NMI, "#MC in the NMI path"), (VEC_MC, "NMI in the #MC path")] {
+        for (at, point) in points {
+            let name = format!("{inner}, {point}");
+            let taken0 = NESTED_TAKEN.load(Ordering::SeqCst);
+            let outer0 = c.counters.nmis.load(Ordering::SeqCst) + OUTER_MC_TAKEN.load(Ordering::SeqCst);
+            let out = probe(outer, at);
+            let outer1 = c.counters.nmis.load(Ordering::SeqCst) + OUTER_MC_TAKEN.load(Ordering::SeqCst);
+            if outer1 == outer0 {
+                errors.push(format!("{name}: the probe's outer event was not taken"));
+            }
+            if NESTED_TAKEN.load(Ordering::SeqCst) != taken0 + 1 {
+                errors.push(format!("{name}: no nested event was taken: the test tested nothing"));
+                continue;
+            }
+            let rip = NESTED_RIP.load(Ordering::SeqCst);
+            if !region.contains(&rip) {
+                errors.push(format!("{name}: the nested event interrupted {rip:#x}, outside the outer path"));
+            }
+            for (i, (&got, reg)) in out.iter().zip(GPRS).enumerate() {
+                let want = NESTED_PATTERN + i as u64;
+                if got != want {
+                    let how = if got == FORGED + i as u64 { " (the forged value)" } else { "" };
+                    errors.push(format!("{name}: {reg} came back {got:#x}{how}, expected {want:#x}"));
+                }
+            }
+            for (area, vec) in [(mm::SAVE_AREA_NMI, "NMI"), (mm::SAVE_AREA_MC, "#MC")] {
+                if cet::read_slot(mm::irq_save_page(c.index) + area + shadowcall::emul::save::BOUND) != 0 {
+                    errors.push(format!("{name}: the {vec} save was left bound"));
+                }
+            }
+        }
+    }
+    super::outcome_of(&errors)
+}
