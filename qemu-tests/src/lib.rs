@@ -17,6 +17,7 @@ use std::sync::{OnceLock, RwLock};
 pub mod harness;
 
 use xtask::example::Example;
+use xtask::kernel::Build;
 use xtask::ktap::Status;
 use xtask::{CetMode, Echo, EmulStrategy, Machine, Policy, RunOptions, RunOutcome};
 
@@ -31,6 +32,47 @@ pub fn kernel() -> PathBuf {
         Ok(path) => path.clone(),
         Err(e) => panic!("kernel build failed: {e}"),
     }
+}
+
+/// The production kernel (`--no-default-features`: no test hook compiled
+/// in), built on first use.
+pub fn production_kernel() -> PathBuf {
+    static KERNEL: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let build = || xtask::kernel::build_kernel_of(Policy::ReportOnly, Build::Production).map_err(|e| e.to_string());
+    match KERNEL.get_or_init(build) {
+        Ok(path) => path.clone(),
+        Err(e) => panic!("production kernel build failed: {e}"),
+    }
+}
+
+/// The skip reason of a self-test that needs the test-hooks build.
+pub const NEEDS_HOOKS: &str = "needs the test-hooks build";
+
+/// The production build passed: it says it is one, every test that needs no
+/// hook ran (ok, or skipped for a reason other than the hooks: the CPU or
+/// the CPU count), and the hook tests skipped, at least `min_hook_skips`.
+pub fn assert_production_passes(outcome: &RunOutcome, path: &str, min_hook_skips: usize) -> String {
+    let ctx = || outcome.describe();
+    assert_passes_with_path(outcome, path);
+    assert!(
+        outcome.report.has_diagnostic_containing("build: production (test hooks compiled out)"),
+        "the kernel booted is not the production build:\n{}",
+        ctx()
+    );
+    let hook_skips: Vec<&str> = outcome
+        .report
+        .results
+        .iter()
+        .filter(|r| matches!(&r.status, Status::Skip(why) if why.contains(NEEDS_HOOKS)))
+        .map(|r| r.name.as_str())
+        .collect();
+    assert!(
+        hook_skips.len() >= min_hook_skips,
+        "expected at least {min_hook_skips} tests skipped for the hooks, got {hook_skips:?}:\n{}",
+        ctx()
+    );
+    let ok = outcome.report.results.iter().filter(|r| r.status == Status::Ok).count();
+    format!("{ok} ok; without hooks: {}", hook_skips.join(", "))
 }
 
 /// Options for booting the prebuilt kernel on `machine`.

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use qemu_tests::harness::{self, Coverage, Entry};
 use qemu_tests::{
-    assert_classic_fails_with_cp, assert_cmdline_rejected, assert_example_passes, assert_passes_with_path, assert_smp,
-    boot, boot_needing_host_cpus, example_options, options, options_with, show,
+    assert_classic_fails_with_cp, assert_cmdline_rejected, assert_example_passes, assert_passes_with_path,
+    assert_production_passes, assert_smp, boot, boot_needing_host_cpus, example_options, options, options_with,
+    production_kernel, show,
 };
 use xtask::example::MINIMAL;
 use xtask::{CetMode, EmulStrategy, Machine};
@@ -54,6 +55,16 @@ const MATRIX: &[Entry] = &[
         let outcome = boot(&opts);
         let summary = assert_smp(&outcome, 2, "path=cet-", true);
         show(&format!("SMP bochs --smp 2: {summary}"));
+        Coverage::Covered
+    }),
+    // The production build (test hooks compiled out) on two CPUs with CET:
+    // every self-test that needs no hook runs and passes.
+    entry("bochs_smp2_production", Machine::Bochs, None, None, || {
+        let mut opts = options(Machine::Bochs);
+        opts.kernel = Some(production_kernel());
+        opts.smp = 2;
+        let summary = assert_production_passes(&boot(&opts), "path=cet-shadowgap", 5);
+        show(&format!("production bochs --smp 2: {summary}"));
         Coverage::Covered
     }),
     // CET on, default strategy: the one-trap shadow gap.

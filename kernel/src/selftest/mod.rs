@@ -220,6 +220,14 @@ pub fn run_all(st: &BootState) -> bool {
     if let Err(e) = &init {
         crate::diag!("FAIL: trampoline emission: {e}");
     }
+    crate::diag!(
+        "build: {}",
+        if cfg!(feature = "test-hooks") {
+            "self-test (test hooks compiled in)"
+        } else {
+            "production (test hooks compiled out)"
+        }
+    );
     let path = if cet::active() { "cet" } else { "fallback" };
     crate::diag!(
         "shadowcall: path={path}-{} cpu={} cet_ss={} cmdline='{}'",
