@@ -11,6 +11,7 @@ extern crate alloc;
 
 pub mod emul;
 pub mod frame;
+pub mod insn;
 pub mod patch;
 pub mod shstk;
 pub mod tramp;
