@@ -551,7 +551,8 @@ mod tests {
 
     /// Every 5-byte sequence of the opcode bytes of interest (call, jmp, ret,
     /// int3, the 0F escape, the NOP prefixes) with 100 000 random tails each,
-    /// and every first two bytes with random tails: `classify` accepts
+    /// every one-byte change of each accepted form, and every first two
+    /// bytes with random tails: `classify` accepts
     /// exactly what iced-x86 does, with the same kind and target; the
     /// lengths of rejected instructions agree.
     #[test]
@@ -569,6 +570,26 @@ mod tests {
                 }
                 d.check(&b[..5], IP);
                 d.check(&b, rng.next());
+            }
+        }
+        // Every one-byte change of each accepted form (every position, every
+        // value), and of the forms with one more byte in front.
+        let forms: [[u8; 5]; 4] = [
+            [OPC_RET, OPC_INT3, OPC_INT3, OPC_INT3, OPC_INT3],
+            crate::patch::NOP5,
+            [OPC_CALL_REL32, 0x78, 0x56, 0x34, 0x12],
+            [OPC_JMP_REL32, 0x88, 0xa9, 0xcb, 0xed],
+        ];
+        for form in forms {
+            for pos in 0..form.len() {
+                for v in ALL {
+                    let mut m = form;
+                    m[pos] = v;
+                    d.check(&m, IP);
+                    let mut front = [v, 0, 0, 0, 0];
+                    front[1..].copy_from_slice(&form[..4]);
+                    d.check(&front, IP);
+                }
             }
         }
         // Extreme displacements: the target wraps as the CPU computes it.
