@@ -13,6 +13,7 @@ extern crate alloc;
 pub mod cet;
 pub mod emul;
 pub mod frame;
+pub mod insn;
 pub mod patch;
 pub mod shstk;
 pub mod site;

@@ -1,4 +1,4 @@
-//! Patch batches: validation of patch sites with iced-x86, encoding of the
+//! Patch batches: validation of patch sites (the fixed forms of [`crate::insn`]), encoding of the
 //! new instructions, and the sorted table the #BP handler searches.
 //!
 //! A batch is a set of `(site, new instruction)` pairs. Each site must be a
@@ -19,7 +19,7 @@ use alloc::borrow::Cow;
 use alloc::vec::Vec;
 use core::fmt;
 
-use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic};
+use crate::insn;
 
 /// Length of every patch site.
 pub const SITE_LEN: usize = 5;
@@ -81,21 +81,28 @@ pub enum SiteKind {
 }
 
 /// Decode the instruction at the start of `bytes` (at address `ip`) and say
-/// whether it is a patchable 5-byte instruction.
+/// whether it is a patchable 5-byte instruction: exactly `call rel32`,
+/// `jmp rel32`, a 5-byte `nop r/m32` or `ret` padded with int3 (the forms of
+/// [`crate::insn`]). Anything else is `UnsupportedInstruction` if it is an
+/// instruction ([`insn::insn_len`]), else `Undecodable`.
 pub fn classify(bytes: &[u8], ip: u64) -> Result<SiteKind, PatchError> {
-    let mut d = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
-    let insn = d.decode();
-    if insn.is_invalid() {
-        return Err(PatchError::Undecodable { site: ip });
+    if let Some(b) = insn::rel32_branch(bytes, ip) {
+        return Ok(match b.kind {
+            insn::BranchKind::Call => SiteKind::Call(b.target),
+            insn::BranchKind::Jmp => SiteKind::Jmp(b.target),
+        });
     }
-    let unsupported = PatchError::UnsupportedInstruction { site: ip, mnemonic: insn.mnemonic(), len: insn.len() };
-    match insn.code() {
-        Code::Call_rel32_64 if insn.len() == SITE_LEN => Ok(SiteKind::Call(insn.near_branch_target())),
-        Code::Jmp_rel32_64 if insn.len() == SITE_LEN => Ok(SiteKind::Jmp(insn.near_branch_target())),
-        Code::Nop_rm32 if insn.len() == SITE_LEN => Ok(SiteKind::Nop),
-        Code::Retnq if bytes.len() >= SITE_LEN && bytes[1..SITE_LEN].iter().all(|&b| b == INT3) => Ok(SiteKind::Ret),
-        _ => Err(unsupported),
+    if insn::is_nop5(bytes) {
+        return Ok(SiteKind::Nop);
     }
+    if insn::is_padded_ret(bytes) {
+        return Ok(SiteKind::Ret);
+    }
+    let len = insn::insn_len(bytes).ok_or(PatchError::Undecodable { site: ip })?;
+    let mut first = [0; SITE_LEN];
+    let n = bytes.len().min(SITE_LEN);
+    first[..n].copy_from_slice(&bytes[..n]);
+    Err(PatchError::UnsupportedInstruction { site: ip, bytes: first, len })
 }
 
 /// Why a batch was rejected. Each kind of bad input has its own variant.
@@ -125,9 +132,11 @@ pub enum PatchError {
     Undecodable {
         site: u64,
     },
+    /// An instruction of another kind: its first bytes (zero-padded if
+    /// fewer) and its length.
     UnsupportedInstruction {
         site: u64,
-        mnemonic: Mnemonic,
+        bytes: [u8; SITE_LEN],
         len: usize,
     },
     TargetOutOfRange {
@@ -200,9 +209,9 @@ impl fmt::Display for PatchError {
             }
             UnknownSite { site } => write!(f, "site {site:#x} is not a registered patch site"),
             Undecodable { site } => write!(f, "site {site:#x}: the bytes there do not decode"),
-            UnsupportedInstruction { site, mnemonic, len } => write!(
+            UnsupportedInstruction { site, bytes, len } => write!(
                 f,
-                "site {site:#x} holds {mnemonic:?} ({len} bytes); only 5-byte call/jmp rel32, nop5 and padded ret can be patched"
+                "site {site:#x} holds a {len}-byte instruction {bytes:02x?}; only 5-byte call/jmp rel32, nop5 and padded ret can be patched"
             ),
             TargetOutOfRange { site, target } => {
                 write!(f, "site {site:#x}: target {target:#x} is out of rel32 range")
@@ -938,8 +947,7 @@ fn check_target(text: &Text<'_>, registry: &Registry<'_>, site: u64, target: u64
     if let Some(&start) = i.checked_sub(1).map(|j| &targets[j]) {
         if text.contains(start) {
             let off = (start - text.base) as usize;
-            let insn = Decoder::with_ip(64, &text.bytes[off..], start, DecoderOptions::NONE).decode();
-            if !insn.is_invalid() && target < start + insn.len() as u64 {
+            if matches!(insn::insn_len(&text.bytes[off..]), Some(len) if target < start + len as u64) {
                 return Err(PatchError::TargetMidInstruction { site, target, insn_start: start });
             }
         }

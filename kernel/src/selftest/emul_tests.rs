@@ -9,9 +9,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 
-use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 use shadowcall::emul::{GuardError, PendingCall, StackKind};
 use shadowcall::frame::RFLAGS_IF;
+use shadowcall::insn::{self, BranchKind};
 use shadowcall::patch::{build_batch, CodeRegion, NewInsn, PatchError, Registry, SITE_LEN};
 use shadowcall::shstk::CpError;
 use shadowcall::tramp;
@@ -402,16 +402,22 @@ pub fn trampoline_disp_nonzero(_st: &BootState) -> Outcome<'static> {
     };
     let bytes = patching::tramp_bytes(l);
     diag!("trampoline at {:#x}: {:02x?}", l.base, bytes);
-    // Decode what is in text, independently of the emitter's own check.
-    let mut d = Decoder::with_ip(64, bytes, l.base, DecoderOptions::NONE);
+    // Decode what is in text linearly, independently of the emitter's own
+    // check (which follows the control flow).
     let mut calls = 0;
-    for insn in &mut d {
-        if insn.mnemonic() == Mnemonic::Call {
+    let mut off = 0;
+    while off < bytes.len() {
+        let ip = l.base + off as u64;
+        let Some(len) = insn::insn_len(&bytes[off..]) else {
+            diag!("FAIL: no instruction at {ip:#x}");
+            return Outcome::Fail;
+        };
+        if let Some(call) = insn::rel32_branch(&bytes[off..], ip).filter(|b| b.kind == BranchKind::Call) {
             calls += 1;
-            let disp = insn.near_branch_target().wrapping_sub(insn.next_ip()) as i64;
-            diag!("call at {:#x} -> {:#x}: displacement {disp}", insn.ip(), insn.near_branch_target());
-            check!(disp != 0, "call at {:#x} has displacement 0", insn.ip());
+            diag!("call at {ip:#x} -> {:#x}: displacement {}", call.target, call.disp);
+            check!(call.disp != 0, "call at {ip:#x} has displacement 0");
         }
+        off += len;
     }
     check!(calls == 2, "found {calls} calls, expected 2");
     check!(tramp::verify(bytes, l).is_ok(), "trampoline shape check failed");
@@ -431,11 +437,9 @@ pub fn zero_disp_call_shadow(st: &BootState) -> Outcome<'static> {
     }
     let at = addr!(sc_t_zero_disp_call_insn);
     // SAFETY: readable text.
-    let insn =
-        Decoder::with_ip(64, unsafe { core::slice::from_raw_parts(at as *const u8, 16) }, at, DecoderOptions::NONE)
-            .decode();
+    let probe = unsafe { core::slice::from_raw_parts(at as *const u8, insn::REL32_LEN) };
     check!(
-        insn.mnemonic() == Mnemonic::Call && insn.near_branch_target() == insn.next_ip(),
+        matches!(insn::rel32_branch(probe, at), Some(c) if c.kind == BranchKind::Call && c.target == c.next_ip),
         "the probe is not a call to the next instruction"
     );
     // SAFETY: asm probes that leave both stacks balanced.
