@@ -19,6 +19,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use linked_list_allocator::LockedHeap;
 use shadowcall::patch::{self, Registry, SiteKind, SITE_LEN};
+use shadowcall::site::SiteFn;
 use x86_64::instructions::port::Port;
 use x86_64::instructions::tlb;
 
@@ -29,8 +30,8 @@ const MB2_BOOTLOADER_MAGIC: u32 = 0x36d7_6289;
 const STACK_SIZE: usize = 64 * 1024;
 /// The boot page tables map 4 KiB pages.
 const PAGE_SHIFT: u64 = 12;
-/// The iced-x86 decoder tables alone take about 370 KiB.
-const HEAP_SIZE: usize = 1024 * 1024;
+/// The GDT, TSS and IDT, and the diagnostics' strings.
+const HEAP_SIZE: usize = 64 * 1024;
 /// QEMU's isa-debug-exit port (the runner adds the device); Bochs ignores it.
 const QEMU_EXIT_PORT: u16 = 0xf4;
 /// The line the runner waits for (xtask::ktap::END_MARKER).
@@ -39,7 +40,6 @@ const END_MARKER: &str = "# shadowcall: end of report";
 core::arch::global_asm!(
     include_str!("../asm/boot.S"),
     include_str!("../asm/cet.S"),
-    include_str!("../asm/site.S"),
     KERNEL_VMA = const KERNEL_VMA,
     STACK_SIZE = const STACK_SIZE,
     FAULT_VECTORS = const cpu::FAULT_VECTORS,
@@ -51,20 +51,27 @@ extern "C" {
     static mut boot_pml4: [u64; 512];
     static mut boot_pt: [u64; 1024];
     static boot_stack_top: u8;
-    static __sites_start: u64;
-    static __sites_end: u64;
-    static __targets_start: u64;
-    static __targets_end: u64;
-    fn example_site_fn();
-    static example_site: u8;
-    static example_target_a: u8;
+    static mut __sites_start: u64;
+    static mut __sites_end: u64;
+    static mut __targets_start: u64;
+    static mut __targets_end: u64;
 }
 
-/// Calls of the patch targets (asm/site.S increments them).
-#[no_mangle]
-static EXAMPLE_CALLS_A: AtomicU64 = AtomicU64::new(0);
-#[no_mangle]
-static EXAMPLE_CALLS_B: AtomicU64 = AtomicU64::new(0);
+/// Calls of the patch targets.
+static CALLS_A: AtomicU64 = AtomicU64::new(0);
+static CALLS_B: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn target_a() -> u64 {
+    CALLS_A.fetch_add(1, Ordering::Relaxed) + 1
+}
+extern "C" fn target_b() -> u64 {
+    CALLS_B.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+shadowcall::patch_site! {
+    /// The example's patch site: calls `target_a`, may be pointed at `target_b`.
+    static SITE: extern "C" fn() -> u64 = target_a, [target_b];
+}
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -82,6 +89,12 @@ pub fn boot_pte(vaddr: u64) -> *mut u64 {
 #[no_mangle]
 extern "C" fn kmain(magic: u32, _boot_info: u64) -> ! {
     console::init();
+    // SAFETY: the linker brackets the two tables; nothing else runs yet and
+    // the image is writable (this example does not map .rodata read-only).
+    unsafe {
+        shadowcall::site::sort_table(addr_of_mut!(__sites_start), addr_of_mut!(__sites_end));
+        shadowcall::site::sort_table(addr_of_mut!(__targets_start), addr_of_mut!(__targets_end));
+    }
     // SAFETY: the heap space is handed to the allocator once and used by nothing else.
     unsafe { HEAP.lock().init(addr_of_mut!(HEAP_SPACE).cast(), HEAP_SIZE) };
     cpu::init();
@@ -164,8 +177,8 @@ fn test_call_site() -> Verdict {
             table(addr_of!(__targets_start), addr_of!(__targets_end)),
         )
     };
-    let site = addr_of!(example_site) as u64;
-    let target = addr_of!(example_target_a) as u64;
+    let site = SITE.addr();
+    let target = SITE.default_target().addr();
     let registry = Registry::new(sites, targets, &[]);
     if !registry.is_site(site) || !registry.is_target(target) {
         return Verdict::Fail(format!("site {site:#x} or target {target:#x} is not registered"));
@@ -176,10 +189,12 @@ fn test_call_site() -> Verdict {
         Ok(SiteKind::Call(t)) if t == target => {}
         other => return Verdict::Fail(format!("site {site:#x} holds {other:x?}, not a call to {target:#x}")),
     }
-    let before = EXAMPLE_CALLS_A.load(Ordering::Relaxed);
-    // SAFETY: an asm function that calls the target and returns.
-    unsafe { example_site_fn() };
-    let calls = EXAMPLE_CALLS_A.load(Ordering::Relaxed) - before;
+    let before = CALLS_A.load(Ordering::Relaxed);
+    let returned = SITE.get()();
+    let calls = CALLS_A.load(Ordering::Relaxed) - before;
+    if returned != CALLS_A.load(Ordering::Relaxed) || CALLS_B.load(Ordering::Relaxed) != 0 {
+        return Verdict::Fail(format!("the call through the site returned {returned}, not target_a's count"));
+    }
     if calls != 1 {
         return Verdict::Fail(format!("the call through the site ran the target {calls} times, not once"));
     }
