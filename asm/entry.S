@@ -316,16 +316,39 @@ sc_bpx_plain:
 .endm
 
 /* r10 := the entry in RDX after checking it: one of the live batch's
- * entries (sealed.S LIVE_ENTRY), kind \kind, site + 1 == LIP. */
+ * entries (sealed.S LIVE_ENTRY), kind \kind, site + 1 == LIP, and what the
+ * read-only tables allow (sealed.S CHECKED_ENTRY). rdi := this CPU's record
+ * page, whose in-exit count is raised (WRSS) before the batch is looked at
+ * and stays raised until the exit's last read of the entry (BPX_LEAVE; a
+ * refusal after this point goes through sc_bpx_refuse_entry): the sealed
+ * area is not rewritten meanwhile (poke.S sc_poke_sealed, DESIGN §8.2). */
 .macro BPX_ENTRY kind
-    LIVE_ENTRY %rdx, sc_bpx_refuse
     movq %rdx, %r10
+    BPX_RECORD_PAGE
+    movq {IN_EXIT}(%rdi), %rax
+    incq %rax
+    wrssq %rax, {IN_EXIT}(%rdi)
+    /* The raised count is visible to every CPU before this CPU reads the
+     * magic word (a store then a load: Dekker with sc_poke_sealed). */
+    mfence
+    LIVE_ENTRY %r10, sc_bpx_refuse_entry
     cmpq $\kind, {ENTRY_KIND}(%r10)
-    jne sc_bpx_refuse
+    jne sc_bpx_refuse_entry
     movq {ENTRY_SITE}(%r10), %rax
     incq %rax
     cmpq %rax, %r9
-    jne sc_bpx_refuse
+    jne sc_bpx_refuse_entry
+    CHECKED_ENTRY %r10, sc_bpx_refuse_entry
+.endm
+
+/* The exit has read the entry for the last time: lower this CPU's in-exit
+ * count (rdi: the record page, or a record on it). The loads before stay
+ * before this store (x86 keeps loads ordered before later stores). */
+.macro BPX_LEAVE
+    andq $-{RECORD_PAGE_SIZE}, %rdi
+    movq {IN_EXIT}(%rdi), %rax
+    decq %rax
+    wrssq %rax, {IN_EXIT}(%rdi)
 .endm
 
 /* The interrupted SSP must be right above the frame (#BP has no IST). */
@@ -334,13 +357,19 @@ sc_bpx_plain:
     cmpq %r11, (%r8)
     jne sc_bpx_refuse
 .endm
+/* The same, between BPX_ENTRY and BPX_LEAVE. */
+.macro BPX_SAME_STACK_ENTRY
+    leaq 24(%r8), %r11
+    cmpq %r11, (%r8)
+    jne sc_bpx_refuse_entry
+.endm
 
 /* rdi := this CPU's trampoline-record page: the CPU whose stack area holds
  * F (static layout arithmetic, no per-CPU data). Clobbers rax, rcx, rdx. */
 .macro BPX_RECORD_PAGE
     movq %r8, %rax
     STACK_CPU sc_bpx_refuse
-    shlq $12, %rax
+    shlq ${RECORD_PAGE_SHIFT}, %rax
     leaq sc_tramp_records(%rip), %rdi
     addq %rax, %rdi
 .endm
@@ -356,8 +385,9 @@ sc_bpx_plain:
 sc_bpx_call_sg:
     BPX_FRAME
     BPX_ENTRY {KIND_CALL}
-    BPX_SAME_STACK
+    BPX_SAME_STACK_ENTRY
     movq {ENTRY_TARGET}(%r10), %rcx
+    BPX_LEAVE
     cmpq %rcx, {FRAME_RIP}(%rsp)
     jne sc_bpx_refuse
     leaq 4(%r9), %rax               /* S+5 = LIP+4 */
@@ -390,6 +420,7 @@ sc_bpx_classic:
     BPX_FRAME
     BPX_ENTRY {KIND_CALL}
 2:  movq {ENTRY_TARGET}(%r10), %rcx
+    BPX_LEAVE
     cmpq %rcx, {FRAME_RIP}(%rsp)
     jne sc_bpx_refuse
     wrssq %rcx, 8(%r8)
@@ -399,6 +430,7 @@ sc_bpx_classic:
 sc_bpx_nop:
     BPX_FRAME
     BPX_ENTRY {KIND_NOP}
+    BPX_LEAVE
     leaq 4(%r9), %rcx
     cmpq %rcx, {FRAME_RIP}(%rsp)
     jne sc_bpx_refuse
@@ -411,6 +443,7 @@ sc_bpx_nop:
 sc_bpx_ret:
     BPX_FRAME
     BPX_ENTRY {KIND_RET}
+    BPX_LEAVE
     BPX_SAME_STACK
     movq (%r11), %rcx
     cmpq %rcx, {FRAME_RIP}(%rsp)
@@ -429,11 +462,10 @@ sc_bpx_ret:
 sc_bpx_tramp1:
     BPX_FRAME
     BPX_ENTRY {KIND_CALL}
-    BPX_SAME_STACK
+    BPX_SAME_STACK_ENTRY
     leaq sc_tramp_page(%rip), %rax
     cmpq %rax, {FRAME_RIP}(%rsp)
-    jne sc_bpx_refuse
-    BPX_RECORD_PAGE
+    jne sc_bpx_refuse_entry
     leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rsi
 1:  movq {REC_SSP}(%rdi), %rax
     testq %rax, %rax
@@ -443,7 +475,7 @@ sc_bpx_tramp1:
     addq ${RECORD_SIZE}, %rdi
     cmpq %rsi, %rdi
     jb 1b
-    jmp sc_bpx_refuse
+    jmp sc_bpx_refuse_entry
 2:  wrssq %r11, {REC_SSP}(%rdi)
     movq {FRAME_RFLAGS}(%rsp), %rax
     shrq ${RFLAGS_IF_BIT}, %rax
@@ -454,6 +486,7 @@ sc_bpx_tramp1:
     wrssq %rax, {REC_SITE}(%rdi)
     movq {ENTRY_TARGET}(%r10), %rax
     wrssq %rax, {REC_TARGET}(%rdi)
+    BPX_LEAVE
     leaq sc_tramp_page(%rip), %rax
     wrssq %rax, 8(%r8)
     andq $~(1 << {RFLAGS_IF_BIT}), {FRAME_RFLAGS}(%rsp)
@@ -611,7 +644,11 @@ sc_bp_return_in_nmi:
     retq
 
 /* A check above failed: the frame or the state changed after the handler's
- * checks. Nothing was written; the handler reports it and refuses. */
+ * checks. Nothing was written; the handler reports it and refuses. After
+ * BPX_ENTRY raised the in-exit count (rdi: the record page or a record on
+ * it), it is lowered first. */
+sc_bpx_refuse_entry:
+    BPX_LEAVE
 sc_bpx_refuse:
     movq %rsp, %rdi
     movq %r8, %rsi                  /* F, from RDSSP */
@@ -675,4 +712,6 @@ sc_cet_enter:
 .popsection
 
 .purgem LIVE_ENTRY
+.purgem TABLE_HAS
+.purgem CHECKED_ENTRY
 .purgem STACK_CPU

@@ -6,7 +6,7 @@
  * magic word) and `ptr` indexes the entry array its read-only header
  * describes (aligned, index < len): no stale entry beyond it, no entry
  * forged elsewhere. Jumps to `fail` otherwise. Clobbers rax,
- * rcx, r10; `ptr` must be none of them. */
+ * rcx, rsi; `ptr` must be none of them. */
 .macro LIVE_ENTRY ptr, fail
     leaq __sealed_start+{SEALED_HEADER_SIZE}(%rip), %rax
     cmpq %rax, \ptr
@@ -18,14 +18,87 @@
     movabsq ${SEALED_LIVE}, %rcx
     cmpq %rcx, {SEALED_STATE}(%rax)
     jne \fail
-    movq \ptr, %r10
-    subq %rax, %r10
-    subq {SEALED_ENTRIES_OFF}(%rax), %r10
-    testq ${ENTRY_SIZE}-1, %r10
+    movq \ptr, %rsi
+    subq %rax, %rsi
+    subq {SEALED_ENTRIES_OFF}(%rax), %rsi
+    testq ${ENTRY_SIZE}-1, %rsi
     jnz \fail
-    shrq ${ENTRY_SHIFT}, %r10
-    cmpq {SEALED_LEN}(%rax), %r10
+    shrq ${ENTRY_SHIFT}, %rsi
+    cmpq {SEALED_LEN}(%rax), %rsi
     jae \fail
+.endm
+
+/* TABLE_HAS start, end, key, fail: is the register `key` one of the u64s of
+ * the read-only table [start, end) (linker symbols)? A binary search: the
+ * tables are sorted (checked at boot, patching::init). On an unsorted table
+ * it can only miss: it succeeds on an equal word, never otherwise, so the
+ * worst is a refusal. Jumps to `fail` when absent. Clobbers rax, rcx, rsi;
+ * `key` must be none of them. */
+.macro TABLE_HAS start, end, key, fail
+    leaq \start(%rip), %rax        /* lo: first candidate */
+    leaq \end(%rip), %rcx          /* hi: past the last candidate */
+.Lth_loop\@:
+    cmpq %rax, %rcx
+    jbe \fail
+    movq %rcx, %rsi
+    subq %rax, %rsi
+    shrq $4, %rsi
+    leaq (%rax,%rsi,8), %rsi        /* mid = lo + (hi - lo) / 2, a word */
+    cmpq \key, (%rsi)
+    je .Lth_found\@
+    jb .Lth_up\@
+    movq %rsi, %rcx                 /* [mid] > key: hi = mid */
+    jmp .Lth_loop\@
+.Lth_up\@:
+    leaq 8(%rsi), %rax              /* [mid] < key: lo = mid + 1 */
+    jmp .Lth_loop\@
+.Lth_found\@:
+.endm
+
+/* CHECKED_ENTRY ptr, fail: the entry `ptr` (after LIVE_ENTRY) against the
+ * read-only data alone, not against what `seal` concluded in ordinary
+ * memory (DESIGN §11): its site is in .shadowcall_sites; its kind is known;
+ * a call/jmp has its target in .shadowcall_targets and the bytes
+ * opcode | rel32 << 8 with rel32 = target - (site + 5) in 32 signed bits; a
+ * nop/ret has target 0 and the fixed bytes. Jumps to `fail` otherwise.
+ * Clobbers rax, rcx, rsi, r11; `ptr` must be none of them. */
+.macro CHECKED_ENTRY ptr, fail
+    movq {ENTRY_KIND}(\ptr), %rax
+    movabsq ${NOP5_WORD}, %rcx
+    cmpq ${KIND_NOP}, %rax
+    je .Lce_fixed\@
+    movabsq ${RET_WORD}, %rcx
+    cmpq ${KIND_RET}, %rax
+    je .Lce_fixed\@
+    movl ${OPC_CALL_REL32}, %ecx
+    cmpq ${KIND_CALL}, %rax
+    je .Lce_rel\@
+    movl ${OPC_JMP_REL32}, %ecx
+    cmpq ${KIND_JMP}, %rax
+    jne \fail
+.Lce_rel\@:
+    movq {ENTRY_TARGET}(\ptr), %rax
+    subq {ENTRY_SITE}(\ptr), %rax
+    subq ${SITE_LEN}, %rax          /* rel = target - (site + 5) */
+    movslq %eax, %rsi
+    cmpq %rsi, %rax
+    jne \fail                       /* not a rel32 */
+    movl %eax, %eax
+    shlq $8, %rax
+    orq %rax, %rcx
+    cmpq %rcx, {ENTRY_BYTES}(\ptr)
+    jne \fail
+    movq {ENTRY_TARGET}(\ptr), %r11
+    TABLE_HAS __targets_start, __targets_end, %r11, \fail
+    jmp .Lce_site\@
+.Lce_fixed\@:
+    cmpq $0, {ENTRY_TARGET}(\ptr)
+    jne \fail
+    cmpq %rcx, {ENTRY_BYTES}(\ptr)
+    jne \fail
+.Lce_site\@:
+    movq {ENTRY_SITE}(\ptr), %r11
+    TABLE_HAS __sites_start, __sites_end, %r11, \fail
 .endm
 
 /* STACK_CPU fail: rax (an address in the static stack area: an SSP, or an
