@@ -269,8 +269,9 @@ sc_isr_save_lost:
  * exit for that action, from values that come only from
  *   - the shadow stack, found with RDSSP (F, the frame's LIP at [F+8]),
  *   - read-only memory: the sealed batch entry in RDX (checked to lie in
- *     the sealed area, to be live, of the right kind, and for the site
- *     LIP-1), the trampoline's fixed addresses, this CPU's trampoline
+ *     the sealed area, to be live, of the right kind, for the site LIP-1,
+ *     and against the read-only site/target tables; each field read once),
+ *     the trampoline's fixed addresses, this CPU's trampoline
  *     records (a page mapped as shadow stack: only WRSS writes it),
  * and never from the trap frame or any other ordinary memory. Each action
  * also checks that the saved RIP is the value it derives (a frame changed
@@ -315,13 +316,14 @@ sc_bpx_plain:
     movq 8(%r8), %r9
 .endm
 
-/* r10 := the entry in RDX after checking it: one of the live batch's
- * entries (sealed.S LIVE_ENTRY), kind \kind, site + 1 == LIP, and what the
- * read-only tables allow (sealed.S CHECKED_ENTRY). rdi := this CPU's record
- * page, whose in-exit count is raised (WRSS) before the batch is looked at
- * and stays raised until the exit's last read of the entry (BPX_LEAVE; a
- * refusal after this point goes through sc_bpx_refuse_entry): the sealed
- * area is not rewritten meanwhile (poke.S sc_poke_sealed, DESIGN §8.2). */
+/* The entry in RDX, checked: one of the live batch's entries (sealed.S
+ * LIVE_ENTRY) and what the read-only tables allow (sealed.S CHECKED_ENTRY),
+ * of kind \kind, site + 1 == LIP. Its fields are read once: r12 := site,
+ * r13 := target (r14 kind, r15 bytes); the exit uses only these registers
+ * after. Meanwhile this CPU's in-exit count is raised (WRSS, on its record
+ * page: rdi := that page), from before the magic word is read to after the
+ * last read of the entry, so the sealed area is not rewritten in between
+ * (poke.S sc_poke_sealed; DESIGN §8.2). Clobbers rax, rcx, rdx, rsi, r10. */
 .macro BPX_ENTRY kind
     movq %rdx, %r10
     BPX_RECORD_PAGE
@@ -329,23 +331,22 @@ sc_bpx_plain:
     incq %rax
     wrssq %rax, {IN_EXIT}(%rdi)
     /* The raised count is visible to every CPU before this CPU reads the
-     * magic word (a store then a load: Dekker with sc_poke_sealed). */
+     * magic word (a store, then a load: Dekker with sc_poke_sealed). */
     mfence
     LIVE_ENTRY %r10, sc_bpx_refuse_entry
-    cmpq $\kind, {ENTRY_KIND}(%r10)
-    jne sc_bpx_refuse_entry
-    movq {ENTRY_SITE}(%r10), %rax
-    incq %rax
+    CHECKED_ENTRY %r10, %r12, %r13, %r14, %r15, sc_bpx_refuse_entry
+    BPX_LEAVE
+    cmpq $\kind, %r14
+    jne sc_bpx_refuse
+    leaq 1(%r12), %rax
     cmpq %rax, %r9
-    jne sc_bpx_refuse_entry
-    CHECKED_ENTRY %r10, sc_bpx_refuse_entry
+    jne sc_bpx_refuse
 .endm
 
 /* The exit has read the entry for the last time: lower this CPU's in-exit
- * count (rdi: the record page, or a record on it). The loads before stay
- * before this store (x86 keeps loads ordered before later stores). */
+ * count (rdi: its record page). The loads before stay before this store
+ * (x86 does not pass a load with a later store). */
 .macro BPX_LEAVE
-    andq $-{RECORD_PAGE_SIZE}, %rdi
     movq {IN_EXIT}(%rdi), %rax
     decq %rax
     wrssq %rax, {IN_EXIT}(%rdi)
@@ -356,12 +357,6 @@ sc_bpx_plain:
     leaq 24(%r8), %r11
     cmpq %r11, (%r8)
     jne sc_bpx_refuse
-.endm
-/* The same, between BPX_ENTRY and BPX_LEAVE. */
-.macro BPX_SAME_STACK_ENTRY
-    leaq 24(%r8), %r11
-    cmpq %r11, (%r8)
-    jne sc_bpx_refuse_entry
 .endm
 
 /* rdi := this CPU's trampoline-record page: the CPU whose stack area holds
@@ -385,9 +380,8 @@ sc_bpx_plain:
 sc_bpx_call_sg:
     BPX_FRAME
     BPX_ENTRY {KIND_CALL}
-    BPX_SAME_STACK_ENTRY
-    movq {ENTRY_TARGET}(%r10), %rcx
-    BPX_LEAVE
+    BPX_SAME_STACK
+    movq %r13, %rcx                 /* T */
     cmpq %rcx, {FRAME_RIP}(%rsp)
     jne sc_bpx_refuse
     leaq 4(%r9), %rax               /* S+5 = LIP+4 */
@@ -419,8 +413,7 @@ sc_bpx_jmp:
 sc_bpx_classic:
     BPX_FRAME
     BPX_ENTRY {KIND_CALL}
-2:  movq {ENTRY_TARGET}(%r10), %rcx
-    BPX_LEAVE
+2:  movq %r13, %rcx                 /* T */
     cmpq %rcx, {FRAME_RIP}(%rsp)
     jne sc_bpx_refuse
     wrssq %rcx, 8(%r8)
@@ -430,7 +423,6 @@ sc_bpx_classic:
 sc_bpx_nop:
     BPX_FRAME
     BPX_ENTRY {KIND_NOP}
-    BPX_LEAVE
     leaq 4(%r9), %rcx
     cmpq %rcx, {FRAME_RIP}(%rsp)
     jne sc_bpx_refuse
@@ -443,7 +435,6 @@ sc_bpx_nop:
 sc_bpx_ret:
     BPX_FRAME
     BPX_ENTRY {KIND_RET}
-    BPX_LEAVE
     BPX_SAME_STACK
     movq (%r11), %rcx
     cmpq %rcx, {FRAME_RIP}(%rsp)
@@ -462,10 +453,10 @@ sc_bpx_ret:
 sc_bpx_tramp1:
     BPX_FRAME
     BPX_ENTRY {KIND_CALL}
-    BPX_SAME_STACK_ENTRY
+    BPX_SAME_STACK
     leaq sc_tramp_page(%rip), %rax
     cmpq %rax, {FRAME_RIP}(%rsp)
-    jne sc_bpx_refuse_entry
+    jne sc_bpx_refuse
     leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rsi
 1:  movq {REC_SSP}(%rdi), %rax
     testq %rax, %rax
@@ -475,18 +466,15 @@ sc_bpx_tramp1:
     addq ${RECORD_SIZE}, %rdi
     cmpq %rsi, %rdi
     jb 1b
-    jmp sc_bpx_refuse_entry
+    jmp sc_bpx_refuse
 2:  wrssq %r11, {REC_SSP}(%rdi)
     movq {FRAME_RFLAGS}(%rsp), %rax
     shrq ${RFLAGS_IF_BIT}, %rax
     andl $1, %eax
     orq {FRAME_RSP}(%rsp), %rax
     wrssq %rax, {REC_RSP_IF}(%rdi)
-    movq {ENTRY_SITE}(%r10), %rax
-    wrssq %rax, {REC_SITE}(%rdi)
-    movq {ENTRY_TARGET}(%r10), %rax
-    wrssq %rax, {REC_TARGET}(%rdi)
-    BPX_LEAVE
+    wrssq %r12, {REC_SITE}(%rdi)
+    wrssq %r13, {REC_TARGET}(%rdi)
     leaq sc_tramp_page(%rip), %rax
     wrssq %rax, 8(%r8)
     andq $~(1 << {RFLAGS_IF_BIT}), {FRAME_RFLAGS}(%rsp)
@@ -644,9 +632,8 @@ sc_bp_return_in_nmi:
     retq
 
 /* A check above failed: the frame or the state changed after the handler's
- * checks. Nothing was written; the handler reports it and refuses. After
- * BPX_ENTRY raised the in-exit count (rdi: the record page or a record on
- * it), it is lowered first. */
+ * checks. Nothing was written; the handler reports it and refuses. Inside
+ * BPX_ENTRY (rdi: the record page), the in-exit count is lowered first. */
 sc_bpx_refuse_entry:
     BPX_LEAVE
 sc_bpx_refuse:

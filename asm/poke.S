@@ -67,13 +67,12 @@
 /* rdi = a sealed entry: it must be one of the live batch's entries (index <
  * len of the array the read-only header describes) and what the read-only
  * tables allow (sealed.S CHECKED_ENTRY: registered site and target, bytes
- * of its kind). r10 := site, r11 := its new bytes; the site and its 5 bytes
- * must lie in kernel text. */
+ * of its kind; each field read once, only those values used). r10 := site,
+ * r11 := its new bytes; the site and its 5 bytes must lie in kernel text.
+ * Clobbers rax, rcx, rsi, r8, r9. */
 .macro POKE_ENTRY
     LIVE_ENTRY %rdi, sc_poke_bad
-    CHECKED_ENTRY %rdi, sc_poke_bad
-    movq {ENTRY_SITE}(%rdi), %r10
-    movq {ENTRY_BYTES}(%rdi), %r11
+    CHECKED_ENTRY %rdi, %r10, %r9, %r8, %r11, sc_poke_bad
     leaq __text_start(%rip), %rax
     cmpq %rax, %r10
     jb sc_poke_bad

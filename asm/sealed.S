@@ -55,30 +55,37 @@
 .Lth_found\@:
 .endm
 
-/* CHECKED_ENTRY ptr, fail: the entry `ptr` (after LIVE_ENTRY) against the
- * read-only data alone, not against what `seal` concluded in ordinary
- * memory (DESIGN §11): its site is in .shadowcall_sites; its kind is known;
- * a call/jmp has its target in .shadowcall_targets and the bytes
- * opcode | rel32 << 8 with rel32 = target - (site + 5) in 32 signed bits; a
- * nop/ret has target 0 and the fixed bytes. Jumps to `fail` otherwise.
- * Clobbers rax, rcx, rsi, r11; `ptr` must be none of them. */
-.macro CHECKED_ENTRY ptr, fail
-    movq {ENTRY_KIND}(\ptr), %rax
+/* CHECKED_ENTRY ptr, site, target, kind, bytes, fail: read the entry
+ * `ptr` (after LIVE_ENTRY) once, each field into its register, and check
+ * those values against the read-only data alone, not against what `seal`
+ * concluded in ordinary memory (DESIGN §11): the site is in
+ * .shadowcall_sites; the kind is known; a call/jmp has its target in
+ * .shadowcall_targets and the bytes opcode | rel32 << 8 with
+ * rel32 = target - (site + 5) in 32 signed bits; a nop/ret has target 0 and
+ * the fixed bytes. The caller uses only these registers afterwards, never
+ * the entry again: what is checked is what is used, even if the sealed area
+ * changed meanwhile. Jumps to `fail` otherwise. Clobbers rax, rcx, rsi;
+ * `ptr` and the four outputs must be none of them, and distinct. */
+.macro CHECKED_ENTRY ptr, site, target, kind, bytes, fail
+    movq {ENTRY_SITE}(\ptr), \site
+    movq {ENTRY_TARGET}(\ptr), \target
+    movq {ENTRY_KIND}(\ptr), \kind
+    movq {ENTRY_BYTES}(\ptr), \bytes
     movabsq ${NOP5_WORD}, %rcx
-    cmpq ${KIND_NOP}, %rax
+    cmpq ${KIND_NOP}, \kind
     je .Lce_fixed\@
     movabsq ${RET_WORD}, %rcx
-    cmpq ${KIND_RET}, %rax
+    cmpq ${KIND_RET}, \kind
     je .Lce_fixed\@
     movl ${OPC_CALL_REL32}, %ecx
-    cmpq ${KIND_CALL}, %rax
+    cmpq ${KIND_CALL}, \kind
     je .Lce_rel\@
     movl ${OPC_JMP_REL32}, %ecx
-    cmpq ${KIND_JMP}, %rax
+    cmpq ${KIND_JMP}, \kind
     jne \fail
 .Lce_rel\@:
-    movq {ENTRY_TARGET}(\ptr), %rax
-    subq {ENTRY_SITE}(\ptr), %rax
+    movq \target, %rax
+    subq \site, %rax
     subq ${SITE_LEN}, %rax          /* rel = target - (site + 5) */
     movslq %eax, %rsi
     cmpq %rsi, %rax
@@ -86,19 +93,17 @@
     movl %eax, %eax
     shlq $8, %rax
     orq %rax, %rcx
-    cmpq %rcx, {ENTRY_BYTES}(\ptr)
+    cmpq %rcx, \bytes
     jne \fail
-    movq {ENTRY_TARGET}(\ptr), %r11
-    TABLE_HAS __targets_start, __targets_end, %r11, \fail
+    TABLE_HAS __targets_start, __targets_end, \target, \fail
     jmp .Lce_site\@
 .Lce_fixed\@:
-    cmpq $0, {ENTRY_TARGET}(\ptr)
-    jne \fail
-    cmpq %rcx, {ENTRY_BYTES}(\ptr)
+    testq \target, \target
+    jnz \fail
+    cmpq %rcx, \bytes
     jne \fail
 .Lce_site\@:
-    movq {ENTRY_SITE}(\ptr), %r11
-    TABLE_HAS __sites_start, __sites_end, %r11, \fail
+    TABLE_HAS __sites_start, __sites_end, \site, \fail
 .endm
 
 /* STACK_CPU fail: rax (an address in the static stack area: an SSP, or an

@@ -72,7 +72,6 @@ core::arch::global_asm!(
     NOP5_WORD = const shadowcall::patch::NOP5_WORD,
     RET_WORD = const shadowcall::patch::RET_WORD,
     IN_EXIT = const shadowcall::emul::record::IN_EXIT_WORD,
-    RECORD_PAGE_SIZE = const shadowcall::emul::record::RECORD_PAGE_SIZE,
     RECORD_PAGE_SHIFT = const shadowcall::emul::record::RECORD_PAGE_SIZE.trailing_zeros(),
     KIND_CALL = const shadowcall::patch::KIND_CALL,
     KIND_JMP = const shadowcall::patch::KIND_JMP,
