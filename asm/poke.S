@@ -69,7 +69,7 @@
  * tables allow (sealed.S CHECKED_ENTRY: registered site and target, bytes
  * of its kind; each field read once, only those values used). r10 := site,
  * r11 := its new bytes; the site and its 5 bytes must lie in kernel text.
- * Clobbers rax, rcx, rsi, r8, r9. */
+ * Clobbers rax, rcx, rdx, rsi, r8, r9. */
 .macro POKE_ENTRY
     LIVE_ENTRY %rdi, sc_poke_bad
     CHECKED_ENTRY %rdi, %r10, %r9, %r8, %r11, sc_poke_bad

@@ -29,30 +29,34 @@
 .endm
 
 /* TABLE_HAS start, end, key, fail: is the register `key` one of the u64s of
- * the read-only table [start, end) (linker symbols)? A binary search: the
- * tables are sorted (checked at boot, patching::init). On an unsorted table
- * it can only miss: it succeeds on an equal word, never otherwise, so the
- * worst is a refusal. Jumps to `fail` when absent. Clobbers rax, rcx, rsi;
- * `key` must be none of them. */
+ * the read-only table [start, end) (linker symbols)? A binary search of
+ * fixed length (ceil(log2 n) halvings, no early exit, one compare each): the
+ * last word <= key is kept in [base, base + n); at the end it must equal
+ * key. The tables are sorted at build time (xtask post-link step) and
+ * checked at boot (patching::init). On an unsorted table the search can
+ * only miss: it succeeds on an equal word, never otherwise, so the worst is
+ * a refusal. Jumps to `fail` when absent. Clobbers rax, rcx, rdx, rsi; `key`
+ * must be none of them. */
 .macro TABLE_HAS start, end, key, fail
-    leaq \start(%rip), %rax        /* lo: first candidate */
-    leaq \end(%rip), %rcx          /* hi: past the last candidate */
+    leaq \start(%rip), %rax        /* base */
+    leaq \end(%rip), %rcx
+    subq %rax, %rcx
+    shrq $3, %rcx                   /* n: words in [base, base + n) */
+    jz \fail
+    cmpq $1, %rcx
+    jbe .Lth_last\@
 .Lth_loop\@:
-    cmpq %rax, %rcx
-    jbe \fail
     movq %rcx, %rsi
-    subq %rax, %rsi
-    shrq $4, %rsi
-    leaq (%rax,%rsi,8), %rsi        /* mid = lo + (hi - lo) / 2, a word */
-    cmpq \key, (%rsi)
-    je .Lth_found\@
-    jb .Lth_up\@
-    movq %rsi, %rcx                 /* [mid] > key: hi = mid */
-    jmp .Lth_loop\@
-.Lth_up\@:
-    leaq 8(%rsi), %rax              /* [mid] < key: lo = mid + 1 */
-    jmp .Lth_loop\@
-.Lth_found\@:
+    shrq $1, %rsi                   /* half */
+    subq %rsi, %rcx                 /* n -= half */
+    leaq (%rax,%rsi,8), %rdx        /* base + half */
+    cmpq \key, (%rdx)
+    cmovbeq %rdx, %rax              /* [base + half] <= key: base += half */
+    cmpq $1, %rcx
+    ja .Lth_loop\@
+.Lth_last\@:
+    cmpq \key, (%rax)
+    jne \fail
 .endm
 
 /* CHECKED_ENTRY ptr, site, target, kind, bytes, fail: read the entry
@@ -64,8 +68,8 @@
  * rel32 = target - (site + 5) in 32 signed bits; a nop/ret has target 0 and
  * the fixed bytes. The caller uses only these registers afterwards, never
  * the entry again: what is checked is what is used, even if the sealed area
- * changed meanwhile. Jumps to `fail` otherwise. Clobbers rax, rcx, rsi;
- * `ptr` and the four outputs must be none of them, and distinct. */
+ * changed meanwhile. Jumps to `fail` otherwise. Clobbers rax, rcx, rdx,
+ * rsi; `ptr` and the four outputs must be none of them, and distinct. */
 .macro CHECKED_ENTRY ptr, site, target, kind, bytes, fail
     movq {ENTRY_SITE}(\ptr), \site
     movq {ENTRY_TARGET}(\ptr), \target
