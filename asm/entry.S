@@ -408,8 +408,9 @@ sc_isr_region_end:
  * exit for that action, from values that come only from
  *   - the shadow stack, found with RDSSP (F, the frame's LIP at [F+8]),
  *   - read-only memory: the sealed batch entry in RDX (checked to lie in
- *     the sealed area, to be live, of the right kind, and for the site
- *     LIP-1), the trampoline's fixed addresses, this CPU's trampoline
+ *     the sealed area, to be live, of the right kind, for the site LIP-1,
+ *     and against the read-only site/target tables; each field read once),
+ *     the trampoline's fixed addresses, this CPU's trampoline
  *     records (a page mapped as shadow stack: only WRSS writes it),
  * and never from the trap frame or any other ordinary memory. Each action
  * also checks that the saved RIP is the value it derives (a frame changed
@@ -454,17 +455,40 @@ sc_bpx_plain:
     movq 8(%r8), %r9
 .endm
 
-/* r10 := the entry in RDX after checking it: one of the live batch's
- * entries (sealed.S LIVE_ENTRY), kind \kind, site + 1 == LIP. */
+/* The entry in RDX, checked: one of the live batch's entries (sealed.S
+ * LIVE_ENTRY) and what the read-only tables allow (sealed.S CHECKED_ENTRY),
+ * of kind \kind, site + 1 == LIP. Its fields are read once: r12 := site,
+ * r13 := target (r14 kind, r15 bytes); the exit uses only these registers
+ * after. Meanwhile this CPU's in-exit count is raised (WRSS, on its record
+ * page: rdi := that page), from before the magic word is read to after the
+ * last read of the entry, so the sealed area is not rewritten in between
+ * (poke.S sc_poke_sealed; DESIGN §8.2). Clobbers rax, rcx, rdx, rsi, r10. */
 .macro BPX_ENTRY kind
-    LIVE_ENTRY %rdx, sc_bpx_refuse
     movq %rdx, %r10
-    cmpq $\kind, {ENTRY_KIND}(%r10)
-    jne sc_bpx_refuse
-    movq {ENTRY_SITE}(%r10), %rax
+    BPX_RECORD_PAGE
+    movq {IN_EXIT}(%rdi), %rax
     incq %rax
+    wrssq %rax, {IN_EXIT}(%rdi)
+    /* The raised count is visible to every CPU before this CPU reads the
+     * magic word (a store, then a load: Dekker with sc_poke_sealed). */
+    mfence
+    LIVE_ENTRY %r10, sc_bpx_refuse_entry
+    CHECKED_ENTRY %r10, %r12, %r13, %r14, %r15, sc_bpx_refuse_entry
+    BPX_LEAVE
+    cmpq $\kind, %r14
+    jne sc_bpx_refuse
+    leaq 1(%r12), %rax
     cmpq %rax, %r9
     jne sc_bpx_refuse
+.endm
+
+/* The exit has read the entry for the last time: lower this CPU's in-exit
+ * count (rdi: its record page). The loads before stay before this store
+ * (x86 does not pass a load with a later store). */
+.macro BPX_LEAVE
+    movq {IN_EXIT}(%rdi), %rax
+    decq %rax
+    wrssq %rax, {IN_EXIT}(%rdi)
 .endm
 
 /* The interrupted SSP must be right above the frame (#BP has no IST). */
@@ -479,7 +503,7 @@ sc_bpx_plain:
 .macro BPX_RECORD_PAGE
     movq %r8, %rax
     STACK_CPU sc_bpx_refuse
-    shlq $12, %rax
+    shlq ${RECORD_PAGE_SHIFT}, %rax
     leaq sc_tramp_records(%rip), %rdi
     addq %rax, %rdi
 .endm
@@ -496,7 +520,7 @@ sc_bpx_call_sg:
     BPX_FRAME
     BPX_ENTRY {KIND_CALL}
     BPX_SAME_STACK
-    movq {ENTRY_TARGET}(%r10), %rcx
+    movq %r13, %rcx                 /* T */
     cmpq %rcx, {FRAME_RIP}(%rsp)
     jne sc_bpx_refuse
     leaq 4(%r9), %rax               /* S+5 = LIP+4 */
@@ -528,7 +552,7 @@ sc_bpx_jmp:
 sc_bpx_classic:
     BPX_FRAME
     BPX_ENTRY {KIND_CALL}
-2:  movq {ENTRY_TARGET}(%r10), %rcx
+2:  movq %r13, %rcx                 /* T */
     cmpq %rcx, {FRAME_RIP}(%rsp)
     jne sc_bpx_refuse
     wrssq %rcx, 8(%r8)
@@ -572,7 +596,6 @@ sc_bpx_tramp1:
     leaq sc_tramp_page(%rip), %rax
     cmpq %rax, {FRAME_RIP}(%rsp)
     jne sc_bpx_refuse
-    BPX_RECORD_PAGE
     leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rsi
 1:  movq {REC_SSP}(%rdi), %rax
     testq %rax, %rax
@@ -589,10 +612,8 @@ sc_bpx_tramp1:
     andl $1, %eax
     orq {FRAME_RSP}(%rsp), %rax
     wrssq %rax, {REC_RSP_IF}(%rdi)
-    movq {ENTRY_SITE}(%r10), %rax
-    wrssq %rax, {REC_SITE}(%rdi)
-    movq {ENTRY_TARGET}(%r10), %rax
-    wrssq %rax, {REC_TARGET}(%rdi)
+    wrssq %r12, {REC_SITE}(%rdi)
+    wrssq %r13, {REC_TARGET}(%rdi)
     leaq sc_tramp_page(%rip), %rax
     wrssq %rax, 8(%r8)
     andq $~(1 << {RFLAGS_IF_BIT}), {FRAME_RFLAGS}(%rsp)
@@ -750,7 +771,10 @@ sc_bp_return_in_nmi:
     retq
 
 /* A check above failed: the frame or the state changed after the handler's
- * checks. Nothing was written; the handler reports it and refuses. */
+ * checks. Nothing was written; the handler reports it and refuses. Inside
+ * BPX_ENTRY (rdi: the record page), the in-exit count is lowered first. */
+sc_bpx_refuse_entry:
+    BPX_LEAVE
 sc_bpx_refuse:
     movq %rsp, %rdi
     movq %r8, %rsi                  /* F, from RDSSP */
@@ -789,4 +813,6 @@ sc_bpx_table:
 .popsection
 
 .purgem LIVE_ENTRY
+.purgem TABLE_HAS
+.purgem CHECKED_ENTRY
 .purgem STACK_CPU

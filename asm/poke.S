@@ -65,12 +65,14 @@
 .endm
 
 /* rdi = a sealed entry: it must be one of the live batch's entries (index <
- * len of the array the read-only header describes). r10 := site, r11 :=
- * its new bytes; the site and its 5 bytes must lie in kernel text. */
+ * len of the array the read-only header describes) and what the read-only
+ * tables allow (sealed.S CHECKED_ENTRY: registered site and target, bytes
+ * of its kind; each field read once, only those values used). r10 := site,
+ * r11 := its new bytes; the site and its 5 bytes must lie in kernel text.
+ * Clobbers rax, rcx, rdx, rsi, r8, r9. */
 .macro POKE_ENTRY
     LIVE_ENTRY %rdi, sc_poke_bad
-    movq {ENTRY_SITE}(%rdi), %r10
-    movq {ENTRY_BYTES}(%rdi), %r11
+    CHECKED_ENTRY %rdi, %r10, %r9, %r8, %r11, sc_poke_bad
     leaq __text_start(%rip), %rax
     cmpq %rax, %r10
     jb sc_poke_bad
@@ -142,7 +144,11 @@ sc_poke_head:
  * sealed area at `offset`, past its magic word (published separately):
  * {MAGIC_LEN} <= offset and offset + len <= the area's size. The bytes come
  * from ordinary memory; the patcher verifies the read-only copy before it
- * publishes it. */
+ * publishes it, and every user checks each entry against the read-only
+ * tables anyway (CHECKED_ENTRY). Never while a #BP exit may still read an
+ * entry of the previous batch: every CPU's in-exit count (on its record
+ * page, written only with WRSS by its own exits) must be 0; the writer
+ * waits for that, at most {SEALED_WAIT_SPINS} rounds, then refuses. */
 .globl sc_poke_sealed
 sc_poke_sealed:
     SAVE
@@ -154,7 +160,26 @@ sc_poke_sealed:
     movabsq ${SEALED_LIVE}, %rcx
     cmpq %rcx, {SEALED_STATE}(%rax)
     je sc_poke_bad
-    cmpq ${MAGIC_LEN}, %rdi
+    /* Dekker with BPX_ENTRY (entry.S): the magic word is 0 and visible to
+     * all (cleared by sc_poke_unseal, whose CR3 write serialized) before
+     * the counts are read; an exit raises its count, fences, then reads the
+     * magic word. So either that exit sees no live batch and refuses, or
+     * this scan sees its count. */
+    mfence
+    movq ${SEALED_WAIT_SPINS}, %r8
+8:  leaq sc_tramp_records+{IN_EXIT}(%rip), %rax
+    movl ${MAX_CPUS}, %ecx
+9:  cmpq $0, (%rax)
+    jne 10f
+    addq ${RECORD_PAGE_SIZE}, %rax
+    decl %ecx
+    jnz 9b
+    jmp 11f
+10: pause
+    decq %r8
+    jnz 8b
+    jmp sc_poke_bad                 /* an exit stays in flight: refuse */
+11: cmpq ${MAGIC_LEN}, %rdi
     jb sc_poke_bad
     leaq __sealed_end(%rip), %rax
     leaq __sealed_start(%rip), %rcx
@@ -245,4 +270,6 @@ sc_poke_bad:
 sc_poke_region_end:
 
 .purgem LIVE_ENTRY
+.purgem TABLE_HAS
+.purgem CHECKED_ENTRY
 .purgem STACK_CPU

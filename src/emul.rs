@@ -130,13 +130,22 @@ impl fmt::Display for GuardError {
 pub mod record {
     /// Bytes of one record.
     pub const RECORD_SIZE: u64 = 32;
-    /// Records on one 4 KiB page (its last 32 bytes hold the sync word).
-    pub const RECORDS_PER_PAGE: u64 = 4096 / RECORD_SIZE - 1;
+    /// Bytes of a CPU's record page (one 4 KiB page, page aligned).
+    pub const RECORD_PAGE_SIZE: u64 = 4096;
+    /// Records on one page (its last 32 bytes hold the sync and in-exit words).
+    pub const RECORDS_PER_PAGE: u64 = RECORD_PAGE_SIZE / RECORD_SIZE - 1;
     /// The CPU's sync word on its record page: 0 while the CPU is not
     /// online with shadow stacks; then 1, plus one per sync IPI it took.
     /// Written only with WRSS by its own CPU, so an ordinary store can
     /// neither fake an acknowledgement nor take a CPU out of the sync.
     pub const SYNC_WORD: u64 = RECORDS_PER_PAGE * RECORD_SIZE;
+    /// The CPU's in-exit count: how many #BP exits of this CPU (nested ones
+    /// included: an NMI inside an exit can take its own) are between their
+    /// look at the sealed batch and their last read of its entry. Raised and
+    /// lowered only with WRSS by the exits of its own CPU (asm/entry.S
+    /// `BPX_ENTRY`/`BPX_LEAVE`); the sealed-area writer (asm/poke.S
+    /// `sc_poke_sealed`) rewrites nothing while any CPU's count is non-zero.
+    pub const IN_EXIT_WORD: u64 = SYNC_WORD + 8;
     /// The SSP interrupted by the first trap (0: the record is free). The
     /// second trap's interrupted SSP + 16 must equal it (bound to the stack).
     pub const REC_SSP: u64 = 0;

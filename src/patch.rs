@@ -324,8 +324,10 @@ pub struct Registry<'a> {
     forbidden: Vec<CodeRange>,
 }
 
+/// Used in place when non-decreasing (a target may be registered by
+/// several `patch_site!`s; the searches find an equal word either way).
 fn sorted_table(raw: &[u64]) -> Cow<'_, [u64]> {
-    if raw.windows(2).all(|w| w[0] < w[1]) {
+    if raw.windows(2).all(|w| w[0] <= w[1]) {
         Cow::Borrowed(raw)
     } else {
         let mut v = raw.to_vec();
@@ -515,6 +517,12 @@ pub const KIND_JMP: u64 = 2;
 pub const KIND_NOP: u64 = 3;
 pub const KIND_RET: u64 = 4;
 const WORD: usize = 8;
+/// `SealedEntry::bytes` of every nop entry: `NOP5`, packed.
+pub const NOP5_WORD: u64 = pack_const(NOP5);
+/// The 5 bytes of a patched `ret`: the opcode, then int3 padding.
+pub const RET5: [u8; SITE_LEN] = [OPC_RET, INT3, INT3, INT3, INT3];
+/// `SealedEntry::bytes` of every ret entry: `RET5`, packed.
+pub const RET_WORD: u64 = pack_const(RET5);
 /// Padding key and slot of the search tree.
 const PAD_KEY: u64 = u64::MAX;
 const PAD_SLOT: u32 = u32::MAX;
@@ -586,6 +594,17 @@ pub struct SealedEntry {
     pub kind: u64,
     /// The 5 new bytes, little-endian (byte 0 is the opcode); bits 40..63 zero.
     pub bytes: u64,
+}
+
+/// `pack_bytes` for constants.
+const fn pack_const(b: [u8; SITE_LEN]) -> u64 {
+    let mut w = 0u64;
+    let mut i = 0;
+    while i < SITE_LEN {
+        w |= (b[i] as u64) << (8 * i);
+        i += 1;
+    }
+    w
 }
 
 fn pack_bytes(b: &[u8; SITE_LEN]) -> u64 {
@@ -1264,6 +1283,16 @@ mod tests {
                 let idx = in_order_index(k, b.depth);
                 assert_eq!(b.slot[k], if idx < n { idx as u32 } else { PAD_SLOT }, "n={n} k={k}");
             }
+        }
+    }
+
+    /// The fixed words the asm entry check (sealed.S CHECKED_ENTRY) compares
+    /// nop/ret entries with are what `SealedEntry::of` stores for them.
+    #[test]
+    fn fixed_words_match_the_encodings() {
+        for (insn, word) in [(NewInsn::Nop, NOP5_WORD), (NewInsn::Ret, RET_WORD)] {
+            let e = Entry { site: BASE, insn, bytes: insn.encode(BASE).unwrap() };
+            assert_eq!(SealedEntry::of(&e).bytes, word);
         }
     }
 

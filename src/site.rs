@@ -133,8 +133,9 @@ impl<F: SiteFn> Site<F> {
 /// in place. The engine searches both tables where they lie, read-only, so
 /// they must be sorted by address; entries of Rust sites land in link
 /// order. A host calls this once per table early at boot, while the image
-/// is still writable, before it maps `.rodata` read-only (or sorts the
-/// sections when it links).
+/// is still writable, before it maps `.rodata` read-only, unless it sorts
+/// the sections after linking (the reference kernel's build does). A target
+/// may appear twice (several sites may declare it); a site may not.
 ///
 /// # Safety
 /// `[start, end)` is the whole table, writable now, and nothing else reads

@@ -57,7 +57,6 @@ extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
     let boot = boot::BootInfo::read(magic, mbi);
     let features = cpu::Features::detect();
     mm::write_shadow_tokens();
-    patching::sort_tables();
     mm::init_paging(boot.ram_end, !features.x2apic);
     mm::init_heap();
     interrupts::init(0);

@@ -12,7 +12,9 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
-use shadowcall::emul::record::{RECORDS_PER_PAGE, RECORD_SIZE, REC_RSP_IF, REC_SITE, REC_SSP, REC_TARGET, SYNC_WORD};
+use shadowcall::emul::record::{
+    IN_EXIT_WORD, RECORDS_PER_PAGE, RECORD_PAGE_SIZE, RECORD_SIZE, REC_RSP_IF, REC_SITE, REC_SSP, REC_TARGET, SYNC_WORD,
+};
 use shadowcall::emul::{check_tramp_slots, GuardError, PendingCall, StackKind};
 use shadowcall::frame::{TrapFrame, RFLAGS_IF};
 use shadowcall::patch::{
@@ -68,10 +70,10 @@ static HAS_SERIALIZE: AtomicBool = AtomicBool::new(false);
 static REWRITE_STEPS: AtomicBool = AtomicBool::new(false);
 
 extern "C" {
-    static mut __sites_start: u64;
-    static mut __sites_end: u64;
-    static mut __targets_start: u64;
-    static mut __targets_end: u64;
+    static __sites_start: u64;
+    static __sites_end: u64;
+    static __targets_start: u64;
+    static __targets_end: u64;
     static __entry_text_start: u8;
     static __entry_text_end: u8;
     static __cet_text_start: u8;
@@ -86,18 +88,6 @@ extern "C" {
 unsafe fn linker_table(start: *const u64, end: *const u64) -> &'static [u64] {
     // SAFETY: the caller's obligation; the image is never unmapped.
     unsafe { core::slice::from_raw_parts(start, end.offset_from(start) as usize) }
-}
-
-/// Sort `.shadowcall_sites` and `.shadowcall_targets` (entries of Rust
-/// `patch_site!` sites land in link order). Called once on the boot CPU
-/// before `mm::init_paging` maps them read-only.
-pub fn sort_tables() {
-    // SAFETY: the linker script brackets both tables with these symbols;
-    // before init_paging the boot identity map is writable and no other CPU runs.
-    unsafe {
-        shadowcall::site::sort_table(core::ptr::addr_of_mut!(__sites_start), core::ptr::addr_of_mut!(__sites_end));
-        shadowcall::site::sort_table(core::ptr::addr_of_mut!(__targets_start), core::ptr::addr_of_mut!(__targets_end));
-    }
 }
 
 /// The registered sites, read in place (`.shadowcall_sites`, read-only).
@@ -382,6 +372,10 @@ fn write_step_now(what: Write) {
 /// Copy a validated batch into the sealed area and validate the read-only
 /// copy again: the batch in ordinary memory may have changed since it was
 /// built (threat model), the sealed copy cannot. Live when this returns Ok.
+/// That verification runs in Rust on ordinary memory, so it decides only
+/// whether the patch goes ahead: what the exits and the step writers trust
+/// is each entry they use, checked again in asm against the read-only site
+/// and target tables (asm/sealed.S `CHECKED_ENTRY`, DESIGN §11).
 fn seal(batch: &Batch) -> Result<(), PatchError> {
     let (start, end) = mm::sealed_area();
     let len = batch.sealed_len();
@@ -418,6 +412,16 @@ fn seal(batch: &Batch) -> Result<(), PatchError> {
 
 /// Bytes of the sealed header's magic word (written last, cleared first).
 const MAGIC_LEN: usize = 8;
+
+/// Rounds the sealed-area writer (asm/poke.S `sc_poke_sealed`) waits for
+/// every CPU's in-exit count to drop to 0 before it refuses (#UD). An exit
+/// holds its count for a few dozen instructions, or as long as an NMI
+/// taken inside it runs; a round reads `mm::MAX_CPUS` words and pauses.
+pub const SEALED_WAIT_SPINS: u64 = 1 << 20;
+
+// The exits find a CPU's record page by shifting its index.
+const _: () = assert!(RECORD_PAGE_SIZE == PAGE_SIZE && RECORD_PAGE_SIZE.is_power_of_two());
+const _: () = assert!(IN_EXIT_WORD + 8 <= RECORD_PAGE_SIZE);
 
 /// Clear the sealed batch's magic: no batch is live.
 fn unseal() {
@@ -1074,6 +1078,21 @@ pub fn live_entry(site: u64) -> Option<&'static SealedEntry> {
 pub fn test_poke(addr: u64, bytes: &[u8]) {
     poke_retrying("a test write", || mm::TextAlias::new().write(addr, bytes));
     sync();
+}
+
+/// CPU `cpu`'s in-exit count (see `shadowcall::emul::record::IN_EXIT_WORD`).
+pub fn in_exit_count(cpu: usize) -> u64 {
+    cet::read_slot(mm::tramp_record_page_of_cpu(cpu) + IN_EXIT_WORD)
+}
+
+/// Self-test support: set CPU `cpu`'s in-exit count with WRSS, as an exit
+/// in flight on that CPU would have. Test builds only, shadow stacks on.
+#[cfg(feature = "test-hooks")]
+pub fn test_set_in_exit(cpu: usize, count: u64) {
+    assert!(cpu < mm::MAX_CPUS && cet::active(), "test_set_in_exit: CPU {cpu} or no shadow stacks");
+    // SAFETY: the in-exit word of a record page (shadow-stack memory no CPU
+    // uses as its stack); test builds only.
+    unsafe { cet::wrss(mm::tramp_record_page_of_cpu(cpu) + IN_EXIT_WORD, count) };
 }
 
 /// Self-test support: claim a trampoline record on this CPU's record page

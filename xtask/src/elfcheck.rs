@@ -184,6 +184,68 @@ pub fn check_multiboot_header(elf: &[u8]) -> std::result::Result<(), String> {
 }
 
 /// All checks on the kernel file at `path`.
+/// The kernel's read-only patch tables, each bracketed by two linker symbols.
+/// The #BP exits and the alias writers binary-search them in place (asm/sealed.S
+/// `TABLE_HAS`); the kernel checks at boot that they are strictly increasing.
+/// The tables and whether a value may appear twice: a target may (two
+/// `patch_site!` sites can declare the same function), a site may not.
+pub const PATCH_TABLES: [(&str, &str, bool); 2] =
+    [("__sites_start", "__sites_end", false), ("__targets_start", "__targets_end", true)];
+
+/// Sort the u64 tables of `PATCH_TABLES` in the ELF image `elf` in place
+/// (the post-link step: the linker emits them in registration order). Returns
+/// how many tables were changed. A table that is missing, not file-backed or
+/// not whole words, or a site table that holds a value twice, is an error.
+pub fn sort_patch_tables_in(elf: &mut [u8]) -> std::result::Result<usize, String> {
+    let mut changed = 0;
+    for (start_sym, end_sym, dups) in PATCH_TABLES {
+        changed += sort_table_in(elf, start_sym, end_sym, dups)? as usize;
+    }
+    Ok(changed)
+}
+
+/// Sort the u64 table between the symbols `start_sym` and `end_sym` in place;
+/// true if it was not sorted. A value twice is an error unless `dups`.
+fn sort_table_in(elf: &mut [u8], start_sym: &str, end_sym: &str, dups: bool) -> std::result::Result<bool, String> {
+    let (start, end) = match (symbol(elf, start_sym)?, symbol(elf, end_sym)?) {
+        (Some(s), Some(e)) if e >= s => (s, e),
+        _ => return Err(format!("no {start_sym}/{end_sym} symbols bracketing a table")),
+    };
+    let len = end - start;
+    if len % SITE_BYTES as u64 != 0 {
+        return Err(format!("the table {start_sym}..{end_sym} is {len} bytes, not whole u64s"));
+    }
+    let off = match bytes_at_vaddr(elf, start, len) {
+        Some(t) => t.as_ptr() as usize - elf.as_ptr() as usize,
+        None => return Err(format!("the table {start:#x}..{end:#x} is not file-backed in a PT_LOAD")),
+    };
+    let table = &mut elf[off..off + len as usize];
+    let mut words: Vec<u64> =
+        table.chunks_exact(SITE_BYTES).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; SITE_BYTES]))).collect();
+    let sorted = words.windows(2).all(|w| w[0] <= w[1]);
+    words.sort_unstable();
+    if let Some(w) = words.windows(2).find(|w| !dups && w[0] == w[1]) {
+        return Err(format!("{:#x} is registered twice in the table {start_sym}..{end_sym}", w[0]));
+    }
+    if !sorted {
+        for (c, w) in table.chunks_exact_mut(SITE_BYTES).zip(&words) {
+            c.copy_from_slice(&w.to_le_bytes());
+        }
+    }
+    Ok(!sorted)
+}
+
+/// `sort_patch_tables_in` on the kernel file at `path` (rewritten only if a table changed).
+pub fn sort_patch_tables(path: &Path) -> Result<()> {
+    let mut bytes = std::fs::read(path).context(|| format!("cannot read kernel {}", path.display()))?;
+    let changed = sort_patch_tables_in(&mut bytes)
+        .map_err(|e| Error::new(format!("kernel {}: patch tables: {e}", path.display())))?;
+    if changed != 0 {
+        std::fs::write(path, &bytes).context(|| format!("cannot write kernel {}", path.display()))?;
+    }
+    Ok(())
+}
+
 pub fn check_kernel_elf(path: &Path) -> Result<()> {
     let bytes = std::fs::read(path).context(|| format!("cannot read kernel {}", path.display()))?;
     let fail = |e: String| Error::new(format!("kernel {} cannot be booted: {e}", path.display()));
@@ -405,5 +467,22 @@ mod tests {
         let at = bare.windows(SITES_SECTION.len()).position(|w| w == SITES_SECTION).unwrap();
         bare[at + 1] = b'x';
         assert!(patch_sites(&bare).unwrap_err().contains("__sites_start"));
+    }
+
+    #[test]
+    fn post_link_sorts_a_table() {
+        let text = [0x90u8; 8];
+        let mut elf = synth::elf(0x100000, &text, &[0x100004, 0x100000, 0x100002], false);
+        assert_eq!(sort_table_in(&mut elf, "__sites_start", "__sites_end", false), Ok(true));
+        assert_eq!(patch_sites(&elf).unwrap(), [0x100000, 0x100002, 0x100004]);
+        assert_eq!(sort_table_in(&mut elf, "__sites_start", "__sites_end", false), Ok(false));
+        // The synthetic kernel has no target table: named in the error.
+        assert!(sort_patch_tables_in(&mut elf).unwrap_err().contains("__targets_start"));
+        let mut twice = synth::elf(0x100000, &text, &[0x100002, 0x100002], false);
+        assert!(sort_table_in(&mut twice, "__sites_start", "__sites_end", false).unwrap_err().contains("twice"));
+        // A table that allows a value twice (targets) keeps both, sorted.
+        let mut dup = synth::elf(0x100000, &text, &[0x100004, 0x100002, 0x100002], false);
+        assert_eq!(sort_table_in(&mut dup, "__sites_start", "__sites_end", true), Ok(true));
+        assert_eq!(patch_sites(&dup).unwrap(), [0x100002, 0x100002, 0x100004]);
     }
 }

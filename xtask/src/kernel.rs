@@ -73,6 +73,8 @@ pub fn build_kernel_of(policy: Policy, build: Build) -> Result<PathBuf> {
     if !elf.is_file() {
         return Err(Error::new(format!("the kernel build succeeded but {} does not exist", elf.display())));
     }
+    // Post-link: the patch tables sorted for the binary searches (DESIGN §11).
+    crate::elfcheck::sort_patch_tables(&elf)?;
     Ok(elf)
 }
 

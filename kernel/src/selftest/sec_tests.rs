@@ -27,7 +27,7 @@ use crate::percpu::this_cpu;
 use crate::{apic, cet, interrupts, mm, BootState};
 
 #[cfg(feature = "test-hooks")]
-use crate::patching::{test_claim_record, test_free_record, test_poke};
+use crate::patching::{test_claim_record, test_free_record, test_poke, test_set_in_exit};
 
 /// Without the hooks these are never reached (the tests skip first).
 #[cfg(not(feature = "test-hooks"))]
@@ -41,9 +41,12 @@ mod no_hooks {
     pub fn test_free_record(_: u64) {
         unreachable!("test-hooks build only")
     }
+    pub fn test_set_in_exit(_: usize, _: u64) {
+        unreachable!("test-hooks build only")
+    }
 }
 #[cfg(not(feature = "test-hooks"))]
-use no_hooks::{test_claim_record, test_free_record, test_poke};
+use no_hooks::{test_claim_record, test_free_record, test_poke, test_set_in_exit};
 
 /// Are the self-test hooks compiled in?
 const HOOKS: bool = cfg!(feature = "test-hooks");
@@ -650,6 +653,254 @@ pub fn sec_exit_nmi_regs(st: &BootState) -> Outcome<'static> {
     }
     if patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {}).is_err() {
         errors.push(String::from("restore failed"));
+    }
+    super::outcome_of(&errors)
+}
+
+// ---- sec_seal_unverified -----------------------------------------------------
+
+extern "C" {
+    /// `call sc_t_target_a; ret`: neither a registered site nor a registered target.
+    fn sc_t_unregistered();
+}
+
+/// `insn` at `site`, as `SealedEntry::bytes` holds it (0 if it has no encoding).
+fn packed(insn: NewInsn, site: u64) -> u64 {
+    let mut w = [0u8; 8];
+    w[..SITE_LEN].copy_from_slice(&insn.encode(site).unwrap_or_default());
+    u64::from_le_bytes(w)
+}
+
+/// The bytes of a sealed entry, as the sealed area holds them.
+fn entry_image(e: &SealedEntry) -> [u8; core::mem::size_of::<SealedEntry>()] {
+    let mut b = [0u8; core::mem::size_of::<SealedEntry>()];
+    for (off, v) in [
+        (core::mem::offset_of!(SealedEntry, site), e.site),
+        (core::mem::offset_of!(SealedEntry, target), e.target),
+        (core::mem::offset_of!(SealedEntry, kind), e.kind),
+        (core::mem::offset_of!(SealedEntry, bytes), e.bytes),
+    ] {
+        b[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+    b
+}
+
+/// A live sealed entry that `seal` never verified (written into the sealed
+/// area through the test alias, as a racing store could have got published):
+/// a target outside `.shadowcall_targets`, bytes that are not its call, a nop
+/// with a target, a site outside `.shadowcall_sites`. It passes the exits'
+/// and writers' `LIVE_ENTRY`; their check against the read-only tables
+/// (sealed.S `CHECKED_ENTRY`) must refuse it: the step writer with #UD and
+/// text unchanged; the #BP exit (shadow stacks on, every strategy) with a
+/// refusal before any WRSS, no target run, SSP and the in-exit count as
+/// before.
+pub fn sec_seal_unverified(st: &BootState) -> Outcome<'static> {
+    if !HOOKS {
+        return NO_HOOKS;
+    }
+    let shstk = skip_without_shstk(st).is_none();
+    let mut errors: Vec<String> = Vec::new();
+    let site = site();
+    let me = this_cpu().index;
+    let unreg = sc_t_unregistered as *const () as u64;
+    let b = target(1);
+    let strategies = if shstk { patching::strategies_here() } else { Vec::new() };
+    let mut refusals = (0u64, 0u64);
+    // At least one round, for the writers (without shadow stacks: writers only).
+    for round in 0..strategies.len().max(1) {
+        if let Some(&s) = strategies.get(round) {
+            patching::set_strategy(s);
+        }
+        let name = strategies.get(round).map_or("no shadow stacks", |s| s.name());
+        let r = patching::patch(&[(site, NewInsn::Call(b))], |step| {
+            if step != Step::Int3Written {
+                return;
+            }
+            let Some(live) = patching::live_entry(site) else {
+                errors.push(format!("{name}: no live entry"));
+                return;
+            };
+            let at = live as *const SealedEntry as u64;
+            // Read through the pointer each time: the test changes what `live` refers to.
+            // SAFETY: a readable entry of the sealed area.
+            let now = || unsafe { (at as *const SealedEntry).read_volatile() };
+            let orig = now();
+            let forgeries: [(&str, SealedEntry, bool); 4] = [
+                (
+                    "target not registered",
+                    SealedEntry { target: unreg, bytes: packed(NewInsn::Call(unreg), site), ..orig },
+                    true,
+                ),
+                ("bytes not its call", SealedEntry { bytes: packed(NewInsn::Call(b + 1), site), ..orig }, true),
+                (
+                    "nop with a target",
+                    SealedEntry { kind: shadowcall::patch::KIND_NOP, bytes: shadowcall::patch::NOP5_WORD, ..orig },
+                    true,
+                ),
+                (
+                    "site not registered",
+                    SealedEntry { site: unreg, bytes: packed(NewInsn::Call(b), unreg), ..orig },
+                    false,
+                ),
+            ];
+            for (what, forged, exit_too) in forgeries {
+                test_poke(at, &entry_image(&forged));
+                if now() != forged {
+                    errors.push(format!("{name}, {what}: the forgery did not reach the sealed area"));
+                }
+                // The step writer (step 2: the forged bytes would go to text).
+                if round == 0 {
+                    let sum0 = super::text_checksum_except(None);
+                    let r = try_run(|| {
+                        mm::poke_all(core::iter::once(mm::Poke::Tails(live)));
+                        0
+                    });
+                    mm::poke_reset_after_abort();
+                    match r {
+                        Err(f) if f.vector == VEC_UD => refusals.0 += 1,
+                        other => errors.push(format!("{what}: step writer: expected a refusal (#UD), got {other:?}")),
+                    }
+                    if super::text_checksum_except(None) != sum0 {
+                        errors.push(format!("{what}: step writer: text changed"));
+                    }
+                }
+                // The #BP exit.
+                if shstk && exit_too {
+                    let ssp0 = cet::rdssp();
+                    let before = victim_slots();
+                    tlog_reset();
+                    // SAFETY: a site function of the batch; the refusal is caught.
+                    let r = expecting(|| try_run(|| unsafe { sc_t_fn_call(0) }));
+                    match r {
+                        Err(FaultInfo { vector: GUARD_REFUSAL, .. }) => refusals.1 += 1,
+                        other => errors.push(format!("{name}, {what}: exit: expected a refusal, got {other:?}")),
+                    }
+                    let log = tlog();
+                    if log.count != [0; 3] || log.after != 0 {
+                        errors.push(format!("{name}, {what}: exit: code ran after the refusal: {:?}", log.count));
+                    }
+                    if cet::rdssp() != ssp0 || victim_slots() != before {
+                        errors.push(format!("{name}, {what}: exit: SSP or shadow slots changed"));
+                    }
+                    if patching::pending_tramp_records() != 0 {
+                        errors.push(format!("{name}, {what}: exit: a trampoline record was claimed"));
+                    }
+                    if patching::in_exit_count(me) != 0 {
+                        errors
+                            .push(format!("{name}, {what}: exit: in-exit count left {}", patching::in_exit_count(me)));
+                    }
+                }
+                test_poke(at, &entry_image(&orig));
+            }
+        });
+        if let Err(e) = r {
+            errors.push(format!("{name}: patch: {e}"));
+        }
+        if patching::patch(&[(site, NewInsn::Call(target(0)))], |_| {}).is_err() {
+            errors.push(format!("{name}: restore failed"));
+        }
+    }
+    patching::set_strategy(crate::state().strategy);
+    diag!("refused: {} step writes, {} exits", refusals.0, refusals.1);
+    super::outcome_of(&errors)
+}
+
+// ---- sec_unseal_in_exit --------------------------------------------------------
+
+/// Spins the helper CPU waits before it ends its simulated exit.
+const EXIT_HOLD_SPINS: u64 = 200_000;
+/// The helper's simulated exit: 1 held, 2 ended.
+static HELD_EXIT: AtomicU64 = AtomicU64::new(0);
+/// The writer is about to start.
+static WRITER_GO: AtomicBool = AtomicBool::new(false);
+
+/// On the helper CPU: its exit (in-exit count 1) is in flight until a while
+/// after the writer started; then it ends (count 0, with WRSS, on its own CPU).
+fn hold_exit(_: u64) {
+    while !WRITER_GO.load(Ordering::SeqCst) {
+        core::hint::spin_loop();
+    }
+    for _ in 0..EXIT_HOLD_SPINS {
+        core::hint::spin_loop();
+    }
+    test_set_in_exit(this_cpu().index, 0);
+    HELD_EXIT.store(2, Ordering::SeqCst);
+}
+
+/// The sealed area is not rewritten while a #BP exit may still read the
+/// previous batch's entries: with an in-exit count set (the WRSS-only word
+/// on a CPU's record page an exit raises before its `LIVE_ENTRY`), the
+/// sealed-area writer (asm/poke.S `sc_poke_sealed`) waits, then refuses
+/// (#UD) with nothing written; with another CPU's exit ending while it
+/// waits, it writes only after that.
+pub fn sec_unseal_in_exit(st: &BootState) -> Outcome<'static> {
+    if !HOOKS {
+        return NO_HOOKS;
+    }
+    if let Some(o) = skip_without_shstk(st) {
+        return o;
+    }
+    let mut errors: Vec<String> = Vec::new();
+    let me = this_cpu().index;
+    if patching::batch_live() {
+        return super::outcome_of(&[String::from("a batch is live before the test")]);
+    }
+    // A word of the sealed area past its magic word (the retired batch's header).
+    let offset = core::mem::size_of::<u64>() as u64;
+    let at = mm::sealed_area().0 + offset;
+    // SAFETY: a readable word of the sealed area.
+    let read = || unsafe { (at as *const u64).read_volatile() };
+    let orig = read();
+    let changed = (orig ^ u64::MAX).to_ne_bytes();
+    let write = |bytes: &[u8]| {
+        try_run(|| {
+            mm::poke_all(core::iter::once(mm::Poke::Sealed { offset, bytes }));
+            0
+        })
+    };
+    // 1. This CPU's exit in flight (an NMI handler patching, say): refused.
+    test_set_in_exit(me, 1);
+    let r = write(&changed);
+    mm::poke_reset_after_abort();
+    test_set_in_exit(me, 0);
+    match r {
+        Err(f) if f.vector == VEC_UD => {}
+        other => errors.push(format!("own exit in flight: expected a refusal (#UD), got {other:?}")),
+    }
+    if read() != orig {
+        errors.push(String::from("own exit in flight: the sealed area was written"));
+    }
+    // 2. Another CPU's exit in flight, ending while the writer waits.
+    let other = crate::percpu::online().map(|c| c.index).find(|&i| i != me);
+    if let Some(w) = other {
+        HELD_EXIT.store(1, Ordering::SeqCst);
+        WRITER_GO.store(false, Ordering::SeqCst);
+        test_set_in_exit(w, 1);
+        let t = crate::smp::run_on(w, hold_exit, 0);
+        WRITER_GO.store(true, Ordering::SeqCst);
+        let r = write(&changed);
+        // Read right after the write returned: it must not have finished first.
+        let held = HELD_EXIT.load(Ordering::SeqCst);
+        crate::smp::wait(w, t);
+        match r {
+            Ok(_) if held == 2 && read() == u64::from_ne_bytes(changed) => {}
+            Ok(_) if held != 2 => errors.push(format!("CPU {w}'s exit in flight: the writer did not wait for it")),
+            other => errors.push(format!("CPU {w}'s exit ended: expected the write, got {other:?}")),
+        }
+        if patching::in_exit_count(w) != 0 {
+            test_set_in_exit(w, 0);
+        }
+        if write(&orig.to_ne_bytes()).is_err() || read() != orig {
+            errors.push(String::from("the sealed word was not restored"));
+        }
+    } else {
+        diag!("one CPU: only this CPU's exit is simulated");
+    }
+    // A patch still works (the counts are back to 0).
+    if patching::patch(&[(site(), NewInsn::Call(target(1)))], |_| {}).is_err()
+        || patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {}).is_err()
+    {
+        errors.push(String::from("patching after the test failed"));
     }
     super::outcome_of(&errors)
 }

@@ -38,6 +38,11 @@ shadowcall::patch_site! {
     static VALUE: extern "C" fn(u64) -> u64 = value_a, [value_b];
 }
 shadowcall::patch_site! {
+    /// The same two targets the other way round: each is registered twice in
+    /// `.shadowcall_targets` (allowed; the searches find an equal word).
+    static VALUE2: extern "C" fn(u64) -> u64 = value_b, [value_a];
+}
+shadowcall::patch_site! {
     /// A jump label: on (calls `hook_count`) or off (a NOP).
     static HOOK: extern "C" fn() = hook_count;
 }
@@ -141,6 +146,20 @@ pub fn patch_site_macro(_st: &BootState) -> Outcome<'static> {
         }
         let (site, insn) = HOOK.restore();
         patch_calling(&mut errors, &format!("{s}: hook on"), site, insn, call_hook, |n, _| n == 1);
+        let call_value2 = || VALUE2.get()(1);
+        match VALUE2.call_to(value_a) {
+            Ok(insn) => patch_calling(
+                &mut errors,
+                &format!("{s}: value2 -> value_a"),
+                VALUE2.addr(),
+                insn,
+                call_value2,
+                |v, _| v == 1 + VALUE_A,
+            ),
+            Err(e) => errors.push(format!("{s}: VALUE2.call_to(value_a): {e}")),
+        }
+        let (site, insn) = VALUE2.restore();
+        patch_calling(&mut errors, &format!("{s}: value2 back"), site, insn, call_value2, |v, _| v == 1 + VALUE_B);
     }
     patching::set_strategy(saved);
 
