@@ -29,6 +29,12 @@ const REG_TIMER_DIV: u32 = 0x3e0;
 const SVR_ENABLE: u32 = 1 << 8;
 /// Vector of spurious APIC interrupts.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
+/// Vector of the IPI that wakes a CPU to look for work.
+pub const VEC_WAKE: u8 = 0xf0;
+/// Vector of the patcher's sync IPI.
+pub const VEC_SYNC: u8 = 0xf1;
+/// Vector of the local APIC timer.
+pub const VEC_TIMER: u8 = 0xf2;
 const ICR_DELIVERY_PENDING: u32 = 1 << 12;
 /// xAPIC: the destination APIC id sits in bits 31:24 of ICR high (and of the ID register).
 const XAPIC_DEST_SHIFT: u32 = 24;

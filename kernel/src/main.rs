@@ -14,10 +14,13 @@ mod bench;
 mod boot;
 mod cet;
 mod cpu;
+mod hooks;
 mod interrupts;
 mod mm;
 mod patching;
 mod percpu;
+mod records;
+mod recover;
 mod selftest;
 mod smp;
 
@@ -50,10 +53,39 @@ pub fn state() -> &'static BootState {
     STATE.get().expect("boot state")
 }
 
+/// Wire the self-tests and benchmarks into the dispatcher and the patcher
+/// (they sit above both: `hooks`).
+fn install_hooks() {
+    hooks::install(hooks::Handlers {
+        timer_tick: selftest::smp_tests::timer_tick,
+        ist_probe: selftest::cet_tests::ist_probe,
+        nmi_body,
+        nmi_enter: selftest::nmi_tests::nmi_depth_enter,
+        nmi_exit: selftest::nmi_tests::nmi_depth_exit,
+    });
+    #[cfg(feature = "test-hooks")]
+    hooks::install_test_hooks(hooks::TestHooks {
+        nested: selftest::sec_nested::nested_hook,
+        after_dispatch: selftest::sec_tests::after_dispatch,
+        record_frame: selftest::sec_tests::record_frame,
+        after_bp_checks: selftest::sec_tests::after_bp_checks,
+        race_window: selftest::sec_tests::race_window,
+        forge_sealed_copy: selftest::sec_tests::forge_sealed_copy,
+    });
+}
+
+/// The NMI handler's body: the self-tests' NMI work, then a pending
+/// benchmark measurement.
+fn nmi_body(frame: &mut shadowcall::frame::TrapFrame) {
+    selftest::smp_tests::nmi(frame);
+    bench::nmi_hook();
+}
+
 #[no_mangle]
 extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
     bench::TSC_KMAIN.store(bench::rdtsc(), core::sync::atomic::Ordering::Relaxed);
     percpu::init_this(0);
+    install_hooks();
     let boot = boot::BootInfo::read(magic, mbi);
     let features = cpu::Features::detect();
     mm::write_shadow_tokens();
@@ -110,7 +142,7 @@ extern "C" fn kmain_continue() -> ! {
         // the stubs that store registers with WRSS.
         interrupts::load_cet_idt();
     }
-    patching::sync_word_online();
+    crate::records::sync_word_online();
     apic::init(st.features.x2apic);
     TOPOLOGY.call_once(|| smp::start_aps(st.boot.ebda));
     let ok = selftest::run_all(st);
@@ -139,4 +171,43 @@ pub fn exit(success: bool) -> ! {
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     diag!("PANIC: {info}");
     exit(false)
+}
+
+/// Rust entry of an application processor (from asm/ap_boot.S).
+#[no_mangle]
+extern "C" fn ap_main(index: u64) -> ! {
+    let index = index as usize;
+    percpu::init_this(index);
+    interrupts::init(index);
+    apic::enable_local();
+    let st = state();
+    if st.want_shstk {
+        cet::enable_and_continue(&st.features, index, ap_idle)
+    } else {
+        ap_idle()
+    }
+}
+
+/// An AP's life after start-up: run work handed to it, sleep otherwise.
+extern "C" fn ap_idle() -> ! {
+    let me = percpu::this_cpu();
+    if state().want_shstk {
+        interrupts::load_cet_idt();
+    }
+    records::sync_word_online();
+    me.online.store(true, core::sync::atomic::Ordering::Release);
+    loop {
+        x86_64::instructions::interrupts::disable();
+        let work = me.work.swap(0, core::sync::atomic::Ordering::Acquire);
+        if work != 0 {
+            x86_64::instructions::interrupts::enable();
+            // SAFETY: `run_on` stores a `fn(u64)` pointer.
+            let f: fn(u64) = unsafe { core::mem::transmute(work as usize) };
+            f(me.work_arg.load(core::sync::atomic::Ordering::Relaxed));
+            me.work_done.fetch_add(1, core::sync::atomic::Ordering::Release);
+        } else {
+            // STI; HLT: an interrupt between the check and the halt still wakes us.
+            x86_64::instructions::interrupts::enable_and_hlt();
+        }
+    }
 }

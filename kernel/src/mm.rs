@@ -261,23 +261,18 @@ pub fn ist_stack(cpu: usize, ist: usize) -> StackBounds {
     StackBounds { lo: s, hi: s + IST_STACK_SIZE as u64 }
 }
 
-fn this() -> usize {
-    crate::percpu::this_cpu().index
-}
-
-/// The running CPU's normal stack holding `addr`, if any (kernel stack first).
+/// CPU `cpu`'s normal stack holding `addr`, if any (kernel stack first).
 #[inline]
-pub fn normal_stack_of(addr: u64) -> Option<StackBounds> {
-    let k = crate::percpu::this_cpu().kernel_stack();
+pub fn normal_stack_of(cpu: usize, addr: u64) -> Option<StackBounds> {
+    let k = kernel_stack(cpu);
     if addr >= k.lo && addr < k.hi {
         return Some(k);
     }
-    ist_stack_of(addr)
+    ist_stack_of(cpu, addr)
 }
 
 #[inline(never)]
-fn ist_stack_of(addr: u64) -> Option<StackBounds> {
-    let cpu = this();
+fn ist_stack_of(cpu: usize, addr: u64) -> Option<StackBounds> {
     (1..=IST_COUNT).map(|i| ist_stack(cpu, i)).find(|b| addr >= b.lo && addr < b.hi)
 }
 
@@ -475,7 +470,7 @@ core::arch::global_asm!(
     RET_WORD = const shadowcall::patch::RET_WORD,
     IN_EXIT = const shadowcall::emul::record::IN_EXIT_WORD,
     RECORD_PAGE_SIZE = const shadowcall::emul::record::RECORD_PAGE_SIZE,
-    SEALED_WAIT_SPINS = const crate::patching::SEALED_WAIT_SPINS,
+    SEALED_WAIT_SPINS = const SEALED_WAIT_SPINS,
     SITE_LEN = const shadowcall::patch::SITE_LEN,
     INT3 = const shadowcall::patch::INT3,
     CR4_CET_BIT = const 23,
@@ -551,9 +546,17 @@ fn poke_one(p: Poke<'_>) {
     }
 }
 
-/// Self-test hook: send this CPU an NMI before the next alias store.
+/// Rounds the sealed-area writer (asm/poke.S `sc_poke_sealed`) waits for
+/// every CPU's in-exit count to drop to 0 before it refuses (#UD). An exit
+/// holds its count for a few dozen instructions, or as long as an NMI
+/// taken inside it runs; a round reads `MAX_CPUS` words and pauses.
+pub const SEALED_WAIT_SPINS: u64 = 1 << 20;
+
+/// Self-test hook: run this (it sends this CPU an NMI) before the next
+/// alias store. A function the self-test hands in, so mm needs no import
+/// from the self-tests.
 #[cfg(feature = "test-hooks")]
-pub static NMI_IN_NEXT_POKE: AtomicBool = AtomicBool::new(false);
+pub static IN_NEXT_POKE: spin::Mutex<Option<fn()>> = spin::Mutex::new(None);
 
 fn frame_of(table: u64) -> PhysFrame {
     PhysFrame::containing_address(PhysAddr::new(table))
@@ -713,8 +716,8 @@ impl TextAlias {
                 return;
             }
             #[cfg(feature = "test-hooks")]
-            if NMI_IN_NEXT_POKE.swap(false, Ordering::Relaxed) {
-                crate::selftest::nmi_tests::nmi_now();
+            if let Some(hook) = IN_NEXT_POKE.lock().take() {
+                hook();
             }
             for (i, &b) in bytes[done..done + n].iter().enumerate() {
                 // SAFETY: the alias maps the page of `a` writable right now.

@@ -12,9 +12,7 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
-use shadowcall::emul::record::{
-    IN_EXIT_WORD, RECORDS_PER_PAGE, RECORD_PAGE_SIZE, RECORD_SIZE, REC_RSP_IF, REC_SITE, REC_SSP, REC_TARGET, SYNC_WORD,
-};
+use shadowcall::emul::record::{IN_EXIT_WORD, RECORD_PAGE_SIZE, REC_RSP_IF, REC_SITE, REC_TARGET};
 use shadowcall::emul::{check_tramp_slots, GuardError, PendingCall, StackKind};
 use shadowcall::frame::{TrapFrame, RFLAGS_IF};
 use shadowcall::patch::{
@@ -27,8 +25,8 @@ use shadowcall_cmdline::EmulStrategy;
 use shadowcall_support::paging::PAGE_SIZE;
 use spin::Once;
 
-use crate::interrupts::{self, FaultInfo, GUARD_REFUSAL};
 use crate::percpu::{this_cpu, PerCpu};
+use crate::recover::{FaultInfo, GUARD_REFUSAL};
 use crate::{cet, cpu, mm};
 
 /// Where the self-test hook (`Hook`) is called.
@@ -234,7 +232,7 @@ pub fn sync() {
 pub fn patch(sites: &[(u64, NewInsn)], mut hook: impl FnMut(Step)) -> Result<PatchStats, PatchError> {
     let mut hook_fault = None;
     let mut hook = |step| {
-        if let Err(f) = interrupts::try_run(|| {
+        if let Err(f) = crate::recover::try_run(|| {
             hook(step);
             0
         }) {
@@ -332,7 +330,7 @@ pub static POKES_REDONE: AtomicU64 = AtomicU64::new(0);
 /// never abandoned half-way with int3s in text.
 fn poke_retrying(what: &str, f: impl Fn()) {
     for _ in 0..POKE_TRIES {
-        let r = interrupts::try_run(|| {
+        let r = crate::recover::try_run(|| {
             f();
             0
         });
@@ -385,7 +383,9 @@ fn seal(batch: &Batch) -> Result<(), PatchError> {
     let mut buf = alloc::vec![0u8; len];
     batch.write_sealed(&mut buf)?;
     #[cfg(feature = "test-hooks")]
-    crate::selftest::sec_tests::forge_sealed_copy(&mut buf);
+    if let Some(h) = crate::hooks::test_hooks() {
+        (h.forge_sealed_copy)(&mut buf);
+    }
     // Everything but the magic word: not live yet. (The previous batch's
     // magic was cleared when it retired.)
     poke(mm::Poke::Sealed { offset: MAGIC_LEN as u64, bytes: &buf[MAGIC_LEN..] });
@@ -412,12 +412,6 @@ fn seal(batch: &Batch) -> Result<(), PatchError> {
 
 /// Bytes of the sealed header's magic word (written last, cleared first).
 const MAGIC_LEN: usize = 8;
-
-/// Rounds the sealed-area writer (asm/poke.S `sc_poke_sealed`) waits for
-/// every CPU's in-exit count to drop to 0 before it refuses (#UD). An exit
-/// holds its count for a few dozen instructions, or as long as an NMI
-/// taken inside it runs; a round reads `mm::MAX_CPUS` words and pauses.
-pub const SEALED_WAIT_SPINS: u64 = 1 << 20;
 
 // The exits find a CPU's record page by shifting its index.
 const _: () = assert!(RECORD_PAGE_SIZE == PAGE_SIZE && RECORD_PAGE_SIZE.is_power_of_two());
@@ -524,7 +518,9 @@ pub fn note_frame_alignment(frame: &TrapFrame) {
         MISALIGNED_FRAMES.fetch_add(1, Ordering::Relaxed);
     }
     #[cfg(feature = "test-hooks")]
-    crate::selftest::sec_tests::record_frame(at);
+    if let Some(h) = crate::hooks::test_hooks() {
+        (h.record_frame)(at);
+    }
 }
 
 /// #BP, from asm/entry.S `sc_isr_3`. `ssp` is RDSSP at the stub (the shadow
@@ -541,7 +537,9 @@ extern "C" fn sc_bp_handler(frame: &mut TrapFrame, ssp: u64) -> BpExit {
     };
     let exit = bp_decide(frame, f, addr);
     #[cfg(feature = "test-hooks")]
-    crate::selftest::sec_tests::after_bp_checks(frame);
+    if let Some(h) = crate::hooks::test_hooks() {
+        (h.after_bp_checks)(frame);
+    }
     exit
 }
 
@@ -554,7 +552,9 @@ fn bp_decide(frame: &mut TrapFrame, f: Option<ShadowFrame>, addr: u64) -> BpExit
         return exit;
     }
     #[cfg(feature = "test-hooks")]
-    crate::selftest::sec_tests::race_window(addr);
+    if let Some(h) = crate::hooks::test_hooks() {
+        (h.race_window)(addr);
+    }
     if let Some(exit) = test_hook(frame, addr) {
         return exit;
     }
@@ -703,7 +703,7 @@ fn window_enter() {
 fn window_exit() {
     let cpu = this_cpu();
     cpu.counters.window_depth.fetch_sub(1, Ordering::Relaxed);
-    if WATCH_IRQ.load(Ordering::Relaxed) && crate::apic::irr_pending(crate::smp::VEC_TIMER) {
+    if WATCH_IRQ.load(Ordering::Relaxed) && crate::apic::irr_pending(crate::apic::VEC_TIMER) {
         PerCpu::count(&cpu.counters.irq_pending_at_exit);
         cpu.irq_expect_after.store(true, Ordering::Relaxed);
     }
@@ -829,15 +829,6 @@ fn emulate_call_shadow_gap(cpu: &PerCpu, frame: &mut TrapFrame, f: Option<Shadow
     BpExit::with(BpAction::CallShadowGap, e as *const SealedEntry as u64)
 }
 
-/// This CPU's trampoline records that are in use (between two traps).
-pub fn pending_tramp_records() -> usize {
-    if !cet::active() {
-        return this_cpu().lifo().depth();
-    }
-    let Some(page) = mm::tramp_record_page(cet::rdssp()) else { return 0 };
-    (0..RECORDS_PER_PAGE).filter(|i| cet::read_slot(page + i * RECORD_SIZE + REC_SSP) != 0).count()
-}
-
 /// Second trap: both stacks must hold exactly the trampoline's two return
 /// addresses, and a first trap on these stacks must be pending; only then are
 /// they replaced by (target, return address).
@@ -855,7 +846,7 @@ fn second_trap(frame: &mut TrapFrame, f: Option<ShadowFrame>) -> BpExit {
                 if p != f.above() {
                     return Err(GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: p });
                 }
-                let rec = find_record(f.base, p + 16).ok_or(GuardError::NoPendingEmulation)?;
+                let rec = crate::records::find_record(f.base, p + 16).ok_or(GuardError::NoPendingEmulation)?;
                 let rsp_if = cet::read_slot(rec + REC_RSP_IF);
                 if rsp_if & !1 != rsp.wrapping_add(16) {
                     return Err(GuardError::NoPendingEmulation);
@@ -917,68 +908,6 @@ fn second_trap(frame: &mut TrapFrame, f: Option<ShadowFrame>) -> BpExit {
     }
 }
 
-/// Fault recovery unwinds the stack from `lo` up to the recovery point's SSP
-/// `hi`: free the trampoline records of emulations started in between (their
-/// second trap will never come). Values and slots: 0, on the record page of
-/// the CPU whose stack holds `lo` (static layout).
-pub fn free_records_between(lo: u64, hi: u64) {
-    if !cet::enforced() {
-        return;
-    }
-    let Some(page) = mm::tramp_record_page(lo) else { return };
-    for rec in (0..RECORDS_PER_PAGE).map(|i| page + i * RECORD_SIZE) {
-        let bound = cet::read_slot(rec + REC_SSP);
-        if bound != 0 && bound >= lo && bound < hi && mm::same_shadow_stack(lo, bound, 1) {
-            // SAFETY: a record slot of this CPU's record page (shadow-stack
-            // memory no CPU uses as its stack), freed with the constant 0.
-            unsafe { cet::wrss(rec + REC_SSP, 0) };
-        }
-    }
-}
-
-/// This CPU's sync word (see `shadowcall::emul::record::SYNC_WORD`), found
-/// from its shadow stack `ssp` (static layout).
-pub fn sync_word_addr(ssp: u64) -> u64 {
-    match mm::tramp_record_page(ssp) {
-        Some(page) => page + SYNC_WORD,
-        // RDSSP of a running CPU is always inside the stack area: fail closed.
-        None => {
-            crate::diag!("PANIC: SSP {ssp:#x} is on no CPU's shadow stack");
-            crate::exit(false)
-        }
-    }
-}
-
-/// CPU `cpu`'s sync word.
-pub fn sync_word_of(cpu: usize) -> u64 {
-    mm::tramp_record_page_of_cpu(cpu) + SYNC_WORD
-}
-
-/// This CPU is online with shadow stacks: its sync word becomes 1.
-pub fn sync_word_online() {
-    if cet::enforced() {
-        // SAFETY: this CPU's sync word on its record page (shadow-stack
-        // memory no CPU uses as its stack), the constant 1.
-        unsafe { cet::wrss(sync_word_addr(cet::rdssp()), 1) };
-    }
-}
-
-/// The sync IPI: acknowledge by adding one to this CPU's sync word (a value
-/// read from the same shadow-stack page).
-pub fn sync_word_ack() {
-    if cet::enforced() {
-        let word = sync_word_addr(cet::rdssp());
-        // SAFETY: as in sync_word_online; the value comes from that word itself.
-        unsafe { cet::wrss(word, cet::read_slot(word) + 1) };
-    }
-}
-
-/// The record on this CPU's record page bound to `bound_ssp`.
-fn find_record(f_base: u64, bound_ssp: u64) -> Option<u64> {
-    let page = mm::tramp_record_page(f_base)?;
-    (0..RECORDS_PER_PAGE).map(|i| page + i * RECORD_SIZE).find(|&r| cet::read_slot(r + REC_SSP) == bound_ssp)
-}
-
 /// The trampoline's fixed layout at its page (emitted and proved at boot).
 fn trampoline_layout() -> TrampLayout {
     tramp::layout_at(tramp_page())
@@ -1000,14 +929,15 @@ fn refuse(frame: &mut TrapFrame, e: GuardError) {
     } else {
         crate::diag!("SECURITY: #BP handler refused to write at rip={:#x}: {e}", frame.rip);
     }
-    interrupts::fault(frame, FaultInfo { vector: GUARD_REFUSAL, error_code: 0, rip: frame.rip, cr2: 0 });
+    crate::recover::fault(frame, FaultInfo { vector: GUARD_REFUSAL, error_code: 0, rip: frame.rip, cr2: 0 });
 }
 
 /// Are `n` slots at `addr` inside one of this CPU's normal stacks? (Its
 /// kernel stack first, from the per-CPU cache: the common case.)
 #[inline(always)]
 fn own_normal_slots(cpu: &PerCpu, addr: u64, n: u64) -> bool {
-    cpu.kernel_stack().holds_slots(addr, n) || mm::normal_stack_of(addr).is_some_and(|b| b.holds_slots(addr, n))
+    cpu.kernel_stack().holds_slots(addr, n)
+        || mm::normal_stack_of(cpu.index, addr).is_some_and(|b| b.holds_slots(addr, n))
 }
 
 /// Emulate `push ret` on the interrupted stack (the entry stub's gap makes
@@ -1030,7 +960,7 @@ fn push_normal(cpu: &PerCpu, frame: &mut TrapFrame, ret: u64) -> bool {
 /// Emulate `ret`: pop both stacks after checking their tops agree.
 fn emulate_ret(frame: &mut TrapFrame, f: Option<ShadowFrame>, entry: u64) -> BpExit {
     let rsp = frame.rsp;
-    if !mm::normal_stack_of(rsp).is_some_and(|b| b.holds_slots(rsp, 1)) {
+    if !mm::normal_stack_of(this_cpu().index, rsp).is_some_and(|b| b.holds_slots(rsp, 1)) {
         refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Normal, addr: rsp });
         return BpExit::PLAIN;
     }
@@ -1078,46 +1008,4 @@ pub fn live_entry(site: u64) -> Option<&'static SealedEntry> {
 pub fn test_poke(addr: u64, bytes: &[u8]) {
     poke_retrying("a test write", || mm::TextAlias::new().write(addr, bytes));
     sync();
-}
-
-/// CPU `cpu`'s in-exit count (see `shadowcall::emul::record::IN_EXIT_WORD`).
-pub fn in_exit_count(cpu: usize) -> u64 {
-    cet::read_slot(mm::tramp_record_page_of_cpu(cpu) + IN_EXIT_WORD)
-}
-
-/// Self-test support: set CPU `cpu`'s in-exit count with WRSS, as an exit
-/// in flight on that CPU would have. Test builds only, shadow stacks on.
-#[cfg(feature = "test-hooks")]
-pub fn test_set_in_exit(cpu: usize, count: u64) {
-    assert!(cpu < mm::MAX_CPUS && cet::active(), "test_set_in_exit: CPU {cpu} or no shadow stacks");
-    // SAFETY: the in-exit word of a record page (shadow-stack memory no CPU
-    // uses as its stack); test builds only.
-    unsafe { cet::wrss(mm::tramp_record_page_of_cpu(cpu) + IN_EXIT_WORD, count) };
-}
-
-/// Self-test support: claim a trampoline record on this CPU's record page
-/// with WRSS, as a first trap on the stack at `ssp` would. Test builds only.
-#[cfg(feature = "test-hooks")]
-pub fn test_claim_record(ssp: u64, rsp_if: u64, site: u64, target: u64) -> u64 {
-    let page = mm::tramp_record_page(cet::rdssp()).expect("SSP on this CPU's shadow stack");
-    let rec = (0..RECORDS_PER_PAGE)
-        .map(|i| page + i * RECORD_SIZE)
-        .find(|&r| cet::read_slot(r + REC_SSP) == 0)
-        .expect("a free trampoline record");
-    // SAFETY: a free record of this CPU's record page (a shadow-stack page no
-    // CPU uses as its stack); test builds only.
-    unsafe {
-        cet::wrss(rec + REC_SSP, ssp);
-        cet::wrss(rec + REC_RSP_IF, rsp_if);
-        cet::wrss(rec + REC_SITE, site);
-        cet::wrss(rec + REC_TARGET, target);
-    }
-    rec
-}
-
-/// Self-test support: free a record `test_claim_record` claimed.
-#[cfg(feature = "test-hooks")]
-pub fn test_free_record(rec: u64) {
-    // SAFETY: as in test_claim_record.
-    unsafe { cet::wrss(rec + REC_SSP, 0) };
 }

@@ -13,8 +13,6 @@ use crate::mm::MAX_CPUS;
 
 use shadowcall::emul::{EmulLifo, GuardError};
 
-use crate::interrupts::TryCtx;
-
 /// Nesting depth of fault-recovery points (test wrapper, one inside a test,
 /// the patcher's hook, the NMI handler's own, and spares).
 pub const TRY_DEPTH: usize = 8;
@@ -85,7 +83,9 @@ pub struct PerCpu {
     lifo: UnsafeCell<EmulLifo>,
     /// Fault-recovery points (innermost last), used by this CPU only, from
     /// thread and exception context (see push_try for the ordering).
-    tries: [AtomicPtr<TryCtx>; TRY_DEPTH],
+    /// This CPU's recovery points (`recover::TryCtx`, opaque here so that
+    /// per-CPU data does not depend on the recovery code).
+    tries: [AtomicPtr<u8>; TRY_DEPTH],
     try_depth: AtomicUsize,
     pub last_refusal: UnsafeCell<Option<GuardError>>,
     pub counters: Counters,
@@ -216,8 +216,8 @@ impl PerCpu {
     /// would let a nested push overwrite the slot before the depth covered
     /// it, leaving the nested handler's dead point as ours.) A nested handler
     /// that faults between the two steps finds no marker of ours on the shadow
-    /// stack yet, so `interrupts::fault` does not pair the stale slot with it.
-    pub fn push_try(&self, ctx: *mut TryCtx) {
+    /// stack yet, so `recover::fault` does not pair the stale slot with it.
+    pub fn push_try(&self, ctx: *mut u8) {
         let d = self.try_depth.load(Ordering::Relaxed);
         assert!(d < TRY_DEPTH, "fault-recovery points nested too deep");
         self.try_depth.store(d + 1, Ordering::Relaxed);
@@ -232,7 +232,7 @@ impl PerCpu {
         self.try_depth.store(d - 1, Ordering::Relaxed);
         compiler_fence(Ordering::SeqCst);
     }
-    pub fn top_try(&self) -> Option<*mut TryCtx> {
+    pub fn top_try(&self) -> Option<*mut u8> {
         let d = self.try_depth.load(Ordering::Relaxed);
         d.checked_sub(1).map(|i| self.tries[i].load(Ordering::Relaxed))
     }

@@ -9,18 +9,13 @@ use shadowcall_support::acpi;
 
 use crate::apic::{self, Delivery};
 use crate::percpu::{self, this_cpu};
-use crate::{cet, interrupts, mm};
+use crate::{cet, mm};
 
 /// Where the real-mode start-up code is copied (page 8: below 1 MiB, free).
 pub const AP_TRAMPOLINE: u64 = 0x8000;
 /// How long the boot CPU waits for an AP to come online (spin iterations).
 const AP_START_SPINS: u64 = 200_000_000;
-/// Vector of the IPI that wakes a CPU to look for work.
-pub const VEC_WAKE: u8 = 0xf0;
-/// Vector of the patcher's sync IPI.
-pub const VEC_SYNC: u8 = 0xf1;
-/// Vector of the local APIC timer.
-pub const VEC_TIMER: u8 = 0xf2;
+use crate::apic::{VEC_SYNC, VEC_WAKE};
 
 extern "C" {
     static sc_ap_tramp_start: u8;
@@ -140,45 +135,6 @@ fn delay(us: u64) {
     }
 }
 
-/// Rust entry of an application processor (from asm/ap_boot.S).
-#[no_mangle]
-extern "C" fn ap_main(index: u64) -> ! {
-    let index = index as usize;
-    percpu::init_this(index);
-    interrupts::init(index);
-    apic::enable_local();
-    let st = crate::state();
-    if st.want_shstk {
-        cet::enable_and_continue(&st.features, index, ap_idle)
-    } else {
-        ap_idle()
-    }
-}
-
-/// An AP's life after start-up: run work handed to it, sleep otherwise.
-extern "C" fn ap_idle() -> ! {
-    let me = this_cpu();
-    if crate::state().want_shstk {
-        interrupts::load_cet_idt();
-    }
-    crate::patching::sync_word_online();
-    me.online.store(true, Ordering::Release);
-    loop {
-        x86_64::instructions::interrupts::disable();
-        let work = me.work.swap(0, Ordering::Acquire);
-        if work != 0 {
-            x86_64::instructions::interrupts::enable();
-            // SAFETY: `run_on` stores a `fn(u64)` pointer.
-            let f: fn(u64) = unsafe { core::mem::transmute(work as usize) };
-            f(me.work_arg.load(Ordering::Relaxed));
-            me.work_done.fetch_add(1, Ordering::Release);
-        } else {
-            // STI; HLT: an interrupt between the check and the halt still wakes us.
-            x86_64::instructions::interrupts::enable_and_hlt();
-        }
-    }
-}
-
 /// Hand `f(arg)` to CPU `index`; returns the ticket to wait on.
 pub fn run_on(index: usize, f: fn(u64), arg: u64) -> u64 {
     let c = percpu::cpu(index);
@@ -226,10 +182,10 @@ pub fn sync_others() {
 /// neither leave a CPU out nor fake its serialization. The APIC ID an IPI
 /// goes to is per-CPU data: forging it can only make the patcher wait.
 fn sync_others_acked_on_shadow_pages() {
-    let me = crate::patching::sync_word_addr(cet::rdssp());
+    let me = crate::records::sync_word_addr(cet::rdssp());
     let mut before = [0u64; mm::MAX_CPUS];
     for (cpu, b) in before.iter_mut().enumerate() {
-        let word = crate::patching::sync_word_of(cpu);
+        let word = crate::records::sync_word_of(cpu);
         if word == me {
             continue;
         }
@@ -240,7 +196,7 @@ fn sync_others_acked_on_shadow_pages() {
         }
     }
     for (cpu, &b) in before.iter().enumerate().filter(|&(_, &b)| b != 0) {
-        let word = crate::patching::sync_word_of(cpu);
+        let word = crate::records::sync_word_of(cpu);
         while cet::read_slot(word) == b {
             core::hint::spin_loop();
         }

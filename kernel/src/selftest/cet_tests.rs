@@ -10,9 +10,10 @@ use shadowcall_support::paging::{self, Kind, Pte, PAGE_SIZE};
 use x86_64::registers::control::{Cr4, Cr4Flags};
 use x86_64::registers::model_specific::CetFlags;
 
-use crate::interrupts::{try_run, IST_TEST, VEC_CP, VEC_GP, VEC_PF};
+use crate::interrupts::IST_TEST;
 use crate::patching::BpTestHook;
 use crate::percpu::this_cpu;
+use crate::recover::{try_run, VEC_CP, VEC_GP, VEC_PF};
 use crate::{cet, check, mm, BootState};
 use shadowcall::cet::Pl0Ssp;
 

@@ -20,9 +20,9 @@ use shadowcall_support::ktap::Outcome;
 
 use super::cet_tests::skip_without_shstk;
 use super::{block_site, tlog, tlog_reset, LARGE_SITES};
-use crate::interrupts::{try_run, GUARD_REFUSAL, VEC_CP};
 use crate::patching::{self, PatchStats, Step};
 use crate::percpu::this_cpu;
+use crate::recover::{try_run, GUARD_REFUSAL, VEC_CP};
 use crate::{cet, check, mm, BootState};
 
 pub(crate) type SiteFn = unsafe extern "C" fn(u64) -> u64;

@@ -240,7 +240,7 @@ pub fn run_all(st: &BootState) -> bool {
     );
     for &(name, test) in TESTS {
         let mut outcome = Outcome::Fail;
-        if let Err(f) = interrupts::try_run(|| {
+        if let Err(f) = crate::recover::try_run(|| {
             outcome = test(st);
             0
         }) {

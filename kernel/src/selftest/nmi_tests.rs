@@ -201,7 +201,7 @@ static STORM_THREAD_BAD: AtomicU64 = AtomicU64::new(0);
 static STORM_FAULTS: AtomicU64 = AtomicU64::new(0);
 
 fn storm_receiver(_: u64) {
-    let r = crate::interrupts::try_run(|| {
+    let r = crate::recover::try_run(|| {
         let (mut calls, mut bad) = (0u64, 0u64);
         while !STORM_STOP.load(Ordering::Relaxed) {
             let c = call_checked(sc_s_fn as SiteFn, 0);
@@ -368,7 +368,7 @@ pub fn sec_poke_nmi_abort(_st: &BootState) -> Outcome<'static> {
     let new = NewInsn::Call(t[1]).encode(site).unwrap_or_default();
     #[cfg(feature = "test-hooks")]
     {
-        mm::NMI_IN_NEXT_POKE.store(true, Ordering::SeqCst);
+        *mm::IN_NEXT_POKE.lock() = Some(nmi_now);
         patching::test_poke(site, &new);
     }
     match POKE_NMI_SAW.load(Ordering::SeqCst) {

@@ -25,9 +25,9 @@ use shadowcall::patch::{NewInsn, SITE_LEN};
 use shadowcall_support::ktap::Outcome;
 use shadowcall_support::paging::{Pte, PAGE_SIZE};
 
-use crate::interrupts::{try_run, FaultInfo, VEC_PF};
 use crate::patching::{self, Step};
 use crate::percpu::{self, this_cpu};
+use crate::recover::{try_run, FaultInfo, VEC_PF};
 use crate::{mm, smp, BootState};
 
 extern "C" {

@@ -15,21 +15,14 @@ use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use shadowcall_support::ktap::Outcome;
 
 use super::cet_tests::skip_without_shstk;
-use crate::interrupts::{VEC_MC, VEC_NMI};
 use crate::percpu::this_cpu;
+use crate::recover::{VEC_MC, VEC_NMI};
 use crate::{cet, mm, BootState};
 
-/// Where the NMI path raises its software #MC (asm/entry.S
-/// `NESTED_TEST_HOOK`); 0: nowhere. At the stub's entry:
-pub const NESTED_AT_ENTRY: u8 = 1;
-/// In the middle of the NMI's save (RBX..R8 stored, R9..R15 not yet).
-pub const NESTED_IN_SAVE: u8 = 2;
-/// In the middle of the NMI exit's restore (R15..R8 loaded, the rest not yet).
-pub const NESTED_IN_RESTORE: u8 = 3;
-/// Added to a point: the #MC path raises a software NMI there instead.
-pub const NESTED_MC_OUTER: u8 = 3;
-/// `sc_t_nested_probe` loads `NESTED_PATTERN + i` into GPR i.
-pub const NESTED_PATTERN: u64 = 0x5ca1_ab1e_0000_0000;
+#[cfg(feature = "test-hooks")]
+use crate::interrupts::NESTED_MC_OUTER;
+use crate::interrupts::{NESTED_AT_ENTRY, NESTED_IN_RESTORE, NESTED_IN_SAVE, NESTED_PATTERN};
+
 /// The nested handler forges GPR i of its trap frame to `FORGED + i`.
 const FORGED: u64 = 0x0bad_f00d_0000_0000;
 

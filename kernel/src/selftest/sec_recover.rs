@@ -12,10 +12,9 @@ use shadowcall_support::ktap::Outcome;
 use super::emul_tests::{call_checked, SiteFn};
 use super::smp_tests::SC_STRESS_COUNTS;
 use crate::apic::{self, Delivery};
-use crate::interrupts::{
-    try_run, FaultInfo, FORGED_TRY_CTX, IST_NMI, NMI_FAULTS, NMI_LAST_FAULT, TRY_RET_OFFSET, VEC_PF,
-};
+use crate::interrupts::IST_NMI;
 use crate::percpu::this_cpu;
+use crate::recover::{try_run, FaultInfo, FORGED_TRY_CTX, NMI_FAULTS, NMI_LAST_FAULT, TRY_RET_OFFSET, VEC_PF};
 use crate::{cet, check, mm, patching, BootState};
 
 core::arch::global_asm!(include_str!("../../../asm/sec_recover.S"), options(att_syntax));
@@ -92,7 +91,7 @@ pub fn sec_try_forged_ssp(_st: &BootState) -> Outcome<'static> {
     let ssp0 = cet::rdssp();
     let forged0 = FORGED_TRY_CTX.load(Ordering::SeqCst);
     let r = try_run(|| {
-        let Some(ctx) = this_cpu().top_try() else {
+        let Some(ctx) = this_cpu().top_try().map(|p| p.cast::<crate::recover::TryCtx>()) else {
             return NO_RECOVERY_POINT;
         };
         // SAFETY: the attacker's ordinary stores into the recovery context

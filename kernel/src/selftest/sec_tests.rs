@@ -21,13 +21,15 @@ use spin::Mutex;
 
 use super::cet_tests::skip_without_shstk;
 use super::{tlog, tlog_reset};
-use crate::interrupts::{try_run, FaultInfo, GUARD_REFUSAL, VEC_CP, VEC_PF, VEC_UD};
 use crate::patching::{self, InFlight, Step};
 use crate::percpu::this_cpu;
+use crate::recover::{try_run, FaultInfo, GUARD_REFUSAL, VEC_CP, VEC_PF, VEC_UD};
 use crate::{apic, cet, interrupts, mm, BootState};
 
 #[cfg(feature = "test-hooks")]
-use crate::patching::{test_claim_record, test_free_record, test_poke, test_set_in_exit};
+use crate::patching::test_poke;
+#[cfg(feature = "test-hooks")]
+use crate::records::{test_claim_record, test_free_record, test_set_in_exit};
 
 /// Without the hooks these are never reached (the tests skip first).
 #[cfg(not(feature = "test-hooks"))]
@@ -144,7 +146,7 @@ static FORGE_NMI_REGS: AtomicBool = AtomicBool::new(false);
 
 /// A handler of a vector other than #BP ran (the common exit comes next).
 pub fn after_dispatch(frame: &mut TrapFrame) {
-    if frame.vector == interrupts::VEC_NMI && FORGE_NMI_REGS.swap(false, Ordering::Relaxed) {
+    if frame.vector == crate::recover::VEC_NMI && FORGE_NMI_REGS.swap(false, Ordering::Relaxed) {
         // The shadow-gap exit holds F in r8 and the target in rcx: aim its
         // WRSS at the victim slots, with the attacker's values.
         frame.r8 = victim() + 8;
@@ -294,7 +296,7 @@ pub fn sec_exit_forged_frame(st: &BootState) -> Outcome<'static> {
         if let Err(e) = r {
             errors.push(format!("{}: patch: {e}", s.name()));
         }
-        if patching::pending_tramp_records() != 0 {
+        if crate::records::pending_tramp_records() != 0 {
             errors.push(format!("{}: a trampoline record was left claimed", s.name()));
         }
         if patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {}).is_err() {
@@ -406,7 +408,7 @@ pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
         // A record can only be written with WRSS: an ordinary store faults.
         // Nor can one fake a sync acknowledgement (the sync word).
         let page = mm::tramp_record_page(cet::rdssp()).expect("SSP in the stack area");
-        for slot in [page + 63 * RECORD_SIZE, patching::sync_word_addr(cet::rdssp())] {
+        for slot in [page + 63 * RECORD_SIZE, crate::records::sync_word_addr(cet::rdssp())] {
             let before = cet::read_slot(slot);
             // SAFETY: a deliberate store to the record page; the #PF is caught.
             let w = try_run(|| unsafe {
@@ -467,7 +469,7 @@ pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
     if let Err(e) = r {
         errors.push(format!("patch: {e}"));
     }
-    if patching::pending_tramp_records() != 0 {
+    if crate::records::pending_tramp_records() != 0 {
         errors.push(String::from("records left claimed"));
     }
     if patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {}).is_err() {
@@ -782,12 +784,14 @@ pub fn sec_seal_unverified(st: &BootState) -> Outcome<'static> {
                     if cet::rdssp() != ssp0 || victim_slots() != before {
                         errors.push(format!("{name}, {what}: exit: SSP or shadow slots changed"));
                     }
-                    if patching::pending_tramp_records() != 0 {
+                    if crate::records::pending_tramp_records() != 0 {
                         errors.push(format!("{name}, {what}: exit: a trampoline record was claimed"));
                     }
-                    if patching::in_exit_count(me) != 0 {
-                        errors
-                            .push(format!("{name}, {what}: exit: in-exit count left {}", patching::in_exit_count(me)));
+                    if crate::records::in_exit_count(me) != 0 {
+                        errors.push(format!(
+                            "{name}, {what}: exit: in-exit count left {}",
+                            crate::records::in_exit_count(me)
+                        ));
                     }
                 }
                 test_poke(at, &entry_image(&orig));
@@ -887,7 +891,7 @@ pub fn sec_unseal_in_exit(st: &BootState) -> Outcome<'static> {
             Ok(_) if held != 2 => errors.push(format!("CPU {w}'s exit in flight: the writer did not wait for it")),
             other => errors.push(format!("CPU {w}'s exit ended: expected the write, got {other:?}")),
         }
-        if patching::in_exit_count(w) != 0 {
+        if crate::records::in_exit_count(w) != 0 {
             test_set_in_exit(w, 0);
         }
         if write(&orig.to_ne_bytes()).is_err() || read() != orig {

@@ -149,8 +149,8 @@ fn stress_worker(_: u64) {
     let me = this_cpu().index;
     // Each calling CPU runs its local APIC timer meanwhile: interrupts land
     // around (and become pending inside) the emulation windows.
-    apic::timer(smp::VEC_TIMER, STRESS_TIMER_COUNT);
-    let r = crate::interrupts::try_run(|| {
+    apic::timer(crate::apic::VEC_TIMER, STRESS_TIMER_COUNT);
+    let r = crate::recover::try_run(|| {
         let (mut calls, mut bad) = (0u64, 0u64);
         while !STOP.load(Ordering::Relaxed) {
             let c = call_checked(sc_s_fn as SiteFn, 0);
@@ -164,7 +164,7 @@ fn stress_worker(_: u64) {
         UNBALANCED[me].store(bad, Ordering::SeqCst);
         0
     });
-    apic::timer(smp::VEC_TIMER, 0);
+    apic::timer(crate::apic::VEC_TIMER, 0);
     if let Err(f) = r {
         WORKER_FAULTS.fetch_add(1, Ordering::SeqCst);
         diag!("FAIL: CPU {me}: fault in the stress loop: {f}");
@@ -332,7 +332,7 @@ pub fn irq_in_window(_st: &BootState) -> Outcome<'static> {
             }
             let em0 = get(&counters.emulations);
             patching::WATCH_IRQ.store(true, Ordering::SeqCst);
-            apic::timer(smp::VEC_TIMER, TIMER_COUNT);
+            apic::timer(crate::apic::VEC_TIMER, TIMER_COUNT);
             let p0 = get(&counters.irq_pending_at_exit);
             x86_64::instructions::interrupts::enable();
             for _ in 0..WINDOW_CALLS_MAX {
@@ -347,7 +347,7 @@ pub fn irq_in_window(_st: &BootState) -> Outcome<'static> {
                 }
             }
             x86_64::instructions::interrupts::disable();
-            apic::timer(smp::VEC_TIMER, 0);
+            apic::timer(crate::apic::VEC_TIMER, 0);
             patching::WATCH_IRQ.store(false, Ordering::SeqCst);
             emulated += get(&counters.emulations) - em0;
         });
@@ -396,12 +396,11 @@ pub fn nmi(_frame: &mut TrapFrame) {
     let c = this_cpu();
     PerCpu::count(&c.counters.nmis);
     super::nmi_tests::nmi_body();
-    crate::bench::nmi_hook();
     super::sec_recover::nmi_hook();
     if c.counters.window_depth.load(Ordering::Relaxed) > 0 {
         PerCpu::count(&c.counters.nmi_in_window);
     }
-    if crate::patching::pending_tramp_records() > 0 {
+    if crate::records::pending_tramp_records() > 0 {
         PerCpu::count(&c.counters.nmi_between_traps);
     }
     if NMI_CALLS_SITE.load(Ordering::Relaxed) {

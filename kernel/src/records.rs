@@ -1,0 +1,126 @@
+//! This kernel's per-CPU record pages (shadow-stack pages: only WRSS
+//! writes them; layout `shadowcall::emul::record`): the trampoline records
+//! kept between a call's two traps, the sync word, and the in-exit count.
+//! Used by the patcher, by fault recovery (freeing records it unwinds past)
+//! and by the sync (acknowledgements), none of which depend on each other
+//! for it.
+
+use shadowcall::emul::record::{IN_EXIT_WORD, RECORDS_PER_PAGE, RECORD_SIZE, REC_SSP, SYNC_WORD};
+#[cfg(feature = "test-hooks")]
+use shadowcall::emul::record::{REC_RSP_IF, REC_SITE, REC_TARGET};
+
+use crate::percpu::this_cpu;
+use crate::{cet, mm};
+
+/// This CPU's trampoline records that are in use (between two traps).
+pub fn pending_tramp_records() -> usize {
+    if !cet::active() {
+        return this_cpu().lifo().depth();
+    }
+    let Some(page) = mm::tramp_record_page(cet::rdssp()) else { return 0 };
+    (0..RECORDS_PER_PAGE).filter(|i| cet::read_slot(page + i * RECORD_SIZE + REC_SSP) != 0).count()
+}
+
+/// Fault recovery unwinds the stack from `lo` up to the recovery point's SSP
+/// `hi`: free the trampoline records of emulations started in between (their
+/// second trap will never come). Values and slots: 0, on the record page of
+/// the CPU whose stack holds `lo` (static layout).
+pub fn free_records_between(lo: u64, hi: u64) {
+    if !cet::enforced() {
+        return;
+    }
+    let Some(page) = mm::tramp_record_page(lo) else { return };
+    for rec in (0..RECORDS_PER_PAGE).map(|i| page + i * RECORD_SIZE) {
+        let bound = cet::read_slot(rec + REC_SSP);
+        if bound != 0 && bound >= lo && bound < hi && mm::same_shadow_stack(lo, bound, 1) {
+            // SAFETY: a record slot of this CPU's record page (shadow-stack
+            // memory no CPU uses as its stack), freed with the constant 0.
+            unsafe { cet::wrss(rec + REC_SSP, 0) };
+        }
+    }
+}
+
+/// This CPU's sync word (see `shadowcall::emul::record::SYNC_WORD`), found
+/// from its shadow stack `ssp` (static layout).
+pub fn sync_word_addr(ssp: u64) -> u64 {
+    match mm::tramp_record_page(ssp) {
+        Some(page) => page + SYNC_WORD,
+        // RDSSP of a running CPU is always inside the stack area: fail closed.
+        None => {
+            crate::diag!("PANIC: SSP {ssp:#x} is on no CPU's shadow stack");
+            crate::exit(false)
+        }
+    }
+}
+
+/// CPU `cpu`'s sync word.
+pub fn sync_word_of(cpu: usize) -> u64 {
+    mm::tramp_record_page_of_cpu(cpu) + SYNC_WORD
+}
+
+/// This CPU is online with shadow stacks: its sync word becomes 1.
+pub fn sync_word_online() {
+    if cet::enforced() {
+        // SAFETY: this CPU's sync word on its record page (shadow-stack
+        // memory no CPU uses as its stack), the constant 1.
+        unsafe { cet::wrss(sync_word_addr(cet::rdssp()), 1) };
+    }
+}
+
+/// The sync IPI: acknowledge by adding one to this CPU's sync word (a value
+/// read from the same shadow-stack page).
+pub fn sync_word_ack() {
+    if cet::enforced() {
+        let word = sync_word_addr(cet::rdssp());
+        // SAFETY: as in sync_word_online; the value comes from that word itself.
+        unsafe { cet::wrss(word, cet::read_slot(word) + 1) };
+    }
+}
+
+/// The record on this CPU's record page bound to `bound_ssp`.
+pub fn find_record(f_base: u64, bound_ssp: u64) -> Option<u64> {
+    let page = mm::tramp_record_page(f_base)?;
+    (0..RECORDS_PER_PAGE).map(|i| page + i * RECORD_SIZE).find(|&r| cet::read_slot(r + REC_SSP) == bound_ssp)
+}
+
+/// CPU `cpu`'s in-exit count (see `shadowcall::emul::record::IN_EXIT_WORD`).
+pub fn in_exit_count(cpu: usize) -> u64 {
+    cet::read_slot(mm::tramp_record_page_of_cpu(cpu) + IN_EXIT_WORD)
+}
+
+/// Self-test support: set CPU `cpu`'s in-exit count with WRSS, as an exit
+/// in flight on that CPU would have. Test builds only, shadow stacks on.
+#[cfg(feature = "test-hooks")]
+pub fn test_set_in_exit(cpu: usize, count: u64) {
+    assert!(cpu < mm::MAX_CPUS && cet::active(), "test_set_in_exit: CPU {cpu} or no shadow stacks");
+    // SAFETY: the in-exit word of a record page (shadow-stack memory no CPU
+    // uses as its stack); test builds only.
+    unsafe { cet::wrss(mm::tramp_record_page_of_cpu(cpu) + IN_EXIT_WORD, count) };
+}
+
+/// Self-test support: claim a trampoline record on this CPU's record page
+/// with WRSS, as a first trap on the stack at `ssp` would. Test builds only.
+#[cfg(feature = "test-hooks")]
+pub fn test_claim_record(ssp: u64, rsp_if: u64, site: u64, target: u64) -> u64 {
+    let page = mm::tramp_record_page(cet::rdssp()).expect("SSP on this CPU's shadow stack");
+    let rec = (0..RECORDS_PER_PAGE)
+        .map(|i| page + i * RECORD_SIZE)
+        .find(|&r| cet::read_slot(r + REC_SSP) == 0)
+        .expect("a free trampoline record");
+    // SAFETY: a free record of this CPU's record page (a shadow-stack page no
+    // CPU uses as its stack); test builds only.
+    unsafe {
+        cet::wrss(rec + REC_SSP, ssp);
+        cet::wrss(rec + REC_RSP_IF, rsp_if);
+        cet::wrss(rec + REC_SITE, site);
+        cet::wrss(rec + REC_TARGET, target);
+    }
+    rec
+}
+
+/// Self-test support: free a record `test_claim_record` claimed.
+#[cfg(feature = "test-hooks")]
+pub fn test_free_record(rec: u64) {
+    // SAFETY: as in test_claim_record.
+    unsafe { cet::wrss(rec + REC_SSP, 0) };
+}
