@@ -5,6 +5,10 @@
 //! through the trampoline; the second trap takes the record back. Records nest
 //! strictly (an NMI, or a site hit from a nested handler, completes its own
 //! emulation before the interrupted one resumes), so a LIFO suffices.
+//!
+//! That LIFO ([`EmulLifo`]) holds the records when shadow stacks are off;
+//! with them on, a record lives on the CPU's record page ([`record`]), where
+//! only WRSS writes.
 
 use core::fmt;
 
@@ -41,8 +45,7 @@ pub struct EmulLifo {
     depth: usize,
 }
 
-/// [`EmulLifo::push`] found all [`LIFO_DEPTH`] slots taken: the record is
-/// not kept and the call must not be emulated through the trampoline.
+/// [`EmulLifo::push`] found all [`LIFO_DEPTH`] slots taken; nothing was recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LifoFull;
 

@@ -12,15 +12,15 @@
 //!
 //! A `call` to the very next instruction (displacement 0) does not push the
 //! shadow stack, so each call jumps over one byte of padding.
+//!
+//! The `TRAMP_*_OFF` offsets are fixed by this shape and proved by [`verify`]
+//! for every emitted copy: the #BP exit compares against `page + offset`
+//! constants, never against a layout kept in writable memory.
 
 use alloc::vec::Vec;
 use core::fmt;
 
 use crate::insn::{self, BranchKind, OPC_CALL_REL32, OPC_INT3, OPC_RET, REL32_LEN};
-
-// Offsets in the trampoline that `emit` produces (fixed by its shape, and
-// proved by `verify` for every emitted copy). The #BP exit compares against
-// `page + offset` constants, never against a layout kept in writable memory.
 
 /// Offset of the entry (the first `call`), where the first trap sends the CPU.
 pub const TRAMP_ENTRY_OFF: u64 = 0;
