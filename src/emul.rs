@@ -5,6 +5,10 @@
 //! through the trampoline; the second trap takes the record back. Records nest
 //! strictly (an NMI, or a site hit from a nested handler, completes its own
 //! emulation before the interrupted one resumes), so a LIFO suffices.
+//!
+//! That LIFO ([`EmulLifo`]) holds the records when shadow stacks are off;
+//! with them on, a record lives on the CPU's record page ([`record`]), where
+//! only WRSS writes.
 
 use core::fmt;
 
@@ -41,6 +45,7 @@ pub struct EmulLifo {
     depth: usize,
 }
 
+/// [`EmulLifo::push`] found all [`LIFO_DEPTH`] slots taken; nothing was recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LifoFull;
 
@@ -51,15 +56,19 @@ impl Default for EmulLifo {
 }
 
 impl EmulLifo {
+    /// An empty LIFO (usable in a `static`).
     pub const fn new() -> Self {
         EmulLifo {
             slots: [PendingCall { site: 0, ret: 0, target: 0, interrupts: false, rsp: 0 }; LIFO_DEPTH],
             depth: 0,
         }
     }
+    /// Number of pending records.
     pub fn depth(&self) -> usize {
         self.depth
     }
+    /// Reserve the next slot (raise the depth), then fill it with `p`;
+    /// [`LifoFull`] when [`LIFO_DEPTH`] records are pending.
     pub fn push(&mut self, p: PendingCall) -> Result<(), LifoFull> {
         let d = self.depth;
         if d == LIFO_DEPTH {
@@ -70,9 +79,11 @@ impl EmulLifo {
         self.slots[d] = p;
         Ok(())
     }
+    /// The most recent pending record, left in place.
     pub fn top(&self) -> Option<PendingCall> {
         self.depth.checked_sub(1).map(|d| self.slots[d])
     }
+    /// Read the most recent pending record, then release its slot.
     pub fn pop(&mut self) -> Option<PendingCall> {
         let p = self.top()?;
         core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
@@ -91,17 +102,34 @@ pub enum GuardError {
     /// The trampoline's int3 was reached without a first trap on this CPU.
     NoPendingEmulation,
     /// A slot the handler would write is not inside the expected stack.
-    SlotOutsideStack { stack: StackKind, addr: u64 },
+    SlotOutsideStack {
+        /// Which stack the slot should be on.
+        stack: StackKind,
+        /// The slot's address.
+        addr: u64,
+    },
     /// A slot does not hold the trampoline's own return address.
-    SlotMismatch { stack: StackKind, slot: u8, found: u64, expected: u64 },
+    SlotMismatch {
+        /// Which stack the slot is on.
+        stack: StackKind,
+        /// 0 for `[top]` (the second return address), 1 for `[top + 8]` (the first).
+        slot: u8,
+        /// The word the slot holds.
+        found: u64,
+        /// The trampoline return address it must hold.
+        expected: u64,
+    },
     /// The #BP exit found the trap frame, the shadow frame or the sealed
     /// batch different from what the handler checked (changed in between).
     FrameChanged,
 }
 
+/// Which of the two stacks a [`GuardError`] is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StackKind {
+    /// The ordinary stack (RSP).
     Normal,
+    /// The shadow stack (SSP).
     Shadow,
 }
 
@@ -164,20 +192,35 @@ pub mod record {
 pub mod save {
     /// Scratch word of the entry stub (RAX while it decides).
     pub const SCRATCH: u64 = 0;
+    /// Offset of the interrupted RAX.
     pub const RAX: u64 = 8;
+    /// Offset of the interrupted RBX.
     pub const RBX: u64 = 16;
+    /// Offset of the interrupted RCX.
     pub const RCX: u64 = 24;
+    /// Offset of the interrupted RDX.
     pub const RDX: u64 = 32;
+    /// Offset of the interrupted RSI.
     pub const RSI: u64 = 40;
+    /// Offset of the interrupted RDI.
     pub const RDI: u64 = 48;
+    /// Offset of the interrupted RBP.
     pub const RBP: u64 = 56;
+    /// Offset of the interrupted R8.
     pub const R8: u64 = 64;
+    /// Offset of the interrupted R9.
     pub const R9: u64 = 72;
+    /// Offset of the interrupted R10.
     pub const R10: u64 = 80;
+    /// Offset of the interrupted R11.
     pub const R11: u64 = 88;
+    /// Offset of the interrupted R12.
     pub const R12: u64 = 96;
+    /// Offset of the interrupted R13.
     pub const R13: u64 = 104;
+    /// Offset of the interrupted R14.
     pub const R14: u64 = 112;
+    /// Offset of the interrupted R15.
     pub const R15: u64 = 120;
     /// The interrupted SSP (0: no save is live).
     pub const BOUND: u64 = 128;

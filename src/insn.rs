@@ -36,28 +36,41 @@ pub const OPC_RET: u8 = 0xc3;
 pub const OPC_ESCAPE_0F: u8 = 0x0f;
 /// `0F 1F`: the multi-byte NOP (with ModRM.reg = 0).
 pub const OPC2_NOP_RM: u8 = 0x1f;
-/// Second bytes of the three-byte maps `0F 38` and `0F 3A`.
+/// Second byte of the three-byte map `0F 38`.
 pub const OPC2_ESCAPE_38: u8 = 0x38;
+/// Second byte of the three-byte map `0F 3A`.
 pub const OPC2_ESCAPE_3A: u8 = 0x3a;
 
-/// Legacy prefixes (64-bit mode).
+// Legacy prefixes (64-bit mode; SDM vol. 2 §2.1.1).
+/// Operand-size override (`66`); also a mandatory prefix of some SSE forms.
 pub const PFX_OPSIZE: u8 = 0x66;
+/// Address-size override (`67`).
 pub const PFX_ADDRSIZE: u8 = 0x67;
+/// `LOCK` (`F0`).
 pub const PFX_LOCK: u8 = 0xf0;
+/// `REPNE`/`REPNZ` (`F2`); also a mandatory prefix.
 pub const PFX_REPNE: u8 = 0xf2;
+/// `REP`/`REPE`/`REPZ` (`F3`); also a mandatory prefix.
 pub const PFX_REP: u8 = 0xf3;
 /// Segment overrides ES, CS, SS, DS, FS, GS.
 pub const PFX_SEGMENTS: [u8; 6] = [0x26, 0x2e, 0x36, 0x3e, 0x64, 0x65];
-/// REX is `0100WRXB`.
+/// REX is `0100WRXB`: a byte is a REX prefix when `b & REX_MASK == REX_BASE`.
 pub const REX_MASK: u8 = 0xf0;
+/// The fixed high nibble of REX (`0100`).
 pub const REX_BASE: u8 = 0x40;
+/// REX.W: 64-bit operand size; it takes precedence over `66` and gives
+/// `mov r64, imm64` (`B8+r`) its 8-byte immediate.
 pub const REX_W: u8 = 0x08;
 
-/// Escapes this decoder does not follow (64-bit mode): VEX3, VEX2, EVEX, and
-/// XOP (`8F` when the next byte's map field is 8 or more; else `pop r/m`).
+// Escapes this decoder does not follow (64-bit mode).
+/// The 3-byte VEX prefix (`C4`; `les` outside 64-bit mode).
 pub const OPC_VEX3: u8 = 0xc4;
+/// The 2-byte VEX prefix (`C5`; `lds` outside 64-bit mode).
 pub const OPC_VEX2: u8 = 0xc5;
+/// The EVEX prefix (`62`; `bound` outside 64-bit mode).
 pub const OPC_EVEX: u8 = 0x62;
+/// The XOP prefix (`8F`) when the next byte's map field is 8 or more; else
+/// `8F` is `pop r/m`.
 pub const OPC_XOP: u8 = 0x8f;
 const XOP_MAP_MASK: u8 = 0x1f;
 const XOP_MIN_MAP: u8 = 8;
@@ -65,13 +78,16 @@ const XOP_MIN_MAP: u8 = 8;
 /// A `call rel32` or `jmp rel32`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BranchKind {
+    /// `call rel32` (`E8`).
     Call,
+    /// `jmp rel32` (`E9`).
     Jmp,
 }
 
 /// A decoded 5-byte `call`/`jmp rel32`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rel32Branch {
+    /// Call or jmp.
     pub kind: BranchKind,
     /// The signed displacement, from the end of the instruction.
     pub disp: i32,

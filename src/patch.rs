@@ -23,9 +23,14 @@ use crate::insn;
 
 /// Length of every patch site.
 pub const SITE_LEN: usize = 5;
+/// The one-byte breakpoint `int3` (opcode CC): step 1 of the patch protocol
+/// writes it on every site, and it pads a patched `ret`.
 pub const INT3: u8 = 0xcc;
+/// Opcode of `call rel32` (E8 cd).
 pub const OPC_CALL_REL32: u8 = 0xe8;
+/// Opcode of `jmp rel32` (E9 cd).
 pub const OPC_JMP_REL32: u8 = 0xe9;
+/// Opcode of the near `ret` (C3).
 pub const OPC_RET: u8 = 0xc3;
 /// The 5-byte NOP `nopl 0x0(%rax,%rax,1)`.
 pub const NOP5: [u8; SITE_LEN] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
@@ -34,14 +39,18 @@ pub const NOP5: [u8; SITE_LEN] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 /// labels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NewInsn {
+    /// `call rel32` to the given absolute target.
     Call(u64),
+    /// `jmp rel32` to the given absolute target (a tail call).
     Jmp(u64),
+    /// The 5-byte NOP [`NOP5`].
     Nop,
     /// `ret` padded with int3.
     Ret,
 }
 
 impl NewInsn {
+    /// The call/jmp target; `None` for `Nop` and `Ret`.
     pub fn target(self) -> Option<u64> {
         match self {
             NewInsn::Call(t) | NewInsn::Jmp(t) => Some(t),
@@ -74,9 +83,13 @@ pub fn rel32(site: u64, target: u64) -> Option<i32> {
 /// What a site holds now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SiteKind {
+    /// `call rel32`, with its absolute target.
     Call(u64),
+    /// `jmp rel32`, with its absolute target.
     Jmp(u64),
+    /// A 5-byte `nop r/m32`.
     Nop,
+    /// `ret` followed by four int3.
     Ret,
 }
 
@@ -106,89 +119,137 @@ pub fn classify(bytes: &[u8], ip: u64) -> Result<SiteKind, PatchError> {
 }
 
 /// Why a batch was rejected. Each kind of bad input has its own variant.
+///
+/// In every variant `site` is the address of the offending site as the
+/// batch gave it, and `target` the call/jmp target the batch asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PatchError {
+    /// The batch has no site.
     EmptyBatch,
+    /// The site's first byte is not in kernel text.
     AddressOutsideText {
+        /// The site.
         site: u64,
     },
+    /// The site starts in text but its 5 bytes run past the end of text.
     SiteCrossesTextEnd {
+        /// The site.
         site: u64,
     },
+    /// The batch names the same site twice.
     DuplicateSite {
+        /// The site.
         site: u64,
     },
+    /// Two sites of the batch are less than 5 bytes apart.
     OverlappingSites {
+        /// The lower site.
         first: u64,
+        /// The higher site.
         second: u64,
     },
+    /// The site lies inside a registered site's 5 bytes, not at its start.
     MidInstruction {
+        /// The site.
         site: u64,
+        /// The registered site whose instruction contains it.
         insn_start: u64,
     },
+    /// The site is not in the registered site table.
     UnknownSite {
+        /// The site.
         site: u64,
     },
+    /// The bytes at the site do not decode as an instruction.
     Undecodable {
+        /// The site.
         site: u64,
     },
     /// An instruction of another kind: its first bytes (zero-padded if
     /// fewer) and its length.
     UnsupportedInstruction {
+        /// The site.
         site: u64,
+        /// The first 5 bytes at the site (zero-padded if text ends earlier).
         bytes: [u8; SITE_LEN],
+        /// The length of the instruction found there.
         len: usize,
     },
+    /// The target is more than ±2 GiB from the end of the site (no rel32 reaches it).
     TargetOutOfRange {
+        /// The site.
         site: u64,
+        /// The target.
         target: u64,
     },
+    /// The target is not in kernel text.
     TargetOutsideText {
+        /// The site.
         site: u64,
+        /// The target.
         target: u64,
     },
+    /// Another batch is between validation and retirement (one batch at a time).
     BatchInFlight,
+    /// More sites than a batch may have (at most 2^32 - 1: the search index holds u32 slots).
     TooManySites {
+        /// The number of sites given.
         count: usize,
     },
     /// A site whose bytes overlap code the #BP handler runs.
     SiteInHandlerCode {
+        /// The site.
         site: u64,
+        /// The forbidden region it overlaps.
         region: CodeRegion,
     },
     /// A call/jmp target inside the trampoline page.
     TargetInTrampoline {
+        /// The site.
         site: u64,
+        /// The target.
         target: u64,
     },
     /// A call/jmp target inside exception entry code.
     TargetInEntryCode {
+        /// The site.
         site: u64,
+        /// The target.
         target: u64,
     },
     /// A call/jmp target inside the CET bring-up code.
     TargetInCetCode {
+        /// The site.
         site: u64,
+        /// The target.
         target: u64,
     },
     /// A call/jmp target inside the instruction at a registered target.
     TargetMidInstruction {
+        /// The site.
         site: u64,
+        /// The target.
         target: u64,
+        /// The registered target whose first instruction contains it.
         insn_start: u64,
     },
     /// A call/jmp target that is not a registered patch target.
     UnknownTarget {
+        /// The site.
         site: u64,
+        /// The target.
         target: u64,
     },
     /// The target table registers an address in code the #BP handler runs.
     RegisteredTargetInHandlerCode {
+        /// The registered target.
         target: u64,
+        /// The forbidden region it lies in.
         region: CodeRegion,
     },
-    /// A sealed batch that does not hold what `Batch::write_sealed` writes.
+    /// A sealed batch that does not hold what [`Batch::write_sealed`] writes.
     BadSealedBatch {
+        /// What is wrong with it.
         flaw: SealedFlaw,
     },
 }
@@ -251,14 +312,18 @@ impl fmt::Display for PatchError {
 /// Read-only view of kernel text.
 #[derive(Clone, Copy)]
 pub struct Text<'a> {
+    /// Address of the first byte of text.
     pub base: u64,
+    /// The text's bytes, `bytes[i]` at address `base + i`.
     pub bytes: &'a [u8],
 }
 
 impl Text<'_> {
+    /// One past the last byte of text.
     pub fn end(&self) -> u64 {
         self.base + self.bytes.len() as u64
     }
+    /// Is `addr` a byte of text?
     pub fn contains(&self, addr: u64) -> bool {
         addr >= self.base && addr < self.end()
     }
@@ -299,8 +364,11 @@ impl fmt::Display for CodeRegion {
 /// A forbidden code range `[start, end)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CodeRange {
+    /// First byte of the range.
     pub start: u64,
+    /// One past the last byte.
     pub end: u64,
+    /// Which code it is (named in the refusal).
     pub region: CodeRegion,
 }
 
@@ -338,6 +406,8 @@ fn sorted_table(raw: &[u64]) -> Cow<'_, [u64]> {
 }
 
 impl<'a> Registry<'a> {
+    /// A registry of the `sites` and `targets` tables (each used in place
+    /// when sorted, else copied sorted) and the `forbidden` code ranges.
     pub fn new(sites: &'a [u64], targets: &'a [u64], forbidden: &[CodeRange]) -> Self {
         Registry { sites: sorted_table(sites), targets: sorted_table(targets), forbidden: forbidden.to_vec() }
     }
@@ -356,6 +426,7 @@ impl<'a> Registry<'a> {
     pub fn targets(&self) -> &[u64] {
         &self.targets
     }
+    /// The code ranges no site may overlap and no target may lie in.
     pub fn forbidden(&self) -> &[CodeRange] {
         &self.forbidden
     }
@@ -383,9 +454,11 @@ impl<'a> Registry<'a> {
         }
         Ok(())
     }
+    /// Is `addr` a registered site (binary search of the site table)?
     pub fn is_site(&self, addr: u64) -> bool {
         self.sites.binary_search(&addr).is_ok()
     }
+    /// Is `addr` a registered target (binary search of the target table)?
     pub fn is_target(&self, addr: u64) -> bool {
         self.targets.binary_search(&addr).is_ok()
     }
@@ -394,7 +467,9 @@ impl<'a> Registry<'a> {
 /// One validated site.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
+    /// The site's address (a registered site).
     pub site: u64,
+    /// The instruction it is patched to.
     pub insn: NewInsn,
     /// The new instruction's bytes at `site`.
     pub bytes: [u8; SITE_LEN],
@@ -427,12 +502,15 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The validated entries, sorted by site.
     pub fn entries(&self) -> &[Entry] {
         &self.entries
     }
+    /// Number of sites.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
+    /// Does the batch hold no site? (Never for a batch from [`build_batch`].)
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -511,10 +589,13 @@ impl Batch {
 
 /// The first word of a sealed batch ("SCSEALD1").
 pub const SEALED_MAGIC: u64 = u64::from_le_bytes(*b"SCSEALD1");
-/// `SealedEntry::kind` values.
+/// [`SealedEntry::kind`] of a [`NewInsn::Call`].
 pub const KIND_CALL: u64 = 1;
+/// [`SealedEntry::kind`] of a [`NewInsn::Jmp`].
 pub const KIND_JMP: u64 = 2;
+/// [`SealedEntry::kind`] of a [`NewInsn::Nop`].
 pub const KIND_NOP: u64 = 3;
+/// [`SealedEntry::kind`] of a [`NewInsn::Ret`].
 pub const KIND_RET: u64 = 4;
 const WORD: usize = 8;
 /// `SealedEntry::bytes` of every nop entry: `NOP5`, packed.
@@ -534,6 +615,7 @@ pub enum SealedFlaw {
     Misaligned,
     /// Fewer bytes than the header, or than the header says.
     TooShort,
+    /// The first word is not the expected magic ([`SEALED_MAGIC`], or 0 before publication).
     BadMagic,
     /// More entries than a batch may have.
     BadLength,
@@ -543,11 +625,13 @@ pub enum SealedFlaw {
     BadLayout,
     /// A tree node does not hold the key and slot `Batch` would put there.
     BadIndex {
+        /// The tree node (1-based, breadth-first).
         node: u64,
     },
     /// An entry is out of order, of an unknown kind, or its bytes are not
     /// the encoding of its instruction at its site.
     BadEntry {
+        /// The entry's index (in site order).
         index: u64,
     },
 }
@@ -571,13 +655,17 @@ impl fmt::Display for SealedFlaw {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SealedHeader {
+    /// [`SEALED_MAGIC`] once published (0 while unpublished).
     pub magic: u64,
     /// Number of entries.
     pub len: u64,
     /// Steps of every search: the tree has 2^depth - 1 nodes.
     pub depth: u64,
+    /// Offset of the search tree's keys (2^depth u64, index 0 unused).
     pub keys_off: u64,
+    /// Offset of the tree nodes' entry indices (2^depth u32).
     pub slots_off: u64,
+    /// Offset of the `len` [`SealedEntry`]s, sorted by site.
     pub entries_off: u64,
     /// Bytes of the whole sealed batch, header included.
     pub total_len: u64,
@@ -587,6 +675,7 @@ pub struct SealedHeader {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SealedEntry {
+    /// The site's address.
     pub site: u64,
     /// The call/jmp target; 0 for nop and ret.
     pub target: u64,
@@ -614,6 +703,7 @@ fn pack_bytes(b: &[u8; SITE_LEN]) -> u64 {
 }
 
 impl SealedEntry {
+    /// The sealed form of a validated entry.
     pub fn of(e: &Entry) -> Self {
         let kind = match e.insn {
             NewInsn::Call(_) => KIND_CALL,
@@ -845,15 +935,19 @@ impl<'a> SealedBatch<'a> {
         Ok(())
     }
 
+    /// The header (checked by `from_raw`).
     pub fn header(&self) -> &'a SealedHeader {
         self.header
     }
+    /// The entries, sorted by site once [`verify`](Self::verify) passed.
     pub fn entries(&self) -> &'a [SealedEntry] {
         self.entries
     }
+    /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
+    /// Does it hold no entry?
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

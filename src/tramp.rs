@@ -12,20 +12,23 @@
 //!
 //! A `call` to the very next instruction (displacement 0) does not push the
 //! shadow stack, so each call jumps over one byte of padding.
+//!
+//! The `TRAMP_*_OFF` offsets are fixed by this shape and proved by [`verify`]
+//! for every emitted copy: the #BP exit compares against `page + offset`
+//! constants, never against a layout kept in writable memory.
 
 use alloc::vec::Vec;
 use core::fmt;
 
 use crate::insn::{self, BranchKind, OPC_CALL_REL32, OPC_INT3, OPC_RET, REL32_LEN};
 
-/// Offsets in the trampoline that `emit` produces (fixed by its shape, and
-/// proved by `verify` for every emitted copy): the entry, the two return
-/// addresses its calls push, and the trap int3. The #BP exit compares
-/// against `page + offset` constants, never against a layout kept in
-/// writable memory.
+/// Offset of the entry (the first `call`), where the first trap sends the CPU.
 pub const TRAMP_ENTRY_OFF: u64 = 0;
+/// Offset of the return address the first call pushes (`ret1`).
 pub const TRAMP_RET1_OFF: u64 = TRAMP_ENTRY_OFF + REL32_LEN as u64;
+/// Offset of the return address the second call pushes (`ret2`).
 pub const TRAMP_RET2_OFF: u64 = TRAMP_L1_OFF + REL32_LEN as u64;
+/// Offset of the int3 of the second trap.
 pub const TRAMP_TRAP_OFF: u64 = TRAMP_RET2_OFF + TRAMP_PAD_LEN as u64;
 /// Bytes of the trampoline.
 pub const TRAMP_LEN: usize = TRAMP_TRAP_OFF as usize + TRAMP_TAIL_LEN;
@@ -86,15 +89,20 @@ impl TrampLayout {
     pub fn ret_insn(&self) -> u64 {
         self.trap + 1
     }
+    /// Is `addr` one of the trampoline's bytes?
     pub fn contains(&self, addr: u64) -> bool {
         addr >= self.base && addr < self.base + self.len as u64
     }
 }
 
+/// Why [`verify`] (and so [`emit`]) refused trampoline bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TrampError {
     /// A call whose target is the next instruction: it would not push the shadow stack.
-    ZeroDisplacementCall { at: u64 },
+    ZeroDisplacementCall {
+        /// The call's address.
+        at: u64,
+    },
     /// The bytes do not have the trampoline's shape.
     Shape(&'static str),
 }
