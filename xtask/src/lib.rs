@@ -18,6 +18,7 @@ pub mod kernel;
 pub mod ktap;
 pub mod kvm;
 pub mod machines;
+pub mod modgraph;
 pub mod qemu;
 pub mod rundir;
 pub mod runner;
