@@ -90,15 +90,85 @@
     popq %rbx
 .endm
 
-/* The start of the three step writers: checks, tables, r12 := the site,
- * rbx := its new bytes. */
-.macro POKE_STEP_BEGIN
+/* One patching CPU at a time, decided in asm: r8 := this CPU's alias PTE
+ * (POKE_TABLES) is set to the site's page before the text check (it stays
+ * non-zero until POKE_LEAVE), then, after a full fence, every other CPU's
+ * alias PTE must be 0 (Dekker: of two step writers racing, at least one
+ * sees the other's PTE and refuses). The alias PTEs lie in the page tables,
+ * which no ordinary store reaches (threat model), and the patcher's own
+ * lock (mm::POKE_LOCK, ordinary memory) keeps them 0 whenever another CPU
+ * may poke: a second step writer only runs with that lock forged. So the
+ * text check that follows and the stores after it are not interleaved
+ * with another CPU's. Clobbers rax, rcx. */
+.macro POKE_CLAIM
+    movq %r10, %rax
+    andq $-4096, %rax
+    movabsq ${ALIAS_FLAGS}, %rcx
+    orq %rcx, %rax
+    movq %rax, (%r8)
+    mfence
+    leaq sc_shared_tables+{POKE_TABLES_OFF}+{POKE_PT_OFF}+8*{ALIAS_PT_INDEX}(%rip), %rax
+    movl ${MAX_CPUS}, %ecx
+.Lclaim_cpu\@:
+    cmpq %r8, %rax
+    je .Lclaim_next\@
+    cmpq $0, (%rax)
+    jne sc_poke_bad                 /* another CPU is poking: refuse */
+.Lclaim_next\@:
+    addq ${POKE_TABLES_SIZE}, %rax
+    decl %ecx
+    jnz .Lclaim_cpu\@
+.endm
+
+/* The start of the three step writers: checks (the entry; this CPU alone
+ * pokes), then `check`, a macro that reads the site's text (readable
+ * through the normal mapping, r10 = site, r11 = its new bytes; may clobber
+ * rax, rcx, rdx) and jumps to sc_poke_bad unless the step may go ahead from
+ * what text holds now; then the private tables, r12 := the site, rbx := its
+ * new bytes. */
+.macro POKE_STEP_BEGIN check
     SAVE
     POKE_ENTRY
     POKE_TABLES
+    POKE_CLAIM
+    \check
     POKE_ENTER
     movq %r10, %r12
     movq %r11, %rbx
+.endm
+
+/* The text preconditions of the steps (DESIGN §5): what each writer may
+ * write onto, read from text (read-only data), never from the patcher's
+ * choice of step (ordinary memory). Text at a site of the live batch is
+ * then always its old instruction, int3 followed by anything, or the
+ * entry's whole new instruction. */
+
+/* Step 1: int3 over anything is an instruction boundary the #BP handler
+ * owns: no precondition. */
+.macro TEXT_ANY
+.endm
+
+/* Step 2: only behind step 1's int3 (writing the tails again is fine). */
+.macro TEXT_INT3
+    cmpb ${INT3}, (%r10)
+    jne sc_poke_bad
+.endm
+
+/* Step 3: bytes 1..4 are the entry's new tails, and byte 0 is step 1's
+ * int3, or already the new first byte (the whole new instruction: the
+ * rewrite of REWRITE_STEPS or of a redone step, which writes the same byte
+ * again). Never the new first byte over other tails. */
+.macro TEXT_TAILS_WRITTEN
+    movq %r11, %rax
+    shrq $8, %rax
+    cmpl %eax, 1(%r10)
+    jne sc_poke_bad
+    movzbl (%r10), %eax
+    cmpb ${INT3}, %al
+    je .Ltails_ok\@
+    cmpb %r11b, %al
+    jne sc_poke_bad
+.Ltails_ok\@:
 .endm
 
 /* From here to sc_poke_region_end: an NMI or #MC taken here gives the
@@ -110,7 +180,7 @@ sc_poke_region_start:
 /* void sc_poke_int3(const SealedEntry *e): step 1 at e's site. */
 .globl sc_poke_int3
 sc_poke_int3:
-    POKE_STEP_BEGIN
+    POKE_STEP_BEGIN TEXT_ANY
     movb ${INT3}, %bl
     POKE_BYTE
     POKE_LEAVE
@@ -118,10 +188,11 @@ sc_poke_int3:
     ret
 
 
-/* void sc_poke_tails(const SealedEntry *e): step 2, bytes 1..4. */
+/* void sc_poke_tails(const SealedEntry *e): step 2, bytes 1..4, only
+ * behind an int3. */
 .globl sc_poke_tails
 sc_poke_tails:
-    POKE_STEP_BEGIN
+    POKE_STEP_BEGIN TEXT_INT3
 .rept {SITE_LEN}-1
     incq %r12
     shrq $8, %rbx
@@ -131,10 +202,11 @@ sc_poke_tails:
     RESTORE
     ret
 
-/* void sc_poke_head(const SealedEntry *e): step 3, byte 0. */
+/* void sc_poke_head(const SealedEntry *e): step 3, byte 0, only onto the
+ * int3 before the entry's own new tails. */
 .globl sc_poke_head
 sc_poke_head:
-    POKE_STEP_BEGIN
+    POKE_STEP_BEGIN TEXT_TAILS_WRITTEN
     POKE_BYTE
     POKE_LEAVE
     RESTORE
@@ -233,32 +305,32 @@ sc_poke_unseal:
     RESTORE
     ret
 
-/* void sc_poke_tramp(const u8 *src, u64 len): the trampoline page only
- * (len <= 4096); the patcher proves the result by decoding text after. */
+/* void sc_poke_tramp(void): the trampoline's bytes, copied from the
+ * read-only symbol {TRAMP_SRC} ({TRAMP_LEN} bytes, a build-time constant:
+ * shadowcall::tramp::TRAMP_BYTES) into the trampoline page (a linker
+ * symbol), once only: onto the page's build-time int3 fill. No argument:
+ * nothing the copy uses passes through memory an attacker writes. The rest
+ * of the page keeps its int3 fill; the patcher proves the whole page by
+ * decoding text after (patching::init). */
 .globl sc_poke_tramp
 sc_poke_tramp:
     SAVE
     pushq %r13
     pushq %r14
-    cmpq $4096, %rsi
-    ja sc_poke_bad
     leaq sc_tramp_page(%rip), %r12
-    /* Once only: onto the page's build-time int3 fill. */
     cmpb ${INT3}, (%r12)
     jne sc_poke_bad
-    movq %rdi, %r13
-    movq %rsi, %r14
+    leaq {TRAMP_SRC}(%rip), %r13
+    movl ${TRAMP_LEN}, %r14d
     POKE_TABLES
     POKE_ENTER
-    testq %r14, %r14
-    jz 7f
 6:  movb (%r13), %bl
     POKE_BYTE
     incq %r12
     incq %r13
     decq %r14
     jnz 6b
-7:  POKE_LEAVE
+    POKE_LEAVE
     popq %r14
     popq %r13
     RESTORE

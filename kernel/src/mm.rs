@@ -437,6 +437,18 @@ pub fn poke_reset_after_abort() {
     POKE_LOCK.store(false, Ordering::Release);
 }
 
+/// Self-test support: set CPU `cpu`'s private alias PTE to `value` (another
+/// CPU "in its poking window", as the step writers see it: asm/poke.S
+/// `POKE_CLAIM`). Test builds only.
+#[cfg(feature = "test-hooks")]
+pub fn test_set_alias_pte(cpu: usize, value: u64) {
+    assert!(cpu < MAX_CPUS);
+    // SAFETY: an entry of `cpu`'s private alias table; the self-test sets it
+    // only while no CPU pokes, and a non-zero value only while it holds no
+    // alias mapping this CPU uses (its CR3 is the shared tables').
+    unsafe { core::ptr::addr_of_mut!((*poke_tables(cpu)).pt.0[ALIAS_PT_INDEX]).write_volatile(value) };
+}
+
 // The alias writers of the patcher (asm/poke.S): every address, byte and
 // length they store is derived in registers from read-only data.
 core::arch::global_asm!(
@@ -475,8 +487,18 @@ core::arch::global_asm!(
     INT3 = const shadowcall::patch::INT3,
     CR4_CET_BIT = const 23,
     MAGIC_LEN = const core::mem::size_of::<u64>(),
+    TRAMP_SRC = sym SC_TRAMP_BYTES,
+    TRAMP_LEN = const TRAMP_LEN,
     options(att_syntax)
 );
+
+/// The trampoline's bytes, the only source of `sc_poke_tramp` (asm/poke.S):
+/// an immutable static, so in .rodata, which no ordinary store reaches.
+pub static SC_TRAMP_BYTES: [u8; TRAMP_LEN] = shadowcall::tramp::TRAMP_BYTES;
+const TRAMP_LEN: usize = shadowcall::tramp::TRAMP_LEN;
+// sc_poke_tramp copies at least one byte (its loop has no zero test) and
+// stays inside the page.
+const _: () = assert!(TRAMP_LEN > 0 && TRAMP_LEN as u64 <= PAGE_SIZE);
 
 extern "C" {
     fn sc_poke_int3(e: *const shadowcall::patch::SealedEntry);
@@ -485,7 +507,7 @@ extern "C" {
     fn sc_poke_sealed(offset: u64, src: *const u8, len: u64);
     fn sc_poke_publish();
     fn sc_poke_unseal();
-    fn sc_poke_tramp(src: *const u8, len: u64);
+    fn sc_poke_tramp();
 }
 
 /// One of the patcher's alias writes (asm/poke.S).
@@ -503,14 +525,16 @@ pub enum Poke<'a> {
     /// The sealed batch's magic word: live / not live.
     Publish,
     Unseal,
-    /// Bytes into the trampoline page.
-    Tramp(&'a [u8]),
+    /// The trampoline (read-only `SC_TRAMP_BYTES`) into its page, once.
+    Tramp,
 }
 
 /// Do `pokes` with this CPU's private alias: the writers' lock held and
 /// interrupts off meanwhile. Each write checks its own destination in asm
-/// (a sealed entry of the live batch; the sealed area past its magic; the
-/// trampoline page) and stops the kernel (#UD, then a fault report) on a
+/// (a sealed entry of the live batch, and that text at its site allows the
+/// step: tails only behind an int3, the first byte only onto int3 + the
+/// entry's new tails; the sealed area past its magic; the trampoline page,
+/// once, from read-only bytes) and stops the kernel (#UD, then a fault report) on a
 /// bad one. If an exception aborts the window, the remaining writes fault or
 /// do nothing: the caller redoes them (`poke_aborted`).
 pub fn poke_all<'a>(pokes: impl Iterator<Item = Poke<'a>>) {
@@ -541,7 +565,7 @@ fn poke_one(p: Poke<'_>) {
             Poke::Sealed { offset, bytes } => sc_poke_sealed(offset, bytes.as_ptr(), bytes.len() as u64),
             Poke::Publish => sc_poke_publish(),
             Poke::Unseal => sc_poke_unseal(),
-            Poke::Tramp(bytes) => sc_poke_tramp(bytes.as_ptr(), bytes.len() as u64),
+            Poke::Tramp => sc_poke_tramp(),
         }
     }
 }

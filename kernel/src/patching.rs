@@ -174,17 +174,17 @@ pub fn init(strategy: EmulStrategy, has_serialize: bool, tcg: bool) -> Result<()
         crate::exit(false);
     }
     let base = tramp_page();
-    let (bytes, _) = tramp::emit(base)?;
-    poke(mm::Poke::Tramp(&bytes));
-    sync();
-    // Prove what is in text now (not only what we meant to write: the bytes
-    // passed through ordinary memory), against the fixed layout. Fail
-    // closed: text that is not the trampoline is replaced by int3s and the
-    // kernel stops.
     let layout = tramp::layout_at(base);
-    if let Err(e) = tramp::verify(tramp_bytes(&layout), &layout) {
-        poke(mm::Poke::Tramp(&[INT3; tramp::TRAMP_LEN]));
-        sync();
+    // The read-only source must be the trampoline (it is a copy of the
+    // const the host tests prove), then the writer copies it (asm, no
+    // argument: no byte or length passes through ordinary memory).
+    tramp::verify(&mm::SC_TRAMP_BYTES, &layout)?;
+    poke(mm::Poke::Tramp);
+    sync();
+    // Prove what is in text now against the fixed layout, and that the rest
+    // of the page is still its int3 fill. Fail closed: the kernel stops
+    // (the writer is once only, so there is no second write to undo it).
+    if let Err(e) = tramp_page_intact() {
         crate::diag!("PANIC: the trampoline page does not hold the trampoline: {e}");
         crate::exit(false);
     }
@@ -194,6 +194,24 @@ pub fn init(strategy: EmulStrategy, has_serialize: bool, tcg: bool) -> Result<()
 
 pub fn tramp_page() -> u64 {
     core::ptr::addr_of!(sc_tramp_page) as u64
+}
+
+/// Does the trampoline page hold exactly the trampoline (decoded against its
+/// fixed layout, and equal to the read-only `TRAMP_BYTES`) followed by its
+/// build-time int3 fill up to the end of the page?
+pub fn tramp_page_intact() -> Result<(), tramp::TrampError> {
+    let layout = tramp::layout_at(tramp_page());
+    tramp::verify(tramp_bytes(&layout), &layout)?;
+    // SAFETY: the trampoline page is one page of mapped, readable kernel text.
+    let page = unsafe { core::slice::from_raw_parts(tramp_page() as *const u8, PAGE_SIZE as usize) };
+    let (code, fill) = page.split_at(tramp::TRAMP_LEN);
+    if code != tramp::TRAMP_BYTES {
+        return Err(tramp::TrampError::Shape("bytes differ from TRAMP_BYTES"));
+    }
+    if fill.iter().any(|&b| b != INT3) {
+        return Err(tramp::TrampError::Shape("the page past the trampoline is not int3 fill"));
+    }
+    Ok(())
 }
 
 /// The trampoline as it is in text.

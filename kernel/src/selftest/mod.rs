@@ -201,6 +201,8 @@ const TESTS: &[(&str, TestFn)] = &[
     ("sec_exit_nmi_regs", sec_tests::sec_exit_nmi_regs),
     ("sec_seal_unverified", sec_tests::sec_seal_unverified),
     ("sec_unseal_in_exit", sec_tests::sec_unseal_in_exit),
+    ("sec_poke_step_order", sec_tests::sec_poke_step_order),
+    ("sec_tramp_bytes", sec_tests::sec_tramp_bytes),
     ("nmi_bp_keeps_nmi_masked", nmi_tests::nmi_bp_keeps_nmi_masked),
     ("nmi_storm", nmi_tests::nmi_storm),
     ("sec_sync_forged_ack", sec_sync::sec_sync_forged_ack),

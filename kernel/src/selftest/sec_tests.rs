@@ -27,6 +27,8 @@ use crate::recover::{try_run, FaultInfo, GUARD_REFUSAL, VEC_CP, VEC_PF, VEC_UD};
 use crate::{apic, cet, interrupts, mm, BootState};
 
 #[cfg(feature = "test-hooks")]
+use crate::mm::test_set_alias_pte;
+#[cfg(feature = "test-hooks")]
 use crate::patching::test_poke;
 #[cfg(feature = "test-hooks")]
 use crate::records::{test_claim_record, test_free_record, test_set_in_exit};
@@ -46,9 +48,12 @@ mod no_hooks {
     pub fn test_set_in_exit(_: usize, _: u64) {
         unreachable!("test-hooks build only")
     }
+    pub fn test_set_alias_pte(_: usize, _: u64) {
+        unreachable!("test-hooks build only")
+    }
 }
 #[cfg(not(feature = "test-hooks"))]
-use no_hooks::{test_claim_record, test_free_record, test_poke, test_set_in_exit};
+use no_hooks::{test_claim_record, test_free_record, test_poke, test_set_alias_pte, test_set_in_exit};
 
 /// Are the self-test hooks compiled in?
 const HOOKS: bool = cfg!(feature = "test-hooks");
@@ -581,7 +586,7 @@ pub fn sec_poke_forged_entry(_st: &BootState) -> Outcome<'static> {
         refused("copy of a live entry, same site", mm::Poke::Head(&SealedEntry { ..*live }), &mut errors);
         // The live batch itself cannot be rewritten (its header or entries).
         refused("sealed write while a batch is live", mm::Poke::Sealed { offset: 8, bytes: &[0x41; 8] }, &mut errors);
-        refused("trampoline rewritten", mm::Poke::Tramp(&[0x90; 4]), &mut errors);
+        refused("trampoline rewritten", mm::Poke::Tramp, &mut errors);
     });
     if let Err(e) = r {
         errors.push(format!("patch: {e}"));
@@ -905,6 +910,154 @@ pub fn sec_unseal_in_exit(st: &BootState) -> Outcome<'static> {
         || patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {}).is_err()
     {
         errors.push(String::from("patching after the test failed"));
+    }
+    super::outcome_of(&errors)
+}
+
+// ---- sec_poke_step_order ----------------------------------------------------
+
+/// An alias PTE value that is not 0 (so "that CPU is in its poking window"
+/// to the step writers) and not present (it maps nothing).
+const FOREIGN_ALIAS_PTE: u64 = 1 << 12;
+
+/// The step writers (asm/poke.S) take the step from text, not from the
+/// patcher's choice (ordinary memory; the fifth review forged it from tails
+/// to heads and left a call into the middle of an instruction in text).
+/// With a batch live: the head writer over the old tails (step 2 skipped or
+/// forged), the tails or head writer onto a site not holding int3, and any
+/// step writer while another CPU is in its poking window (its alias PTE set)
+/// are each refused (#UD) with nothing written; step 1 over anything, the
+/// tails again and the head again onto the whole new instruction (the
+/// rewrites of REWRITE_STEPS and of a redone step) are allowed; no other
+/// text changes and a normal patch still works afterwards.
+pub fn sec_poke_step_order(_st: &BootState) -> Outcome<'static> {
+    if !HOOKS {
+        return NO_HOOKS;
+    }
+    let mut errors: Vec<String> = Vec::new();
+    let site = site();
+    let read = || -> [u8; SITE_LEN] {
+        // SAFETY: a registered site in mapped, readable kernel text.
+        unsafe { core::ptr::read_volatile(site as *const [u8; SITE_LEN]) }
+    };
+    let orig = read();
+    let new = match NewInsn::Call(target(1)).encode(site) {
+        Ok(b) => b,
+        Err(e) => return super::outcome_of(&[format!("encode: {e}")]),
+    };
+    let sum0 = text_checksum_except(site);
+    // One step writer on the live entry; `ok`: expected to write, else to be
+    // refused (#UD) with the site unchanged.
+    let step = |what: &str, p: mm::Poke<'_>, ok: bool, errors: &mut Vec<String>| {
+        let before = read();
+        let r = try_run(|| {
+            mm::poke_all(core::iter::once(p));
+            0
+        });
+        match r {
+            Ok(_) if ok => {}
+            Err(f) if !ok && f.vector == VEC_UD => {
+                mm::poke_reset_after_abort();
+                if read() != before {
+                    errors.push(format!("{what}: refused but the site changed: {before:02x?} -> {:02x?}", read()));
+                }
+            }
+            other => {
+                mm::poke_reset_after_abort();
+                let want = if ok { "a write" } else { "a refusal (#UD)" };
+                errors.push(format!("{what}: expected {want}, got {other:?}; site {before:02x?} -> {:02x?}", read()));
+            }
+        }
+    };
+    let flight = match patching::begin(&[(site, NewInsn::Call(target(1)))]) {
+        Ok(f) => f,
+        Err(e) => return super::outcome_of(&[format!("begin: {e}")]),
+    };
+    if let Some(e) = patching::live_entry(site) {
+        // int3 + the old tails: step 2 skipped, the first byte must not follow.
+        step("head over the old tails (step 2 skipped)", mm::Poke::Head(e), false, &mut errors);
+        // The old instruction back (a test write): no step 2 or 3 onto it.
+        test_poke(site, &orig[..1]);
+        step("tails onto the old instruction", mm::Poke::Tails(e), false, &mut errors);
+        step("head onto the old instruction", mm::Poke::Head(e), false, &mut errors);
+        step("int3 onto the old instruction", mm::Poke::Int3(e), true, &mut errors);
+        // Another CPU in its poking window: no step writer here.
+        let other = (this_cpu().index + 1) % mm::MAX_CPUS;
+        test_set_alias_pte(other, FOREIGN_ALIAS_PTE);
+        step("int3 while another CPU pokes", mm::Poke::Int3(e), false, &mut errors);
+        step("tails while another CPU pokes", mm::Poke::Tails(e), false, &mut errors);
+        test_set_alias_pte(other, 0);
+        // Steps 2 and 3, each twice (REWRITE_STEPS).
+        step("tails", mm::Poke::Tails(e), true, &mut errors);
+        step("tails again", mm::Poke::Tails(e), true, &mut errors);
+        step("head", mm::Poke::Head(e), true, &mut errors);
+        step("head again onto the new instruction", mm::Poke::Head(e), true, &mut errors);
+        if read() != new {
+            errors.push(format!("after steps 2 and 3: site {:02x?}, expected {new:02x?}", read()));
+        }
+        step("tails onto the new instruction", mm::Poke::Tails(e), false, &mut errors);
+        // Back to int3 + new tails for the patcher's own step 3.
+        step("int3 over the new instruction", mm::Poke::Int3(e), true, &mut errors);
+    } else {
+        errors.push(String::from("no live entry for the site"));
+    }
+    patching::finish(flight);
+    if read() != new {
+        errors.push(format!("after finish: site {:02x?}, expected {new:02x?}", read()));
+    }
+    if text_checksum_except(site) != sum0 {
+        errors.push(String::from("text outside the site changed"));
+    }
+    // A normal patch still works: back to the original call.
+    if let Err(e) = patching::patch(&[(site, NewInsn::Call(target(0)))], |_| {}) {
+        errors.push(format!("restore: {e}"));
+    }
+    if read() != orig {
+        errors.push(format!("restore: site {:02x?}, expected {orig:02x?}", read()));
+    }
+    if !mm::text_alias_unmapped() {
+        errors.push(String::from("a writable view of text remains"));
+    }
+    super::outcome_of(&errors)
+}
+
+// ---- sec_tramp_bytes ----------------------------------------------------------
+
+/// The trampoline page holds exactly `TRAMP_BYTES` and then its build-time
+/// int3 fill to the end of the page (the fifth review's forged heap copy
+/// put callable code at +0x800); the writer's only source,
+/// `mm::SC_TRAMP_BYTES`, is `TRAMP_BYTES` in .rodata, mapped read-only; and
+/// a second write of the page is refused (#UD) with nothing written.
+pub fn sec_tramp_bytes(_st: &BootState) -> Outcome<'static> {
+    let mut errors: Vec<String> = Vec::new();
+    if let Err(e) = patching::tramp_page_intact() {
+        errors.push(format!("the trampoline page after boot: {e}"));
+    }
+    let src = core::ptr::addr_of!(mm::SC_TRAMP_BYTES) as u64;
+    let len = mm::SC_TRAMP_BYTES.len() as u64;
+    let (ro_start, ro_end) = mm::rodata_range();
+    if src < ro_start || src + len > ro_end {
+        errors.push(format!("SC_TRAMP_BYTES at {src:#x} is not in .rodata [{ro_start:#x}, {ro_end:#x})"));
+    }
+    let writable = shadowcall_support::paging::Pte::WRITABLE.bits();
+    match mm::shared_leaf(src) {
+        Some(e) if e & writable == 0 => {}
+        other => errors.push(format!("SC_TRAMP_BYTES at {src:#x} is not mapped read-only: {other:#x?}")),
+    }
+    if mm::SC_TRAMP_BYTES != shadowcall::tramp::TRAMP_BYTES {
+        errors.push(String::from("SC_TRAMP_BYTES differs from TRAMP_BYTES"));
+    }
+    let r = try_run(|| {
+        mm::poke_all(core::iter::once(mm::Poke::Tramp));
+        0
+    });
+    mm::poke_reset_after_abort();
+    match r {
+        Err(f) if f.vector == VEC_UD => {}
+        other => errors.push(format!("second trampoline write: expected a refusal (#UD), got {other:?}")),
+    }
+    if let Err(e) = patching::tramp_page_intact() {
+        errors.push(format!("the trampoline page after the refused write: {e}"));
     }
     super::outcome_of(&errors)
 }
