@@ -870,6 +870,6 @@ sc_bpx_table:
 .popsection
 
 .purgem LIVE_ENTRY
-.purgem TABLE_HAS
+.purgem TABLE_AT
 .purgem CHECKED_ENTRY
 .purgem STACK_CPU

@@ -342,6 +342,6 @@ sc_poke_bad:
 sc_poke_region_end:
 
 .purgem LIVE_ENTRY
-.purgem TABLE_HAS
+.purgem TABLE_AT
 .purgem CHECKED_ENTRY
 .purgem STACK_CPU

@@ -28,34 +28,20 @@
     jae \fail
 .endm
 
-/* TABLE_HAS start, end, key, fail: is the register `key` one of the u64s of
- * the read-only table [start, end) (linker symbols)? A binary search of
- * fixed length (ceil(log2 n) halvings, no early exit, one compare each): the
- * last word <= key is kept in [base, base + n); at the end it must equal
- * key. The tables are sorted at build time (xtask post-link step) and
- * checked at boot (patching::init). On an unsorted table the search can
- * only miss: it succeeds on an equal word, never otherwise, so the worst is
- * a refusal. Jumps to `fail` when absent. Clobbers rax, rcx, rdx, rsi; `key`
- * must be none of them. */
-.macro TABLE_HAS start, end, key, fail
-    leaq \start(%rip), %rax        /* base */
-    leaq \end(%rip), %rcx
-    subq %rax, %rcx
-    shrq $3, %rcx                   /* n: words in [base, base + n) */
-    jz \fail
-    cmpq $1, %rcx
-    jbe .Lth_last\@
-.Lth_loop\@:
-    movq %rcx, %rsi
-    shrq $1, %rsi                   /* half */
-    subq %rsi, %rcx                 /* n -= half */
-    leaq (%rax,%rsi,8), %rdx        /* base + half */
-    cmpq \key, (%rdx)
-    cmovbeq %rdx, %rax              /* [base + half] <= key: base += half */
-    cmpq $1, %rcx
-    ja .Lth_loop\@
-.Lth_last\@:
-    cmpq \key, (%rax)
+/* TABLE_AT start, end, idx, key, fail: is the register `key` the u64 at
+ * index `idx` (a register, an untrusted hint from the sealed entry) of the
+ * read-only table [start, end) (linker symbols)? `idx < n` and
+ * `table[idx] == key`: exactly membership, whatever `idx` says (a wrong
+ * hint can only refuse), in O(1) instead of a binary search. Jumps to
+ * `fail` otherwise. Clobbers rcx, rdx; `idx` and `key` must be neither. */
+.macro TABLE_AT start, end, idx, key, fail
+    leaq \start(%rip), %rcx
+    leaq \end(%rip), %rdx
+    subq %rcx, %rdx
+    shrq $3, %rdx                   /* n */
+    cmpq %rdx, \idx
+    jae \fail
+    cmpq \key, (%rcx,\idx,8)
     jne \fail
 .endm
 
@@ -64,7 +50,8 @@
  * those values against the read-only data alone, not against what `seal`
  * concluded in ordinary memory (DESIGN §11): the site is in
  * .shadowcall_sites; the kind is known; a call/jmp has its target in
- * .shadowcall_targets and the bytes opcode | rel32 << 8 with
+ * .shadowcall_targets (each found at the index the entry's kind word
+ * hints, TABLE_AT: a forged hint can only refuse) and the bytes opcode | rel32 << 8 with
  * rel32 = target - (site + 5) in 32 signed bits; a nop/ret has target 0 and
  * the fixed bytes. The caller uses only these registers afterwards, never
  * the entry again: what is checked is what is used, even if the sealed area
@@ -73,21 +60,30 @@
 .macro CHECKED_ENTRY ptr, site, target, kind, bytes, fail
     movq {ENTRY_SITE}(\ptr), \site
     movq {ENTRY_TARGET}(\ptr), \target
-    movq {ENTRY_KIND}(\ptr), \kind
+    movq {ENTRY_KIND}(\ptr), %rsi  /* kind | site index << 8 | target index << 36 */
     movq {ENTRY_BYTES}(\ptr), \bytes
-    movabsq ${NOP5_WORD}, %rcx
+    movq %rsi, \kind
+    andq ${KIND_MASK}, \kind
+    movq %rsi, %rax
+    shrq ${SITE_INDEX_SHIFT}, %rax
+    andq ${INDEX_MASK}, %rax
+    TABLE_AT __sites_start, __sites_end, %rax, \site, \fail
     cmpq ${KIND_NOP}, \kind
-    je .Lce_fixed\@
-    movabsq ${RET_WORD}, %rcx
+    je .Lce_nop\@
     cmpq ${KIND_RET}, \kind
-    je .Lce_fixed\@
-    movl ${OPC_CALL_REL32}, %ecx
+    je .Lce_ret\@
     cmpq ${KIND_CALL}, \kind
     je .Lce_rel\@
-    movl ${OPC_JMP_REL32}, %ecx
     cmpq ${KIND_JMP}, \kind
     jne \fail
 .Lce_rel\@:
+    shrq ${TARGET_INDEX_SHIFT}, %rsi
+    TABLE_AT __targets_start, __targets_end, %rsi, \target, \fail
+    movl ${OPC_CALL_REL32}, %ecx
+    cmpq ${KIND_CALL}, \kind
+    je .Lce_op\@
+    movl ${OPC_JMP_REL32}, %ecx
+.Lce_op\@:
     movq \target, %rax
     subq \site, %rax
     subq ${SITE_LEN}, %rax          /* rel = target - (site + 5) */
@@ -99,15 +95,18 @@
     orq %rax, %rcx
     cmpq %rcx, \bytes
     jne \fail
-    TABLE_HAS __targets_start, __targets_end, \target, \fail
-    jmp .Lce_site\@
+    jmp .Lce_done\@
+.Lce_nop\@:
+    movabsq ${NOP5_WORD}, %rcx
+    jmp .Lce_fixed\@
+.Lce_ret\@:
+    movabsq ${RET_WORD}, %rcx
 .Lce_fixed\@:
     testq \target, \target
     jnz \fail
     cmpq %rcx, \bytes
     jne \fail
-.Lce_site\@:
-    TABLE_HAS __sites_start, __sites_end, \site, \fail
+.Lce_done\@:
 .endm
 
 /* STACK_CPU fail: rax (an address in the static stack area: an SSP, or an

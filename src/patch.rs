@@ -454,6 +454,19 @@ impl<'a> Registry<'a> {
         }
         Ok(())
     }
+    /// The index hints of a validated entry (see [`SITE_INDEX_SHIFT`]): the
+    /// positions of its site and target in the tables as this registry
+    /// holds them (the read-only tables themselves when `tables_in_place`).
+    /// An index that does not fit [`INDEX_BITS`] is left 0 (the check then
+    /// refuses: an availability limit, never an acceptance).
+    pub fn index_hints(&self, e: &Entry) -> u64 {
+        let hint = |table: &[u64], v: u64| {
+            table.binary_search(&v).ok().map(|i| i as u64).filter(|&i| i <= INDEX_MASK).unwrap_or(0)
+        };
+        let site = hint(&self.sites, e.site) << SITE_INDEX_SHIFT;
+        let target = e.insn.target().map_or(0, |t| hint(&self.targets, t) << TARGET_INDEX_SHIFT);
+        site | target
+    }
     /// Is `addr` a registered site (binary search of the site table)?
     pub fn is_site(&self, addr: u64) -> bool {
         self.sites.binary_search(&addr).is_ok()
@@ -494,6 +507,10 @@ impl Entry {
 #[derive(Debug, Default)]
 pub struct Batch {
     entries: Vec<Entry>,
+    /// Per entry: the registry index hints, already shifted into place
+    /// (see [`SITE_INDEX_SHIFT`]); empty for a batch not built against a
+    /// registry.
+    hints: Vec<u64>,
     /// `tree[k]` (1 <= k < 2^depth) is a site address or padding; `tree[0]` is unused.
     tree: Vec<u64>,
     /// `slot[k]`: the index in `entries` of `tree[k]`.
@@ -502,6 +519,12 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Entry `i` as `write_sealed` writes it (with its index hints).
+    pub fn sealed_entry(&self, i: usize) -> SealedEntry {
+        let mut se = SealedEntry::of(&self.entries[i]);
+        se.kind |= self.hints.get(i).copied().unwrap_or(0);
+        se
+    }
     /// The validated entries, sorted by site.
     pub fn entries(&self) -> &[Entry] {
         &self.entries
@@ -551,8 +574,13 @@ impl Batch {
         // Smallest complete tree with at least n nodes: 2^depth - 1 nodes.
         let depth = usize::BITS - n.leading_zeros();
         let nodes = (1usize << depth) - 1;
-        let mut b =
-            Batch { tree: alloc::vec![u64::MAX; nodes + 1], slot: alloc::vec![u32::MAX; nodes + 1], entries, depth };
+        let mut b = Batch {
+            tree: alloc::vec![u64::MAX; nodes + 1],
+            slot: alloc::vec![u32::MAX; nodes + 1],
+            entries,
+            depth,
+            hints: Vec::new(),
+        };
         let mut next = 0usize;
         // In-order walk of the implicit tree assigns the sorted keys, then the padding.
         let mut stack: Vec<usize> = Vec::new();
@@ -597,6 +625,20 @@ pub const KIND_JMP: u64 = 2;
 pub const KIND_NOP: u64 = 3;
 /// [`SealedEntry::kind`] of a [`NewInsn::Ret`].
 pub const KIND_RET: u64 = 4;
+/// The bits of [`SealedEntry::kind`] that hold the kind itself.
+pub const KIND_MASK: u64 = 0xff;
+/// Where [`SealedEntry::kind`] keeps the index of the site in
+/// `.shadowcall_sites`: a hint, not trusted. A user of the entry checks
+/// `index < len && table[index] == site` against the read-only table, which
+/// is exactly membership (O(1) instead of a binary search on the #BP path).
+pub const SITE_INDEX_SHIFT: u32 = 8;
+/// Where [`SealedEntry::kind`] keeps the index of a call/jmp target in
+/// `.shadowcall_targets` (a hint, checked the same way; 0 for nop/ret).
+pub const TARGET_INDEX_SHIFT: u32 = SITE_INDEX_SHIFT + INDEX_BITS;
+/// Bits of each index hint: tables of up to 2^28 entries.
+pub const INDEX_BITS: u32 = 28;
+/// Mask of one index hint, once shifted down.
+pub const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
 const WORD: usize = 8;
 /// `SealedEntry::bytes` of every nop entry: `NOP5`, packed.
 pub const NOP5_WORD: u64 = pack_const(NOP5);
@@ -679,7 +721,9 @@ pub struct SealedEntry {
     pub site: u64,
     /// The call/jmp target; 0 for nop and ret.
     pub target: u64,
-    /// `KIND_CALL`, `KIND_JMP`, `KIND_NOP` or `KIND_RET`.
+    /// `KIND_CALL`, `KIND_JMP`, `KIND_NOP` or `KIND_RET` in the low byte
+    /// ([`KIND_MASK`]), and the registry index hints of the site
+    /// ([`SITE_INDEX_SHIFT`]) and target ([`TARGET_INDEX_SHIFT`]).
     pub kind: u64,
     /// The 5 new bytes, little-endian (byte 0 is the opcode); bits 40..63 zero.
     pub bytes: u64,
@@ -717,9 +761,13 @@ impl SealedEntry {
     pub fn ret_addr(&self) -> u64 {
         self.site.wrapping_add(SITE_LEN as u64)
     }
+    /// The kind alone (`KIND_*`), without the index hints.
+    pub fn kind_code(&self) -> u64 {
+        self.kind & KIND_MASK
+    }
     /// The new instruction, or None for an unknown kind.
     pub fn insn(&self) -> Option<NewInsn> {
-        match self.kind {
+        match self.kind_code() {
             KIND_CALL => Some(NewInsn::Call(self.target)),
             KIND_JMP => Some(NewInsn::Jmp(self.target)),
             KIND_NOP => Some(NewInsn::Nop),
@@ -818,8 +866,8 @@ impl Batch {
             let s = l.slots_off + k * core::mem::size_of::<u32>();
             out[s..s + 4].copy_from_slice(&slot.to_ne_bytes());
         }
-        for (i, e) in self.entries.iter().enumerate() {
-            let se = SealedEntry::of(e);
+        for i in 0..self.entries.len() {
+            let se = self.sealed_entry(i);
             let off = l.entries_off + i * core::mem::size_of::<SealedEntry>();
             for (j, v) in [se.site, se.target, se.kind, se.bytes].into_iter().enumerate() {
                 put_u64(out, off + j * WORD, v);
@@ -1002,7 +1050,10 @@ pub fn build_batch(text: &Text<'_>, registry: &Registry<'_>, sites: &[(u64, NewI
     for e in entries.iter_mut() {
         e.bytes = check_site(text, registry, e.site, e.insn)?;
     }
-    Ok(Batch::from_sorted(entries))
+    let hints = entries.iter().map(|e| registry.index_hints(e)).collect();
+    let mut batch = Batch::from_sorted(entries);
+    batch.hints = hints;
+    Ok(batch)
 }
 
 fn check_site(
@@ -1411,7 +1462,7 @@ mod tests {
             assert_eq!(se.ret_addr(), e.ret_addr());
             assert_eq!(se.target, e.insn.target().unwrap_or(0));
         }
-        let kinds: Vec<u64> = s.entries().iter().map(|e| e.kind).collect();
+        let kinds: Vec<u64> = s.entries().iter().map(|e| e.kind_code()).collect();
         assert_eq!(kinds, [KIND_NOP, KIND_RET, KIND_JMP, KIND_CALL]);
         assert_eq!(s.entries()[3].bytes, 0x14e8, "call rel32 +0x14, little-endian");
         // Position independent: a copy elsewhere reads the same.
@@ -1422,6 +1473,30 @@ mod tests {
         let mut small = vec![0xaau8; b.sealed_len() - 1];
         assert_eq!(b.write_sealed(&mut small), Err(PatchError::BadSealedBatch { flaw: SealedFlaw::TooShort }));
         assert!(small.iter().all(|&x| x == 0xaa));
+    }
+
+    #[test]
+    fn sealed_entries_carry_registry_index_hints() {
+        let code = [0xe8, 0, 0, 0, 0, 0x90, 0xe8, 0, 0, 0, 0, 0x90, 0xc3];
+        let text = Text { base: 0x1000, bytes: &code };
+        let (sites, targets) = ([0x1000u64, 0x1006], [0x100cu64, 0x2000]);
+        let reg = Registry::new(&sites, &targets, &[]);
+        let b = build_batch(&text, &reg, &[(0x1006, NewInsn::Call(0x100c)), (0x1000, NewInsn::Nop)]).unwrap();
+        for (i, (site, target_index)) in [(0x1000u64, None), (0x1006, Some(0u64))].into_iter().enumerate() {
+            let se = b.sealed_entry(i);
+            assert_eq!(se.site, site);
+            let site_index = (se.kind >> SITE_INDEX_SHIFT) & INDEX_MASK;
+            assert_eq!(sites[site_index as usize], site);
+            assert_eq!(se.kind >> TARGET_INDEX_SHIFT, target_index.unwrap_or(0));
+            assert_eq!(se.kind_code(), if target_index.is_some() { KIND_CALL } else { KIND_NOP });
+        }
+        // The sealed image holds the same words.
+        let mut buf = alloc::vec![0u8; b.sealed_len()];
+        b.write_sealed(&mut buf).unwrap();
+        // SAFETY: `buf` is a sealed image of its own length.
+        let s = unsafe { SealedBatch::from_raw(buf.as_ptr(), buf.len()) }.unwrap();
+        assert_eq!(s.entries(), &[b.sealed_entry(0), b.sealed_entry(1)]);
+        s.verify().unwrap();
     }
 
     #[test]

@@ -416,7 +416,7 @@ fn seal(batch: &Batch) -> Result<(), PatchError> {
         // patchable bytes in text now.
         let pairs: Vec<(u64, NewInsn)> = b.entries().iter().filter_map(|e| e.insn().map(|i| (e.site, i))).collect();
         let again = build_batch(&mm::text(), &patch_registry(), &pairs)?;
-        match again.entries().iter().zip(b.entries()).position(|(x, y)| SealedEntry::of(x) != *y) {
+        match (0..again.len()).zip(b.entries()).position(|(i, y)| again.sealed_entry(i) != *y) {
             None if again.len() == b.len() => Ok(()),
             i => Err(PatchError::BadSealedBatch { flaw: SealedFlaw::BadEntry { index: i.unwrap_or(0) as u64 } }),
         }
@@ -746,7 +746,7 @@ fn emulate(frame: &mut TrapFrame, f: Option<ShadowFrame>, e: &SealedEntry) -> Bp
 #[inline(always)]
 fn emulate_insn(cpu: &PerCpu, frame: &mut TrapFrame, f: Option<ShadowFrame>, e: &SealedEntry) -> (BpExit, bool) {
     let entry = e as *const SealedEntry as u64;
-    match e.kind {
+    match e.kind_code() {
         KIND_CALL => {
             let code = if cpu.force_classic.load(Ordering::Relaxed) != 0 {
                 CODE_CLASSIC
