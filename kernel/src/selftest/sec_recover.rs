@@ -238,7 +238,6 @@ const RACE_START_SPINS: u64 = 50_000_000;
 static RACE_LEGIT: AtomicU64 = AtomicU64::new(0);
 static RACE_FORGED: AtomicU64 = AtomicU64::new(0);
 static RACE_TOP: AtomicU64 = AtomicU64::new(0);
-static RACE_FLOOR: AtomicU64 = AtomicU64::new(0);
 static RACE_RUNNING: AtomicBool = AtomicBool::new(false);
 static RACE_STOP: AtomicBool = AtomicBool::new(false);
 /// Stack slots the attacker changed, and its sweeps over the region.
@@ -261,17 +260,21 @@ mod no_hooks {
 use no_hooks::{test_claim_top_record, test_free_record};
 
 /// The attacker, on another CPU: ordinary stores only. Over and over, every
-/// slot of the victim's normal stack in [RACE_FLOOR, RACE_TOP) that holds the
+/// slot of the victim's normal stack in [RACE_TOP - RACE_REGION, RACE_TOP) that holds the
 /// real recovery SSP L (or the marker slot L-8, from which L is computed) is
 /// replaced by the forged X (or X-8), with a compare-and-swap so that no
 /// other live value of the victim is touched. The old unwind kept L in such
 /// a slot between computing it and its WRSS.
-fn race_attacker(_: u64) {
+fn race_attacker(victim: u64) {
     RACE_RUNNING.store(true, Ordering::SeqCst);
     let (legit, forged) = (RACE_LEGIT.load(Ordering::SeqCst), RACE_FORGED.load(Ordering::SeqCst));
+    let stack = mm::kernel_stack(victim as usize);
     while !RACE_STOP.load(Ordering::Relaxed) {
-        let (lo, hi) = (RACE_FLOOR.load(Ordering::Relaxed), RACE_TOP.load(Ordering::Relaxed));
-        let mut a = lo;
+        let hi = RACE_TOP.load(Ordering::Relaxed);
+        if hi < stack.lo || hi > stack.hi {
+            continue;
+        }
+        let mut a = stack.lo.max(hi.saturating_sub(RACE_REGION)) & !(shstk::SLOT - 1);
         while a < hi {
             // SAFETY: a slot of the victim CPU's kernel stack (mapped,
             // 8-aligned); the attacker's ordinary accesses to it.
@@ -321,18 +324,33 @@ fn race_fault(guard: u64) -> u64 {
         // SAFETY: the attacker's ordinary store into the live recovery context.
         unsafe { (*ctx).rsp = 0 };
     }
-    let floor = mm::kernel_stack(this_cpu().index).lo.max(here.saturating_sub(RACE_REGION));
-    RACE_FLOOR.store(floor, Ordering::SeqCst);
     RACE_TOP.store(here, Ordering::SeqCst);
     // SAFETY: a deliberate read of an unmapped guard page; the #PF is the test.
     unsafe { (guard as *const u64).read_volatile() }
 }
 
 /// One recovery point: the same call site (so the same recovery SSP) for
-/// the probe and for every faulting run.
+/// the probe and for every faulting run. Checks SSP right after it, before
+/// any return could pop a slot of a forged shadow stack.
 #[inline(never)]
 fn race_try(probe: bool, guard: u64) -> Result<u64, FaultInfo> {
-    try_run(|| if probe { race_recovery_ssp() } else { race_fault(guard) })
+    let before = cet::rdssp();
+    let r = try_run(|| if probe { race_recovery_ssp() } else { race_fault(guard) });
+    let after = cet::rdssp();
+    if after != before {
+        race_hijacked(before, after);
+    }
+    r
+}
+
+/// The unwind did not land at the recovery point: the shadow stack is no
+/// longer this thread's, so no return is safe. Report and stop.
+#[inline(never)]
+fn race_hijacked(want: u64, got: u64) -> ! {
+    RACE_STOP.store(true, Ordering::SeqCst);
+    diag!("FAIL: sec_fault_ssp_race: after the unwind SSP is {got:#x}, not {want:#x} where try_run left it");
+    diag!("PANIC: fault recovery obeyed an SSP from ordinary memory");
+    crate::exit(false)
 }
 
 /// sec_fault_ssp_race (review 5, F1): another CPU keeps replacing, on this
@@ -372,11 +390,10 @@ pub fn sec_fault_ssp_race(_st: &BootState) -> Outcome<'static> {
     RACE_LEGIT.store(legit, Ordering::SeqCst);
     RACE_FORGED.store(forged, Ordering::SeqCst);
     RACE_TOP.store(0, Ordering::SeqCst);
-    RACE_FLOOR.store(0, Ordering::SeqCst);
     RACE_STOP.store(false, Ordering::SeqCst);
     RACE_HITS.store(0, Ordering::SeqCst);
     RACE_SWEEPS.store(0, Ordering::SeqCst);
-    let ticket = crate::smp::run_on(other, race_attacker, 0);
+    let ticket = crate::smp::run_on(other, race_attacker, me as u64);
     let mut spins = 0;
     while !RACE_RUNNING.load(Ordering::SeqCst) && spins < RACE_START_SPINS {
         core::hint::spin_loop();
@@ -386,13 +403,8 @@ pub fn sec_fault_ssp_race(_st: &BootState) -> Outcome<'static> {
     let mut bad = None;
     for i in 0..RACE_ITERATIONS {
         let r = race_try(false, guard);
-        let ssp = cet::rdssp();
-        if ssp != ssp0 {
-            // The shadow stack is not this thread's any more: no return is safe.
-            RACE_STOP.store(true, Ordering::SeqCst);
-            diag!("FAIL: sec_fault_ssp_race: iteration {i}: the unwind set SSP {ssp:#x}, not {ssp0:#x} ({r:?})");
-            diag!("PANIC: fault recovery obeyed an SSP from ordinary memory");
-            crate::exit(false);
+        if cet::rdssp() != ssp0 {
+            race_hijacked(ssp0, cet::rdssp());
         }
         if !matches!(r, Err(ref f) if is_guard_pf(f, guard)) {
             bad = Some((i, r));
