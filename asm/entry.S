@@ -126,7 +126,7 @@ ISR_NOERR {VEC_SPURIOUS}
  * the frame is ordinary memory. Code that holds the operands of a WRSS, a
  * CR3 or a PTE write in registers (a critical region) must never get its
  * registers back that way. The regions:
- *   [sc_bpx_region_start, sc_bpx_region_end)    the #BP exits
+ *   [sc_bpx_region_start, sc_bpx_region_end)    the #BP exits, the sync words
  *   [sc_poke_region_start, sc_poke_region_end)  the alias writers (poke.S)
  *   [sc_isr_region_start, sc_isr_region_end)    this code: the NMI and #MC
  *     paths (which hold the registers of the region they interrupted, and
@@ -436,8 +436,8 @@ sc_isr_3:
     movq %rsp, %rdi
     cld
     call sc_bp_handler
-/* From here to sc_bpx_region_end: the #BP exits, which hold the operands of
- * their WRSS in registers. An NMI or #MC taken in between (the only
+/* From here to sc_bpx_region_end: the #BP exits (and, at its end, the sync
+ * words' writers), which hold the operands of their WRSS in registers. An NMI or #MC taken in between (the only
  * interrupts possible: IF=0) keeps the registers it interrupted on a page
  * only WRSS writes and gives them back from there (sc_isr_cet_ist below). */
 .globl sc_bpx_region_start, sc_bpx_region_end
@@ -780,6 +780,63 @@ sc_bpx_refuse:
     movq %r8, %rsi                  /* F, from RDSSP */
     call sc_bp_exit_refused
     jmp sc_bp_return
+
+/* ---- The sync protocol's words (DESIGN §8.2, §11) ----------------------
+ * With shadow stacks on, which CPUs a sync waits for and whether they have
+ * serialized are decided here, in registers, from shadow-stack pages only:
+ * the generation on CPU 0's record page and each CPU's sync word on its own
+ * record page (shadowcall::emul::record). Callers check that shadow stacks
+ * are enforced first and call with IF=0: these lie in the #BP exits'
+ * critical region, so an NMI or #MC that interrupts them hands their
+ * registers back from the WRSS-only save page, not from its trap frame. */
+
+/* void sc_sync_bump(void): the generation := its own value + 1, after the
+ * writes of the step it follows (MFENCE on both sides). */
+.globl sc_sync_bump
+sc_sync_bump:
+    mfence
+    movq sc_tramp_records+{SYNC_GEN}(%rip), %rax
+    incq %rax
+    wrssq %rax, sc_tramp_records+{SYNC_GEN}(%rip)
+    mfence
+    ret
+
+/* void sc_sync_ack(void): this CPU's sync word := generation + 1. The CPU
+ * is the one whose stack area holds SSP (static layout); #UD outside it. */
+.globl sc_sync_ack
+sc_sync_ack:
+    rdsspq %rax
+    STACK_CPU sc_sync_bad
+    shlq ${RECORD_PAGE_SHIFT}, %rax
+    leaq sc_tramp_records(%rip), %rdi
+    addq %rax, %rdi
+    movq sc_tramp_records+{SYNC_GEN}(%rip), %rax
+    incq %rax
+    wrssq %rax, {SYNC_WORD}(%rdi)
+    ret
+sc_sync_bad:
+    ud2
+
+/* void sc_sync_wait_all(void): return once every online CPU's sync word
+ * (non-zero) is above the generation, both re-read each time: every CPU
+ * that was online has acknowledged since the last bump. */
+.globl sc_sync_wait_all
+sc_sync_wait_all:
+    leaq sc_tramp_records+{SYNC_WORD}(%rip), %rdx
+    movl ${MAX_CPUS}, %ecx
+1:  movq (%rdx), %rax
+    testq %rax, %rax
+    jz 3f
+2:  cmpq sc_tramp_records+{SYNC_GEN}(%rip), %rax
+    ja 3f
+    pause
+    movq (%rdx), %rax
+    jmp 2b
+3:  addq ${RECORD_PAGE_BYTES}, %rdx
+    decl %ecx
+    jnz 1b
+    ret
+
 sc_bpx_region_end:
 
 /* Stub addresses for the IDT, indexed by vector (0 = no stub). */

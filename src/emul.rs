@@ -160,12 +160,13 @@ pub mod record {
     pub const RECORD_SIZE: u64 = 32;
     /// Bytes of a CPU's record page (one 4 KiB page, page aligned).
     pub const RECORD_PAGE_SIZE: u64 = 4096;
-    /// Records on one page (its last 32 bytes hold the sync and in-exit words).
+    /// Records on one page (its last 32 bytes hold the sync, in-exit and (CPU 0) sync-generation words).
     pub const RECORDS_PER_PAGE: u64 = RECORD_PAGE_SIZE / RECORD_SIZE - 1;
     /// The CPU's sync word on its record page: 0 while the CPU is not
-    /// online with shadow stacks; then 1, plus one per sync IPI it took.
-    /// Written only with WRSS by its own CPU, so an ordinary store can
-    /// neither fake an acknowledgement nor take a CPU out of the sync.
+    /// online with shadow stacks; then the sync generation it last
+    /// acknowledged, plus one ([`SYNC_GEN_WORD`]). Written only with WRSS by
+    /// its own CPU, so an ordinary store can neither fake an acknowledgement
+    /// nor take a CPU out of the sync.
     pub const SYNC_WORD: u64 = RECORDS_PER_PAGE * RECORD_SIZE;
     /// The CPU's in-exit count: how many #BP exits of this CPU (nested ones
     /// included: an NMI inside an exit can take its own) are between their
@@ -174,6 +175,12 @@ pub mod record {
     /// `BPX_ENTRY`/`BPX_LEAVE`); the sealed-area writer (asm/poke.S
     /// `sc_poke_sealed`) rewrites nothing while any CPU's count is non-zero.
     pub const IN_EXIT_WORD: u64 = SYNC_WORD + 8;
+    /// On CPU 0's record page only: the sync generation. A patcher raises it
+    /// (WRSS, its own value + 1) before it sends the sync IPIs; each CPU
+    /// acknowledges by writing generation + 1 into its sync word (WRSS, on
+    /// its own CPU); the patcher waits until every online CPU's sync word
+    /// is above the generation. Every value comes from shadow-stack pages.
+    pub const SYNC_GEN_WORD: u64 = IN_EXIT_WORD + 8;
     /// The SSP interrupted by the first trap (0: the record is free). The
     /// second trap's interrupted SSP + 16 must equal it (bound to the stack).
     pub const REC_SSP: u64 = 0;

@@ -39,23 +39,48 @@ pub fn sync_word_of(cpu: usize) -> u64 {
     mm::tramp_record_page_of_cpu(cpu) + SYNC_WORD
 }
 
-/// This CPU is online with shadow stacks: its sync word becomes 1.
+extern "C" {
+    fn sc_sync_bump();
+    fn sc_sync_ack();
+    fn sc_sync_wait_all();
+}
+
+/// This CPU is online with shadow stacks: its sync word becomes the sync
+/// generation + 1 (asm/entry.S `sc_sync_ack`: the word found from RDSSP,
+/// the value from CPU 0's generation word, in registers only).
 pub fn sync_word_online() {
     if cet::enforced() {
-        // SAFETY: this CPU's sync word on its record page (shadow-stack
-        // memory no CPU uses as its stack), the constant 1.
-        unsafe { cet::wrss(sync_word_addr(cet::rdssp()), 1) };
+        x86_64::instructions::interrupts::without_interrupts(|| {
+            // SAFETY: shadow stacks are enforced and IF=0 (the routine lies in
+            // a critical region); it writes only this CPU's sync word.
+            unsafe { sc_sync_ack() }
+        });
     }
 }
 
-/// The sync IPI: acknowledge by adding one to this CPU's sync word (a value
-/// read from the same shadow-stack page).
+/// The sync IPI: acknowledge (as `sync_word_online`). Called with IF=0
+/// (an interrupt gate).
 pub fn sync_word_ack() {
     if cet::enforced() {
-        let word = sync_word_addr(cet::rdssp());
-        // SAFETY: as in sync_word_online; the value comes from that word itself.
-        unsafe { cet::wrss(word, cet::read_slot(word) + 1) };
+        // SAFETY: as in sync_word_online; the dispatcher runs with IF=0.
+        unsafe { sc_sync_ack() }
     }
+}
+
+/// A new sync round: raise the generation (after the step's writes).
+/// IF must be 0.
+pub fn sync_bump() {
+    // SAFETY: shadow stacks are enforced (the caller's check) and IF=0; the
+    // routine writes only the generation word, with its own value + 1.
+    unsafe { sc_sync_bump() }
+}
+
+/// Wait until every online CPU has acknowledged since the last
+/// `sync_bump` (decided in asm from shadow-stack pages). IF must be 0.
+pub fn sync_wait_all() {
+    // SAFETY: shadow stacks are enforced (the caller's check) and IF=0; the
+    // routine only reads.
+    unsafe { sc_sync_wait_all() }
 }
 
 /// The record on this CPU's record page bound to `bound_ssp`.

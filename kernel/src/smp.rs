@@ -178,27 +178,25 @@ pub fn sync_others() {
 
 /// `sync_others` with shadow stacks on: which CPUs take part, and their
 /// acknowledgements, come from their sync words (shadow-stack memory written
-/// only by WRSS on their own CPU), not from per-CPU data: an ordinary store can
-/// neither leave a CPU out nor fake its serialization. The APIC ID an IPI
-/// goes to is per-CPU data: forging it can only make the patcher wait.
+/// only by WRSS on their own CPU) and the sync generation, compared in asm
+/// (`records::sync_wait_all`), never from a snapshot in ordinary memory: an
+/// ordinary store can neither leave a CPU out nor fake its serialization.
+/// The APIC ID an IPI goes to is per-CPU data: forging it can only make the
+/// patcher wait. Runs with IF=0 (the asm lies in a critical region).
 fn sync_others_acked_on_shadow_pages() {
     let me = crate::records::sync_word_addr(cet::rdssp());
-    let mut before = [0u64; mm::MAX_CPUS];
-    for (cpu, b) in before.iter_mut().enumerate() {
-        let word = crate::records::sync_word_of(cpu);
-        if word == me {
-            continue;
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        crate::records::sync_bump();
+        for cpu in 0..mm::MAX_CPUS {
+            let word = crate::records::sync_word_of(cpu);
+            // Who gets an IPI is decided from ordinary data (the APIC IDs,
+            // this loop): forging it can only make the wait below last.
+            if word != me && cet::read_slot(word) != 0 {
+                apic::send(percpu::cpu(cpu).apic_id.load(Ordering::Relaxed), Delivery::Fixed, VEC_SYNC);
+                SYNC_IPIS.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        *b = cet::read_slot(word);
-        if *b != 0 {
-            apic::send(percpu::cpu(cpu).apic_id.load(Ordering::Relaxed), Delivery::Fixed, VEC_SYNC);
-            SYNC_IPIS.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    for (cpu, &b) in before.iter().enumerate().filter(|&(_, &b)| b != 0) {
-        let word = crate::records::sync_word_of(cpu);
-        while cet::read_slot(word) == b {
-            core::hint::spin_loop();
-        }
-    }
+        crate::records::sync_word_ack();
+        crate::records::sync_wait_all();
+    });
 }

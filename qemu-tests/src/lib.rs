@@ -280,11 +280,14 @@ pub const SMP_TESTS: [&str; 7] = [
     "nmi_storm",
 ];
 
+/// SMP tests that need shadow stacks too: `ok` on a CET run with 2+ CPUs.
+pub const CET_SMP_TESTS: [&str; 1] = ["sec_sync_forged_ack"];
+
 /// The SMP checks of a run with `cpus` CPUs: the run passed with a
 /// diagnostic containing `path`; every test in [`SMP_TESTS`] is `ok`;
 /// exactly `cpus` `# CPU <i> APIC id <n> online` lines, for CPUs 0..cpus
-/// with distinct APIC ids; with `own_shadow_stacks`, none says "NOT ITS
-/// OWN" or "shadow stacks off"; the stress figures parse, with
+/// with distinct APIC ids; with `own_shadow_stacks`, every test in
+/// [`CET_SMP_TESTS`] is `ok` and none says "NOT ITS OWN" or "shadow stacks off"; the stress figures parse, with
 /// `cpus - 1` callers, calls == targets counted and emulated > 0.
 /// Returns a one-line summary for the test output.
 pub fn assert_smp(outcome: &RunOutcome, cpus: u32, path: &str, own_shadow_stacks: bool) -> String {
@@ -315,6 +318,10 @@ pub fn assert_smp(outcome: &RunOutcome, cpus: u32, path: &str, own_shadow_stacks
     apic_ids.dedup();
     assert_eq!(apic_ids.len(), online.len(), "APIC ids repeat: {lines:#?}");
     if own_shadow_stacks {
+        for name in CET_SMP_TESTS {
+            let status = outcome.report.result(name).map(|r| &r.status);
+            assert_eq!(status, Some(&Status::Ok), "`{name}` must be ok with {cpus} CPUs and shadow stacks:\n{}", ctx());
+        }
         for c in &online {
             assert!(
                 !c.not_its_own && !c.shadow_stacks_off,

@@ -9,6 +9,7 @@ pub mod nmi_tests;
 pub mod sec_alias;
 pub mod sec_nested;
 pub mod sec_recover;
+pub mod sec_sync;
 pub mod sec_tests;
 pub mod site_tests;
 pub mod smp_tests;
@@ -203,6 +204,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("sec_unseal_in_exit", sec_tests::sec_unseal_in_exit),
     ("nmi_bp_keeps_nmi_masked", nmi_tests::nmi_bp_keeps_nmi_masked),
     ("nmi_storm", nmi_tests::nmi_storm),
+    ("sec_sync_forged_ack", sec_sync::sec_sync_forged_ack),
     ("sec_poke_nmi_abort", nmi_tests::sec_poke_nmi_abort),
     ("sec_nested_save", sec_nested::sec_nested_save),
 ];
