@@ -30,6 +30,7 @@ static SC_R_SEEN: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 extern "C" {
     fn sc_r_dig(depth: u64);
     static sc_r_after_probe: u8;
+    fn sc_r_int1() -> u64;
     fn sc_s_fn(_: u64) -> u64;
     fn sc_s_target_0();
     fn sc_s_target_1();
@@ -245,10 +246,13 @@ static RACE_HITS: AtomicU64 = AtomicU64::new(0);
 static RACE_SWEEPS: AtomicU64 = AtomicU64::new(0);
 
 #[cfg(feature = "test-hooks")]
-use crate::records::{test_claim_top_record, test_free_record};
-/// Without the hooks these are never reached (the test skips first).
+use crate::records::{test_claim_record, test_claim_top_record, test_free_record};
+/// Without the hooks these are never reached (the tests skip first).
 #[cfg(not(feature = "test-hooks"))]
 mod no_hooks {
+    pub fn test_claim_record(_: u64, _: u64, _: u64, _: u64) -> u64 {
+        unreachable!("test-hooks build only")
+    }
     pub fn test_claim_top_record(_: u64, _: u64, _: u64, _: u64) -> u64 {
         unreachable!("test-hooks build only")
     }
@@ -257,7 +261,7 @@ mod no_hooks {
     }
 }
 #[cfg(not(feature = "test-hooks"))]
-use no_hooks::{test_claim_top_record, test_free_record};
+use no_hooks::{test_claim_record, test_claim_top_record, test_free_record};
 
 /// The attacker, on another CPU: ordinary stores only. Over and over, every
 /// slot of the victim's normal stack in [RACE_TOP - RACE_REGION, RACE_TOP) that holds the
@@ -422,5 +426,57 @@ pub fn sec_fault_ssp_race(_st: &BootState) -> Outcome<'static> {
     );
     check!(bad.is_none(), "expected each guard-page #PF at {guard:#x} to come back as Err, got {bad:?}");
     check!(RACE_SWEEPS.load(Ordering::SeqCst) > 0, "the attacker never swept the region");
+    Outcome::Pass
+}
+
+// ---- sec_fault_ist_records -----------------------------------------------------
+
+/// The vector of #DB, delivered on its own IST stack (interrupts::IST_DB).
+const VEC_DB: u64 = 1;
+/// The record (slot address) the next test claimed inside its recovery point.
+static IST_REC_INSIDE: AtomicU64 = AtomicU64::new(0);
+
+/// sec_fault_ist_records (review 5, E): a fault delivered on an IST stack
+/// (#DB by `int $1`) under a recovery point, with a trampoline record bound
+/// to an SSP between the fault and the recovery point (an emulation the
+/// unwind abandons) and one bound above the recovery point (not abandoned).
+/// The unwind must free the first and keep the second: the abandoned range
+/// is bounded by the interrupted SSP (the frame's previous SSP), not by the
+/// faulting frame, which lies on the IST stack. The IST token must be free
+/// afterwards.
+pub fn sec_fault_ist_records(_st: &BootState) -> Outcome<'static> {
+    if !cfg!(feature = "test-hooks") {
+        return Outcome::Skip("needs the test-hooks build");
+    }
+    if !cet::enforced() {
+        return Outcome::Skip("needs shadow stacks");
+    }
+    let ssp0 = cet::rdssp();
+    let outside = test_claim_record(ssp0, 0, 0, 0);
+    let r = try_run(|| {
+        IST_REC_INSIDE.store(test_claim_record(cet::rdssp(), 0, 0, 0), Ordering::SeqCst);
+        // SAFETY: asm/sec_recover.S: `int $1` (a #DB through its IST
+        // gate), unwound to this recovery point.
+        unsafe { sc_r_int1() }
+    });
+    let inside = IST_REC_INSIDE.swap(0, Ordering::SeqCst);
+    let inside_bound = if inside != 0 { cet::read_slot(inside) } else { 0 };
+    let outside_bound = cet::read_slot(outside);
+    if inside_bound != 0 {
+        test_free_record(inside);
+    }
+    test_free_record(outside);
+    diag!(
+        "#DB on IST {}: {r:?}; record bound inside the unwound range now {inside_bound:#x}, above it {outside_bound:#x}",
+        crate::interrupts::IST_DB
+    );
+    check!(matches!(r, Err(ref f) if f.vector == VEC_DB), "expected the #DB to come back as Err, got {r:?}");
+    check!(cet::rdssp() == ssp0, "SSP {:#x} not back where try_run left it ({ssp0:#x})", cet::rdssp());
+    check!(inside != 0, "no record was claimed inside the recovery point");
+    check!(inside_bound == 0, "the record of the abandoned emulation leaked (bound {inside_bound:#x})");
+    check!(outside_bound == ssp0, "the record bound above the recovery point was freed");
+    let token = shstk::token_addr(mm::ist_shadow_stack(this_cpu().index, crate::interrupts::IST_DB).hi);
+    let v = cet::read_slot(token);
+    check!(shstk::token_is_free(v, token), "the #DB IST token at {token:#x} is {v:#x}, not free");
     Outcome::Pass
 }
