@@ -188,8 +188,13 @@ enum UnwindError {
 }
 
 impl UnwindError {
-    const ALL: [UnwindError; 5] =
-        [UnwindError::NoFrame, UnwindError::BadPrev, UnwindError::IstIret, UnwindError::AcrossFrame, UnwindError::NoMarker];
+    const ALL: [UnwindError; 5] = [
+        UnwindError::NoFrame,
+        UnwindError::BadPrev,
+        UnwindError::IstIret,
+        UnwindError::AcrossFrame,
+        UnwindError::NoMarker,
+    ];
 
     fn why(self) -> &'static str {
         match self {
