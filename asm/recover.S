@@ -1,4 +1,4 @@
-/* Fault recovery points. Pulled in by kernel/src/interrupts.rs with
+/* Fault recovery points. Pulled in by kernel/src/recover.rs with
  * global_asm!, which substitutes the NAME constants from the Rust side.
  *
  * u64 sc_try_call(u64 (*f)(u64), u64 arg, struct TryCtx *ctx)
@@ -7,9 +7,10 @@
  * That call pushes the address `sc_try_marker` on both stacks: on the shadow
  * stack it is the recovery point's **marker**, a fixed code address that only
  * this call can put there. A fault while f runs is unwound by
- * interrupts::fault, which finds the marker by scanning the interrupted
- * shadow stack upward from the faulting frame, pops the shadow stack to just
- * above it (never to an SSP read from ordinary memory), sets RSP to the
+ * recover::fault: its shadow-stack side entirely by sc_unwind_shadow below,
+ * which finds the marker by scanning the interrupted shadow stack upward
+ * from the faulting frame and pops the shadow stack to just above it (never
+ * to an SSP read from ordinary memory); recover::fault sets RSP to the
  * recorded value (checked against the marker and the return address on the
  * shadow stack) and resumes at sc_try_recover, which returns ~0 through the
  * same epilogue as a normal return. The final RET compares the return address
