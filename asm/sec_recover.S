@@ -35,3 +35,12 @@ sc_r_probe:
     rdsspq %rax
 3:  movq %rax, SC_R_SEEN+8(%rip)
     ret
+
+/* u64 sc_r_int1(void) (sec_fault_ist_records): raise vector 1 (#DB, on its
+ * IST stack) with `int $1`; the test's recovery point unwinds it, so the
+ * return below runs only if the interrupt returned normally. */
+.globl sc_r_int1
+sc_r_int1:
+    int $1
+    xorl %eax, %eax
+    ret

@@ -1,9 +1,9 @@
 //! This kernel's per-CPU record pages (shadow-stack pages: only WRSS
 //! writes them; layout `shadowcall::emul::record`): the trampoline records
 //! kept between a call's two traps, the sync word, and the in-exit count.
-//! Used by the patcher, by fault recovery (freeing records it unwinds past)
-//! and by the sync (acknowledgements), none of which depend on each other
-//! for it.
+//! Used by the patcher and by the sync (acknowledgements), which do not
+//! depend on each other for it. Fault recovery frees the records it unwinds
+//! past in asm (asm/recover.S `sc_unwind_shadow`, the same layout).
 
 use shadowcall::emul::record::{IN_EXIT_WORD, RECORDS_PER_PAGE, RECORD_SIZE, REC_SSP, SYNC_WORD};
 #[cfg(feature = "test-hooks")]
@@ -19,25 +19,6 @@ pub fn pending_tramp_records() -> usize {
     }
     let Some(page) = mm::tramp_record_page(cet::rdssp()) else { return 0 };
     (0..RECORDS_PER_PAGE).filter(|i| cet::read_slot(page + i * RECORD_SIZE + REC_SSP) != 0).count()
-}
-
-/// Fault recovery unwinds the stack from `lo` up to the recovery point's SSP
-/// `hi`: free the trampoline records of emulations started in between (their
-/// second trap will never come). Values and slots: 0, on the record page of
-/// the CPU whose stack holds `lo` (static layout).
-pub fn free_records_between(lo: u64, hi: u64) {
-    if !cet::enforced() {
-        return;
-    }
-    let Some(page) = mm::tramp_record_page(lo) else { return };
-    for rec in (0..RECORDS_PER_PAGE).map(|i| page + i * RECORD_SIZE) {
-        let bound = cet::read_slot(rec + REC_SSP);
-        if bound != 0 && bound >= lo && bound < hi && mm::same_shadow_stack(lo, bound, 1) {
-            // SAFETY: a record slot of this CPU's record page (shadow-stack
-            // memory no CPU uses as its stack), freed with the constant 0.
-            unsafe { cet::wrss(rec + REC_SSP, 0) };
-        }
-    }
 }
 
 /// This CPU's sync word (see `shadowcall::emul::record::SYNC_WORD`), found
@@ -127,8 +108,20 @@ pub fn test_set_in_exit(cpu: usize, count: u64) {
 /// with WRSS, as a first trap on the stack at `ssp` would. Test builds only.
 #[cfg(feature = "test-hooks")]
 pub fn test_claim_record(ssp: u64, rsp_if: u64, site: u64, target: u64) -> u64 {
+    test_claim_record_in(0..RECORDS_PER_PAGE, ssp, rsp_if, site, target)
+}
+
+/// Self-test support: as `test_claim_record`, the highest free record of
+/// the page (the most slots of the page below it).
+#[cfg(feature = "test-hooks")]
+pub fn test_claim_top_record(ssp: u64, rsp_if: u64, site: u64, target: u64) -> u64 {
+    test_claim_record_in((0..RECORDS_PER_PAGE).rev(), ssp, rsp_if, site, target)
+}
+
+#[cfg(feature = "test-hooks")]
+fn test_claim_record_in(order: impl Iterator<Item = u64>, ssp: u64, rsp_if: u64, site: u64, target: u64) -> u64 {
     let page = mm::tramp_record_page(cet::rdssp()).expect("SSP on this CPU's shadow stack");
-    let rec = (0..RECORDS_PER_PAGE)
+    let rec = order
         .map(|i| page + i * RECORD_SIZE)
         .find(|&r| cet::read_slot(r + REC_SSP) == 0)
         .expect("a free trampoline record");

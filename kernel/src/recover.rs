@@ -6,14 +6,16 @@
 use core::mem::offset_of;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use shadowcall::emul::record::{RECORDS_PER_PAGE, RECORD_PAGE_SIZE, RECORD_SIZE, REC_SSP};
 use shadowcall::frame::TrapFrame;
 use shadowcall::frame::RFLAGS_IF;
 use shadowcall::shstk::{CpError, ShadowFrame, StackBounds, SLOT};
+use shadowcall_support::paging::PAGE_SIZE;
 use x86_64::instructions::segmentation::{Segment, CS};
 
 use crate::mm::ShadowStackId;
 use crate::percpu::this_cpu;
-use crate::{cet, mm, records};
+use crate::{cet, mm};
 
 pub const VEC_NMI: u64 = 2;
 pub const VEC_MC: u64 = 18;
@@ -29,6 +31,24 @@ core::arch::global_asm!(
     TRY_RSP = const offset_of!(TryCtx, rsp),
     TRY_SSP = const offset_of!(TryCtx, ssp),
     TRY_RFLAGS = const offset_of!(TryCtx, rflags),
+    SF_PREV_SSP = const ShadowFrame::PREV_SSP,
+    SF_LIP = const ShadowFrame::LIP,
+    SF_CS = const ShadowFrame::CS,
+    SF_SLOTS = const ShadowFrame::SLOTS,
+    UNWIND_MAX_SLOTS = const UNWIND_MAX_SLOTS,
+    IRETQ_LEN = const IRETQ.len(),
+    IRETQ_WORD = const u16::from_le_bytes(IRETQ),
+    CPU_STACKS_SIZE = const mm::CPU_STACKS_SIZE,
+    MAX_CPUS = const mm::MAX_CPUS,
+    RECORD_PAGE_SHIFT = const RECORD_PAGE_SIZE.trailing_zeros(),
+    RECORDS_PER_PAGE = const RECORDS_PER_PAGE,
+    RECORD_SIZE = const RECORD_SIZE,
+    REC_SSP = const REC_SSP,
+    UNWIND_ERR_NO_FRAME = const UnwindError::NoFrame as u64,
+    UNWIND_ERR_BAD_PREV = const UnwindError::BadPrev as u64,
+    UNWIND_ERR_IST_IRET = const UnwindError::IstIret as u64,
+    UNWIND_ERR_ACROSS_FRAME = const UnwindError::AcrossFrame as u64,
+    UNWIND_ERR_NO_MARKER = const UnwindError::NoMarker as u64,
     options(att_syntax)
 );
 
@@ -37,8 +57,15 @@ core::arch::global_asm!(
 extern "C" {
     fn sc_try_call(f: extern "C" fn(u64) -> u64, arg: u64, ctx: *mut TryCtx) -> u64;
     fn sc_try_recover();
+    /// Every shadow-stack write of a fault unwind (see `unwind_shadow`).
+    fn sc_unwind_shadow() -> u64;
     /// The return address `sc_try_call`'s call pushes: the recovery point's marker.
     static sc_try_marker: u8;
+}
+
+/// The recovery points' marker: the return address `sc_try_call`'s call pushes.
+pub fn try_marker() -> u64 {
+    core::ptr::addr_of!(sc_try_marker) as u64
 }
 
 /// A fault a self-test caught.
@@ -140,17 +167,6 @@ fn shadow_frame_of(frame: &TrapFrame) -> Result<(ShadowFrame, ShadowStackId), &'
     Ok((f, stack))
 }
 
-/// Does the instruction at `lip` (kernel text, read-only) read as IRETQ?
-fn is_iretq(lip: u64) -> bool {
-    let (start, end) = mm::text_range();
-    if lip < start || lip > end - IRETQ.len() as u64 {
-        return false;
-    }
-    // SAFETY: inside the mapped, read-only kernel text (checked above).
-    let bytes = unsafe { core::slice::from_raw_parts(lip as *const u8, IRETQ.len()) };
-    bytes == IRETQ
-}
-
 /// A recovery point's marker found on a shadow stack.
 #[derive(Clone, Copy)]
 struct Marker {
@@ -159,53 +175,74 @@ struct Marker {
     stack: ShadowStackId,
 }
 
-/// Find the recovery point for the fault whose shadow frame is `f` (on
-/// `fstack`): scan the interrupted shadow stack upward from the frame's
-/// previous SSP for the first slot holding the marker. Everything used is on
-/// the shadow stack, in read-only text, or in the static layout.
-/// `Ok(None)`: the stack's end was reached without one.
-/// `Err`: the scan would cross another exception frame, or the previous SSP
-/// is not on this CPU's shadow stacks.
-fn find_marker(f: ShadowFrame, fstack: ShadowStackId) -> Result<Option<Marker>, &'static str> {
-    let prev = cet::read_slot(f.prev_ssp_slot());
-    let lip = cet::read_slot(f.lip_slot());
-    let cs = kernel_cs();
-    let marker = core::ptr::addr_of!(sc_try_marker) as u64;
-    let Some(stack) = mm::shadow_stack_at(prev).filter(|s| s.cpu == fstack.cpu) else {
-        return Err("the frame's previous SSP is not on this CPU's shadow stacks");
-    };
-    if !prev.is_multiple_of(SLOT) {
-        return Err("the frame's previous SSP is not slot-aligned");
-    }
-    let mut slot = prev;
-    // A fault raised by an IRETQ (e.g. #CP when only RIP was changed): the
-    // frame it was returning through sits at the previous SSP and is dead.
-    // Step over it only if it stays on this stack (no IST switch: an IST
-    // frame's token would stay busy).
-    if is_iretq(lip)
-        && stack.bounds.holds_slots(slot, ShadowFrame::SLOTS)
-        && cet::read_slot(slot + ShadowFrame::CS) == cs
-    {
-        let dead = ShadowFrame::at(slot);
-        let up = cet::read_slot(dead.prev_ssp_slot());
-        if !up.is_multiple_of(SLOT) || up < dead.above() || !stack.bounds.holds_slots(up, 1) {
-            return Err("a fault at the IRET of a handler that switched shadow stacks (IST): its token stays busy");
+/// Why `sc_unwind_shadow` wrote nothing (its return values below a page;
+/// any other value is the recovery SSP it set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+enum UnwindError {
+    NoFrame = 1,
+    BadPrev = 2,
+    IstIret = 3,
+    AcrossFrame = 4,
+    NoMarker = 5,
+}
+
+impl UnwindError {
+    const ALL: [UnwindError; 5] = [
+        UnwindError::NoFrame,
+        UnwindError::BadPrev,
+        UnwindError::IstIret,
+        UnwindError::AcrossFrame,
+        UnwindError::NoMarker,
+    ];
+
+    fn why(self) -> &'static str {
+        match self {
+            UnwindError::NoFrame => "no exception frame on the running shadow stack",
+            UnwindError::BadPrev => "the frame's previous SSP is not on this CPU's shadow stacks",
+            UnwindError::IstIret => {
+                "a fault at the IRET of a handler that switched shadow stacks (IST): its token stays busy"
+            }
+            UnwindError::AcrossFrame => {
+                "the nearest recovery point lies across another exception frame: \
+                 a fault in an exception handler (NMI, #BP, IST) is not unwound into the code it interrupted"
+            }
+            UnwindError::NoMarker => "no recovery point on the interrupted shadow stack",
         }
-        slot = up;
     }
-    while stack.bounds.holds_slots(slot, 2) {
-        let v = cet::read_slot(slot);
-        if v == cs {
-            return Err("the nearest recovery point lies across another exception frame: \
-                        a fault in an exception handler (NMI, #BP, IST) is not unwound into the code it interrupted");
-        }
-        // An exception frame's LIP slot is followed by its CS slot; a marker by a return address.
-        if v == marker && cet::read_slot(slot + SLOT) != cs {
-            return Ok(Some(Marker { slot, stack }));
-        }
-        slot += SLOT;
+}
+
+/// Slots any scan of the unwind reads at most: a whole primary shadow stack
+/// (the largest); every scan also stops at a stack's top token first.
+const UNWIND_MAX_SLOTS: u64 = mm::PRIMARY_SHSTK_PAGES as u64 * PAGE_SIZE / SLOT;
+/// `sc_unwind_shadow`'s error codes lie below this (an SSP never does).
+const UNWIND_ERR_LIMIT: u64 = PAGE_SIZE;
+const _: () = assert!((UnwindError::NoMarker as u64) < UNWIND_ERR_LIMIT);
+
+/// Unwind the shadow stack of the exception being handled to its recovery
+/// point, entirely in asm/recover.S `sc_unwind_shadow`: it finds the
+/// faulting frame from RDSSP, the marker by scanning the interrupted shadow
+/// stack upward (bounded by its top token), rewrites the frame's LIP and
+/// previous SSP, and frees the trampoline records of emulations unwound
+/// past. No operand of its WRSS passes through ordinary memory, so no Rust
+/// code (whose values the compiler may spill to the stack, where another
+/// CPU can change them) decides what is written. Returns the marker found.
+/// CET only.
+fn unwind_shadow() -> Result<Marker, UnwindError> {
+    // SAFETY: shadow stacks are on (callers check); the routine writes only
+    // the current exception's shadow frame and this CPU's record page, with
+    // values it derives from the shadow stack and read-only data, and only
+    // touches caller-saved registers.
+    let r = unsafe { sc_unwind_shadow() };
+    if r < UNWIND_ERR_LIMIT {
+        let e = UnwindError::ALL.into_iter().find(|e| *e as u64 == r).unwrap_or(UnwindError::NoFrame);
+        return Err(e);
     }
-    Ok(None)
+    let slot = r - SLOT;
+    match mm::shadow_stack_at(slot) {
+        Some(stack) => Ok(Marker { slot, stack }),
+        None => Err(UnwindError::BadPrev),
+    }
 }
 
 /// The normal-stack pointer to resume the recovery point with. `ctx.rsp`
@@ -261,64 +298,45 @@ fn refuse_unwind(frame: &TrapFrame, info: &FaultInfo, why: &str) -> ! {
 
 /// A fault: unwind to the innermost recovery point, or report and stop.
 ///
-/// With shadow stacks the recovery point is found on the shadow stack (see
-/// `find_marker`) and the frame's previous SSP is set to just above its
-/// marker: only ever a pop towards it on the same stack, never an SSP taken
-/// from ordinary memory. The per-CPU try stack only supplies the bookkeeping
-/// (`TryCtx`) of that point. A fault whose nearest recovery point lies across
-/// another exception frame (a fault inside the #BP handler, or in an NMI/IST
-/// handler without its own recovery point) stops the kernel.
+/// With shadow stacks the shadow-stack side is `unwind_shadow` (asm): the
+/// recovery point is found by its marker on the interrupted shadow stack and
+/// the frame's previous SSP set to just above it, only ever a pop towards it
+/// on the same stack, never an SSP taken from ordinary memory. Rust decides
+/// only whether to unwind (a refusal stops the kernel: denial of service at
+/// worst) and the normal-stack side (RIP, RSP, RFLAGS of the IRET frame,
+/// which IRET and the final RET check against the shadow stack). The
+/// per-CPU try stack only supplies the bookkeeping (`TryCtx`) of that
+/// point. A fault whose nearest recovery point lies across another
+/// exception frame (a fault inside the #BP handler, or in an NMI/IST handler
+/// without its own recovery point) stops the kernel.
 pub fn fault(frame: &mut TrapFrame, info: FaultInfo) {
     let cpu = this_cpu();
-    let shadow = if cet::active() {
-        let (f, fstack) = shadow_frame_of(frame).unwrap_or_else(|why| refuse_unwind(frame, &info, why));
-        match find_marker(f, fstack) {
-            Ok(m) => Some((f, fstack, m)),
-            Err(why) => refuse_unwind(frame, &info, why),
+    let Some(ctx) = cpu.top_try().map(|p| p.cast::<TryCtx>()) else {
+        report(frame, &info);
+        crate::exit(false);
+    };
+    let marker = if cet::active() {
+        // Read-only: the IRET frame being rewritten below must be the one of
+        // the shadow frame the asm finds (refused otherwise).
+        shadow_frame_of(frame).unwrap_or_else(|why| refuse_unwind(frame, &info, why));
+        match unwind_shadow() {
+            Ok(m) => Some(m),
+            Err(e) => refuse_unwind(frame, &info, e.why()),
         }
     } else {
         None
-    };
-    let marker = shadow.and_then(|s| s.2);
-    let ctx = match (cpu.top_try().map(|p| p.cast::<TryCtx>()), &shadow) {
-        (None, None | Some((_, _, None))) => {
-            report(frame, &info);
-            crate::exit(false);
-        }
-        (None, Some((_, _, Some(_)))) => {
-            refuse_unwind(frame, &info, "a marker is on the shadow stack but no recovery point is registered")
-        }
-        (Some(_), Some((_, _, None))) => {
-            refuse_unwind(frame, &info, "no recovery point on the interrupted shadow stack")
-        }
-        (Some(ctx), _) => ctx,
     };
     // SAFETY: the try stack holds pointers to TryCtx of live try_run frames;
     // under the threat model it may be forged, which can redirect only this
     // ordinary-memory write and the checked values read below.
     let ctx = unsafe { &mut *ctx };
-    let home = shadow.map_or(cpu.index, |s| s.1.cpu);
-    let rsp = recovery_rsp(frame, ctx, marker, home).unwrap_or_else(|why| refuse_unwind(frame, &info, why));
-    let recover = sc_try_recover as *const () as u64;
-    if let Some((f, _, Some(m))) = shadow {
-        let ssp = m.slot + SLOT;
-        if ctx.ssp != ssp {
-            FORGED_TRY_CTX.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: both slots belong to the frame of the exception being
-        // handled, found from RDSSP and checked (shadow_frame_of); the values
-        // are a code address of this kernel and an SSP found by scanning the
-        // shadow stack (find_marker), on the stack the frame returns to.
-        unsafe {
-            cet::wrss(f.lip_slot(), recover);
-            cet::wrss(f.prev_ssp_slot(), ssp);
-        }
-        // Emulations started between the fault and the recovery point will
-        // never reach their second trap: free their trampoline records.
-        records::free_records_between(f.base, ssp);
+    if marker.is_some_and(|m| ctx.ssp != m.slot + SLOT) {
+        FORGED_TRY_CTX.fetch_add(1, Ordering::Relaxed);
     }
+    let home = marker.map_or(cpu.index, |m| m.stack.cpu);
+    let rsp = recovery_rsp(frame, ctx, marker, home).unwrap_or_else(|why| refuse_unwind(frame, &info, why));
     ctx.fault = Some(info);
-    frame.rip = recover;
+    frame.rip = sc_try_recover as *const () as u64;
     frame.rsp = rsp;
     frame.rflags = RFLAGS_FIXED | (ctx.rflags & RFLAGS_IF);
     cpu.lifo().truncate(ctx.lifo_depth);

@@ -30,6 +30,7 @@ static SC_R_SEEN: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 extern "C" {
     fn sc_r_dig(depth: u64);
     static sc_r_after_probe: u8;
+    fn sc_r_int1() -> u64;
     fn sc_s_fn(_: u64) -> u64;
     fn sc_s_target_0();
     fn sc_s_target_1();
@@ -214,5 +215,268 @@ pub fn sec_fault_in_nmi(_st: &BootState) -> Outcome<'static> {
     let back = patching::patch(&[(site, NewInsn::Call(t0))], |_| {});
     check!(call.balanced() && after == before + 1, "the patched site did not call the new target");
     check!(back.is_ok(), "restoring the site failed: {back:?}");
+    Outcome::Pass
+}
+
+// ---- sec_fault_ssp_race --------------------------------------------------------
+
+/// Faults unwound while another CPU attacks the unwind.
+const RACE_ITERATIONS: u64 = 64;
+/// Bytes of the normal stack below the faulting function's locals that the
+/// attacker covers: the trap frame, the dispatcher and `fault` with every
+/// frame it calls (a few hundred bytes in either build), generously.
+const RACE_REGION: u64 = 4096;
+/// Slots of the faulting function's own frame: with a forged `TryCtx.rsp`
+/// the unwind searches for the recovery point's frame from the faulting
+/// RSP upward through them, which widens the window of the old code (the
+/// recovery SSP was computed before that search and written after it).
+const RACE_PAD_SLOTS: usize = 256;
+/// Spins for the attacker to start.
+const RACE_START_SPINS: u64 = 50_000_000;
+
+/// The attacker's inputs: the real recovery SSP, the forged one, and the
+/// top of the region it covers (0: not yet known).
+static RACE_LEGIT: AtomicU64 = AtomicU64::new(0);
+static RACE_FORGED: AtomicU64 = AtomicU64::new(0);
+static RACE_TOP: AtomicU64 = AtomicU64::new(0);
+static RACE_RUNNING: AtomicBool = AtomicBool::new(false);
+static RACE_STOP: AtomicBool = AtomicBool::new(false);
+/// Stack slots the attacker changed, and its sweeps over the region.
+static RACE_HITS: AtomicU64 = AtomicU64::new(0);
+static RACE_SWEEPS: AtomicU64 = AtomicU64::new(0);
+
+#[cfg(feature = "test-hooks")]
+use crate::records::{test_claim_record, test_claim_top_record, test_free_record};
+/// Without the hooks these are never reached (the tests skip first).
+#[cfg(not(feature = "test-hooks"))]
+mod no_hooks {
+    pub fn test_claim_record(_: u64, _: u64, _: u64, _: u64) -> u64 {
+        unreachable!("test-hooks build only")
+    }
+    pub fn test_claim_top_record(_: u64, _: u64, _: u64, _: u64) -> u64 {
+        unreachable!("test-hooks build only")
+    }
+    pub fn test_free_record(_: u64) {
+        unreachable!("test-hooks build only")
+    }
+}
+#[cfg(not(feature = "test-hooks"))]
+use no_hooks::{test_claim_record, test_claim_top_record, test_free_record};
+
+/// The attacker, on another CPU: ordinary stores only. Over and over, every
+/// slot of the victim's normal stack in [RACE_TOP - RACE_REGION, RACE_TOP) that holds the
+/// real recovery SSP L (or the marker slot L-8, from which L is computed) is
+/// replaced by the forged X (or X-8), with a compare-and-swap so that no
+/// other live value of the victim is touched. The old unwind kept L in such
+/// a slot between computing it and its WRSS.
+fn race_attacker(victim: u64) {
+    RACE_RUNNING.store(true, Ordering::SeqCst);
+    let (legit, forged) = (RACE_LEGIT.load(Ordering::SeqCst), RACE_FORGED.load(Ordering::SeqCst));
+    let stack = mm::kernel_stack(victim as usize);
+    while !RACE_STOP.load(Ordering::Relaxed) {
+        let hi = RACE_TOP.load(Ordering::Relaxed);
+        if hi < stack.lo || hi > stack.hi {
+            continue;
+        }
+        let mut a = stack.lo.max(hi.saturating_sub(RACE_REGION)) & !(shstk::SLOT - 1);
+        while a < hi {
+            // SAFETY: a slot of the victim CPU's kernel stack (mapped,
+            // 8-aligned); the attacker's ordinary accesses to it.
+            let slot = unsafe { &*(a as *const AtomicU64) };
+            let v = slot.load(Ordering::Relaxed);
+            let to = if v == legit {
+                forged
+            } else if v == legit - shstk::SLOT {
+                forged - shstk::SLOT
+            } else {
+                a += shstk::SLOT;
+                continue;
+            };
+            if slot.compare_exchange(v, to, Ordering::SeqCst, Ordering::Relaxed).is_ok() {
+                RACE_HITS.fetch_add(1, Ordering::Relaxed);
+            }
+            a += shstk::SLOT;
+        }
+        RACE_SWEEPS.fetch_add(1, Ordering::Relaxed);
+    }
+    RACE_RUNNING.store(false, Ordering::SeqCst);
+}
+
+/// Inside the recovery point: the recovery SSP (the marker slot + 8),
+/// found by scanning this shadow stack up from RDSSP.
+#[inline(never)]
+fn race_recovery_ssp() -> u64 {
+    let marker = crate::recover::try_marker();
+    let top = mm::primary_shadow_stack(this_cpu().index).hi;
+    let mut s = cet::rdssp();
+    while s < top - shstk::SLOT {
+        if cet::read_slot(s) == marker {
+            return s + shstk::SLOT;
+        }
+        s += shstk::SLOT;
+    }
+    0
+}
+
+/// Inside the recovery point: forge its `TryCtx.rsp` (the unwind searches
+/// for the frame instead), publish the attacked region, and fault.
+#[inline(never)]
+fn race_fault(guard: u64) -> u64 {
+    let pad = core::hint::black_box([0u64; RACE_PAD_SLOTS]);
+    let here = pad.as_ptr() as u64;
+    if let Some(ctx) = this_cpu().top_try().map(|p| p.cast::<crate::recover::TryCtx>()) {
+        // SAFETY: the attacker's ordinary store into the live recovery context.
+        unsafe { (*ctx).rsp = 0 };
+    }
+    RACE_TOP.store(here, Ordering::SeqCst);
+    // SAFETY: a deliberate read of an unmapped guard page; the #PF is the test.
+    unsafe { (guard as *const u64).read_volatile() }
+}
+
+/// One recovery point: the same call site (so the same recovery SSP) for
+/// the probe and for every faulting run. Checks SSP right after it, before
+/// any return could pop a slot of a forged shadow stack.
+#[inline(never)]
+fn race_try(probe: bool, guard: u64) -> Result<u64, FaultInfo> {
+    let before = cet::rdssp();
+    let r = try_run(|| if probe { race_recovery_ssp() } else { race_fault(guard) });
+    let after = cet::rdssp();
+    if after != before {
+        race_hijacked(before, after);
+    }
+    r
+}
+
+/// The unwind did not land at the recovery point: the shadow stack is no
+/// longer this thread's, so no return is safe. Report and stop.
+#[inline(never)]
+fn race_hijacked(want: u64, got: u64) -> ! {
+    RACE_STOP.store(true, Ordering::SeqCst);
+    diag!("FAIL: sec_fault_ssp_race: after the unwind SSP is {got:#x}, not {want:#x} where try_run left it");
+    diag!("PANIC: fault recovery obeyed an SSP from ordinary memory");
+    crate::exit(false)
+}
+
+/// sec_fault_ssp_race (review 5, F1): another CPU keeps replacing, on this
+/// CPU's normal stack below the faulting frame, every copy of the recovery
+/// SSP (and of the marker slot) by a forged SSP: a shadow-stack slot (on a
+/// record page) holding the same return address, so a RET there would pass.
+/// Meanwhile this CPU faults under a recovery point, over and over. Every
+/// unwind must land at the real recovery point: the fault comes back as
+/// `Err`, SSP is back where try_run left it. (The old unwind computed the
+/// recovery SSP in Rust and the compiler kept it on the stack until its WRSS:
+/// the frame got the forged SSP.)
+pub fn sec_fault_ssp_race(_st: &BootState) -> Outcome<'static> {
+    if !cfg!(feature = "test-hooks") {
+        return Outcome::Skip("needs the test-hooks build");
+    }
+    if !cet::enforced() {
+        return Outcome::Skip("needs shadow stacks");
+    }
+    let me = this_cpu().index;
+    let Some(other) = crate::percpu::online().map(|c| c.index).find(|&i| i != me) else {
+        return Outcome::Skip("needs 2 CPUs");
+    };
+    let guard = guard_addr();
+    let ssp0 = cet::rdssp();
+    let legit = match race_try(true, guard) {
+        Ok(l) if l != 0 => l,
+        r => {
+            diag!("FAIL: no recovery SSP found inside the recovery point: {r:?}");
+            return Outcome::Fail;
+        }
+    };
+    // The return address right above the marker, copied into a record.
+    let ret = cet::read_slot(legit);
+    let rec = test_claim_top_record(1, 0, ret, ret);
+    let forged = rec + shadowcall::emul::record::REC_SITE;
+    diag!("recovery SSP {legit:#x}, forged SSP {forged:#x} (record page, holds {ret:#x})");
+    RACE_LEGIT.store(legit, Ordering::SeqCst);
+    RACE_FORGED.store(forged, Ordering::SeqCst);
+    RACE_TOP.store(0, Ordering::SeqCst);
+    RACE_STOP.store(false, Ordering::SeqCst);
+    RACE_HITS.store(0, Ordering::SeqCst);
+    RACE_SWEEPS.store(0, Ordering::SeqCst);
+    let ticket = crate::smp::run_on(other, race_attacker, me as u64);
+    let mut spins = 0;
+    while !RACE_RUNNING.load(Ordering::SeqCst) && spins < RACE_START_SPINS {
+        core::hint::spin_loop();
+        spins += 1;
+    }
+    let mut landed = 0;
+    let mut bad = None;
+    for i in 0..RACE_ITERATIONS {
+        let r = race_try(false, guard);
+        if cet::rdssp() != ssp0 {
+            race_hijacked(ssp0, cet::rdssp());
+        }
+        if !matches!(r, Err(ref f) if is_guard_pf(f, guard)) {
+            bad = Some((i, r));
+            break;
+        }
+        landed += 1;
+    }
+    RACE_STOP.store(true, Ordering::SeqCst);
+    crate::smp::wait(other, ticket);
+    test_free_record(rec);
+    diag!(
+        "{landed} of {RACE_ITERATIONS} unwinds landed at the recovery point; attacker on CPU {other}: {} sweeps, {} slots changed",
+        RACE_SWEEPS.load(Ordering::SeqCst),
+        RACE_HITS.load(Ordering::SeqCst)
+    );
+    check!(bad.is_none(), "expected each guard-page #PF at {guard:#x} to come back as Err, got {bad:?}");
+    check!(RACE_SWEEPS.load(Ordering::SeqCst) > 0, "the attacker never swept the region");
+    Outcome::Pass
+}
+
+// ---- sec_fault_ist_records -----------------------------------------------------
+
+/// The vector of #DB, delivered on its own IST stack (interrupts::IST_DB).
+const VEC_DB: u64 = 1;
+/// The record (slot address) the next test claimed inside its recovery point.
+static IST_REC_INSIDE: AtomicU64 = AtomicU64::new(0);
+
+/// sec_fault_ist_records (review 5, E): a fault delivered on an IST stack
+/// (#DB by `int $1`) under a recovery point, with a trampoline record bound
+/// to an SSP between the fault and the recovery point (an emulation the
+/// unwind abandons) and one bound above the recovery point (not abandoned).
+/// The unwind must free the first and keep the second: the abandoned range
+/// is bounded by the interrupted SSP (the frame's previous SSP), not by the
+/// faulting frame, which lies on the IST stack. The IST token must be free
+/// afterwards.
+pub fn sec_fault_ist_records(_st: &BootState) -> Outcome<'static> {
+    if !cfg!(feature = "test-hooks") {
+        return Outcome::Skip("needs the test-hooks build");
+    }
+    if !cet::enforced() {
+        return Outcome::Skip("needs shadow stacks");
+    }
+    let ssp0 = cet::rdssp();
+    let outside = test_claim_record(ssp0, 0, 0, 0);
+    let r = try_run(|| {
+        IST_REC_INSIDE.store(test_claim_record(cet::rdssp(), 0, 0, 0), Ordering::SeqCst);
+        // SAFETY: asm/sec_recover.S: `int $1` (a #DB through its IST
+        // gate), unwound to this recovery point.
+        unsafe { sc_r_int1() }
+    });
+    let inside = IST_REC_INSIDE.swap(0, Ordering::SeqCst);
+    let inside_bound = if inside != 0 { cet::read_slot(inside) } else { 0 };
+    let outside_bound = cet::read_slot(outside);
+    if inside_bound != 0 {
+        test_free_record(inside);
+    }
+    test_free_record(outside);
+    diag!(
+        "#DB on IST {}: {r:?}; record bound inside the unwound range now {inside_bound:#x}, above it {outside_bound:#x}",
+        crate::interrupts::IST_DB
+    );
+    check!(matches!(r, Err(ref f) if f.vector == VEC_DB), "expected the #DB to come back as Err, got {r:?}");
+    check!(cet::rdssp() == ssp0, "SSP {:#x} not back where try_run left it ({ssp0:#x})", cet::rdssp());
+    check!(inside != 0, "no record was claimed inside the recovery point");
+    check!(inside_bound == 0, "the record of the abandoned emulation leaked (bound {inside_bound:#x})");
+    check!(outside_bound == ssp0, "the record bound above the recovery point was freed");
+    let token = shstk::token_addr(mm::ist_shadow_stack(this_cpu().index, crate::interrupts::IST_DB).hi);
+    let v = cet::read_slot(token);
+    check!(shstk::token_is_free(v, token), "the #DB IST token at {token:#x} is {v:#x}, not free");
     Outcome::Pass
 }
