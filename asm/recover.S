@@ -204,7 +204,12 @@ sc_unwind_shadow:
     addq %rax, %rdi
     leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rcx
     xorl %r8d, %r8d
-1:  movq {REC_SSP}(%rdi), %rax
+1:  /* REVIEW PoC: an NMI lands here (software int $2 on a flag). */
+    cmpb $0, sc_review_unwind_nmi(%rip)
+    je 9f
+    movb $0, sc_review_unwind_nmi(%rip)
+    int $2
+9:  movq {REC_SSP}(%rdi), %rax
     cmpq %rsi, %rax
     jb 2f                           /* also a free record (0): P is never 0 */
     cmpq %rdx, %rax
@@ -232,3 +237,7 @@ sc_unwind_shadow:
     ret
 
 .purgem SU_STACK_CPU
+
+.section .data
+.globl sc_review_unwind_nmi
+sc_review_unwind_nmi: .byte 0

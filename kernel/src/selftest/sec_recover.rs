@@ -480,3 +480,32 @@ pub fn sec_fault_ist_records(_st: &BootState) -> Outcome<'static> {
     check!(shstk::token_is_free(v, token), "the #DB IST token at {token:#x} is {v:#x}, not free");
     Outcome::Pass
 }
+
+extern "C" {
+    static mut sc_review_unwind_nmi: u8;
+}
+
+/// REVIEW PoC: an NMI interrupting sc_unwind_shadow (outside every critical
+/// region) returns registers from its ordinary trap frame: arbitrary WRSS.
+pub fn review_unwind_nmi(_st: &BootState) -> Outcome<'static> {
+    if !cet::enforced() {
+        return Outcome::Skip("needs shadow stacks");
+    }
+    let guard = guard_addr();
+    let rec = test_claim_top_record(1, 0, 0x1111, 0x2222);
+    let target = rec + shadowcall::emul::record::REC_TARGET;
+    let value = 0x4141_4141_4141_4141u64;
+    diag!("review_unwind_nmi: target shadow slot {target:#x} holds {:#x}", cet::read_slot(target));
+    crate::interrupts::REVIEW_FORGE_VAL.store(value, Ordering::SeqCst);
+    crate::interrupts::REVIEW_FORGE_RDX.store(target, Ordering::SeqCst);
+    // SAFETY: PoC flag byte.
+    unsafe { core::ptr::addr_of_mut!(sc_review_unwind_nmi).write_volatile(1) };
+    let before = cet::rdssp();
+    let r = try_run(|| race_fault(guard));
+    let after = cet::rdssp();
+    let got = cet::read_slot(target);
+    diag!("review_unwind_nmi: SSP before {before:#x} after {after:#x}; r={r:?}; target slot now {got:#x}");
+    test_free_record(rec);
+    check!(got != value, "ARBITRARY WRSS: shadow slot {target:#x} := {value:#x} from an NMI trap frame");
+    Outcome::Pass
+}
