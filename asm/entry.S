@@ -162,8 +162,12 @@ ISR_NOERR {VEC_SPURIOUS}
     cmpq $sc_poke_region_end, \lip
     jb 8f
 6:  cmpq $sc_isr_region_start, \lip
-    jb \out
+    jb 5f
     cmpq $sc_isr_region_end, \lip
+    jb 8f
+5:  cmpq $sc_unwind_region_start, \lip
+    jb \out
+    cmpq $sc_unwind_region_end, \lip
     jae \out
 8:
 .endm

@@ -104,7 +104,8 @@ sc_try_recover:
  *    also when F is on an IST stack).
  * Returns M+8, or one of the UNWIND_ERR_* codes (all below a page) with
  * nothing written. */
-.globl sc_unwind_shadow
+.globl sc_unwind_shadow, sc_unwind_region_start, sc_unwind_region_end
+sc_unwind_region_start:
 sc_unwind_shadow:
     xorl %r9d, %r9d
     movw %cs, %r9w                  /* r9 := the kernel CS */
@@ -235,6 +236,7 @@ sc_unwind_shadow:
 .Lsu_no_marker:
     movl ${UNWIND_ERR_NO_MARKER}, %eax
     ret
+sc_unwind_region_end:
 
 .purgem SU_STACK_CPU
 
