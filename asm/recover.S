@@ -205,12 +205,17 @@ sc_unwind_shadow:
     addq %rax, %rdi
     leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rcx
     xorl %r8d, %r8d
-1:  /* REVIEW PoC: an NMI lands here (software int $2 on a flag). */
-    cmpb $0, sc_review_unwind_nmi(%rip)
+1:
+.if {TEST_HOOKS}
+    /* Self-test sec_unwind_nmi_regs: a software NMI lands here once (the
+     * record-free loop, its WRSS operands in registers). */
+    cmpb $0, sc_t_unwind_nmi(%rip)
     je 9f
-    movb $0, sc_review_unwind_nmi(%rip)
+    movb $0, sc_t_unwind_nmi(%rip)
     int $2
-9:  movq {REC_SSP}(%rdi), %rax
+9:
+.endif
+    movq {REC_SSP}(%rdi), %rax
     cmpq %rsi, %rax
     jb 2f                           /* also a free record (0): P is never 0 */
     cmpq %rdx, %rax
@@ -240,6 +245,8 @@ sc_unwind_region_end:
 
 .purgem SU_STACK_CPU
 
+.if {TEST_HOOKS}
 .section .data
-.globl sc_review_unwind_nmi
-sc_review_unwind_nmi: .byte 0
+.globl sc_t_unwind_nmi
+sc_t_unwind_nmi: .byte 0
+.endif

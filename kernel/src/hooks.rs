@@ -23,7 +23,9 @@ pub struct Handlers {
 /// Forgery and race points of the threat-model self-tests.
 #[cfg(feature = "test-hooks")]
 pub struct TestHooks {
-    /// First in the dispatcher: a nested NMI/#MC the test armed (true: handled).
+    /// First in the dispatcher: forge the trap frame (another CPU's stores).
+    pub before_dispatch: fn(&mut TrapFrame),
+    /// Then: a nested NMI/#MC the test armed (true: handled).
     pub nested: fn(&mut TrapFrame) -> bool,
     /// Last in the dispatcher.
     pub after_dispatch: fn(&mut TrapFrame),

@@ -283,21 +283,13 @@ fn mask_legacy_pic() {
     }
 }
 
-pub static REVIEW_FORGE_VAL: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-pub static REVIEW_FORGE_RDX: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-
 /// Called by asm/entry.S for every vector.
 #[no_mangle]
 extern "C" fn sc_exception_dispatch(frame: &mut TrapFrame) {
     patching::note_frame_alignment(frame);
-    // REVIEW PoC: the attacker (another CPU, here simulated inline) rewrites the NMI's trap frame.
-    if frame.vector == VEC_NMI {
-        let t = REVIEW_FORGE_RDX.swap(0, Ordering::SeqCst);
-        if t != 0 {
-            frame.rdi = t; // the slot: any shadow-stack address
-            frame.rsi = 0; // the range's low bound
-            frame.r8 = REVIEW_FORGE_VAL.load(Ordering::SeqCst); // the value
-        }
+    #[cfg(feature = "test-hooks")]
+    if let Some(h) = hooks::test_hooks() {
+        (h.before_dispatch)(frame);
     }
     #[cfg(feature = "test-hooks")]
     if hooks::test_hooks().is_some_and(|h| (h.nested)(frame)) {

@@ -65,6 +65,7 @@ fn install_hooks() {
     });
     #[cfg(feature = "test-hooks")]
     hooks::install_test_hooks(hooks::TestHooks {
+        before_dispatch: selftest::sec_recover::forge_nmi_frame,
         nested: selftest::sec_nested::nested_hook,
         after_dispatch: selftest::sec_tests::after_dispatch,
         record_frame: selftest::sec_tests::record_frame,

@@ -36,6 +36,7 @@ core::arch::global_asm!(
     SF_CS = const ShadowFrame::CS,
     SF_SLOTS = const ShadowFrame::SLOTS,
     UNWIND_MAX_SLOTS = const UNWIND_MAX_SLOTS,
+    TEST_HOOKS = const cfg!(feature = "test-hooks") as u8,
     IRETQ_LEN = const IRETQ.len(),
     IRETQ_WORD = const u16::from_le_bytes(IRETQ),
     CPU_STACKS_SIZE = const mm::CPU_STACKS_SIZE,

@@ -195,7 +195,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("sec_poke_alias_private", sec_alias::sec_poke_alias_private),
     ("sec_try_forged_ssp", sec_recover::sec_try_forged_ssp),
     ("sec_fault_in_nmi", sec_recover::sec_fault_in_nmi),
-    ("review_unwind_nmi", sec_recover::review_unwind_nmi),
+    ("sec_unwind_nmi_regs", sec_recover::sec_unwind_nmi_regs),
     ("sec_fault_ssp_race", sec_recover::sec_fault_ssp_race),
     ("sec_fault_ist_records", sec_recover::sec_fault_ist_records),
     ("sec_tramp_record_bound", sec_tests::sec_tramp_record_bound),

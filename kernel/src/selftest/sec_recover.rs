@@ -481,31 +481,72 @@ pub fn sec_fault_ist_records(_st: &BootState) -> Outcome<'static> {
     Outcome::Pass
 }
 
-extern "C" {
-    static mut sc_review_unwind_nmi: u8;
+/// What `forge_nmi_frame` writes into the next NMI's trap frame: the slot
+/// (RDI), the range's low bound (RSI, 0) and the value (R8) of the unwind's
+/// record-free WRSS; 0: nothing armed.
+#[cfg(feature = "test-hooks")]
+static FORGE_SLOT: AtomicU64 = AtomicU64::new(0);
+#[cfg(feature = "test-hooks")]
+static FORGE_VALUE: AtomicU64 = AtomicU64::new(0);
+
+/// The dispatcher's first step (test-hooks builds): an armed forgery of the
+/// next NMI's saved registers, as another CPU's ordinary stores would do.
+#[cfg(feature = "test-hooks")]
+pub fn forge_nmi_frame(frame: &mut shadowcall::frame::TrapFrame) {
+    if frame.vector == crate::recover::VEC_NMI {
+        let slot = FORGE_SLOT.swap(0, Ordering::SeqCst);
+        if slot != 0 {
+            frame.rdi = slot;
+            frame.rsi = 0;
+            frame.r8 = FORGE_VALUE.load(Ordering::SeqCst);
+        }
+    }
 }
 
-/// REVIEW PoC: an NMI interrupting sc_unwind_shadow (outside every critical
-/// region) returns registers from its ordinary trap frame: arbitrary WRSS.
-pub fn review_unwind_nmi(_st: &BootState) -> Outcome<'static> {
+#[cfg(feature = "test-hooks")]
+extern "C" {
+    static mut sc_t_unwind_nmi: u8;
+}
+
+/// §4/§11 (sixth review): an NMI taken inside the fault unwind's record-free
+/// loop (a software NMI at a test-hooks probe in `sc_unwind_shadow`), whose
+/// trap frame's saved RDI/RSI/R8 are forged to a victim shadow slot and a
+/// value: the unwind lies in a critical region, so the NMI hands its
+/// registers back from the WRSS-only save page and the victim slot is
+/// untouched; the unwind still lands at the recovery point.
+pub fn sec_unwind_nmi_regs(_st: &BootState) -> Outcome<'static> {
     if !cet::enforced() {
         return Outcome::Skip("needs shadow stacks");
     }
-    let guard = guard_addr();
-    let rec = test_claim_top_record(1, 0, 0x1111, 0x2222);
-    let target = rec + shadowcall::emul::record::REC_TARGET;
-    let value = 0x4141_4141_4141_4141u64;
-    diag!("review_unwind_nmi: target shadow slot {target:#x} holds {:#x}", cet::read_slot(target));
-    crate::interrupts::REVIEW_FORGE_VAL.store(value, Ordering::SeqCst);
-    crate::interrupts::REVIEW_FORGE_RDX.store(target, Ordering::SeqCst);
-    // SAFETY: PoC flag byte.
-    unsafe { core::ptr::addr_of_mut!(sc_review_unwind_nmi).write_volatile(1) };
-    let before = cet::rdssp();
-    let r = try_run(|| race_fault(guard));
-    let after = cet::rdssp();
-    let got = cet::read_slot(target);
-    diag!("review_unwind_nmi: SSP before {before:#x} after {after:#x}; r={r:?}; target slot now {got:#x}");
-    test_free_record(rec);
-    check!(got != value, "ARBITRARY WRSS: shadow slot {target:#x} := {value:#x} from an NMI trap frame");
+    if !cfg!(feature = "test-hooks") {
+        return Outcome::Skip("needs the test-hooks build");
+    }
+    #[cfg(feature = "test-hooks")]
+    {
+        let guard = guard_addr();
+        let rec = test_claim_top_record(1, 0, 0x1111, 0x2222);
+        let victim = rec + shadowcall::emul::record::REC_TARGET;
+        let value = 0x4141_4141_4141_4141u64;
+        let before = cet::read_slot(victim);
+        FORGE_VALUE.store(value, Ordering::SeqCst);
+        FORGE_SLOT.store(victim, Ordering::SeqCst);
+        let nmis0 = this_cpu().counters.nmis.load(Ordering::SeqCst);
+        // SAFETY: the probe's flag byte (test-hooks builds only).
+        unsafe { core::ptr::addr_of_mut!(sc_t_unwind_nmi).write_volatile(1) };
+        let ssp0 = cet::rdssp();
+        let r = try_run(|| race_fault(guard));
+        let ssp1 = cet::rdssp();
+        let got = cet::read_slot(victim);
+        let armed = FORGE_SLOT.swap(0, Ordering::SeqCst);
+        test_free_record(rec);
+        diag!("NMI inside the unwind, its frame's RDI/RSI/R8 forged to slot {victim:#x} := {value:#x}: slot {before:#x} -> {got:#x}; unwind {r:?}");
+        check!(armed == 0, "the NMI inside the unwind was not taken");
+        check!(this_cpu().counters.nmis.load(Ordering::SeqCst) > nmis0, "no NMI counted");
+        check!(got == before, "ARBITRARY WRSS: shadow slot {victim:#x} := {got:#x} from an NMI trap frame");
+        check!(
+            r.is_err() && ssp1 == ssp0,
+            "the unwind did not land at the recovery point (SSP {ssp1:#x}, was {ssp0:#x})"
+        );
+    }
     Outcome::Pass
 }
