@@ -19,6 +19,7 @@ const REG_ID: u32 = 0x20;
 const REG_TPR: u32 = 0x80;
 const REG_EOI: u32 = 0xb0;
 const REG_SVR: u32 = 0xf0;
+#[cfg(feature = "test-hooks")]
 const REG_IRR: u32 = 0x200;
 const REG_ICR_LOW: u32 = 0x300;
 const REG_ICR_HIGH: u32 = 0x310;
@@ -112,6 +113,7 @@ pub fn eoi() {
 }
 
 /// Is `vector` pending in this CPU's IRR (requested, not yet delivered)?
+#[cfg(feature = "test-hooks")]
 pub fn irr_pending(vector: u8) -> bool {
     read(REG_IRR + 0x10 * (vector as u32 / 32)) & (1 << (vector % 32)) != 0
 }

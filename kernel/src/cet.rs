@@ -7,6 +7,7 @@
 //! already 1), IA32_PL0_SSP, the interrupt SSP table, IA32_S_CET, SETSSBSY,
 //! and a jump to a continuation that never returns.
 
+#[cfg(feature = "test-hooks")]
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use shadowcall::cet::{Bringup, SspTable, Support};
@@ -19,6 +20,7 @@ use crate::mm;
 pub use shadowcall::cet::{active, enforced, rdssp};
 
 /// Every WRSS this kernel executes is counted (tests prove "nothing written").
+#[cfg(feature = "test-hooks")]
 pub static WRSS_WRITES: AtomicU64 = AtomicU64::new(0);
 
 /// One interrupt SSP table per CPU.
@@ -30,12 +32,16 @@ pub fn read_slot(addr: u64) -> u64 {
     unsafe { shadowcall::cet::read_slot(addr) }
 }
 
-/// Write one shadow-stack slot with WRSS. Callers must have verified that
+/// Write one shadow-stack slot with WRSS. Self-tests only (test-hooks
+/// builds): the production build has no WRSS in compiled Rust, whose
+/// operands the compiler may spill to the normal stack (DESIGN §11); its
+/// WRSS are all in asm (the #BP exits, the unwind, the sync words). Callers must have verified that
 /// `addr` is a slot of a registered shadow stack and that `value` is one
 /// they derived themselves (never one read from a stack).
 ///
 /// # Safety
 /// Changes what a later RET/IRET on that shadow stack will accept.
+#[cfg(feature = "test-hooks")]
 pub unsafe fn wrss(addr: u64, value: u64) {
     debug_assert!(active());
     WRSS_WRITES.fetch_add(1, Ordering::Relaxed);

@@ -15,6 +15,7 @@
 //! them, and only while it holds a `TextAlias`.
 
 use core::cell::UnsafeCell;
+#[cfg(feature = "test-hooks")]
 use core::marker::PhantomData;
 use core::ptr::addr_of;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -22,10 +23,14 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use linked_list_allocator::LockedHeap;
 use shadowcall::shstk::{self, StackBounds};
 use shadowcall_support::paging::{self, Kind, ENTRIES, LARGE_PAGE_SIZE, PAGE_SIZE};
-use x86_64::instructions::{interrupts, tlb};
+use x86_64::instructions::interrupts;
+#[cfg(feature = "test-hooks")]
+use x86_64::instructions::tlb;
 use x86_64::registers::control::{Cr3, Cr3Flags};
 use x86_64::structures::paging::PhysFrame;
-use x86_64::{PhysAddr, VirtAddr};
+use x86_64::PhysAddr;
+#[cfg(feature = "test-hooks")]
+use x86_64::VirtAddr;
 
 /// Everything below this is mapped with 4 KiB pages (the kernel image lives here).
 pub const FINE_LIMIT: u64 = 32 << 20;
@@ -206,6 +211,7 @@ fn overlaps_pokeable(start: u64, end: u64) -> bool {
     [text_range(), rodata_range(), sealed_area()].iter().any(|&(s, e)| start < e && s < end)
 }
 
+#[cfg(feature = "test-hooks")]
 /// Can `TextAlias::write` write `[addr, addr + len)`? Only inside kernel
 /// text, read-only data or the sealed area (each range wholly inside one).
 pub fn pokeable(addr: u64, len: u64) -> bool {
@@ -586,6 +592,7 @@ pub const SEALED_WAIT_SPINS: u64 = 1 << 20;
 #[cfg(feature = "test-hooks")]
 pub static IN_NEXT_POKE: spin::Mutex<Option<fn()>> = spin::Mutex::new(None);
 
+#[cfg(feature = "test-hooks")]
 fn frame_of(table: u64) -> PhysFrame {
     PhysFrame::containing_address(PhysAddr::new(table))
 }
@@ -624,6 +631,7 @@ fn cpu_of_stack(sp: u64) -> Option<usize> {
     (on(kernel_stack(cpu)) || (1..=IST_COUNT).any(|i| on(ist_stack(cpu, i)))).then_some(cpu)
 }
 
+#[cfg(feature = "test-hooks")]
 /// The CPU whose private poking tables CR3 points at, if it points at one.
 fn poking_cpu() -> Option<usize> {
     let cr3 = current_pml4();
@@ -662,6 +670,7 @@ fn poking_cpu() -> Option<usize> {
 /// alone); its IRET returns here on the same CR3 (an NMI does not switch
 /// CR3). So the handler reaches nothing it could not reach on the shared
 /// tables, and for every other CPU nothing changes.
+#[cfg(feature = "test-hooks")]
 pub struct TextAlias {
     /// IF before `new` (restored by `drop`).
     interrupts: bool,
@@ -669,6 +678,7 @@ pub struct TextAlias {
     _cpu_bound: PhantomData<*const ()>,
 }
 
+#[cfg(feature = "test-hooks")]
 impl TextAlias {
     /// Enter this CPU's private poking address space. Spins while another
     /// CPU holds an alias; panics if this CPU already holds one or runs on
@@ -756,6 +766,7 @@ impl TextAlias {
     }
 }
 
+#[cfg(feature = "test-hooks")]
 impl Drop for TextAlias {
     fn drop(&mut self) {
         match self.pte() {

@@ -684,19 +684,31 @@ fn test_hook(frame: &mut TrapFrame, addr: u64) -> Option<BpExit> {
         _ => None,
     }
 }
-/// Self-test switches for the window (irq_in_window, nmi_in_window).
+/// Self-test switches for the window (irq_in_window, nmi_in_window):
+/// injection points of the test-hooks build only.
+#[cfg(feature = "test-hooks")]
 pub static WATCH_IRQ: AtomicBool = AtomicBool::new(false);
+#[cfg(feature = "test-hooks")]
 pub static INJECT_NMI: AtomicBool = AtomicBool::new(false);
 
 /// Where in the window the nmi_in_window test sends this CPU an NMI.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
 enum NmiPoint {
     FirstTrapEntry = 0,
     FirstTrapExit = 1,
     SecondTrap = 2,
 }
 
+#[cfg_attr(not(feature = "test-hooks"), allow(unused_variables))]
+#[inline(always)]
 fn nmi_point(point: NmiPoint) {
+    #[cfg(feature = "test-hooks")]
+    nmi_point_inject(point);
+}
+
+#[cfg(feature = "test-hooks")]
+fn nmi_point_inject(point: NmiPoint) {
     let cpu = this_cpu();
     if INJECT_NMI.load(Ordering::Relaxed)
         && !cpu.in_nmi.load(Ordering::Relaxed)
@@ -710,6 +722,7 @@ fn nmi_point(point: NmiPoint) {
 fn window_enter() {
     let cpu = this_cpu();
     cpu.counters.window_depth.fetch_add(1, Ordering::Relaxed);
+    #[cfg(feature = "test-hooks")]
     if INJECT_NMI.load(Ordering::Relaxed) {
         cpu.nmi_rotor.fetch_add(1, Ordering::Relaxed);
         nmi_point(NmiPoint::FirstTrapEntry);
@@ -721,6 +734,7 @@ fn window_enter() {
 fn window_exit() {
     let cpu = this_cpu();
     cpu.counters.window_depth.fetch_sub(1, Ordering::Relaxed);
+    #[cfg(feature = "test-hooks")]
     if WATCH_IRQ.load(Ordering::Relaxed) && crate::apic::irr_pending(crate::apic::VEC_TIMER) {
         PerCpu::count(&cpu.counters.irq_pending_at_exit);
         cpu.irq_expect_after.store(true, Ordering::Relaxed);

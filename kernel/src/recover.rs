@@ -20,6 +20,7 @@ use crate::{cet, mm};
 pub const VEC_NMI: u64 = 2;
 pub const VEC_MC: u64 = 18;
 pub const VEC_UD: u64 = 6;
+#[allow(dead_code)] // used by the self-tests of the test-hooks build
 pub const VEC_GP: u64 = 13;
 pub const VEC_PF: u64 = 14;
 pub const VEC_CP: u64 = CpError::VECTOR as u64;

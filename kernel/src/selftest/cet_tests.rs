@@ -13,7 +13,9 @@ use x86_64::registers::model_specific::CetFlags;
 use crate::interrupts::IST_TEST;
 use crate::patching::BpTestHook;
 use crate::percpu::this_cpu;
-use crate::recover::{try_run, VEC_CP, VEC_GP, VEC_PF};
+#[cfg(feature = "test-hooks")]
+use crate::recover::VEC_GP;
+use crate::recover::{try_run, VEC_CP, VEC_PF};
 use crate::{cet, check, mm, BootState};
 use shadowcall::cet::Pl0Ssp;
 
@@ -172,6 +174,7 @@ pub fn cp_iret_rip_only(st: &BootState) -> Outcome<'static> {
 pub fn iret_rip_and_lip(st: &BootState) -> Outcome<'static> {
     need_shstk!(st);
     let ssp0 = cet::rdssp();
+    #[cfg(feature = "test-hooks")]
     let w0 = cet::WRSS_WRITES.load(Ordering::Relaxed);
     this_cpu().bp_test_hook.store(BpTestHook::RipAndLip as u8, Ordering::Relaxed);
     // SAFETY: asm test function.
@@ -179,6 +182,7 @@ pub fn iret_rip_and_lip(st: &BootState) -> Outcome<'static> {
     this_cpu().bp_test_hook.store(BpTestHook::None as u8, Ordering::Relaxed);
     check!(r == Ok(2), "expected to resume at the landing (2), got {r:?}");
     // The one WRSS (the LIP slot) is the #BP exit's, in asm: no Rust WRSS.
+    #[cfg(feature = "test-hooks")]
     check!(cet::WRSS_WRITES.load(Ordering::Relaxed) == w0, "a WRSS outside the #BP exit");
     check!(cet::rdssp() == ssp0, "SSP unbalanced");
     Outcome::Pass
@@ -205,16 +209,29 @@ pub fn shstk_write_pf(st: &BootState) -> Outcome<'static> {
     Outcome::Pass
 }
 
+#[cfg(feature = "test-hooks")]
 static PLAIN_SLOT: AtomicU64 = AtomicU64::new(0x600d);
 
 pub fn wrss_plain_pf(st: &BootState) -> Outcome<'static> {
     need_shstk!(st);
+    // The probe is a WRSS in compiled Rust (its operands may pass through
+    // the stack): test-hooks builds only, like every Rust WRSS.
+    #[cfg(not(feature = "test-hooks"))]
+    return Outcome::Skip("needs the test-hooks build");
+    #[cfg(feature = "test-hooks")]
     let addr = &PLAIN_SLOT as *const AtomicU64 as u64;
     // SAFETY: a deliberate WRSS to an ordinary data page; the #PF is caught.
+    #[cfg(feature = "test-hooks")]
     let r = try_run(|| unsafe {
         cet::wrss(addr, 0xbad);
         0
     });
+    #[cfg(feature = "test-hooks")]
+    wrss_plain_pf_check(r, addr)
+}
+
+#[cfg(feature = "test-hooks")]
+fn wrss_plain_pf_check(r: Result<u64, crate::recover::FaultInfo>, addr: u64) -> Outcome<'static> {
     let Err(f) = r else {
         diag!("FAIL: WRSS to an ordinary page succeeded");
         return Outcome::Fail;
@@ -269,7 +286,18 @@ pub fn ist_shstk(st: &BootState) -> Outcome<'static> {
     check!(shstk::token_is_free(cet::read_slot(token), token), "token still busy after IRET");
     check!(cet::rdssp() == ssp0, "SSP changed across the interrupt");
 
-    // A busy token makes delivery fail with #GP(0) before the handler runs.
+    // A busy token makes delivery fail with #GP(0) before the handler runs
+    // (its WRSS are compiled Rust: test-hooks builds only).
+    #[cfg(not(feature = "test-hooks"))]
+    return Outcome::Pass;
+    #[cfg(feature = "test-hooks")]
+    ist_busy_token(token, calls0, ssp0)
+}
+
+/// Inlined: it checks SSP against the caller's.
+#[cfg(feature = "test-hooks")]
+#[inline(always)]
+fn ist_busy_token(token: u64, calls0: u64, ssp0: u64) -> Outcome<'static> {
     // SAFETY: marks the test IST token busy (a value we derive), restored below.
     unsafe { cet::wrss(token, token | shstk::TOKEN_BUSY) };
     // SAFETY: as above; the #GP is caught.

@@ -138,6 +138,21 @@ pub fn smp_sync(_st: &BootState) -> Outcome<'static> {
     Outcome::Pass
 }
 
+/// Count timer interrupts pending when a window ends (the #BP path's
+/// injection point: test-hooks builds only; a no-op otherwise).
+#[cfg_attr(not(feature = "test-hooks"), allow(unused_variables))]
+fn watch_irq(on: bool) {
+    #[cfg(feature = "test-hooks")]
+    patching::WATCH_IRQ.store(on, Ordering::SeqCst);
+}
+
+/// Send NMIs at the window's points (test-hooks builds only; a no-op otherwise).
+#[cfg_attr(not(feature = "test-hooks"), allow(unused_variables))]
+fn inject_nmi(on: bool) {
+    #[cfg(feature = "test-hooks")]
+    patching::INJECT_NMI.store(on, Ordering::SeqCst);
+}
+
 // ---- smp_patch_stress -------------------------------------------------------
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -201,7 +216,7 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
         sum(|c| &c.counters.irq_pending_at_exit),
         sum(|c| &c.counters.irq_delivered_after),
     );
-    patching::WATCH_IRQ.store(true, Ordering::SeqCst);
+    watch_irq(true);
     let refusals0 = sum(|c| &c.counters.refusals);
     let bps0 = sum(|c| &c.counters.breakpoints);
     let em_total0 = sum(|c| &c.counters.emulations);
@@ -245,7 +260,7 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
     for &(w, tk) in &tickets {
         smp::wait(w, tk);
     }
-    patching::WATCH_IRQ.store(false, Ordering::SeqCst);
+    watch_irq(false);
     let (ticks, pend, deliv) = (
         sum(|c| &c.counters.timer_ticks) - ticks0,
         sum(|c| &c.counters.irq_pending_at_exit) - pend0,
@@ -312,6 +327,9 @@ const WINDOW_PENDING_GOAL: u64 = 25;
 const WINDOW_CALLS_MAX: u64 = 200_000;
 
 pub fn irq_in_window(_st: &BootState) -> Outcome<'static> {
+    if !cfg!(feature = "test-hooks") {
+        return Outcome::Skip("needs the test-hooks build");
+    }
     let c = this_cpu();
     let counters = &c.counters;
     let get = |a: &AtomicU64| a.load(Ordering::SeqCst);
@@ -331,7 +349,7 @@ pub fn irq_in_window(_st: &BootState) -> Outcome<'static> {
                 return;
             }
             let em0 = get(&counters.emulations);
-            patching::WATCH_IRQ.store(true, Ordering::SeqCst);
+            watch_irq(true);
             apic::timer(crate::apic::VEC_TIMER, TIMER_COUNT);
             let p0 = get(&counters.irq_pending_at_exit);
             x86_64::instructions::interrupts::enable();
@@ -348,7 +366,7 @@ pub fn irq_in_window(_st: &BootState) -> Outcome<'static> {
             }
             x86_64::instructions::interrupts::disable();
             apic::timer(crate::apic::VEC_TIMER, 0);
-            patching::WATCH_IRQ.store(false, Ordering::SeqCst);
+            watch_irq(false);
             emulated += get(&counters.emulations) - em0;
         });
         if r.is_err() {
@@ -416,6 +434,9 @@ pub fn nmi(_frame: &mut TrapFrame) {
 }
 
 pub fn nmi_in_window(_st: &BootState) -> Outcome<'static> {
+    if !cfg!(feature = "test-hooks") {
+        return Outcome::Skip("needs the test-hooks build");
+    }
     let c = this_cpu();
     let get = |a: &AtomicU64| a.load(Ordering::SeqCst);
     let counters = &c.counters;
@@ -440,7 +461,7 @@ pub fn nmi_in_window(_st: &BootState) -> Outcome<'static> {
                 return;
             }
             NMI_CALLS_SITE.store(true, Ordering::SeqCst);
-            patching::INJECT_NMI.store(true, Ordering::SeqCst);
+            inject_nmi(true);
             for _ in 0..60 {
                 let call = call_checked(sc_s_fn as SiteFn, 0);
                 calls += 1;
@@ -449,7 +470,7 @@ pub fn nmi_in_window(_st: &BootState) -> Outcome<'static> {
                     break;
                 }
             }
-            patching::INJECT_NMI.store(false, Ordering::SeqCst);
+            inject_nmi(false);
             NMI_CALLS_SITE.store(false, Ordering::SeqCst);
         });
         if r.is_err() {
