@@ -795,13 +795,20 @@ sc_bpx_refuse:
  * registers back from the WRSS-only save page, not from its trap frame. */
 
 /* void sc_sync_bump(void): the generation := its own value + 1, after the
- * writes of the step it follows (MFENCE on both sides). */
+ * writes of the step it follows (MFENCE on both sides), and the same value
+ * into this CPU's own-generation word, which its wait compares with. */
 .globl sc_sync_bump
 sc_sync_bump:
     mfence
+    rdsspq %rax
+    STACK_CPU sc_sync_bad
+    shlq ${RECORD_PAGE_SHIFT}, %rax
+    leaq sc_tramp_records(%rip), %rdi
+    addq %rax, %rdi
     movq sc_tramp_records+{SYNC_GEN}(%rip), %rax
     incq %rax
     wrssq %rax, sc_tramp_records+{SYNC_GEN}(%rip)
+    wrssq %rax, {MY_GEN}(%rdi)
     mfence
     ret
 
@@ -822,16 +829,25 @@ sc_sync_bad:
     ud2
 
 /* void sc_sync_wait_all(void): return once every online CPU's sync word
- * (non-zero) is above the generation, both re-read each time: every CPU
- * that was online has acknowledged since the last bump. */
+ * (non-zero) is above the generation this CPU's last bump wrote (its
+ * own-generation word, re-read each time). If the shared generation no
+ * longer equals it, another patcher bumped meanwhile (forged locks): #UD. */
 .globl sc_sync_wait_all
 sc_sync_wait_all:
+    rdsspq %rax
+    STACK_CPU sc_sync_bad
+    shlq ${RECORD_PAGE_SHIFT}, %rax
+    leaq sc_tramp_records(%rip), %r8
+    addq %rax, %r8                  /* this CPU's record page */
     leaq sc_tramp_records+{SYNC_WORD}(%rip), %rdx
     movl ${MAX_CPUS}, %ecx
 1:  movq (%rdx), %rax
     testq %rax, %rax
     jz 3f
-2:  cmpq sc_tramp_records+{SYNC_GEN}(%rip), %rax
+2:  movq {MY_GEN}(%r8), %rsi
+    cmpq sc_tramp_records+{SYNC_GEN}(%rip), %rsi
+    jne sc_sync_bad
+    cmpq %rsi, %rax
     ja 3f
     pause
     movq (%rdx), %rax

@@ -160,7 +160,7 @@ pub mod record {
     pub const RECORD_SIZE: u64 = 32;
     /// Bytes of a CPU's record page (one 4 KiB page, page aligned).
     pub const RECORD_PAGE_SIZE: u64 = 4096;
-    /// Records on one page (its last 32 bytes hold the sync, in-exit and (CPU 0) sync-generation words).
+    /// Records on one page (its last 32 bytes hold the sync, in-exit, (CPU 0) sync-generation and own-generation words).
     pub const RECORDS_PER_PAGE: u64 = RECORD_PAGE_SIZE / RECORD_SIZE - 1;
     /// The CPU's sync word on its record page: 0 while the CPU is not
     /// online with shadow stacks; then the sync generation it last
@@ -181,6 +181,11 @@ pub mod record {
     /// its own CPU); the patcher waits until every online CPU's sync word
     /// is above the generation. Every value comes from shadow-stack pages.
     pub const SYNC_GEN_WORD: u64 = IN_EXIT_WORD + 8;
+    /// The generation this CPU's own last bump wrote (WRSS, by this CPU
+    /// only): its wait compares the acknowledgements with this, and stops
+    /// the kernel if the shared generation no longer equals it (a second
+    /// patcher racing the bump; see DESIGN §11).
+    pub const MY_GEN_WORD: u64 = SYNC_GEN_WORD + 8;
     /// The SSP interrupted by the first trap (0: the record is free). The
     /// second trap's interrupted SSP + 16 must equal it (bound to the stack).
     pub const REC_SSP: u64 = 0;

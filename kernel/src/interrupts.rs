@@ -78,6 +78,7 @@ core::arch::global_asm!(
     IN_EXIT = const shadowcall::emul::record::IN_EXIT_WORD,
     SYNC_WORD = const shadowcall::emul::record::SYNC_WORD,
     SYNC_GEN = const shadowcall::emul::record::SYNC_GEN_WORD,
+    MY_GEN = const shadowcall::emul::record::MY_GEN_WORD,
     RECORD_PAGE_BYTES = const shadowcall::emul::record::RECORD_PAGE_SIZE,
     RECORD_PAGE_SHIFT = const shadowcall::emul::record::RECORD_PAGE_SIZE.trailing_zeros(),
     KIND_CALL = const shadowcall::patch::KIND_CALL,
