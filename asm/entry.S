@@ -131,6 +131,9 @@ ISR_NOERR {VEC_SPURIOUS}
  *   [sc_isr_region_start, sc_isr_region_end)    this code: the NMI and #MC
  *     paths (which hold the registers of the region they interrupted, and
  *     decide from RAX/RCX where to restore them from) and the common exit.
+ *   [sc_unwind_region_start, sc_unwind_region_end)  the fault unwind's
+ *     shadow-stack writes (recover.S sc_unwind_shadow).
+ * xtask refuses a production build with a WRSS or INCSSP outside them. 
  * They run with IF=0, so only an NMI or #MC can interrupt them. With shadow
  * stacks on, the IDT's NMI and #MC gates enter through ISR_CET_IST
  * (interrupts::load_cet_idt). If the LIP it interrupted (read from its own

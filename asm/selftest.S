@@ -179,18 +179,17 @@ sc_t_zero_disp_call_insn:
     rdsspq %rax
     subq %rcx, %rax
     ret
-/* ... and the control: a call with displacement 1 moves SSP by -8; INCSSP
- * drops the extra shadow slot again. */
+/* ... and the control: a call with displacement 1 (over the one-byte RET
+ * it returns to) moves SSP by -8; its RET pops both stacks again and lands
+ * on that RET, which returns to our caller. No INCSSP: nothing here adjusts
+ * SSP by a register value (an NMI could hand back a forged one). */
 .globl sc_t_one_disp_call
 sc_t_one_disp_call:
     rdsspq %rcx
     call 1f
-    int3
-1:  popq %rax
-    rdsspq %rax
+    ret
+1:  rdsspq %rax
     subq %rcx, %rax
-    movl $1, %edx
-    incsspq %rdx
     ret
 
 /* cp_iret_rip_only / iret_rip_and_lip: returns 1 when execution resumes

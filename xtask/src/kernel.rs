@@ -76,12 +76,12 @@ pub fn build_kernel_of(policy: Policy, build: Build) -> Result<PathBuf> {
     // Post-link: the patch tables sorted (DESIGN §11).
     crate::elfcheck::sort_patch_tables(&elf)?;
     if build == Build::Production {
-        // Every WRSS of the production image inside a critical region (§11).
+        // Every WRSS and INCSSP of the production image inside a critical region (§11).
         let bytes = std::fs::read(&elf).context(|| format!("cannot read {}", elf.display()))?;
-        let outside = crate::wrsslint::wrss_outside_regions(&bytes).map_err(Error::new)?;
+        let outside = crate::wrsslint::writers_outside_regions(&bytes).map_err(Error::new)?;
         if !outside.is_empty() {
             return Err(Error::new(format!(
-                "{}: WRSS outside the critical regions at {outside:#x?} (DESIGN.md §11: code outside them gets its registers back from an ordinary trap frame)",
+                "{}: WRSS/INCSSP outside the critical regions at {outside:#x?} (DESIGN.md §11: code outside them gets its registers back from an ordinary trap frame)",
                 elf.display()
             )));
         }
