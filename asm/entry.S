@@ -797,19 +797,25 @@ sc_bpx_refuse:
  * critical region, so an NMI or #MC that interrupts them hands their
  * registers back from the WRSS-only save page, not from its trap frame. */
 
-/* void sc_sync_bump(void): the generation := its own value + 1, after the
- * writes of the step it follows (MFENCE on both sides), and the same value
- * into this CPU's own-generation word, which its wait compares with. */
+/* void sc_sync_bump(void): a new generation, after the writes of the step it
+ * follows (MFENCE on both sides): the round count + 1 in the high bits and
+ * this CPU in the low GEN_CPU_BITS, so no two patchers ever write the same
+ * value; also into this CPU's own-generation word, which its wait compares
+ * with. */
 .globl sc_sync_bump
 sc_sync_bump:
     mfence
     rdsspq %rax
     STACK_CPU sc_sync_bad
+    movq %rax, %rsi                 /* this CPU */
     shlq ${RECORD_PAGE_SHIFT}, %rax
     leaq sc_tramp_records(%rip), %rdi
     addq %rax, %rdi
     movq sc_tramp_records+{SYNC_GEN}(%rip), %rax
+    shrq ${GEN_CPU_BITS}, %rax
     incq %rax
+    shlq ${GEN_CPU_BITS}, %rax
+    orq %rsi, %rax                  /* unique to this CPU's round */
     wrssq %rax, sc_tramp_records+{SYNC_GEN}(%rip)
     wrssq %rax, {MY_GEN}(%rdi)
     mfence
@@ -832,9 +838,10 @@ sc_sync_bad:
     ud2
 
 /* void sc_sync_wait_all(void): return once every online CPU's sync word
- * (non-zero) is above the generation this CPU's last bump wrote (its
- * own-generation word, re-read each time). If the shared generation no
- * longer equals it, another patcher bumped meanwhile (forged locks): #UD. */
+ * (non-zero) is the generation this CPU's last bump wrote, + 1 (its
+ * own-generation word, re-read each time): each has acknowledged this very
+ * round. If the shared generation no longer equals it, another patcher
+ * bumped meanwhile (forged locks): #UD. */
 .globl sc_sync_wait_all
 sc_sync_wait_all:
     rdsspq %rax
@@ -850,8 +857,9 @@ sc_sync_wait_all:
 2:  movq {MY_GEN}(%r8), %rsi
     cmpq sc_tramp_records+{SYNC_GEN}(%rip), %rsi
     jne sc_sync_bad
-    cmpq %rsi, %rax
-    ja 3f
+    incq %rsi
+    cmpq %rsi, %rax                 /* acknowledged exactly this round */
+    je 3f
     pause
     movq (%rdx), %rax
     jmp 2b

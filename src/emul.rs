@@ -186,6 +186,9 @@ pub mod record {
     /// the kernel if the shared generation no longer equals it (a second
     /// patcher racing the bump; see DESIGN §11).
     pub const MY_GEN_WORD: u64 = SYNC_GEN_WORD + 8;
+    /// Low bits of a sync generation that hold the bumping CPU's index
+    /// (the rest count rounds): two patchers never write the same value.
+    pub const GEN_CPU_BITS: u32 = 8;
     /// The SSP interrupted by the first trap (0: the record is free). The
     /// second trap's interrupted SSP + 16 must equal it (bound to the stack).
     pub const REC_SSP: u64 = 0;

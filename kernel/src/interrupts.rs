@@ -79,6 +79,7 @@ core::arch::global_asm!(
     SYNC_WORD = const shadowcall::emul::record::SYNC_WORD,
     SYNC_GEN = const shadowcall::emul::record::SYNC_GEN_WORD,
     MY_GEN = const shadowcall::emul::record::MY_GEN_WORD,
+    GEN_CPU_BITS = const shadowcall::emul::record::GEN_CPU_BITS,
     RECORD_PAGE_BYTES = const shadowcall::emul::record::RECORD_PAGE_SIZE,
     RECORD_PAGE_SHIFT = const shadowcall::emul::record::RECORD_PAGE_SIZE.trailing_zeros(),
     KIND_CALL = const shadowcall::patch::KIND_CALL,
@@ -132,6 +133,9 @@ core::arch::global_asm!(
     TRAMP_TRAP = const shadowcall::tramp::TRAMP_TRAP_OFF,
     options(att_syntax)
 );
+
+// A sync generation keeps the bumping CPU's index in its low bits.
+const _: () = assert!(mm::MAX_CPUS <= 1 << shadowcall::emul::record::GEN_CPU_BITS);
 
 // The #BP exit indexes sealed entries with a shift.
 const _: () = assert!(core::mem::size_of::<shadowcall::patch::SealedEntry>().is_power_of_two());
