@@ -175,11 +175,13 @@ pub mod record {
     /// `BPX_ENTRY`/`BPX_LEAVE`); the sealed-area writer (asm/poke.S
     /// `sc_poke_sealed`) rewrites nothing while any CPU's count is non-zero.
     pub const IN_EXIT_WORD: u64 = SYNC_WORD + 8;
-    /// On CPU 0's record page only: the sync generation. A patcher raises it
-    /// (WRSS, its own value + 1) before it sends the sync IPIs; each CPU
-    /// acknowledges by writing generation + 1 into its sync word (WRSS, on
-    /// its own CPU); the patcher waits until every online CPU's sync word
-    /// is above the generation. Every value comes from shadow-stack pages.
+    /// On CPU 0's record page only: the sync generation, the round count
+    /// above [`GEN_CPU_BITS`] and the bumping CPU's index below. A patcher
+    /// raises it (WRSS: the next round, its own index) before it sends the
+    /// sync IPIs; each CPU acknowledges by writing generation + 1 into its
+    /// sync word (WRSS, on its own CPU); the patcher waits until every
+    /// online CPU's sync word is exactly its own generation + 1. Every value
+    /// comes from shadow-stack pages.
     pub const SYNC_GEN_WORD: u64 = IN_EXIT_WORD + 8;
     /// The generation this CPU's own last bump wrote (WRSS, by this CPU
     /// only): its wait compares the acknowledgements with this, and stops
