@@ -505,14 +505,21 @@ sc_bpx_plain:
     jne sc_bpx_refuse
 .endm
 
+/* RECORD_PAGE dst, fail: dst := the trampoline-record page of the CPU whose
+ * stack area holds the address in rax (static layout arithmetic, no per-CPU
+ * data); `fail` outside the area. Clobbers rax, rcx, rdx. */
+.macro RECORD_PAGE dst, fail
+    STACK_CPU \fail
+    shlq ${RECORD_PAGE_SHIFT}, %rax
+    leaq sc_tramp_records(%rip), \dst
+    addq %rax, \dst
+.endm
+
 /* rdi := this CPU's trampoline-record page: the CPU whose stack area holds
- * F (static layout arithmetic, no per-CPU data). Clobbers rax, rcx, rdx. */
+ * F. Clobbers rax, rcx, rdx. */
 .macro BPX_RECORD_PAGE
     movq %r8, %rax
-    STACK_CPU sc_bpx_refuse
-    shlq ${RECORD_PAGE_SHIFT}, %rax
-    leaq sc_tramp_records(%rip), %rdi
-    addq %rax, %rdi
+    RECORD_PAGE %rdi, sc_bpx_refuse
 .endm
 
 /* Shadow gap: emulate `call T` at site S with one trap. After the checks,
@@ -826,10 +833,7 @@ sc_sync_bump:
 .globl sc_sync_ack
 sc_sync_ack:
     rdsspq %rax
-    STACK_CPU sc_sync_bad
-    shlq ${RECORD_PAGE_SHIFT}, %rax
-    leaq sc_tramp_records(%rip), %rdi
-    addq %rax, %rdi
+    RECORD_PAGE %rdi, sc_sync_bad
     movq sc_tramp_records+{SYNC_GEN}(%rip), %rax
     incq %rax
     wrssq %rax, {SYNC_WORD}(%rdi)
@@ -845,10 +849,7 @@ sc_sync_bad:
 .globl sc_sync_wait_all
 sc_sync_wait_all:
     rdsspq %rax
-    STACK_CPU sc_sync_bad
-    shlq ${RECORD_PAGE_SHIFT}, %rax
-    leaq sc_tramp_records(%rip), %r8
-    addq %rax, %r8                  /* this CPU's record page */
+    RECORD_PAGE %r8, sc_sync_bad    /* this CPU's record page */
     leaq sc_tramp_records+{SYNC_WORD}(%rip), %rdx
     movl ${MAX_CPUS}, %ecx
 1:  movq (%rdx), %rax
@@ -904,3 +905,4 @@ sc_bpx_table:
 .purgem TABLE_AT
 .purgem CHECKED_ENTRY
 .purgem STACK_CPU
+.purgem RECORD_PAGE

@@ -56,20 +56,6 @@ sc_try_recover:
     movq $-1, %rax
     jmp sc_try_marker
 
-/* SU_STACK_CPU: rax (an address) := the CPU whose stack area holds it
- * (static layout, the arithmetic of sealed.S STACK_CPU); outside the area,
- * jumps to .Lsu_bad_prev. Clobbers rcx, rdx. */
-.macro SU_STACK_CPU
-    leaq sc_stacks(%rip), %rcx
-    subq %rcx, %rax
-    jb .Lsu_bad_prev
-    xorl %edx, %edx
-    movq ${CPU_STACKS_SIZE}, %rcx
-    divq %rcx
-    cmpq ${MAX_CPUS}, %rax
-    jae .Lsu_bad_prev
-.endm
-
 /* ---- The unwind's shadow-stack writes -------------------------------------
  * u64 sc_unwind_shadow(void)
  * Every shadow-stack write of a fault recovery, done here with operands that
@@ -128,13 +114,13 @@ sc_unwind_shadow:
     cmpq %r10, %r8
     jb .Lsu_no_frame                /* the frame straddles the SSP */
     movq %r8, %rax
-    SU_STACK_CPU
+    STACK_CPU .Lsu_bad_prev
     movq %rax, %r11                 /* r11 := F's CPU */
     movq {SF_PREV_SSP}(%r8), %rsi   /* 2. rsi := P */
     testq $7, %rsi
     jnz .Lsu_bad_prev
     movq %rsi, %rax
-    SU_STACK_CPU
+    STACK_CPU .Lsu_bad_prev
     cmpq %r11, %rax
     jne .Lsu_bad_prev
     movq %rsi, %rdi                 /* rdi := where the marker scan starts */
@@ -243,7 +229,7 @@ sc_unwind_shadow:
     ret
 sc_unwind_region_end:
 
-.purgem SU_STACK_CPU
+.purgem STACK_CPU
 
 .if {TEST_HOOKS}
 .section .data

@@ -44,7 +44,11 @@ pub const IST_DB: usize = 4;
 pub const IST_TEST: usize = 5;
 
 core::arch::global_asm!(
-    concat!(include_str!("../../asm/sealed.S"), include_str!("../../asm/entry.S")),
+    concat!(
+        include_str!("../../asm/stack_cpu.S"),
+        include_str!("../../asm/sealed.S"),
+        include_str!("../../asm/entry.S")
+    ),
     BP_GAP = const shadowcall::frame::BP_STACK_GAP,
     IST_TEST_VECTOR = const IST_TEST_VECTOR,
     VEC_WAKE = const crate::apic::VEC_WAKE,

@@ -458,7 +458,11 @@ pub fn test_set_alias_pte(cpu: usize, value: u64) {
 // The alias writers of the patcher (asm/poke.S): every address, byte and
 // length they store is derived in registers from read-only data.
 core::arch::global_asm!(
-    concat!(include_str!("../../asm/sealed.S"), include_str!("../../asm/poke.S")),
+    concat!(
+        include_str!("../../asm/stack_cpu.S"),
+        include_str!("../../asm/sealed.S"),
+        include_str!("../../asm/poke.S")
+    ),
     CPU_STACKS_SIZE = const CPU_STACKS_SIZE,
     MAX_CPUS = const MAX_CPUS,
     POKE_TABLES_SIZE = const core::mem::size_of::<PokeTables>(),
