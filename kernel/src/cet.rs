@@ -10,7 +10,7 @@
 #[cfg(feature = "test-hooks")]
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use shadowcall::cet::{Bringup, SspTable, Support};
+use shadowcall::cet::{Bringup, SspTable};
 use shadowcall::shstk;
 use x86_64::registers::model_specific::{CetFlags, SCet};
 
@@ -67,16 +67,10 @@ pub fn enable_and_continue(features: &Features, cpu: usize, cont: extern "C" fn(
         ssp_table: table,
         rsp: mm::kernel_stack(cpu).hi - 8,
     };
-    let support = Support {
-        cet_ss: features.cet_ss,
-        cet_sss: features.cet_sss,
-        xsaves: features.xsaves,
-        xss_cet_s: features.xss_cet_s,
-    };
     // SAFETY: mm wrote the tokens before mapping the pages as shadow stacks
     // (R/W=0, D=1), boot set CR0.WP, interrupts are off, and each stack and
     // table belongs to this CPU only.
-    unsafe { shadowcall::cet::enable(&bringup, &support, cont) }
+    unsafe { shadowcall::cet::enable(&bringup, &features.cet, cont) }
 }
 
 /// Read S_CET.

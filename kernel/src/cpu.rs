@@ -2,20 +2,16 @@
 //! `shadowcall::cet`).
 
 use raw_cpuid::CpuId;
+use shadowcall::cet::Support;
 
 /// What CPUID says about CET and the related features.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Features {
-    /// CPUID.(7,0):ECX[7]
-    pub cet_ss: bool,
+    /// Shadow-stack support: CET_SS, CET_SSS, XSAVES, XSS.CET_S (the engine's
+    /// detection).
+    pub cet: Support,
     /// CPUID.(7,0):EDX[20]
     pub cet_ibt: bool,
-    /// CPUID.(7,1):EDX[18]
-    pub cet_sss: bool,
-    /// CPUID.(0xD,1):EAX[3]
-    pub xsaves: bool,
-    /// CPUID.(0xD,1):ECX[12]: XSS can hold supervisor CET state.
-    pub xss_cet_s: bool,
     /// CPUID.(7,0):EDX[14]
     pub serialize: bool,
     /// CPUID.1:ECX[21]
@@ -29,8 +25,6 @@ const ECX1_X2APIC: u32 = 1 << 21;
 const ECX1_HYPERVISOR: u32 = 1 << 31;
 const EDX7_CET_IBT: u32 = 1 << 20;
 const EDX7_SERIALIZE: u32 = 1 << 14;
-const EAXD1_XSAVES: u32 = 1 << 3;
-const ECXD1_CET_S: u32 = 1 << 12;
 
 impl Features {
     pub fn detect() -> Self {
@@ -39,10 +33,7 @@ impl Features {
         if let Some(v) = id.get_vendor_info() {
             f.vendor.copy_from_slice(v.as_str().as_bytes());
         }
-        if let Some(ext) = id.get_extended_feature_info() {
-            f.cet_ss = ext.has_cet_ss();
-            f.cet_sss = ext.has_cet_sss();
-        }
+        f.cet = Support::detect();
         f.x2apic = raw(1, 0).ecx & ECX1_X2APIC != 0;
         let leaf7 = raw(7, 0);
         f.cet_ibt = leaf7.edx & EDX7_CET_IBT != 0;
@@ -52,12 +43,6 @@ impl Features {
             for (i, r) in [h.ebx, h.ecx, h.edx].iter().enumerate() {
                 f.hypervisor[i * 4..i * 4 + 4].copy_from_slice(&r.to_le_bytes());
             }
-        }
-        let max = raw(0, 0).eax;
-        if max >= 0xd {
-            let d1 = raw(0xd, 1);
-            f.xsaves = d1.eax & EAXD1_XSAVES != 0;
-            f.xss_cet_s = d1.ecx & ECXD1_CET_S != 0;
         }
         f
     }

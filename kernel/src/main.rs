@@ -106,15 +106,15 @@ extern "C" fn kmain(magic: u64, mbi: u64) -> ! {
         }
     };
     let want_shstk = match cmdline.cet {
-        CetMode::Auto => features.cet_ss,
+        CetMode::Auto => features.cet.cet_ss,
         CetMode::Off => false,
         CetMode::On => {
-            if !features.cet_ss {
+            if !features.cet.cet_ss {
                 errors.push(alloc::string::String::from(
                     "cet=on but this CPU has no CET supervisor shadow stacks (CPUID.(7,0):ECX[7] CET_SS=0)",
                 ));
             }
-            features.cet_ss
+            features.cet.cet_ss
         }
     };
     // With shadow stacks the one-trap shadow gap is the default (bench/

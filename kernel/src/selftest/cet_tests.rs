@@ -35,7 +35,7 @@ const PF_SHADOW_STACK: u64 = 1 << 6;
 pub fn skip_without_shstk(st: &BootState) -> Option<Outcome<'static>> {
     if cet::active() {
         None
-    } else if st.features.cet_ss {
+    } else if st.features.cet.cet_ss {
         Some(Outcome::Skip("shadow stacks off (cet=off)"))
     } else {
         Some(Outcome::Skip("no CET"))
@@ -72,18 +72,18 @@ pub fn cpuid_cet(st: &BootState) -> Outcome<'static> {
     diag!(
         "CPUID: vendor={} CET_SS={} CET_IBT={} CET_SSS={} XSAVES={} XSS.CET_S enumerated={} SERIALIZE={}",
         f.vendor(),
-        f.cet_ss as u8,
+        f.cet.cet_ss as u8,
         f.cet_ibt as u8,
-        f.cet_sss as u8,
-        f.xsaves as u8,
-        f.xss_cet_s as u8,
+        f.cet.cet_sss as u8,
+        f.cet.xsaves as u8,
+        f.cet.xss_cet_s as u8,
         f.serialize as u8
     );
-    if f.cet_ss && !f.xss_cet_s {
+    if f.cet.cet_ss && !f.cet.xss_cet_s {
         diag!("XSS: CPUID.(0xD,1):ECX[12] does not enumerate CET_S state; IA32_XSS left alone");
     }
     match st.boot.parsed.expect_cet {
-        Some(e) => check!(e == f.cet_ss, "expect_cet={} but CPUID CET_SS={}", e as u8, f.cet_ss as u8),
+        Some(e) => check!(e == f.cet.cet_ss, "expect_cet={} but CPUID CET_SS={}", e as u8, f.cet.cet_ss as u8),
         None => diag!("no expect_cet= given: nothing to assert against"),
     }
     Outcome::Pass
@@ -93,7 +93,7 @@ pub fn fallback_path(st: &BootState) -> Outcome<'static> {
     if cet::active() {
         return Outcome::Skip("shadow stacks on: the CET path runs");
     }
-    let why = if st.features.cet_ss { "cet=off" } else { "CPU has no CET_SS" };
+    let why = if st.features.cet.cet_ss { "cet=off" } else { "CPU has no CET_SS" };
     diag!("fallback path: {why}; call emulation strategy {}", crate::patching::strategy().name());
     check!(!st.want_shstk, "shadow stacks were wanted but are not on");
     check!(!Cr4::read().contains(Cr4Flags::CONTROL_FLOW_ENFORCEMENT), "CR4.CET is set on the fallback path");

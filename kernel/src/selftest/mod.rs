@@ -242,7 +242,7 @@ pub fn run_all(st: &BootState) -> bool {
         "shadowcall: path={path}-{} cpu={} cet_ss={} cmdline='{}'",
         patching::strategy().name(),
         st.features.vendor(),
-        st.features.cet_ss as u8,
+        st.features.cet.cet_ss as u8,
         st.boot.cmdline()
     );
     for &(name, test) in TESTS {

@@ -57,14 +57,14 @@ fn bytes(site: u64) -> [u8; SITE_LEN] {
 }
 
 /// Patch `site` to `insn`, calling it inside the window after steps 1 and
-/// 2 (the call traps and is emulated) and once after; `check(value, when)`.
+/// 2 (the call traps and is emulated) and once after; `check(value)` each.
 fn patch_calling(
     errors: &mut Vec<String>,
     what: &str,
     site: u64,
     insn: NewInsn,
     call: impl Fn() -> u64,
-    check: impl Fn(u64, bool) -> bool,
+    check: impl Fn(u64) -> bool,
 ) {
     let em0 = emulations();
     let ssp0 = cet::rdssp();
@@ -88,12 +88,12 @@ fn patch_calling(
         errors.push(format!("{what}: the site does not hold the new instruction"));
     }
     for (i, v) in seen.iter().enumerate() {
-        if !check(*v, true) {
+        if !check(*v) {
             errors.push(format!("{what}: call {i} inside the window returned {v:#x}"));
         }
     }
     let after = call();
-    if !check(after, false) {
+    if !check(after) {
         errors.push(format!("{what}: the call after the patch returned {after:#x}"));
     }
     if emulations() - em0 < 2 {
@@ -129,37 +129,30 @@ pub fn patch_site_macro(_st: &BootState) -> Outcome<'static> {
         let s = strategy.name();
         match VALUE.call_to(value_b) {
             // Inside the window the emulation runs the new instruction.
-            Ok(insn) => {
-                patch_calling(&mut errors, &format!("{s}: value_a -> value_b"), value, insn, call_value, |v, _| {
-                    v == 1 + VALUE_B
-                })
-            }
+            Ok(insn) => patch_calling(&mut errors, &format!("{s}: value_a -> value_b"), value, insn, call_value, |v| {
+                v == 1 + VALUE_B
+            }),
             Err(e) => errors.push(format!("{s}: call_to(value_b): {e}")),
         }
         let (site, insn) = VALUE.restore();
-        patch_calling(&mut errors, &format!("{s}: value_b -> value_a"), site, insn, call_value, |v, _| {
-            v == 1 + VALUE_A
-        });
+        patch_calling(&mut errors, &format!("{s}: value_b -> value_a"), site, insn, call_value, |v| v == 1 + VALUE_A);
         match HOOK.nop() {
-            Ok(insn) => patch_calling(&mut errors, &format!("{s}: hook off"), hook, insn, call_hook, |n, _| n == 0),
+            Ok(insn) => patch_calling(&mut errors, &format!("{s}: hook off"), hook, insn, call_hook, |n| n == 0),
             Err(e) => errors.push(format!("{s}: HOOK.nop(): {e}")),
         }
         let (site, insn) = HOOK.restore();
-        patch_calling(&mut errors, &format!("{s}: hook on"), site, insn, call_hook, |n, _| n == 1);
+        patch_calling(&mut errors, &format!("{s}: hook on"), site, insn, call_hook, |n| n == 1);
         let call_value2 = || VALUE2.get()(1);
         match VALUE2.call_to(value_a) {
-            Ok(insn) => patch_calling(
-                &mut errors,
-                &format!("{s}: value2 -> value_a"),
-                VALUE2.addr(),
-                insn,
-                call_value2,
-                |v, _| v == 1 + VALUE_A,
-            ),
+            Ok(insn) => {
+                patch_calling(&mut errors, &format!("{s}: value2 -> value_a"), VALUE2.addr(), insn, call_value2, |v| {
+                    v == 1 + VALUE_A
+                })
+            }
             Err(e) => errors.push(format!("{s}: VALUE2.call_to(value_a): {e}")),
         }
         let (site, insn) = VALUE2.restore();
-        patch_calling(&mut errors, &format!("{s}: value2 back"), site, insn, call_value2, |v, _| v == 1 + VALUE_B);
+        patch_calling(&mut errors, &format!("{s}: value2 back"), site, insn, call_value2, |v| v == 1 + VALUE_B);
     }
     patching::set_strategy(saved);
 
