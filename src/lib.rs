@@ -60,6 +60,8 @@ extern crate alloc;
 #[cfg(target_arch = "x86_64")]
 pub mod cet;
 pub mod emul;
+#[cfg(target_arch = "x86_64")]
+pub mod engine;
 pub mod frame;
 pub mod insn;
 pub mod patch;

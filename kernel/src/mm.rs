@@ -524,24 +524,8 @@ extern "C" {
     fn sc_poke_tramp();
 }
 
-/// One of the patcher's alias writes (asm/poke.S).
-#[derive(Clone, Copy, Debug)]
-pub enum Poke<'a> {
-    /// Step 1 / 2 / 3 of the protocol at a live sealed entry's site.
-    Int3(&'a shadowcall::patch::SealedEntry),
-    Tails(&'a shadowcall::patch::SealedEntry),
-    Head(&'a shadowcall::patch::SealedEntry),
-    /// Bytes into the sealed area past its magic word (not live until published).
-    Sealed {
-        offset: u64,
-        bytes: &'a [u8],
-    },
-    /// The sealed batch's magic word: live / not live.
-    Publish,
-    Unseal,
-    /// The trampoline (read-only `SC_TRAMP_BYTES`) into its page, once.
-    Tramp,
-}
+/// One of the patcher's alias writes (asm/poke.S): the engine's.
+pub use shadowcall::engine::Poke;
 
 /// Do `pokes` with this CPU's private alias: the writers' lock held and
 /// interrupts off meanwhile. Each write checks its own destination in asm
@@ -950,10 +934,4 @@ impl ShadowStackId {
 pub fn shadow_stack_at(addr: u64) -> Option<ShadowStackId> {
     let cpu = cpu_of_stack_addr(addr)?;
     (0..=IST_COUNT).map(|ist| ShadowStackId::of(cpu, ist)).find(|s| addr >= s.bounds.lo && addr < s.bounds.hi)
-}
-
-/// Do the `n` slots at `addr` lie in the same shadow stack as `anchor`
-/// (a CPU's primary or one of its IST shadow stacks)? Static layout only.
-pub fn same_shadow_stack(anchor: u64, addr: u64, n: u64) -> bool {
-    shadow_stack_at(anchor).is_some_and(|s| s.bounds.holds_slots(addr, n))
 }

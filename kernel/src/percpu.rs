@@ -1,7 +1,6 @@
 //! Per-CPU state, found through the GS base: `gs:[0]` holds a pointer to
 //! the running CPU's `PerCpu` (set by `init_this` before any other use).
 
-use core::cell::UnsafeCell;
 use core::sync::atomic::{
     compiler_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
@@ -11,7 +10,7 @@ use x86_64::VirtAddr;
 
 use crate::mm::MAX_CPUS;
 
-use shadowcall::emul::{EmulLifo, GuardError};
+use shadowcall::emul::EmulLifo;
 
 /// Nesting depth of fault-recovery points (test wrapper, one inside a test,
 /// the patcher's hook, the NMI handler's own, and spares).
@@ -19,33 +18,9 @@ pub const TRY_DEPTH: usize = 8;
 
 #[derive(Default)]
 pub struct Counters {
-    /// int3 emulations started at a patch site (first traps).
-    pub emulations: AtomicU64,
-    /// Of those, calls sent through the trampoline.
-    pub tramp_calls: AtomicU64,
-    /// Second traps that completed (both stacks rewritten).
-    pub second_traps: AtomicU64,
-    /// Calls emulated with the one-trap shadow gap.
-    pub shadow_gap_calls: AtomicU64,
-    /// Calls emulated the classic way (normal stack only).
-    pub classic_calls: AtomicU64,
     /// int3s that were not patch sites (reported, not emulated).
     pub breakpoints: AtomicU64,
-    /// int3s of a completed batch executed late (resumed at the site).
-    pub stale_int3: AtomicU64,
-    /// Second traps that refused to write.
-    pub refusals: AtomicU64,
-    /// int3s found at a registered site with no live batch at first look
-    /// (a batch published meanwhile, or executed again at the site).
-    pub int3_races: AtomicU64,
-    /// Writes the #BP handler made to slots of the interrupted normal stack.
-    pub stack_writes: AtomicU64,
-    /// WRSS writes the #BP handler made to slots of the interrupted shadow
-    /// stack (not counting the exception frame's own LIP/SSP slots).
-    pub shadow_writes: AtomicU64,
     pub nmis: AtomicU64,
-    /// Emulation windows this CPU is inside (first trap .. instruction in effect).
-    pub window_depth: AtomicU64,
     /// Timer interrupts pending in the IRR when a window ended.
     pub irq_pending_at_exit: AtomicU64,
     /// Of those, delivered as the first thing after the window.
@@ -58,8 +33,6 @@ pub struct Counters {
     pub nmi_between_traps: AtomicU64,
     /// Emulations done from inside an NMI handler.
     pub nmi_nested: AtomicU64,
-    /// RFLAGS.IF seen by the last second trap (1 would mean interrupts were on inside the window).
-    pub last_second_trap_if: AtomicU64,
 }
 
 #[repr(C)]
@@ -80,19 +53,18 @@ pub struct PerCpu {
     pub work: AtomicU64,
     pub work_arg: AtomicU64,
     pub work_done: AtomicU64,
-    lifo: UnsafeCell<EmulLifo>,
+    /// The engine's state of this CPU (LIFO, emulation counters, batch
+    /// reference).
+    pub engine: shadowcall::engine::CpuState,
     /// Fault-recovery points (innermost last), used by this CPU only, from
     /// thread and exception context (see push_try for the ordering).
     /// This CPU's recovery points (`recover::TryCtx`, opaque here so that
     /// per-CPU data does not depend on the recovery code).
     tries: [AtomicPtr<u8>; TRY_DEPTH],
     try_depth: AtomicUsize,
-    pub last_refusal: UnsafeCell<Option<GuardError>>,
     pub counters: Counters,
     /// Self-test hook for the #BP handler (see patching::BpTestHook).
     pub bp_test_hook: AtomicU8,
-    /// Self-test override: emulate calls the classic way even with shadow stacks on.
-    pub force_classic: AtomicU8,
     /// A self-test expects the #BP handler to refuse: its report says
     /// "expected:" instead of "SECURITY:" (the refusal itself is the same).
     pub expect_refusal: AtomicBool,
@@ -121,24 +93,12 @@ const fn new_cpu(index: usize) -> PerCpu {
         work: AtomicU64::new(0),
         work_arg: AtomicU64::new(0),
         work_done: AtomicU64::new(0),
-        lifo: UnsafeCell::new(EmulLifo::new()),
+        engine: shadowcall::engine::CpuState::new(),
         tries: [const { AtomicPtr::new(core::ptr::null_mut()) }; TRY_DEPTH],
         try_depth: AtomicUsize::new(0),
-        last_refusal: UnsafeCell::new(None),
         counters: Counters {
-            emulations: AtomicU64::new(0),
-            tramp_calls: AtomicU64::new(0),
-            second_traps: AtomicU64::new(0),
-            int3_races: AtomicU64::new(0),
-            shadow_gap_calls: AtomicU64::new(0),
-            classic_calls: AtomicU64::new(0),
             breakpoints: AtomicU64::new(0),
-            refusals: AtomicU64::new(0),
-            stale_int3: AtomicU64::new(0),
-            stack_writes: AtomicU64::new(0),
-            shadow_writes: AtomicU64::new(0),
             nmis: AtomicU64::new(0),
-            window_depth: AtomicU64::new(0),
             irq_pending_at_exit: AtomicU64::new(0),
             irq_delivered_after: AtomicU64::new(0),
             irq_taken_in_window: AtomicU64::new(0),
@@ -146,10 +106,8 @@ const fn new_cpu(index: usize) -> PerCpu {
             nmi_in_window: AtomicU64::new(0),
             nmi_between_traps: AtomicU64::new(0),
             nmi_nested: AtomicU64::new(0),
-            last_second_trap_if: AtomicU64::new(0),
         },
         bp_test_hook: AtomicU8::new(0),
-        force_classic: AtomicU8::new(0),
         expect_refusal: AtomicBool::new(false),
         in_nmi: AtomicBool::new(false),
         irq_expect_after: AtomicBool::new(false),
@@ -205,7 +163,7 @@ impl PerCpu {
     #[allow(clippy::mut_from_ref)]
     pub fn lifo(&self) -> &mut EmulLifo {
         // SAFETY: per-CPU, and nested handlers complete before the interrupted user resumes.
-        unsafe { &mut *self.lifo.get() }
+        unsafe { self.engine.lifo() }
     }
 
     /// Register a recovery point. Only this CPU uses its try stack, but an

@@ -342,7 +342,7 @@ pub fn fault(frame: &mut TrapFrame, info: FaultInfo) {
     frame.rsp = rsp;
     frame.rflags = RFLAGS_FIXED | (ctx.rflags & RFLAGS_IF);
     cpu.lifo().truncate(ctx.lifo_depth);
-    cpu.counters.window_depth.store(ctx.window_depth, Ordering::Relaxed);
+    cpu.engine.counters.window_depth.store(ctx.window_depth, Ordering::Relaxed);
 }
 
 /// Run `f` with a recovery point: a fault inside unwinds both stacks back
@@ -356,7 +356,7 @@ pub fn try_run<F: FnMut() -> u64>(mut f: F) -> Result<u64, FaultInfo> {
     let cpu = this_cpu();
     let mut ctx = TryCtx {
         lifo_depth: cpu.lifo().depth(),
-        window_depth: cpu.counters.window_depth.load(Ordering::Relaxed),
+        window_depth: cpu.engine.counters.window_depth.load(Ordering::Relaxed),
         ..TryCtx::default()
     };
     cpu.push_try((&mut ctx as *mut TryCtx).cast());

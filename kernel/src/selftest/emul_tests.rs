@@ -106,10 +106,10 @@ pub(crate) fn call_checked(f: SiteFn, arg: u64) -> Call {
 }
 
 fn emulations() -> u64 {
-    this_cpu().counters.emulations.load(Ordering::Relaxed)
+    this_cpu().engine.counters.emulations.load(Ordering::Relaxed)
 }
 fn second_traps() -> u64 {
-    this_cpu().counters.second_traps.load(Ordering::Relaxed)
+    this_cpu().engine.counters.second_traps.load(Ordering::Relaxed)
 }
 
 /// What running a site function must show.
@@ -316,7 +316,7 @@ pub fn emul_call_irq_on(_st: &BootState) -> Outcome<'static> {
             return Err(String::from("interrupts were off after the emulated call"));
         }
         if patching::strategy() == EmulStrategy::Trampoline
-            && this_cpu().counters.last_second_trap_if.load(Ordering::Relaxed) != 0
+            && this_cpu().engine.counters.last_second_trap_if.load(Ordering::Relaxed) != 0
         {
             return Err(String::from("interrupts were on between the two traps"));
         }
@@ -400,7 +400,7 @@ pub fn trampoline_disp_nonzero(_st: &BootState) -> Outcome<'static> {
         diag!("FAIL: no trampoline was emitted");
         return Outcome::Fail;
     };
-    let bytes = patching::tramp_bytes(l);
+    let bytes = patching::tramp_bytes(&l);
     diag!("trampoline at {:#x}: {:02x?}", l.base, bytes);
     // Decode what is in text linearly, independently of the emitter's own
     // check (which follows the control flow).
@@ -420,12 +420,12 @@ pub fn trampoline_disp_nonzero(_st: &BootState) -> Outcome<'static> {
         off += len;
     }
     check!(calls == 2, "found {calls} calls, expected 2");
-    check!(tramp::verify(bytes, l).is_ok(), "trampoline shape check failed");
+    check!(tramp::verify(bytes, &l).is_ok(), "trampoline shape check failed");
     // The check can fail: a copy with a zero displacement is rejected.
     let mut bad: Vec<u8> = bytes.to_vec();
     bad[1] = 0;
     check!(
-        matches!(tramp::verify(&bad, l), Err(tramp::TrampError::ZeroDisplacementCall { .. })),
+        matches!(tramp::verify(&bad, &l), Err(tramp::TrampError::ZeroDisplacementCall { .. })),
         "a zero-displacement copy was not rejected"
     );
     Outcome::Pass
@@ -454,6 +454,10 @@ pub fn naive_emul_cp(st: &BootState) -> Outcome<'static> {
     if let Some(s) = skip_without_shstk(st) {
         return s;
     }
+    // The override of the emulation is a self-test switch of the engine.
+    if cfg!(not(feature = "test-hooks")) {
+        return Outcome::Skip("needs the test-hooks build");
+    }
     let site = addr!(sc_t_site_naive);
     let b = fnaddr!(sc_t_target_b);
     let mut errors: Vec<String> = Vec::new();
@@ -463,10 +467,12 @@ pub fn naive_emul_cp(st: &BootState) -> Outcome<'static> {
         }
         let ssp0 = cet::rdssp();
         tlog_reset();
-        this_cpu().force_classic.store(1, Ordering::Relaxed);
+        #[cfg(feature = "test-hooks")]
+        this_cpu().engine.set_force_classic(true);
         // SAFETY: asm site function; the expected #CP is caught.
         let r = try_run(|| unsafe { sc_t_fn_naive(0) });
-        this_cpu().force_classic.store(0, Ordering::Relaxed);
+        #[cfg(feature = "test-hooks")]
+        this_cpu().engine.set_force_classic(false);
         match r {
             Err(f) if f.vector == VEC_CP && CpError::decode(f.error_code) == CpError::NearRet => {
                 diag!("classic emulation with shadow stacks on: {f}");
@@ -497,15 +503,17 @@ pub fn naive_emul_cp(st: &BootState) -> Outcome<'static> {
 }
 
 pub fn wrss_guard(_st: &BootState) -> Outcome<'static> {
-    let Some(t) = patching::trampoline().copied() else {
+    let Some(t) = patching::trampoline() else {
         diag!("FAIL: no trampoline");
         return Outcome::Fail;
     };
     let cpu = this_cpu();
     let evil = addr!(SC_TLOG); // any address the attacker would like as a return target
     let attempt = |name: &str, forge_normal: bool, pending: bool| -> Result<GuardError, String> {
-        let writes =
-            || cpu.counters.shadow_writes.load(Ordering::Relaxed) + cpu.counters.stack_writes.load(Ordering::Relaxed);
+        let writes = || {
+            cpu.engine.counters.shadow_writes.load(Ordering::Relaxed)
+                + cpu.engine.counters.stack_writes.load(Ordering::Relaxed)
+        };
         let w0 = writes();
         let ssp0 = cet::rdssp();
         cpu.expect_refusal.store(true, Ordering::Relaxed);
@@ -539,8 +547,7 @@ pub fn wrss_guard(_st: &BootState) -> Outcome<'static> {
         }
         match r {
             Err(f) if f.vector == GUARD_REFUSAL && wrote == 0 => {
-                // SAFETY: per-CPU record written by the refusing handler.
-                let why = unsafe { *cpu.last_refusal.get() };
+                let why = cpu.engine.last_refusal();
                 diag!("{name}: refused, nothing written: {}", why.map(|w| format!("{w}")).unwrap_or_default());
                 why.ok_or_else(|| format!("{name}: no refusal recorded"))
             }

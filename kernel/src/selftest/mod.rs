@@ -257,7 +257,7 @@ pub fn run_all(st: &BootState) -> bool {
         let mut c = CONSOLE.lock();
         let _ = k.result(&mut *c, name, outcome);
     }
-    let c = &this_cpu().counters;
+    let (c, b) = (&this_cpu().engine.counters, &this_cpu().counters);
     crate::diag!(
         "emulations: {} (trampoline calls {}, second traps {}, shadow-gap calls {}, classic calls {}), breakpoints reported {}, guard refusals {}, sync rounds {}",
         c.emulations.load(core::sync::atomic::Ordering::Relaxed),
@@ -265,9 +265,9 @@ pub fn run_all(st: &BootState) -> bool {
         c.second_traps.load(core::sync::atomic::Ordering::Relaxed),
         c.shadow_gap_calls.load(core::sync::atomic::Ordering::Relaxed),
         c.classic_calls.load(core::sync::atomic::Ordering::Relaxed),
-        c.breakpoints.load(core::sync::atomic::Ordering::Relaxed),
+        b.breakpoints.load(core::sync::atomic::Ordering::Relaxed),
         c.refusals.load(core::sync::atomic::Ordering::Relaxed),
-        patching::SYNC_ROUNDS.load(core::sync::atomic::Ordering::Relaxed)
+        patching::sync_rounds()
     );
     crate::diag!("totals: {} passed, {} failed, {} skipped", k.passed, k.failed, k.skipped);
     k.failed == 0

@@ -408,7 +408,7 @@ pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
     }
     let other_stack_ssp = mm::ist_shadow_stack(this_cpu().index, interrupts::IST_TEST).hi - 64;
     let evil = landing();
-    let refusals = || this_cpu().counters.refusals.load(Ordering::Relaxed);
+    let refusals = || this_cpu().engine.counters.refusals.load(Ordering::Relaxed);
     if cet::active() {
         // A record can only be written with WRSS: an ordinary store faults.
         // Nor can one fake a sync acknowledgement (the sync word).
@@ -491,8 +491,8 @@ pub fn sec_stale_int3_race(_st: &BootState) -> Outcome<'static> {
     }
     let mut errors: Vec<String> = Vec::new();
     let site = site();
-    let c = &this_cpu().counters;
-    let (races0, bps0) = (c.int3_races.load(Ordering::Relaxed), c.breakpoints.load(Ordering::Relaxed));
+    let (c, e) = (&this_cpu().counters, &this_cpu().engine.counters);
+    let (races0, bps0) = (e.int3_races.load(Ordering::Relaxed), c.breakpoints.load(Ordering::Relaxed));
     // A stale int3 at a registered site with no batch live; the handler's
     // window between "no batch" and reading the site is opened by the hook,
     // which publishes a batch for the site (int3 written) right there.
@@ -522,7 +522,7 @@ pub fn sec_stale_int3_race(_st: &BootState) -> Outcome<'static> {
     if c.breakpoints.load(Ordering::Relaxed) != bps0 {
         errors.push(String::from("the int3 of a registered site was treated as a real breakpoint"));
     }
-    if c.int3_races.load(Ordering::Relaxed) == races0 {
+    if e.int3_races.load(Ordering::Relaxed) == races0 {
         errors.push(String::from("the race was not seen by the handler"));
     }
     if patching::patch(&[(site, NewInsn::Call(target(0)))], |_| {}).is_err() {

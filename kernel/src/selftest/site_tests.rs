@@ -48,7 +48,7 @@ shadowcall::patch_site! {
 }
 
 fn emulations() -> u64 {
-    this_cpu().counters.emulations.load(Ordering::Relaxed)
+    this_cpu().engine.counters.emulations.load(Ordering::Relaxed)
 }
 
 fn bytes(site: u64) -> [u8; SITE_LEN] {

@@ -120,9 +120,9 @@ pub fn smp_online(_st: &BootState) -> Outcome<'static> {
 pub fn smp_sync(_st: &BootState) -> Outcome<'static> {
     let me = this_cpu().index;
     let before: Vec<(usize, u64)> = percpu::online().map(|c| (c.index, c.syncs.load(Ordering::SeqCst))).collect();
-    let rounds0 = patching::SYNC_ROUNDS.load(Ordering::SeqCst);
+    let rounds0 = patching::sync_rounds();
     patching::sync();
-    check!(patching::SYNC_ROUNDS.load(Ordering::SeqCst) == rounds0 + 1, "sync did not count a round");
+    check!(patching::sync_rounds() == rounds0 + 1, "sync did not count a round");
     let mut ok = true;
     for (index, b) in before {
         let now = percpu::cpu(index).syncs.load(Ordering::SeqCst);
@@ -217,10 +217,10 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
         sum(|c| &c.counters.irq_delivered_after),
     );
     watch_irq(true);
-    let refusals0 = sum(|c| &c.counters.refusals);
+    let refusals0 = sum(|c| &c.engine.counters.refusals);
     let bps0 = sum(|c| &c.counters.breakpoints);
-    let em_total0 = sum(|c| &c.counters.emulations);
-    let stale0 = sum(|c| &c.counters.stale_int3);
+    let em_total0 = sum(|c| &c.engine.counters.emulations);
+    let stale0 = sum(|c| &c.engine.counters.stale_int3);
     let tickets: Vec<(usize, u64)> = workers.iter().map(|&w| (w, smp::run_on(w, stress_worker, 0))).collect();
     let t = targets();
     let mut errors: Vec<String> = Vec::new();
@@ -228,17 +228,17 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
     let total_calls = || workers.iter().map(|&w| CALLS[w].load(Ordering::Relaxed)).sum::<u64>();
     while rounds < min_rounds || total_calls() < min_calls {
         let target = t[(rounds % 3) as usize];
-        let em0 = sum(|c| &c.counters.emulations);
+        let em0 = sum(|c| &c.engine.counters.emulations);
         let r = patching::patch(&[(site(), NewInsn::Call(target))], |_step| {
             // Hold the window open (after step 1, and after step 2 if still
             // needed) until some CPU has gone through it, for a bounded time.
             let mut spins = 0u64;
-            while sum(|c| &c.counters.emulations) == em0 && spins < WINDOW_WAIT_SPINS {
+            while sum(|c| &c.engine.counters.emulations) == em0 && spins < WINDOW_WAIT_SPINS {
                 core::hint::spin_loop();
                 spins += 1;
             }
         });
-        let em = sum(|c| &c.counters.emulations) - em0;
+        let em = sum(|c| &c.engine.counters.emulations) - em0;
         if let Err(e) = r {
             errors.push(format!("round {rounds}: patch failed: {e}"));
             break;
@@ -274,8 +274,8 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
     let calls: u64 = workers.iter().map(|&w| CALLS[w].load(Ordering::SeqCst)).sum();
     let unbalanced: u64 = workers.iter().map(|&w| UNBALANCED[w].load(Ordering::SeqCst)).sum();
     let landed = target_calls();
-    let emulations = sum(|c| &c.counters.emulations) - em_total0;
-    let stale = sum(|c| &c.counters.stale_int3) - stale0;
+    let emulations = sum(|c| &c.engine.counters.emulations) - em_total0;
+    let stale = sum(|c| &c.engine.counters.stale_int3) - stale0;
     diag!(
         "stress {{\"callers\":{},\"patches\":{rounds},\"calls\":{calls},\"emulated\":{},\"per_round_min\":{min_em},\"per_round_max\":{max_em},\"stale_int3s\":{stale},\"counted\":{landed},\"per_target\":[{},{},{}]}}",
         workers.len(),
@@ -296,7 +296,7 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
     if WORKER_FAULTS.load(Ordering::SeqCst) != faults0 {
         errors.push(String::from("a calling CPU took a fault (#CP or other)"));
     }
-    if sum(|c| &c.counters.refusals) != refusals0 || sum(|c| &c.counters.breakpoints) != bps0 {
+    if sum(|c| &c.engine.counters.refusals) != refusals0 || sum(|c| &c.counters.breakpoints) != bps0 {
         errors.push(String::from("unexpected #BP: a breakpoint report or a guard refusal"));
     }
     if !restore_site() {
@@ -311,7 +311,7 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
 pub fn timer_tick() {
     let c = this_cpu();
     PerCpu::count(&c.counters.timer_ticks);
-    if c.counters.window_depth.load(Ordering::Relaxed) > 0 {
+    if c.engine.counters.window_depth.load(Ordering::Relaxed) > 0 {
         PerCpu::count(&c.counters.irq_taken_in_window);
     }
     if c.irq_expect_after.swap(false, Ordering::Relaxed) {
@@ -348,7 +348,7 @@ pub fn irq_in_window(_st: &BootState) -> Outcome<'static> {
             if step != Step::Int3Written {
                 return;
             }
-            let em0 = get(&counters.emulations);
+            let em0 = get(&this_cpu().engine.counters.emulations);
             watch_irq(true);
             apic::timer(crate::apic::VEC_TIMER, TIMER_COUNT);
             let p0 = get(&counters.irq_pending_at_exit);
@@ -367,7 +367,7 @@ pub fn irq_in_window(_st: &BootState) -> Outcome<'static> {
             x86_64::instructions::interrupts::disable();
             apic::timer(crate::apic::VEC_TIMER, 0);
             watch_irq(false);
-            emulated += get(&counters.emulations) - em0;
+            emulated += get(&this_cpu().engine.counters.emulations) - em0;
         });
         if r.is_err() {
             errors.push(format!("{}: patch failed: {r:?}", s.name()));
@@ -415,19 +415,19 @@ pub fn nmi(_frame: &mut TrapFrame) {
     PerCpu::count(&c.counters.nmis);
     super::nmi_tests::nmi_body();
     super::sec_recover::nmi_hook();
-    if c.counters.window_depth.load(Ordering::Relaxed) > 0 {
+    if c.engine.counters.window_depth.load(Ordering::Relaxed) > 0 {
         PerCpu::count(&c.counters.nmi_in_window);
     }
     if crate::records::pending_tramp_records() > 0 {
         PerCpu::count(&c.counters.nmi_between_traps);
     }
     if NMI_CALLS_SITE.load(Ordering::Relaxed) {
-        let em0 = c.counters.emulations.load(Ordering::Relaxed);
+        let em0 = c.engine.counters.emulations.load(Ordering::Relaxed);
         let call = call_checked(sc_s_nmi_fn as SiteFn, 0);
         if !call.balanced() {
             NMI_UNBALANCED.fetch_add(1, Ordering::Relaxed);
         }
-        if c.counters.emulations.load(Ordering::Relaxed) > em0 {
+        if c.engine.counters.emulations.load(Ordering::Relaxed) > em0 {
             PerCpu::count(&c.counters.nmi_nested);
         }
     }
