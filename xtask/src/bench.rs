@@ -328,8 +328,7 @@ pub fn evaluate_targets(r: &BenchResults) -> Vec<Target> {
     let mut t: Vec<Target> = ABSOLUTE_TARGETS
         .iter()
         .map(|&(machine, key, limit)| {
-            let computed =
-                r.median_of(machine, key).map(|v| (v, format!("{machine} {key} {} instructions", fmt_num(v))));
+            let computed = r.median_of(machine, key).map(|v| (v, format!("{} instructions", fmt_num(v))));
             finish(&format!("{machine} {key}"), &format!("{machine} {key} <= {limit} instructions"), limit, computed)
         })
         .collect();
@@ -1047,7 +1046,7 @@ mod tests {
         assert!(md.contains("| `emul_call_1site/shadowgap` | 140 | – |"), "{md}");
         assert!(
             md.contains(
-                "- **met** — bochs int3_iret: bochs int3_iret <= 70 instructions (actual 70, limit 70; bochs int3_iret 70 instructions)"
+                "- **met** — bochs int3_iret: bochs int3_iret <= 70 instructions (actual 70, limit 70; 70 instructions)"
             ),
             "{md}"
         );
