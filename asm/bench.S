@@ -54,6 +54,8 @@ BENCH_SITE sc_b_fn_call, sc_b_site_call
 BENCH_SITE sc_b_fn_jmp, sc_b_site_jmp
 BENCH_SITE sc_b_fn_nop, sc_b_site_nop
 BENCH_SITE sc_b_fn_ret, sc_b_site_ret
+/* The 1-site batch (emul_call_1site): a call site of its own. */
+BENCH_SITE sc_b_fn_call1, sc_b_site_call1
 
 /* The call target of the emulated call (a separate function, same cost as sc_b_ret). */
 TARGET_FN sc_b_target

@@ -2,7 +2,9 @@
 //! RDTSC, printed as one JSON object per `# bench ` line for `cargo xtask
 //! bench`. On Bochs with `clock: sync=none` the unit is retired
 //! instructions (deterministic); on QEMU/KVM it is TSC cycles, so every
-//! figure is measured `REPS` times and the runner reports median and spread.
+//! figure is measured `REPS` times, after `WARMUP_REPS` discarded
+//! repetitions (cold caches and TCG translation), and the runner reports
+//! median and spread.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -16,8 +18,11 @@ use crate::patching::{self, Step};
 use crate::selftest::block_site;
 use crate::{cet, BootState};
 
-/// Repetitions of every measurement.
+/// Repetitions of every measurement (the figures printed).
 const REPS: usize = 5;
+/// Repetitions run first and discarded: the first pass pays for cold
+/// caches and, on QEMU TCG, for translating the code.
+const WARMUP_REPS: usize = 1;
 /// Iterations per emulation measurement.
 const ITERS: u64 = 200;
 /// Batch sizes of the lookup and whole-batch benchmarks.
@@ -32,10 +37,12 @@ extern "C" {
     fn sc_b_int3_fn();
     fn sc_b_target();
     fn sc_b_fn_call();
+    fn sc_b_fn_call1();
     fn sc_b_fn_jmp();
     fn sc_b_fn_nop();
     fn sc_b_fn_ret();
     static sc_b_site_call: u8;
+    static sc_b_site_call1: u8;
     static sc_b_site_jmp: u8;
     static sc_b_site_nop: u8;
     static sc_b_site_ret: u8;
@@ -46,13 +53,15 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// Per-op figures of `REPS` runs of `n` calls of `f`.
+/// Per-op figures of `REPS` runs of `n` calls of `f`, after `WARMUP_REPS`
+/// runs whose figures are dropped.
 fn measure(f: unsafe extern "C" fn(), n: u64) -> Vec<u64> {
-    (0..REPS)
+    (0..WARMUP_REPS + REPS)
         .map(|_| {
             // SAFETY: `f` is one of the asm bench functions, balanced on both stacks.
             unsafe { sc_b_loop(f, n) / n }
         })
+        .skip(WARMUP_REPS)
         .collect()
 }
 
@@ -86,6 +95,13 @@ pub fn nmi_hook() {
         slot.store(v, Ordering::SeqCst);
     }
     NMI_DONE.fetch_add(1, Ordering::SeqCst);
+}
+
+/// The outcome of a benchmark's patch: a failure is printed as
+/// `# bench: error: ...`, which makes `cargo xtask bench` fail the run
+/// (a figure measured without its patch would be meaningless).
+fn reported<T, E: core::fmt::Debug>(what: &str, r: Result<T, E>) -> Option<T> {
+    r.map_err(|e| crate::diag!("bench: error: {what}: {e:?}")).ok()
 }
 
 /// One `# bench {json}` line.
@@ -134,7 +150,7 @@ pub fn run_all(st: &BootState, tsc_tests_end: u64) {
     ];
     let batch: Vec<(u64, NewInsn)> = kinds.iter().map(|k| (k.1, k.3)).collect();
     let mut results: Vec<(&str, EmulStrategy, Vec<u64>)> = Vec::new();
-    let _ = patching::patch(&batch, |step| {
+    let window = patching::patch(&batch, |step| {
         if step != Step::Int3Written {
             return;
         }
@@ -147,6 +163,7 @@ pub fn run_all(st: &BootState, tsc_tests_end: u64) {
         }
         patching::set_strategy(st.strategy);
     });
+    reported("the emulation batch", window);
     for (name, s, v) in &results {
         emit(name, Some(*s), &[("n", ITERS)], v);
     }
@@ -154,34 +171,59 @@ pub fn run_all(st: &BootState, tsc_tests_end: u64) {
     emit("patched_call", None, &[("n", ITERS)], &measure(sc_b_fn_call, ITERS));
     let restore: Vec<(u64, NewInsn)> =
         kinds.iter().map(|k| (k.1, NewInsn::Call(sc_b_ret as *const () as u64))).collect();
-    let _ = patching::patch(&restore, |_| {});
+    reported("restoring the emulation batch", patching::patch(&restore, |_| {}));
 
-    // Whole-batch patching and lookup cost as the batch grows.
-    let (a, b) = (crate::selftest::target_addr(0), crate::selftest::target_addr(1));
+    // The static-call case: an emulated call through a batch of one site
+    // (its own site, the same target as emul_call).
+    let site1 = core::ptr::addr_of!(sc_b_site_call1) as u64;
+    let mut one_site: Vec<(EmulStrategy, Vec<u64>)> = Vec::new();
+    let window = patching::patch(&[(site1, NewInsn::Call(target))], |step| {
+        if step != Step::Int3Written {
+            return;
+        }
+        for s in patching::strategies_here() {
+            patching::set_strategy(s);
+            one_site.push((s, measure(sc_b_fn_call1, ITERS)));
+        }
+        patching::set_strategy(st.strategy);
+    });
+    reported("the 1-site batch", window);
+    for (s, v) in &one_site {
+        emit("emul_call_1site", Some(*s), &[("n", ITERS)], v);
+    }
+    let restore1 = patching::patch(&[(site1, NewInsn::Call(sc_b_ret as *const () as u64))], |_| {});
+    reported("restoring the 1-site batch", restore1);
+
+    // Whole-batch patching and lookup cost as the batch grows. The block's
+    // sites start as `call a`; the lookup window patches them to the
+    // emul_call target (so lookup[N] and emul_call differ only in the
+    // batch), the timed patch puts `call a` back.
+    let a = crate::selftest::target_addr(0);
     for &n in &SIZES {
-        let there: Vec<(u64, NewInsn)> = (0..n).map(|i| (block_site(i), NewInsn::Call(b))).collect();
+        let to_target: Vec<(u64, NewInsn)> = (0..n).map(|i| (block_site(i), NewInsn::Call(target))).collect();
         let back: Vec<(u64, NewInsn)> = (0..n).map(|i| (block_site(i), NewInsn::Call(a))).collect();
+        // Lookup: emulate the middle site while the batch of n entries is active.
+        let mid = block_site(n / 2);
+        // SAFETY: each block entry is `call rel32; ret`, a function.
+        let f: unsafe extern "C" fn() = unsafe { core::mem::transmute(mid as usize) };
+        let mut per_op = Vec::new();
+        let window = patching::patch(&to_target, |step| {
+            if step == Step::Int3Written {
+                per_op = measure(f, ITERS / 4);
+            }
+        });
+        reported("the lookup batch", window);
+        emit("lookup", Some(patching::strategy()), &[("sites", n as u64), ("n", ITERS / 4)], &per_op);
         let t0 = rdtsc();
-        let stats = patching::patch(&there, |_| {});
+        let stats = patching::patch(&back, |_| {});
         let total = rdtsc() - t0;
-        let rounds = stats.map(|s| s.sync_rounds).unwrap_or(0);
+        let rounds = reported("the timed batch", stats).map_or(0, |s| s.sync_rounds);
         emit(
             "patch_batch",
             None,
             &[("sites", n as u64), ("sync_rounds", rounds), ("total", total)],
             &[total / n as u64],
         );
-        // Lookup: emulate the middle site while the batch of n entries is active.
-        let mid = block_site(n / 2);
-        // SAFETY: each block entry is `call rel32; ret`, a function.
-        let f: unsafe extern "C" fn() = unsafe { core::mem::transmute(mid as usize) };
-        let mut per_op = Vec::new();
-        let _ = patching::patch(&back, |step| {
-            if step == Step::Int3Written {
-                per_op = measure(f, ITERS / 4);
-            }
-        });
-        emit("lookup", Some(patching::strategy()), &[("sites", n as u64), ("n", ITERS / 4)], &per_op);
     }
     crate::diag!("bench: done");
 }

@@ -9,12 +9,13 @@ use crate::bench::BenchResults;
 use crate::error::{Error, Result};
 
 /// The bar groups: (label, figure key).
-const PATHS: [(&str, &str); 6] = [
+const PATHS: [(&str, &str); 7] = [
     ("direct call", "direct_call"),
     ("int3 + iret", "int3_iret"),
     ("classic", "emul_call/classic"),
     ("trampoline", "emul_call/trampoline"),
     ("shadow gap", "emul_call/shadowgap"),
+    ("shadow gap, 1 site", "emul_call_1site/shadowgap"),
     ("patched call", "patched_call"),
 ];
 
@@ -195,6 +196,7 @@ mod tests {
         let diags: Vec<String> = [
             r#"# bench {"name":"direct_call","shstk":true,"per_op":[4,4]}"#,
             r#"# bench {"name":"emul_call","shstk":true,"strategy":"shadowgap","per_op":[290]}"#,
+            r#"# bench {"name":"emul_call_1site","shstk":true,"strategy":"shadowgap","per_op":[283]}"#,
             r#"# bench {"name":"lookup","shstk":true,"strategy":"shadowgap","sites":16,"per_op":[313]}"#,
             r#"# bench {"name":"lookup","shstk":true,"strategy":"shadowgap","sites":65536,"per_op":[367]}"#,
         ]
@@ -220,7 +222,8 @@ mod tests {
         };
         let s = svg(&r).unwrap();
         assert!(s.starts_with("<svg"), "{}", &s[..100.min(s.len())]);
-        for want in ["2025-01-02 on testhost", "shadow gap", "290", "65536", "(shadowgap)"] {
+        for want in ["2025-01-02 on testhost", "shadow gap", "290", "shadow gap, 1 site", "283", "65536", "(shadowgap)"]
+        {
             assert!(s.contains(want), "missing {want}");
         }
     }
