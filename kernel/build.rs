@@ -4,7 +4,7 @@ fn main() {
     println!("cargo:rustc-link-arg-bins=--no-pie");
     println!("cargo:rustc-link-arg-bins=-zmax-page-size=4096");
     println!("cargo:rerun-if-changed={dir}/linker.ld");
-    for f in std::fs::read_dir(format!("{dir}/../asm")).unwrap() {
+    for f in std::fs::read_dir(format!("{dir}/asm")).unwrap() {
         println!("cargo:rerun-if-changed={}", f.unwrap().path().display());
     }
 }

@@ -47,7 +47,7 @@ core::arch::global_asm!(
     concat!(
         include_str!("../../asm/stack_cpu.S"),
         include_str!("../../asm/sealed.S"),
-        include_str!("../../asm/entry.S")
+        include_str!("../asm/entry.S")
     ),
     BP_GAP = const shadowcall::frame::BP_STACK_GAP,
     IST_TEST_VECTOR = const IST_TEST_VECTOR,

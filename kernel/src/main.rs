@@ -28,7 +28,7 @@ use shadowcall_cmdline::{CetMode, EmulStrategy};
 use spin::Once;
 
 core::arch::global_asm!(
-    concat!(include_str!("../../asm/boot.S"), include_str!("../../asm/ap_boot.S")),
+    concat!(include_str!("../asm/boot.S"), include_str!("../asm/ap_boot.S")),
     AP_TRAMPOLINE = const smp::AP_TRAMPOLINE,
     options(att_syntax)
 );

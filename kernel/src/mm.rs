@@ -461,7 +461,7 @@ core::arch::global_asm!(
     concat!(
         include_str!("../../asm/stack_cpu.S"),
         include_str!("../../asm/sealed.S"),
-        include_str!("../../asm/poke.S")
+        include_str!("../asm/poke.S")
     ),
     CPU_STACKS_SIZE = const CPU_STACKS_SIZE,
     MAX_CPUS = const MAX_CPUS,

@@ -28,7 +28,7 @@ pub const VEC_CP: u64 = CpError::VECTOR as u64;
 pub const GUARD_REFUSAL: u64 = 0x100;
 
 core::arch::global_asm!(
-    concat!(include_str!("../../asm/stack_cpu.S"), include_str!("../../asm/recover.S")),
+    concat!(include_str!("../../asm/stack_cpu.S"), include_str!("../asm/recover.S")),
     TRY_RSP = const offset_of!(TryCtx, rsp),
     TRY_SSP = const offset_of!(TryCtx, ssp),
     TRY_RFLAGS = const offset_of!(TryCtx, rflags),

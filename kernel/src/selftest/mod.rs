@@ -72,7 +72,7 @@ pub fn block_site(i: usize) -> u64 {
 }
 
 core::arch::global_asm!(
-    concat!(include_str!("../../../asm/selftest.S"), include_str!("../../../asm/bench.S")),
+    concat!(include_str!("../../asm/selftest.S"), include_str!("../../asm/bench.S")),
     LOG_COUNT = const offset_of!(TargetLog, count),
     LOG_RET = const offset_of!(TargetLog, last_ret),
     LOG_SHRET = const offset_of!(TargetLog, last_shret),

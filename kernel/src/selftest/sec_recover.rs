@@ -17,7 +17,7 @@ use crate::percpu::this_cpu;
 use crate::recover::{try_run, FaultInfo, FORGED_TRY_CTX, NMI_FAULTS, NMI_LAST_FAULT, TRY_RET_OFFSET, VEC_PF};
 use crate::{cet, check, mm, patching, BootState};
 
-core::arch::global_asm!(include_str!("../../../asm/sec_recover.S"), options(att_syntax));
+core::arch::global_asm!(include_str!("../../asm/sec_recover.S"), options(att_syntax));
 
 /// Set while sec_try_forged_ssp's fault is in flight: reaching
 /// `sc_r_after_probe` then means the recovery obeyed the forgery.

@@ -60,7 +60,7 @@ const HOOKS: bool = cfg!(feature = "test-hooks");
 const NO_HOOKS: Outcome<'static> = Outcome::Skip("needs the test-hooks build");
 
 core::arch::global_asm!(
-    include_str!("../../../asm/sec.S"),
+    include_str!("../../asm/sec.S"),
     IST_TEST_VECTOR = const interrupts::IST_TEST_VECTOR,
     VEC_SPURIOUS = const apic::SPURIOUS_VECTOR,
     options(att_syntax)
