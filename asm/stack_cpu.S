@@ -1,6 +1,8 @@
-/* The CPU of a stack address, from the static stack layout (no per-CPU
- * data): one macro for every asm file that needs it (entry.S, poke.S,
- * recover.S). Each includer purges it at its end. */
+/* The CPU of a stack address, from the host's static stack layout (no
+ * per-CPU data): the link-time symbols sc_stacks, SC_CPU_STACKS_SIZE and
+ * SC_MAX_CPUS, which the host defines. Used by the crate's bp.S and by a
+ * host's own asm (the reference kernel's poke.S and recover.S). Each
+ * includer purges it at its end. */
 
 /* STACK_CPU fail: rax (an address in the static stack area: an SSP, or an
  * RSP on an AP or IST stack) := the CPU whose stack area holds it. Jumps to
@@ -10,8 +12,8 @@
     subq %rcx, %rax
     jb \fail
     xorl %edx, %edx
-    movq ${CPU_STACKS_SIZE}, %rcx
+    movq $SC_CPU_STACKS_SIZE, %rcx
     divq %rcx
-    cmpq ${MAX_CPUS}, %rax
+    cmpq $SC_MAX_CPUS, %rax
     jae \fail
 .endm

@@ -62,6 +62,8 @@ pub mod cet;
 pub mod emul;
 #[cfg(target_arch = "x86_64")]
 pub mod engine;
+#[cfg(all(target_arch = "x86_64", feature = "entry"))]
+pub mod entry;
 pub mod frame;
 pub mod insn;
 pub mod patch;

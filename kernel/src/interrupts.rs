@@ -1,7 +1,6 @@
 //! GDT/TSS/IDT, the Rust side of the exception entry (asm/entry.S), and
 //! fault recovery for self-tests that expect a fault.
 
-use core::mem::offset_of;
 use core::sync::atomic::Ordering;
 
 use shadowcall::frame::TrapFrame;
@@ -45,65 +44,14 @@ pub const IST_TEST: usize = 5;
 
 core::arch::global_asm!(
     concat!(
-        include_str!("../../asm/stack_cpu.S"),
-        include_str!("../../asm/sealed.S"),
+        include_str!("../../asm/regs.S"),
         include_str!("../asm/entry.S")
     ),
-    BP_GAP = const shadowcall::frame::BP_STACK_GAP,
     IST_TEST_VECTOR = const IST_TEST_VECTOR,
     VEC_WAKE = const crate::apic::VEC_WAKE,
     VEC_SYNC = const crate::apic::VEC_SYNC,
     VEC_TIMER = const crate::apic::VEC_TIMER,
     VEC_SPURIOUS = const apic::SPURIOUS_VECTOR,
-    FRAME_RIP = const offset_of!(TrapFrame, rip),
-    FRAME_RSP = const offset_of!(TrapFrame, rsp),
-    FRAME_RCX = const offset_of!(TrapFrame, rcx),
-    BP_RSP_MIN = const shadowcall::frame::BP_RETURN_RSP_MIN,
-    BP_RSP_MAX = const shadowcall::frame::BP_RETURN_RSP_MAX,
-    FRAME_RFLAGS = const offset_of!(TrapFrame, rflags),
-    RFLAGS_IF_BIT = const shadowcall::frame::RFLAGS_IF.trailing_zeros(),
-    BPX_COUNT = const patching::BPX_COUNT,
-    SEALED_LIVE = const shadowcall::patch::SEALED_MAGIC,
-    SEALED_STATE = const offset_of!(shadowcall::patch::SealedHeader, magic),
-    ENTRY_SIZE = const core::mem::size_of::<shadowcall::patch::SealedEntry>(),
-    ENTRY_SHIFT = const core::mem::size_of::<shadowcall::patch::SealedEntry>().trailing_zeros(),
-    SEALED_ENTRIES_OFF = const offset_of!(shadowcall::patch::SealedHeader, entries_off),
-    SEALED_LEN = const offset_of!(shadowcall::patch::SealedHeader, len),
-    SEALED_HEADER_SIZE = const core::mem::size_of::<shadowcall::patch::SealedHeader>(),
-    ENTRY_SITE = const offset_of!(shadowcall::patch::SealedEntry, site),
-    ENTRY_TARGET = const offset_of!(shadowcall::patch::SealedEntry, target),
-    ENTRY_KIND = const offset_of!(shadowcall::patch::SealedEntry, kind),
-    ENTRY_BYTES = const offset_of!(shadowcall::patch::SealedEntry, bytes),
-    SITE_LEN = const shadowcall::patch::SITE_LEN,
-    OPC_CALL_REL32 = const shadowcall::patch::OPC_CALL_REL32,
-    OPC_JMP_REL32 = const shadowcall::patch::OPC_JMP_REL32,
-    NOP5_WORD = const shadowcall::patch::NOP5_WORD,
-    RET_WORD = const shadowcall::patch::RET_WORD,
-    IN_EXIT = const shadowcall::emul::record::IN_EXIT_WORD,
-    SYNC_WORD = const shadowcall::emul::record::SYNC_WORD,
-    SYNC_GEN = const shadowcall::emul::record::SYNC_GEN_WORD,
-    MY_GEN = const shadowcall::emul::record::MY_GEN_WORD,
-    GEN_CPU_BITS = const shadowcall::emul::record::GEN_CPU_BITS,
-    RECORD_PAGE_BYTES = const shadowcall::emul::record::RECORD_PAGE_SIZE,
-    RECORD_PAGE_SHIFT = const shadowcall::emul::record::RECORD_PAGE_SIZE.trailing_zeros(),
-    KIND_CALL = const shadowcall::patch::KIND_CALL,
-    KIND_JMP = const shadowcall::patch::KIND_JMP,
-    KIND_NOP = const shadowcall::patch::KIND_NOP,
-    KIND_MASK = const shadowcall::patch::KIND_MASK,
-    SITE_INDEX_SHIFT = const shadowcall::patch::SITE_INDEX_SHIFT,
-    TARGET_INDEX_SHIFT = const shadowcall::patch::TARGET_INDEX_SHIFT,
-    INDEX_MASK = const shadowcall::patch::INDEX_MASK,
-    KIND_RET = const shadowcall::patch::KIND_RET,
-    CPU_STACKS_SIZE = const mm::CPU_STACKS_SIZE,
-    NMI_STACK_OFF = const mm::ist_stack_offset(IST_NMI),
-    IST_STACK_SIZE = const mm::IST_STACK_SIZE,
-    MAX_CPUS = const mm::MAX_CPUS,
-    RECORD_SIZE = const shadowcall::emul::record::RECORD_SIZE,
-    RECORDS_PER_PAGE = const shadowcall::emul::record::RECORDS_PER_PAGE,
-    REC_SSP = const shadowcall::emul::record::REC_SSP,
-    REC_RSP_IF = const shadowcall::emul::record::REC_RSP_IF,
-    REC_SITE = const shadowcall::emul::record::REC_SITE,
-    REC_TARGET = const shadowcall::emul::record::REC_TARGET,
     SAVE_SCRATCH = const shadowcall::emul::save::SCRATCH,
     SAVE_RAX = const shadowcall::emul::save::RAX,
     SAVE_RBX = const shadowcall::emul::save::RBX,
@@ -132,9 +80,6 @@ core::arch::global_asm!(
     NESTED_MC_OUTER = const NESTED_MC_OUTER,
     CR4_CET_BIT = const 23,
     TEST_HOOKS = const cfg!(feature = "test-hooks") as u8,
-    TRAMP_RET1 = const shadowcall::tramp::TRAMP_RET1_OFF,
-    TRAMP_RET2 = const shadowcall::tramp::TRAMP_RET2_OFF,
-    TRAMP_TRAP = const shadowcall::tramp::TRAMP_TRAP_OFF,
     options(att_syntax)
 );
 

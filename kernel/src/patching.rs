@@ -7,7 +7,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use shadowcall::emul::record::{IN_EXIT_WORD, RECORD_PAGE_SIZE};
+use shadowcall::emul::record::RECORD_PAGE_SIZE;
 use shadowcall::emul::{GuardError, PendingCall};
 use shadowcall::engine::{self, Event, Exit, Int3, Patcher, Platform, Pokes, Strategy};
 use shadowcall::frame::TrapFrame;
@@ -367,13 +367,8 @@ pub fn finish(flight: InFlight) -> PatchStats {
     PatchStats { sites: s.sites, sync_rounds: s.sync_rounds, table_bytes: s.table_bytes, hook_fault: None }
 }
 
-// The exits find a CPU's record page by shifting its index.
-const _: () = assert!(RECORD_PAGE_SIZE == PAGE_SIZE && RECORD_PAGE_SIZE.is_power_of_two());
-const _: () = assert!(IN_EXIT_WORD + 8 <= RECORD_PAGE_SIZE);
-
-/// Number of exit actions (asm/entry.S `sc_bpx_table`, in
-/// `shadowcall::engine::Action` order).
-pub const BPX_COUNT: u64 = engine::ACTION_COUNT;
+// A CPU's record page is one page of the kernel's record area.
+const _: () = assert!(RECORD_PAGE_SIZE == PAGE_SIZE);
 
 /// Self-test hooks of the #BP handler, armed for one int3 at `sc_t_iret_int3`.
 #[repr(u8)]

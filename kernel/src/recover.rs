@@ -40,8 +40,6 @@ core::arch::global_asm!(
     TEST_HOOKS = const cfg!(feature = "test-hooks") as u8,
     IRETQ_LEN = const IRETQ.len(),
     IRETQ_WORD = const u16::from_le_bytes(IRETQ),
-    CPU_STACKS_SIZE = const mm::CPU_STACKS_SIZE,
-    MAX_CPUS = const mm::MAX_CPUS,
     RECORD_PAGE_SHIFT = const RECORD_PAGE_SIZE.trailing_zeros(),
     RECORDS_PER_PAGE = const RECORDS_PER_PAGE,
     RECORD_SIZE = const RECORD_SIZE,

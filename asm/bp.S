@@ -1,0 +1,503 @@
+/* The #BP entry stub and its exits, and the sync words' writers: the
+ * crate's asm (feature `entry`; src/entry.rs). The host's memory layout
+ * comes from link-time symbols it defines (README "Use it in your kernel",
+ * DESIGN §12): sc_stacks, SC_CPU_STACKS_SIZE, SC_MAX_CPUS (the CPU whose
+ * stack area holds an SSP), SC_NMI_STACK_OFF, SC_IST_STACK_SIZE (its NMI
+ * stack), sc_tramp_records (the record pages), sc_tramp_page, the sealed
+ * area and the site/target tables; and the Rust entry points sc_bp_handler
+ * and sc_bp_exit_refused. */
+
+.pushsection .text.entry, "ax"
+
+/* ---- #BP ---------------------------------------------------------------
+ * Move the hardware frame down by {BP_GAP} bytes before anything else,
+ * leaving a gap under the interrupted stack pointer so the handler can
+ * emulate a push onto the interrupted stack. The memory operand of a push is
+ * computed before RSP drops, so each push copies the next-lower word.
+ *
+ * sc_bp_handler(&mut TrapFrame, F) decides (F = RDSSP here: the base of the
+ * 3-slot shadow frame the CPU pushed) and returns (action, argument) in
+ * RAX:RDX. Every shadow-stack write of the #BP path happens below, in the
+ * exit for that action, from values that come only from
+ *   - the shadow stack, found with RDSSP (F, the frame's LIP at [F+8]),
+ *   - read-only memory: the sealed batch entry in RDX (checked to lie in
+ *     the sealed area, to be live, of the right kind, for the site LIP-1,
+ *     and against the read-only site/target tables; each field read once),
+ *     the trampoline's fixed addresses, this CPU's trampoline
+ *     records (a page mapped as shadow stack: only WRSS writes it),
+ * and never from the trap frame or any other ordinary memory. Each action
+ * also checks that the saved RIP is the value it derives (a frame changed
+ * after the Rust checks is refused, nothing written). With shadow stacks
+ * off the handler changes the frame itself and returns BPX_PLAIN. */
+/* The host's IDT entry for vector 3: an interrupt gate, no IST. */
+.globl sc_isr_3
+sc_isr_3:
+    subq ${BP_GAP}, %rsp
+    pushq {BP_GAP}+32(%rsp)         /* SS */
+    pushq {BP_GAP}+32(%rsp)         /* RSP */
+    pushq {BP_GAP}+32(%rsp)         /* RFLAGS */
+    pushq {BP_GAP}+32(%rsp)         /* CS */
+    pushq {BP_GAP}+32(%rsp)         /* RIP */
+    pushq $0
+    pushq $3
+    PUSH_GPRS
+    subq $16, %rsp                  /* TrapFrame.ssp, TrapFrame.shadow_push */
+    movq $0, 8(%rsp)
+    xorl %esi, %esi
+    cmpb $0, SC_SHSTK_ACTIVE(%rip)
+    je 1f
+    rdsspq %rsi
+1:  movq %rsi, (%rsp)
+    movq %rsp, %rdi
+    cld
+    call sc_bp_handler
+/* From here to sc_bpx_region_end: the #BP exits (and, at its end, the sync
+ * words' writers), which hold the operands of their WRSS in registers. An NMI or #MC taken in between (the only
+ * interrupts possible: IF=0) keeps the registers it interrupted on a page
+ * only WRSS writes and gives them back from there (sc_isr_cet_ist below). */
+.globl sc_bpx_region_start, sc_bpx_region_end
+sc_bpx_region_start:
+    cmpq ${BPX_COUNT}, %rax
+    jae sc_bpx_plain
+    jmp *sc_bpx_table(,%rax,8)
+
+sc_bpx_plain:
+    jmp sc_bp_return
+
+/* r8 := F (SSP is F again: the handler's calls are popped), r9 := LIP. */
+.macro BPX_FRAME
+    rdsspq %r8
+    movq 8(%r8), %r9
+.endm
+
+/* The entry in RDX, checked: one of the live batch's entries (sealed.S
+ * LIVE_ENTRY) and what the read-only tables allow (sealed.S CHECKED_ENTRY),
+ * of kind \kind, site + 1 == LIP. Its fields are read once: r12 := site,
+ * r13 := target (r14 kind, r15 bytes); the exit uses only these registers
+ * after. Meanwhile this CPU's in-exit count is raised (WRSS, on its record
+ * page: rdi := that page), from before the magic word is read to after the
+ * last read of the entry, so the sealed area is not rewritten in between
+ * (poke.S sc_poke_sealed; DESIGN §8.2). Clobbers rax, rcx, rdx, rsi, r10. */
+.macro BPX_ENTRY kind
+    movq %rdx, %r10
+    BPX_RECORD_PAGE
+    movq {IN_EXIT}(%rdi), %rax
+    incq %rax
+    wrssq %rax, {IN_EXIT}(%rdi)
+    /* The raised count is visible to every CPU before this CPU reads the
+     * magic word (a store, then a load: Dekker with sc_poke_sealed). */
+    mfence
+    LIVE_ENTRY %r10, sc_bpx_refuse_entry
+    CHECKED_ENTRY %r10, %r12, %r13, %r14, %r15, sc_bpx_refuse_entry
+    BPX_LEAVE
+    cmpq $\kind, %r14
+    jne sc_bpx_refuse
+    leaq 1(%r12), %rax
+    cmpq %rax, %r9
+    jne sc_bpx_refuse
+.endm
+
+/* The exit has read the entry for the last time: lower this CPU's in-exit
+ * count (rdi: its record page). The loads before stay before this store
+ * (x86 does not pass a load with a later store). */
+.macro BPX_LEAVE
+    movq {IN_EXIT}(%rdi), %rax
+    decq %rax
+    wrssq %rax, {IN_EXIT}(%rdi)
+.endm
+
+/* The interrupted SSP must be right above the frame (#BP has no IST). */
+.macro BPX_SAME_STACK
+    leaq 24(%r8), %r11
+    cmpq %r11, (%r8)
+    jne sc_bpx_refuse
+.endm
+
+/* RECORD_PAGE dst, fail: dst := the trampoline-record page of the CPU whose
+ * stack area holds the address in rax (static layout arithmetic, no per-CPU
+ * data); `fail` outside the area. Clobbers rax, rcx, rdx. */
+.macro RECORD_PAGE dst, fail
+    STACK_CPU \fail
+    shlq ${RECORD_PAGE_SHIFT}, %rax
+    leaq sc_tramp_records(%rip), \dst
+    addq %rax, \dst
+.endm
+
+/* rdi := this CPU's trampoline-record page: the CPU whose stack area holds
+ * F. Clobbers rax, rcx, rdx. */
+.macro BPX_RECORD_PAGE
+    movq %r8, %rax
+    RECORD_PAGE %rdi, sc_bpx_refuse
+.endm
+
+/* Shadow gap: emulate `call T` at site S with one trap. After the checks,
+ * one call with a non-zero displacement takes a shadow slot (SSP = F-8),
+ * its normal-stack copy is dropped, and the frame is rebuilt one slot
+ * lower:
+ *   [F-8] = F+16 (previous SSP)  [F] = T (LIP)  [F+8] = CS
+ *   [F+16] = S+5 (the emulated call's shadow slot)
+ * IRET pops that frame and leaves SSP = F+16 with S+5 on top; the handler
+ * stored the same S+5 on the normal stack, in the stub's gap. */
+sc_bpx_call_sg:
+    BPX_FRAME
+    BPX_ENTRY {KIND_CALL}
+    BPX_SAME_STACK
+    movq %r13, %rcx                 /* T */
+    cmpq %rcx, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    leaq 4(%r9), %rax               /* S+5 = LIP+4 */
+    movq 16(%r8), %rdx              /* CS, from the shadow frame */
+.if {TEST_HOOKS}
+    /* sec_exit_nmi_regs: an NMI right here, whose frame the test forges. */
+    cmpb $0, SC_T_EXIT_NMI(%rip)
+    je 8f
+    movb $0, SC_T_EXIT_NMI(%rip)
+    int $2
+8:
+.endif
+    call 1f
+    int3
+1:  addq $8, %rsp
+    leaq 16(%r8), %rsi
+    wrssq %rsi, -8(%r8)
+    wrssq %rcx, (%r8)
+    wrssq %rdx, 8(%r8)
+    wrssq %rax, 16(%r8)
+    jmp sc_bp_return
+
+/* `jmp T`, and `call T` the classic way (the negative control: shadow stack
+ * untouched, so T's ret raises #CP): LIP := T. */
+sc_bpx_jmp:
+    BPX_FRAME
+    BPX_ENTRY {KIND_JMP}
+    jmp 2f
+sc_bpx_classic:
+    BPX_FRAME
+    BPX_ENTRY {KIND_CALL}
+2:  movq %r13, %rcx                 /* T */
+    cmpq %rcx, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    wrssq %rcx, 8(%r8)
+    jmp sc_bp_return
+
+/* 5-byte NOP: LIP := S+5. */
+sc_bpx_nop:
+    BPX_FRAME
+    BPX_ENTRY {KIND_NOP}
+    leaq 4(%r9), %rcx
+    cmpq %rcx, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    wrssq %rcx, 8(%r8)
+    jmp sc_bp_return
+
+/* `ret`: pop both stacks. The return address is the top of the interrupted
+ * shadow stack (the handler checked the normal stack's top equals it):
+ * LIP := [F+24], previous SSP := F+32. */
+sc_bpx_ret:
+    BPX_FRAME
+    BPX_ENTRY {KIND_RET}
+    BPX_SAME_STACK
+    movq (%r11), %rcx
+    cmpq %rcx, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    wrssq %rcx, 8(%r8)
+    addq $8, %r11
+    wrssq %r11, (%r8)
+    jmp sc_bp_return
+
+/* Trampoline, first trap: claim a record on this CPU's record page (free,
+ * or left by an abandoned emulation at the same SSP), bound to the
+ * interrupted SSP (F+24) and RSP, holding IF, the site and the target; then
+ * LIP := the trampoline entry and IF := 0 until the second trap. The SSP
+ * word is written first, so a nested first trap (NMI) never picks a slot
+ * being filled. */
+sc_bpx_tramp1:
+    BPX_FRAME
+    BPX_ENTRY {KIND_CALL}
+    BPX_SAME_STACK
+    leaq sc_tramp_page(%rip), %rax
+    cmpq %rax, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rsi
+1:  movq {REC_SSP}(%rdi), %rax
+    testq %rax, %rax
+    je 2f
+    cmpq %r11, %rax
+    je 2f
+    addq ${RECORD_SIZE}, %rdi
+    cmpq %rsi, %rdi
+    jb 1b
+    jmp sc_bpx_refuse
+2:  wrssq %r11, {REC_SSP}(%rdi)
+    movq {FRAME_RFLAGS}(%rsp), %rax
+    shrq ${RFLAGS_IF_BIT}, %rax
+    andl $1, %eax
+    orq {FRAME_RSP}(%rsp), %rax
+    wrssq %rax, {REC_RSP_IF}(%rdi)
+    wrssq %r12, {REC_SITE}(%rdi)
+    wrssq %r13, {REC_TARGET}(%rdi)
+    leaq sc_tramp_page(%rip), %rax
+    wrssq %rax, 8(%r8)
+    andq $~(1 << {RFLAGS_IF_BIT}), {FRAME_RFLAGS}(%rsp)
+    jmp sc_bp_return
+
+/* Trampoline, second trap at its int3: both the trampoline's return
+ * addresses must be on top of the interrupted shadow stack P, and a record
+ * of this CPU must be bound to P+16 (the SSP of its first trap). Then
+ * [P] := target, [P+8] := site+5 (from the record), and the record is freed.
+ * The handler rewrote the normal stack's two slots from the same record. */
+sc_bpx_tramp2:
+    BPX_FRAME
+    leaq sc_tramp_page+{TRAMP_TRAP}+1(%rip), %rax
+    cmpq %rax, %r9
+    jne sc_bpx_refuse
+    cmpq %rax, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    BPX_SAME_STACK
+    leaq sc_tramp_page+{TRAMP_RET2}(%rip), %rax
+    cmpq %rax, (%r11)
+    jne sc_bpx_refuse
+    leaq sc_tramp_page+{TRAMP_RET1}(%rip), %rax
+    cmpq %rax, 8(%r11)
+    jne sc_bpx_refuse
+    leaq 16(%r11), %r10
+    BPX_RECORD_PAGE
+    leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rsi
+1:  cmpq %r10, {REC_SSP}(%rdi)
+    je 2f
+    addq ${RECORD_SIZE}, %rdi
+    cmpq %rsi, %rdi
+    jb 1b
+    jmp sc_bpx_refuse
+2:  movq {REC_TARGET}(%rdi), %rax
+    wrssq %rax, (%r11)
+    movq {REC_SITE}(%rdi), %rax
+    addq $5, %rax
+    wrssq %rax, 8(%r11)
+    xorl %eax, %eax
+    wrssq %rax, {REC_SSP}(%rdi)
+    jmp sc_bp_return
+
+/* Resume at the site itself (LIP := LIP-1): an int3 at a registered site
+ * that is not (yet) in the live batch is executed again, never resumed in
+ * the middle of the instruction. */
+sc_bpx_resume_site:
+    BPX_FRAME
+    leaq -1(%r9), %rcx
+    cmpq %rcx, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    wrssq %rcx, 8(%r8)
+    jmp sc_bp_return
+
+/* Self-test probe `iret_rip_and_lip`: only the probe's own int3 can be sent
+ * to the probe's own landing (both fixed addresses). */
+sc_bpx_test_landing:
+.if {TEST_HOOKS}
+    BPX_FRAME
+    leaq sc_t_iret_int3+1(%rip), %rax
+    cmpq %rax, %r9
+    jne sc_bpx_refuse
+    leaq sc_t_iret_landing(%rip), %rcx
+    cmpq %rcx, {FRAME_RIP}(%rsp)
+    jne sc_bpx_refuse
+    wrssq %rcx, 8(%r8)
+    jmp sc_bp_return
+.else
+    jmp sc_bpx_refuse
+.endif
+
+/* ---- The end of every #BP exit --------------------------------------------
+ * Outside an NMI handler: IRET. Inside one (the stub's frame lies on this
+ * CPU's NMI stack: RSP against the static layout), IRET would end the CPU's
+ * NMI blocking before the NMI handler has finished, and a second NMI would
+ * find the NMI stack's shadow-stack token busy (#GP). So return without
+ * IRET, as the CPU state after IRET would be, with NMIs still blocked:
+ *   shadow stack (B = RDSSP, the frame IRET would pop; P' = [B], the SSP IRET
+ *   would restore; X = [B+8], its LIP, which must equal the saved RIP):
+ *     the slot RET will pop, P'-8, must hold X: it does for an emulated
+ *     `ret` (the interrupted top); otherwise it is this frame's own CS slot
+ *     B+16, rewritten to X with WRSS; INCSSP (P'-8-B)/8 slots (1..3).
+ *   normal stack (R' = the saved RSP): [R'-8] := X, [R'-16] := RFLAGS.
+ *   pop the registers, RSP := R'-16, POPFQ (IF, TF, DF, AC... as saved; RF
+ *   cleared), RET: pops X from both stacks and compares them.
+ * End state: RIP = X, RSP = R', SSP = P', RFLAGS as saved, NMIs still
+ * blocked until the NMI handler's own IRET. R' is checked to be one the
+ * exits can produce (interrupted RSP - 8 .. + 8, right above this frame), so
+ * the stores below it land in the CPU's own (copied, dead) frame or above. */
+sc_bp_return:
+    movq %rsp, %rax
+    STACK_CPU 9f                    /* rdx := RSP's offset in the CPU's area */
+    subq $SC_NMI_STACK_OFF, %rdx
+    cmpq $SC_IST_STACK_SIZE, %rdx
+    jb sc_bp_return_in_nmi
+9:  ISR_EXIT
+
+sc_bp_return_in_nmi:
+    /* R': only a return RSP the emulation can produce, right above this
+     * frame (the saved RSP is ordinary memory: a forged one must not aim
+     * the stores below, nor RSP itself, anywhere else). */
+    movq {FRAME_RSP}(%rsp), %rcx
+    leaq {BP_RSP_MIN}(%rsp), %rax
+    cmpq %rax, %rcx
+    jb 9b
+    leaq {BP_RSP_MAX}(%rsp), %rax
+    cmpq %rax, %rcx
+    ja 9b
+    testb $7, %cl
+    jnz 9b
+    movq {FRAME_RIP}(%rsp), %r9
+    cmpb $0, SC_SHSTK_ACTIVE(%rip)
+    je 2f
+    rdsspq %r8
+    cmpq %r9, 8(%r8)
+    jne 9b
+    movq (%r8), %r10
+    leaq -8(%r10), %r11
+    cmpq %r9, (%r11)
+    je 1f
+    leaq 16(%r8), %rax
+    cmpq %rax, %r11
+    jne 9b
+    wrssq %r9, (%r11)
+1:  movq %r11, %rax
+    subq %r8, %rax
+    shrq $3, %rax
+    jz 9b
+    cmpq $3, %rax
+    ja 9b
+    incsspq %rax
+    /* [R'-8] = X, [R'-16] = RFLAGS, [R'-24] = the saved RCX; RCX keeps
+     * R'-24 (checked above) through the register pops: RSP is never loaded
+     * from the frame again. */
+2:  movq %r9, -8(%rcx)
+    movq {FRAME_RFLAGS}(%rsp), %rax
+    movq %rax, -16(%rcx)
+    movq {FRAME_RCX}(%rsp), %rax
+    movq %rax, -24(%rcx)
+    subq $24, %rcx
+    addq $16, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rbp
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    addq $8, %rsp                   /* RCX: restored from R'-24 below */
+    popq %rbx
+    popq %rax
+    movq %rcx, %rsp
+    popq %rcx
+    popfq
+    retq
+
+/* A check above failed: the frame or the state changed after the handler's
+ * checks. Nothing was written; the handler reports it and refuses. Inside
+ * BPX_ENTRY (rdi: the record page), the in-exit count is lowered first. */
+sc_bpx_refuse_entry:
+    BPX_LEAVE
+sc_bpx_refuse:
+    movq %rsp, %rdi
+    movq %r8, %rsi                  /* F, from RDSSP */
+    call sc_bp_exit_refused
+    jmp sc_bp_return
+
+/* ---- The sync protocol's words (DESIGN §8.2, §11) ----------------------
+ * With shadow stacks on, which CPUs a sync waits for and whether they have
+ * serialized are decided here, in registers, from shadow-stack pages only:
+ * the generation on CPU 0's record page and each CPU's sync word on its own
+ * record page (shadowcall::emul::record). Callers check that shadow stacks
+ * are enforced first and call with IF=0: these lie in the #BP exits'
+ * critical region, so an NMI or #MC that interrupts them hands their
+ * registers back from the WRSS-only save page, not from its trap frame. */
+
+/* void sc_sync_bump(void): a new generation, after the writes of the step it
+ * follows (MFENCE on both sides): the round count + 1 in the high bits and
+ * this CPU in the low GEN_CPU_BITS, so no two patchers ever write the same
+ * value; also into this CPU's own-generation word, which its wait compares
+ * with. */
+.globl sc_sync_bump
+sc_sync_bump:
+    mfence
+    rdsspq %rax
+    STACK_CPU sc_sync_bad
+    movq %rax, %rsi                 /* this CPU */
+    shlq ${RECORD_PAGE_SHIFT}, %rax
+    leaq sc_tramp_records(%rip), %rdi
+    addq %rax, %rdi
+    movq sc_tramp_records+{SYNC_GEN}(%rip), %rax
+    shrq ${GEN_CPU_BITS}, %rax
+    incq %rax
+    shlq ${GEN_CPU_BITS}, %rax
+    orq %rsi, %rax                  /* unique to this CPU's round */
+    wrssq %rax, sc_tramp_records+{SYNC_GEN}(%rip)
+    wrssq %rax, {MY_GEN}(%rdi)
+    mfence
+    ret
+
+/* void sc_sync_ack(void): this CPU's sync word := generation + 1. The CPU
+ * is the one whose stack area holds SSP (static layout); #UD outside it. */
+.globl sc_sync_ack
+sc_sync_ack:
+    rdsspq %rax
+    RECORD_PAGE %rdi, sc_sync_bad
+    movq sc_tramp_records+{SYNC_GEN}(%rip), %rax
+    incq %rax
+    wrssq %rax, {SYNC_WORD}(%rdi)
+    ret
+sc_sync_bad:
+    ud2
+
+/* void sc_sync_wait_all(void): return once every online CPU's sync word
+ * (non-zero) is the generation this CPU's last bump wrote, + 1 (its
+ * own-generation word, re-read each time): each has acknowledged this very
+ * round. If the shared generation no longer equals it, another patcher
+ * bumped meanwhile (forged locks): #UD. */
+.globl sc_sync_wait_all
+sc_sync_wait_all:
+    rdsspq %rax
+    RECORD_PAGE %r8, sc_sync_bad    /* this CPU's record page */
+    leaq sc_tramp_records+{SYNC_WORD}(%rip), %rdx
+    movl $SC_MAX_CPUS, %ecx
+1:  movq (%rdx), %rax
+    testq %rax, %rax
+    jz 3f
+2:  movq {MY_GEN}(%r8), %rsi
+    cmpq sc_tramp_records+{SYNC_GEN}(%rip), %rsi
+    jne sc_sync_bad
+    incq %rsi
+    cmpq %rsi, %rax                 /* acknowledged exactly this round */
+    je 3f
+    pause
+    movq (%rdx), %rax
+    jmp 2b
+3:  addq ${RECORD_PAGE_BYTES}, %rdx
+    decl %ecx
+    jnz 1b
+    ret
+
+sc_bpx_region_end:
+
+.popsection
+
+/* #BP exit actions, indexed by shadowcall::engine::Action (Plain = 0). */
+.pushsection .rodata
+.align 8
+sc_bpx_table:
+    .quad sc_bpx_plain, sc_bpx_call_sg, sc_bpx_jmp, sc_bpx_classic, sc_bpx_nop
+    .quad sc_bpx_ret, sc_bpx_tramp1, sc_bpx_tramp2, sc_bpx_resume_site, sc_bpx_test_landing
+.popsection
+
+.purgem PUSH_GPRS
+.purgem POP_GPRS
+.purgem ISR_EXIT
+.purgem LIVE_ENTRY
+.purgem TABLE_AT
+.purgem CHECKED_ENTRY
+.purgem STACK_CPU
+.purgem RECORD_PAGE

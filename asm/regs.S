@@ -1,0 +1,50 @@
+/* The general registers of a trap frame (shadowcall::frame::TrapFrame):
+ * saved by the entry stubs, restored by their exits. The crate's #BP stub
+ * (bp.S) uses them; a host's own stubs may include this file too, and purge
+ * the macros at the end of its asm. */
+
+.macro PUSH_GPRS
+    pushq %rax
+    pushq %rbx
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %rbp
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+.endm
+
+/* Restore the registers saved by the stub (RSP at TrapFrame.ssp) and drop
+ * the vector and error code (RSP then at the hardware frame's RIP slot). */
+.macro POP_GPRS
+    addq $16, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rbp
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rbx
+    popq %rax
+    addq $16, %rsp                  /* TrapFrame.vector, .error_code */
+.endm
+
+/* Return from the exception. */
+.macro ISR_EXIT
+    POP_GPRS
+    iretq
+.endm
