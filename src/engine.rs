@@ -1168,3 +1168,249 @@ fn action_if_shadow(f: Option<ShadowFrame>, action: Action, entry: u64) -> Exit 
         Exit::PLAIN
     }
 }
+
+/// The engine driven by a second host: a mock platform over host memory
+/// (one CPU, shadow stacks off), so the protocol and the classic and
+/// trampoline paths run in `cargo test`.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::patch::{CodeRegion, OPC_CALL_REL32, SEALED_MAGIC};
+    use std::sync::Mutex;
+
+    const TEXT_LEN: usize = 0x100;
+    const SITE_OFF: usize = 0x10;
+    const TARGET_A: usize = 0x40;
+    const TARGET_B: usize = 0x80;
+    const UNDECLARED: usize = 0xc0;
+    const STACK_LEN: usize = 0x1000;
+
+    fn leak(len: usize, fill: u8) -> u64 {
+        // A page-aligned block: the trampoline's layout is page-relative.
+        let v = vec![fill; len + 4096].leak();
+        let p = v.as_mut_ptr() as u64;
+        (p + 4095) & !4095
+    }
+
+    struct Mock {
+        text: u64,
+        tramp: u64,
+        sealed: u64,
+        stack: u64,
+        sites: &'static [u64],
+        targets: &'static [u64],
+        forbidden: [CodeRange; 1],
+        cpu: CpuState,
+        syncs: AtomicU64,
+        events: Mutex<Vec<String>>,
+    }
+
+    impl Mock {
+        fn new() -> Self {
+            let text = leak(TEXT_LEN, 0xcc);
+            let bytes = |off: usize| (text + off as u64) as *mut u8;
+            // SAFETY: inside the leaked text block.
+            unsafe {
+                // site: call TARGET_A; the targets: `ret`.
+                let rel = (TARGET_A as i32) - (SITE_OFF as i32 + 5);
+                *bytes(SITE_OFF) = OPC_CALL_REL32;
+                core::ptr::copy_nonoverlapping(rel.to_le_bytes().as_ptr(), bytes(SITE_OFF + 1), 4);
+                for t in [TARGET_A, TARGET_B, UNDECLARED] {
+                    *bytes(t) = 0xc3;
+                }
+            }
+            let tramp = leak(4096, 0xcc);
+            let a = |off: usize| text + off as u64;
+            Mock {
+                text,
+                tramp,
+                sealed: leak(4096, 0),
+                stack: leak(STACK_LEN, 0),
+                sites: vec![a(SITE_OFF)].leak(),
+                targets: vec![a(TARGET_A), a(TARGET_B)].leak(),
+                forbidden: [CodeRange { start: tramp, end: tramp + 4096, region: CodeRegion::Trampoline }],
+                cpu: CpuState::new(),
+                syncs: AtomicU64::new(0),
+                events: Mutex::new(Vec::new()),
+            }
+        }
+        fn at(&self, off: usize) -> u64 {
+            self.text + off as u64
+        }
+        fn text_bytes(&self) -> Vec<u8> {
+            self.text().bytes.to_vec()
+        }
+        /// A trap frame at the bottom of the mock stack, with RSP near its top.
+        fn frame(&self, rip: u64) -> &'static mut TrapFrame {
+            // SAFETY: the leaked, zeroed, 16-aligned stack block, unused otherwise.
+            let f = unsafe { &mut *(self.stack as *mut TrapFrame) };
+            *f = TrapFrame::default();
+            f.rip = rip;
+            f.rsp = self.stack + STACK_LEN as u64 - 64;
+            f
+        }
+    }
+
+    fn write(at: u64, bytes: &[u8]) {
+        // SAFETY: the mock's own leaked blocks.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), at as *mut u8, bytes.len()) };
+    }
+
+    // SAFETY: the mock's blocks are leaked (never freed), and one test thread
+    // drives one mock.
+    unsafe impl Platform for Mock {
+        fn text(&self) -> Text<'static> {
+            // SAFETY: the leaked text block.
+            Text { base: self.text, bytes: unsafe { core::slice::from_raw_parts(self.text as *const u8, TEXT_LEN) } }
+        }
+        fn sites(&self) -> &'static [u64] {
+            self.sites
+        }
+        fn targets(&self) -> &'static [u64] {
+            self.targets
+        }
+        fn forbidden_code(&self) -> &[CodeRange] {
+            &self.forbidden
+        }
+        fn tramp_page(&self) -> u64 {
+            self.tramp
+        }
+        fn sealed_area(&self) -> (u64, u64) {
+            (self.sealed, self.sealed + 4096)
+        }
+        fn poke(&self, pokes: Pokes<'_>) -> bool {
+            for p in pokes.iter() {
+                match p {
+                    Poke::Int3(e) => write(e.site, &[INT3]),
+                    Poke::Tails(e) => write(e.site + 1, &e.site_bytes()[1..]),
+                    Poke::Head(e) => write(e.site, &e.site_bytes()[..1]),
+                    Poke::Sealed { offset, bytes } => write(self.sealed + offset, bytes),
+                    Poke::Publish => write(self.sealed, &SEALED_MAGIC.to_le_bytes()),
+                    Poke::Unseal => write(self.sealed, &[0; 8]),
+                    Poke::Tramp => write(self.tramp, &tramp::TRAMP_BYTES),
+                }
+            }
+            true
+        }
+        fn sync(&self) {
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        fn normal_stack(&self, addr: u64) -> Option<StackBounds> {
+            let b = StackBounds { lo: self.stack, hi: self.stack + STACK_LEN as u64 };
+            (addr >= b.lo && addr < b.hi).then_some(b)
+        }
+        fn shadow_stack(&self, _addr: u64) -> Option<StackBounds> {
+            None
+        }
+        fn find_record(&self, _f_base: u64, _bound_ssp: u64) -> Option<u64> {
+            None
+        }
+        fn cpu(&self) -> &CpuState {
+            &self.cpu
+        }
+        fn for_each_cpu(&self, f: &mut dyn FnMut(&CpuState)) {
+            f(&self.cpu)
+        }
+        fn event(&self, e: Event<'_>) {
+            self.events.lock().unwrap().push(format!("{e:?}"));
+        }
+    }
+
+    fn patcher(s: Strategy) -> &'static Patcher<Mock> {
+        let p = Box::leak(Box::new(Patcher::new(Mock::new())));
+        p.init(s).expect("init");
+        p
+    }
+
+    #[test]
+    fn classic_call_emulated_inside_the_window_and_text_patched() {
+        let p = patcher(Strategy::Classic);
+        let m = p.platform();
+        let (site, b) = (m.at(SITE_OFF), m.at(TARGET_B));
+        let mut seen = Vec::new();
+        let stats = p
+            .patch(&[(site, NewInsn::Call(b))], |step| {
+                // The CPU runs the site: its int3 traps.
+                // SAFETY: the mock's text.
+                assert_eq!(unsafe { *(site as *const u8) }, INT3);
+                let f = m.frame(site + 1);
+                let rsp = f.rsp;
+                assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
+                assert_eq!(f.rip, b, "resumes at the new target");
+                assert_eq!(f.rsp, rsp - 8, "one slot pushed");
+                // SAFETY: the mock stack.
+                assert_eq!(unsafe { *(f.rsp as *const u64) }, site + SITE_LEN as u64, "the return address");
+                seen.push(step);
+            })
+            .expect("a valid batch");
+        assert_eq!(seen, [Step::Int3Written, Step::TailsWritten]);
+        assert_eq!(stats.sync_rounds, 3);
+        assert_eq!(&m.text_bytes()[SITE_OFF..SITE_OFF + 5], &NewInsn::Call(b).encode(site).unwrap());
+        assert!(!p.batch_live(), "the batch retired");
+        assert_eq!(m.cpu.counters.classic_calls.load(Ordering::Relaxed), 2);
+        assert_eq!(m.cpu.batch_refs.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn trampoline_first_trap_records_the_call_and_enters_the_trampoline() {
+        let p = patcher(Strategy::Trampoline);
+        let m = p.platform();
+        let (site, b) = (m.at(SITE_OFF), m.at(TARGET_B));
+        p.patch(&[(site, NewInsn::Call(b))], |step| {
+            if step != Step::Int3Written {
+                return;
+            }
+            let f = m.frame(site + 1);
+            f.rflags = crate::frame::RFLAGS_IF;
+            assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
+            assert_eq!(f.rip, m.tramp, "into the trampoline");
+            assert_eq!(f.rflags & crate::frame::RFLAGS_IF, 0, "interrupts off until the second trap");
+            assert_eq!(m.cpu.lifo_depth(), 1);
+            // SAFETY: the test owns this CPU's LIFO.
+            unsafe { m.cpu.lifo() }.truncate(0);
+        })
+        .unwrap();
+        assert_eq!(m.cpu.counters.tramp_calls.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn not_ours_and_refusals_go_to_the_host() {
+        let p = patcher(Strategy::Classic);
+        let m = p.platform();
+        // An int3 the engine has no site for: the host's.
+        let f = m.frame(m.at(UNDECLARED) + 1);
+        assert_eq!(p.handle_int3(f), Int3::NotOurs);
+        // An undeclared target: refused, text unchanged, nothing synced.
+        let (before, syncs) = (m.text_bytes(), m.syncs.load(Ordering::Relaxed));
+        let r = p.patch(&[(m.at(SITE_OFF), NewInsn::Call(m.at(UNDECLARED)))], |_| unreachable!());
+        assert!(matches!(r, Err(PatchError::UnknownTarget { .. })), "{r:?}");
+        assert_eq!(m.text_bytes(), before);
+        assert_eq!(m.syncs.load(Ordering::Relaxed), syncs);
+        // A trap whose stack slot is not the context's: refused, nothing written.
+        let site = m.at(SITE_OFF);
+        p.patch(&[(site, NewInsn::Call(m.at(TARGET_B)))], |step| {
+            if step == Step::Int3Written {
+                let f = m.frame(site + 1);
+                f.rsp = 0x1000;
+                assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
+                assert_eq!((f.rip, f.rsp), (site + 1, 0x1000), "frame unchanged");
+            }
+        })
+        .unwrap();
+        assert_eq!(m.cpu.counters.refusals.load(Ordering::Relaxed), 1);
+        assert!(matches!(m.cpu.last_refusal(), Some(GuardError::SlotOutsideStack { stack: StackKind::Normal, .. })));
+        assert!(m.events.lock().unwrap().iter().any(|e| e.starts_with("Refused")));
+    }
+
+    #[test]
+    fn an_int3_at_a_site_with_no_live_batch_resumes_at_the_site() {
+        let p = patcher(Strategy::Classic);
+        let m = p.platform();
+        let site = m.at(SITE_OFF);
+        write(site, &[INT3]);
+        let f = m.frame(site + 1);
+        assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
+        assert_eq!(f.rip, site, "executes the site again");
+        assert!(m.events.lock().unwrap().iter().any(|e| e.starts_with("Int3Race")));
+    }
+}

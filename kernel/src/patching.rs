@@ -382,9 +382,12 @@ pub enum BpTestHook {
 }
 
 extern "C" {
+    static sc_b_int3: u8;
+}
+#[cfg(feature = "test-hooks")]
+extern "C" {
     static sc_t_iret_int3: u8;
     static sc_t_iret_landing: u8;
-    static sc_b_int3: u8;
 }
 
 /// Number of stack frames a misaligned handler entry was seen in (the
@@ -454,6 +457,18 @@ fn test_hook(frame: &mut TrapFrame, addr: u64) -> Option<Exit> {
     if addr == core::ptr::addr_of!(sc_b_int3) as u64 {
         return Some(Exit::PLAIN);
     }
+    #[cfg(feature = "test-hooks")]
+    return iret_probe(frame, addr);
+    #[cfg(not(feature = "test-hooks"))]
+    {
+        let _ = frame;
+        None
+    }
+}
+
+/// The IRET probes of cp_iret_rip_only and iret_rip_and_lip (test builds).
+#[cfg(feature = "test-hooks")]
+fn iret_probe(frame: &mut TrapFrame, addr: u64) -> Option<Exit> {
     let (probe, landing) = (core::ptr::addr_of!(sc_t_iret_int3) as u64, core::ptr::addr_of!(sc_t_iret_landing) as u64);
     if addr != probe {
         return None;

@@ -151,6 +151,10 @@ pub fn cp_near_ret(st: &BootState) -> Outcome<'static> {
 
 pub fn cp_iret_rip_only(st: &BootState) -> Outcome<'static> {
     need_shstk!(st);
+    // The probe's handling in the #BP path is a self-test hook.
+    if cfg!(not(feature = "test-hooks")) {
+        return Outcome::Skip("needs the test-hooks build");
+    }
     let ssp0 = cet::rdssp();
     this_cpu().bp_test_hook.store(BpTestHook::RipOnly as u8, Ordering::Relaxed);
     // SAFETY: asm test function; the #CP at IRET is caught by try_run.
@@ -173,6 +177,10 @@ pub fn cp_iret_rip_only(st: &BootState) -> Outcome<'static> {
 
 pub fn iret_rip_and_lip(st: &BootState) -> Outcome<'static> {
     need_shstk!(st);
+    // The probe's handling in the #BP path is a self-test hook.
+    if cfg!(not(feature = "test-hooks")) {
+        return Outcome::Skip("needs the test-hooks build");
+    }
     let ssp0 = cet::rdssp();
     #[cfg(feature = "test-hooks")]
     let w0 = cet::WRSS_WRITES.load(Ordering::Relaxed);
