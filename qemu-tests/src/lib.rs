@@ -108,10 +108,22 @@ pub fn example_options(e: Example, machine: Machine) -> RunOptions {
 }
 
 /// The tests every boot of the minimal example reports.
-pub const EXAMPLE_TESTS: [&str; 3] = ["example_boot", "example_shadow_stack", "example_call_site"];
+pub const EXAMPLE_TESTS: [&str; 4] =
+    ["example_boot", "example_shadow_stack", "example_call_site", "example_patch_site"];
+
+/// The strategies `example_patch_site` must have patched under, with and
+/// without shadow stacks (in the order its note names them).
+fn example_strategies(shadow_stacks: bool) -> [&'static str; 2] {
+    if shadow_stacks {
+        ["Trampoline", "ShadowGap"]
+    } else {
+        ["Classic", "Trampoline"]
+    }
+}
 
 /// The example's run passed with every test of [`EXAMPLE_TESTS`] ok;
-/// `example_shadow_stack` may be skipped only without `shadow_stacks`.
+/// `example_shadow_stack` may be skipped only without `shadow_stacks`, and
+/// `example_patch_site` patched live under the strategies of this setting.
 pub fn assert_example_passes(outcome: &RunOutcome, shadow_stacks: bool) {
     assert!(outcome.passed, "the example run should pass but failed:\n{}", outcome.describe());
     for name in EXAMPLE_TESTS {
@@ -129,6 +141,13 @@ pub fn assert_example_passes(outcome: &RunOutcome, shadow_stacks: bool) {
             outcome.describe()
         );
     }
+    let [first, second] = example_strategies(shadow_stacks);
+    let note = format!("# example_patch_site: {first}: 6 calls emulated, {second}: 6 calls emulated;");
+    assert!(
+        outcome.report.diagnostics_before("example_patch_site").is_some_and(|d| d.iter().any(|l| l.starts_with(&note))),
+        "`example_patch_site` must report `{note}`:\n{}",
+        outcome.describe()
+    );
 }
 
 /// Options with `--cet` and `--emul` set.

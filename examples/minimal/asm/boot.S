@@ -118,7 +118,7 @@ fault_common:
 
 .section .bss.boot, "aw", @nobits
 .align 4096
-.globl boot_pml4, boot_pt, boot_stack_top
+.globl boot_pml4, boot_pt, boot_stack, boot_stack_top
 boot_pml4: .skip 4096
 boot_pdpt_low: .skip 4096
 boot_pdpt_high: .skip 4096

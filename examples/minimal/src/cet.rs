@@ -1,6 +1,6 @@
 //! CET supervisor shadow stacks for the example, with the engine's helpers
-//! (`shadowcall::cet`): one shadow-stack page on the boot CPU, turned on
-//! once and never off.
+//! (`shadowcall::cet`): one shadow-stack page on the boot CPU (asm/engine.S
+//! `sc_stacks`), turned on once and never off.
 //!
 //! Order: token written while the page is ordinary data -> its PTE made
 //! R/W=0 + Dirty (a shadow-stack page) -> `shadowcall::cet::enable`: CR4.CET
@@ -10,26 +10,14 @@
 
 use alloc::format;
 use alloc::string::String;
-use core::ptr::addr_of;
 
 use shadowcall::cet::{self, Bringup, SspTable, Support, S_CET_FLAGS};
 use shadowcall::shstk::{self, TOKEN_BUSY};
-use x86_64::instructions::tlb;
 use x86_64::registers::control::{Cr4, Cr4Flags};
 use x86_64::registers::model_specific::SCet;
-use x86_64::VirtAddr;
 
-use crate::{boot_pte, KERNEL_VMA};
+use crate::host::{self, PTE_DIRTY, PTE_PRESENT};
 
-const PAGE_SIZE: u64 = 4096;
-/// A shadow-stack PTE: present, R/W=0, Dirty.
-const PTE_PRESENT: u64 = 1;
-const PTE_DIRTY: u64 = 1 << 6;
-
-#[repr(C, align(4096))]
-struct ShadowPage([u64; (PAGE_SIZE / shstk::SLOT) as usize]);
-/// The shadow stack: ordinary .bss until `enable_and_continue` remaps it.
-static mut SHADOW_STACK: ShadowPage = ShadowPage([0; (PAGE_SIZE / shstk::SLOT) as usize]);
 /// No IST vector here: every entry stays empty.
 static SSP_TABLE: SspTable = SspTable::new();
 
@@ -42,10 +30,9 @@ pub fn supported() -> bool {
     Support::detect().supervisor_shadow_stacks()
 }
 
-/// The shadow-stack page `[lo, hi)`.
+/// The shadow-stack page `[lo, hi)` (asm/engine.S `sc_stacks`).
 pub fn bounds() -> shstk::StackBounds {
-    let lo = addr_of!(SHADOW_STACK) as u64;
-    shstk::StackBounds { lo, hi: lo + PAGE_SIZE }
+    host::shadow_stack()
 }
 
 /// Turn shadow stacks on and continue in `cont` with RSP = `rsp`. Never returns.
@@ -57,9 +44,7 @@ pub unsafe fn enable_and_continue(cont: extern "C" fn() -> !, rsp: u64) -> ! {
     let token = shstk::token_addr(b.hi);
     // SAFETY: the page is still ordinary writable data; nobody else uses it.
     unsafe { (token as *mut u64).write_volatile(shstk::supervisor_token(token)) };
-    // SAFETY: the PTE of our own page; it becomes R/W=0 + Dirty: a shadow-stack page.
-    unsafe { boot_pte(b.lo).write_volatile((b.lo - KERNEL_VMA) | PTE_PRESENT | PTE_DIRTY) };
-    tlb::flush(VirtAddr::new(b.lo));
+    host::map(b.lo, PTE_PRESENT | PTE_DIRTY);
     let bringup = Bringup { pl0_token: token, ssp_table: &SSP_TABLE, rsp };
     // SAFETY: the token is free at the top of a page now mapped as a shadow
     // stack; boot.S set CR0.WP; interrupts are off; `rsp` is the caller's.

@@ -1,5 +1,6 @@
 //! The example's own descriptor tables: a GDT with a TSS, an IDT whose
-//! exception vectors all report and end the run (asm/boot.S stubs).
+//! exception vectors all report and end the run (asm/boot.S stubs), but
+//! #BP, which goes to the engine (the crate's `sc_isr_3`).
 
 use alloc::boxed::Box;
 
@@ -20,6 +21,8 @@ const ERROR_CODE_VECTORS: [u64; 10] = [8, 10, 11, 12, 13, 14, 17, 21, 29, 30];
 const PAGE_FAULT: u64 = 14;
 /// Gate type and attributes: present, DPL 0, 64-bit interrupt gate.
 const INTERRUPT_GATE: u64 = 0x8e;
+/// #BP: the engine's entry stub (an interrupt gate without IST).
+const BREAKPOINT: usize = 3;
 
 /// An IDT gate (Intel SDM vol. 3, 6.14.1): the handler's address split in three.
 #[derive(Clone, Copy)]
@@ -36,6 +39,8 @@ impl Gate {
 
 extern "C" {
     static example_fault_stubs: [u8; FAULT_VECTORS * FAULT_STUB_SIZE];
+    /// The crate's #BP entry stub (feature `entry`).
+    fn sc_isr_3();
 }
 
 /// Load a GDT (kernel code, TSS) and an IDT; the tables live for good on the heap.
@@ -53,8 +58,15 @@ pub fn init() {
         load_tss(tss_sel);
     }
     let stubs = core::ptr::addr_of!(example_fault_stubs) as u64;
+    let handler = |v| {
+        if v == BREAKPOINT {
+            sc_isr_3 as unsafe extern "C" fn() as usize as u64
+        } else {
+            stubs + (v * FAULT_STUB_SIZE) as u64
+        }
+    };
     let idt: &'static [Gate; FAULT_VECTORS] =
-        Box::leak(Box::new(core::array::from_fn(|v| Gate::new(stubs + (v * FAULT_STUB_SIZE) as u64, code))));
+        Box::leak(Box::new(core::array::from_fn(|v| Gate::new(handler(v), code))));
     let limit = (size_of_val(idt) - 1) as u16;
     // SAFETY: the table lives for good and each gate points at a stub that never returns.
     unsafe { lidt(&DescriptorTablePointer { limit, base: VirtAddr::new(idt.as_ptr() as u64) }) };

@@ -1,7 +1,9 @@
 //! A minimal kernel that embeds shadowcall: booted by GRUB through
 //! Multiboot2, mapped in the high half, with its own GDT/TSS/IDT and, where
-//! the CPU has them, CET supervisor shadow stacks. It declares a patch site
-//! and reports KTAP on COM1 and port 0xE9 (`cargo xtask run --example minimal`).
+//! the CPU has them, CET supervisor shadow stacks. It hosts the engine
+//! (`host.rs`), declares patch sites, live-patches them while calling them
+//! under each strategy, and reports KTAP on COM1 and port 0xE9
+//! (`cargo xtask run --example minimal`).
 #![no_std]
 #![no_main]
 
@@ -11,14 +13,17 @@ extern crate alloc;
 mod console;
 mod cet;
 mod cpu;
+mod host;
 
 use alloc::format;
 use alloc::string::String;
 use core::ptr::{addr_of, addr_of_mut};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use host::PATCHER;
 use linked_list_allocator::LockedHeap;
-use shadowcall::patch::{self, Registry, SiteKind, SITE_LEN};
+use shadowcall::engine::{Platform, Strategy};
+use shadowcall::patch::{self, NewInsn, PatchError, SiteKind, SITE_LEN};
 use shadowcall::site::SiteFn;
 use x86_64::instructions::port::Port;
 use x86_64::instructions::tlb;
@@ -30,6 +35,7 @@ const MB2_BOOTLOADER_MAGIC: u32 = 0x36d7_6289;
 const STACK_SIZE: usize = 64 * 1024;
 /// The boot page tables map 4 KiB pages.
 const PAGE_SHIFT: u64 = 12;
+pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
 /// The GDT, TSS and IDT, and the diagnostics' strings.
 const HEAP_SIZE: usize = 64 * 1024;
 /// QEMU's isa-debug-exit port (the runner adds the device); Bochs ignores it.
@@ -40,7 +46,9 @@ const END_MARKER: &str = "# shadowcall: end of report";
 core::arch::global_asm!(
     include_str!("../asm/boot.S"),
     include_str!("../asm/cet.S"),
+    include_str!("../asm/engine.S"),
     KERNEL_VMA = const KERNEL_VMA,
+    PAGE_SIZE = const PAGE_SIZE,
     STACK_SIZE = const STACK_SIZE,
     FAULT_VECTORS = const cpu::FAULT_VECTORS,
     FAULT_STUB_SIZE = const cpu::FAULT_STUB_SIZE,
@@ -60,17 +68,34 @@ extern "C" {
 /// Calls of the patch targets.
 static CALLS_A: AtomicU64 = AtomicU64::new(0);
 static CALLS_B: AtomicU64 = AtomicU64::new(0);
+static HOOK_CALLS: AtomicU64 = AtomicU64::new(0);
+/// What each target returns.
+const A: u64 = 1;
+const B: u64 = 2;
 
 extern "C" fn target_a() -> u64 {
-    CALLS_A.fetch_add(1, Ordering::Relaxed) + 1
+    CALLS_A.fetch_add(1, Ordering::Relaxed);
+    A
 }
 extern "C" fn target_b() -> u64 {
-    CALLS_B.fetch_add(1, Ordering::Relaxed) + 1
+    CALLS_B.fetch_add(1, Ordering::Relaxed);
+    B
+}
+extern "C" fn hook() {
+    HOOK_CALLS.fetch_add(1, Ordering::Relaxed);
+}
+/// Declared for no site: a patch to it must be refused.
+extern "C" fn undeclared() -> u64 {
+    0
 }
 
 shadowcall::patch_site! {
-    /// The example's patch site: calls `target_a`, may be pointed at `target_b`.
+    /// A static call: calls `target_a`, may be pointed at `target_b`.
     static SITE: extern "C" fn() -> u64 = target_a, [target_b];
+}
+shadowcall::patch_site! {
+    /// A jump label: calls `hook`, may be turned into a NOP and back.
+    static HOOK: extern "C" fn() = hook;
 }
 
 #[global_allocator]
@@ -90,11 +115,12 @@ pub fn boot_pte(vaddr: u64) -> *mut u64 {
 extern "C" fn kmain(magic: u32, _boot_info: u64) -> ! {
     console::init();
     // SAFETY: the linker brackets the two tables; nothing else runs yet and
-    // the image is writable (this example does not map .rodata read-only).
+    // the image is still writable (`host::protect` maps it read-only next).
     unsafe {
         shadowcall::site::sort_table(addr_of_mut!(__sites_start), addr_of_mut!(__sites_end));
         shadowcall::site::sort_table(addr_of_mut!(__targets_start), addr_of_mut!(__targets_end));
     }
+    host::protect();
     // SAFETY: the heap space is handed to the allocator once and used by nothing else.
     unsafe { HEAP.lock().init(addr_of_mut!(HEAP_SPACE).cast(), HEAP_SIZE) };
     cpu::init();
@@ -122,8 +148,12 @@ enum Verdict {
 /// A KTAP test: its name (a contract) and its body.
 type Test = (&'static str, fn() -> Verdict);
 
-const TESTS: [Test; 3] =
-    [("example_boot", test_boot), ("example_shadow_stack", test_shadow_stack), ("example_call_site", test_call_site)];
+const TESTS: [Test; 4] = [
+    ("example_boot", test_boot),
+    ("example_shadow_stack", test_shadow_stack),
+    ("example_call_site", test_call_site),
+    ("example_patch_site", test_patch_site),
+];
 
 extern "C" fn run_tests() -> ! {
     let mut ok = true;
@@ -170,42 +200,117 @@ fn test_shadow_stack() -> Verdict {
 /// The site is registered and holds a call to a registered target; calling
 /// it runs that target once.
 fn test_call_site() -> Verdict {
-    // SAFETY: the linker brackets the two tables of 8-byte addresses with these symbols.
-    let (sites, targets) = unsafe {
-        (
-            table(addr_of!(__sites_start), addr_of!(__sites_end)),
-            table(addr_of!(__targets_start), addr_of!(__targets_end)),
-        )
-    };
     let site = SITE.addr();
     let target = SITE.default_target().addr();
-    let registry = Registry::new(sites, targets, &[]);
+    let registry = PATCHER.registry();
     if !registry.is_site(site) || !registry.is_target(target) {
         return Verdict::Fail(format!("site {site:#x} or target {target:#x} is not registered"));
     }
-    // SAFETY: the site's 5 bytes are our own text.
-    let bytes = unsafe { core::slice::from_raw_parts(site as *const u8, SITE_LEN) };
-    match patch::classify(bytes, site) {
+    match patch::classify(&site_bytes(site), site) {
         Ok(SiteKind::Call(t)) if t == target => {}
         other => return Verdict::Fail(format!("site {site:#x} holds {other:x?}, not a call to {target:#x}")),
     }
     let before = CALLS_A.load(Ordering::Relaxed);
     let returned = SITE.get()();
     let calls = CALLS_A.load(Ordering::Relaxed) - before;
-    if returned != CALLS_A.load(Ordering::Relaxed) || CALLS_B.load(Ordering::Relaxed) != 0 {
-        return Verdict::Fail(format!("the call through the site returned {returned}, not target_a's count"));
-    }
-    if calls != 1 {
-        return Verdict::Fail(format!("the call through the site ran the target {calls} times, not once"));
+    if returned != A || calls != 1 || CALLS_B.load(Ordering::Relaxed) != 0 {
+        return Verdict::Fail(format!("the call through the site returned {returned} and ran target_a {calls} times"));
     }
     Verdict::Ok(format!("site {site:#x} calls {target:#x}"))
 }
 
-/// # Safety
-/// `[start, end)` is a linker-made table of u64.
-unsafe fn table(start: *const u64, end: *const u64) -> &'static [u64] {
-    // SAFETY: per the caller.
-    unsafe { core::slice::from_raw_parts(start, end.offset_from(start) as usize) }
+/// The 5 bytes of text at `site`.
+fn site_bytes(site: u64) -> [u8; SITE_LEN] {
+    // SAFETY: a registered site: 5 bytes of our own mapped text.
+    unsafe { (site as *const [u8; SITE_LEN]).read_volatile() }
+}
+
+/// Live patches with the engine, under each strategy this CPU can use: the
+/// static call SITE pointed at target_b and back, the jump label HOOK
+/// turned into a NOP and back, each called inside the window (it traps on
+/// the int3 and the engine emulates the new instruction) and after. Then a
+/// patch to an undeclared target is refused with text unchanged. Text is
+/// read-only: only the engine's window (host.rs `poke`) writes it.
+fn test_patch_site() -> Verdict {
+    // SAFETY: a read of our own page table.
+    if unsafe { boot_pte(SITE.addr()).read_volatile() } & host::PTE_WRITABLE != 0 {
+        return Verdict::Fail("text is mapped writable".into());
+    }
+    let strategies = PATCHER.strategies_here();
+    if let Err(e) = PATCHER.init(strategies[0]) {
+        return Verdict::Fail(format!("Patcher::init: {e}"));
+    }
+    let mut notes = alloc::vec::Vec::new();
+    for s in strategies {
+        PATCHER.set_strategy(s);
+        match live_patches(s) {
+            Ok(n) => notes.push(format!("{s:?}: {n} calls emulated")),
+            Err(e) => return Verdict::Fail(format!("{s:?}: {e}")),
+        }
+    }
+    match refused_patch() {
+        Ok(()) => Verdict::Ok(format!("{}; an undeclared target refused, text unchanged", notes.join(", "))),
+        Err(e) => Verdict::Fail(e),
+    }
+}
+
+/// Calls the window runs (one after each of the protocol's steps 1 and 2).
+const WINDOW_CALLS: u64 = 2;
+
+/// The four patches under strategy `s`; the number of calls it emulated.
+fn live_patches(s: Strategy) -> Result<u64, String> {
+    let c = &PATCHER.platform().cpu().counters;
+    let by_strategy = || match s {
+        Strategy::Classic => c.classic_calls.load(Ordering::Relaxed),
+        Strategy::Trampoline => c.second_traps.load(Ordering::Relaxed),
+        Strategy::ShadowGap => c.shadow_gap_calls.load(Ordering::Relaxed),
+    };
+    let (emulations, calls) = (c.emulations.load(Ordering::Relaxed), by_strategy());
+    let hook_calls = || {
+        let before = HOOK_CALLS.load(Ordering::Relaxed);
+        HOOK.get()();
+        HOOK_CALLS.load(Ordering::Relaxed) - before
+    };
+    let to_b = SITE.call_to(target_b).map_err(|e| format!("{e}"))?;
+    let nop = HOOK.nop().map_err(|e| format!("{e}"))?;
+    patch_live("SITE -> target_b", (SITE.addr(), to_b), || SITE.get()(), B)?;
+    patch_live("SITE -> target_a", SITE.restore(), || SITE.get()(), A)?;
+    patch_live("HOOK -> nop", (HOOK.addr(), nop), hook_calls, 0)?;
+    patch_live("HOOK -> hook", HOOK.restore(), hook_calls, 1)?;
+    let emulated = c.emulations.load(Ordering::Relaxed) - emulations;
+    let calls = by_strategy() - calls;
+    // Three of the four patches make a call: each window call emulated one.
+    if emulated != 4 * WINDOW_CALLS || calls != 3 * WINDOW_CALLS {
+        return Err(format!("{emulated} emulations, {calls} calls the {s:?} way, not 8 and 6"));
+    }
+    Ok(calls)
+}
+
+/// Patch `site` to `insn`, calling it in the window and after: each call
+/// must give `want`, and text must hold `insn` after.
+fn patch_live(what: &str, (site, insn): (u64, NewInsn), call: impl Fn() -> u64, want: u64) -> Result<(), String> {
+    let mut seen = alloc::vec::Vec::new();
+    PATCHER.patch(&[(site, insn)], |_step| seen.push(call())).map_err(|e| format!("{what}: {e}"))?;
+    seen.push(call());
+    let text_ok = insn.encode(site).is_ok_and(|b| b == site_bytes(site));
+    if seen != [want; WINDOW_CALLS as usize + 1] || !text_ok {
+        return Err(format!("{what}: calls in the window and after gave {seen:?}, not {want}; text {text_ok}"));
+    }
+    Ok(())
+}
+
+/// A patch to a target no site declares: refused, nothing written.
+fn refused_patch() -> Result<(), String> {
+    let (site, before) = (SITE.addr(), site_bytes(SITE.addr()));
+    let target = (undeclared as extern "C" fn() -> u64).addr();
+    let mut window = false;
+    let r = PATCHER.patch(&[(site, NewInsn::Call(target))], |_| window = true);
+    match r {
+        Err(PatchError::UnknownTarget { .. }) if !window && site_bytes(site) == before && !PATCHER.batch_live() => {
+            Ok(())
+        }
+        other => Err(format!("a patch to undeclared {target:#x}: {other:?}, window run {window}")),
+    }
 }
 
 /// End the run: the end marker, QEMU's isa-debug-exit, Bochs' magic breakpoint, halt.
