@@ -45,8 +45,8 @@ use crate::emul::record::{REC_RSP_IF, REC_SITE, REC_TARGET};
 use crate::emul::{check_tramp_slots, EmulLifo, GuardError, PendingCall, StackKind};
 use crate::frame::{TrapFrame, RFLAGS_IF};
 use crate::patch::{
-    build_batch, classify, CodeRange, Entry, NewInsn, PatchError, Registry, SealedBatch, SealedEntry, SealedFlaw,
-    SiteKind, Text, INT3, KIND_CALL, KIND_JMP, KIND_NOP, SITE_LEN,
+    build_batch, check_entry, classify, write_sealed_one, CodeRange, Entry, NewInsn, PatchError, Registry, SealedBatch,
+    SealedEntry, SealedFlaw, SiteKind, Text, INT3, KIND_CALL, KIND_JMP, KIND_NOP, SEALED_ONE_LEN, SITE_LEN,
 };
 use crate::shstk::{ShadowFrame, StackBounds};
 use crate::tramp::{self, TrampLayout, TRAMP_TRAP_OFF};
@@ -618,7 +618,7 @@ impl<P: Platform> Patcher<P> {
     }
 
     /// What a batch is validated against: the read-only tables in place.
-    pub fn registry(&self) -> Registry<'static> {
+    pub fn registry(&self) -> Registry<'_> {
         Registry::in_place(self.platform.sites(), self.platform.targets(), self.platform.forbidden_code())
     }
 
@@ -647,11 +647,27 @@ impl<P: Platform> Patcher<P> {
     /// Validate `sites`, seal the batch (read-only, live) and write step 1;
     /// sync. On error nothing is written to text and no batch is live.
     pub fn begin(&self, sites: &[(u64, NewInsn)]) -> Result<InFlight, PatchError> {
+        self.begin_with(|| build_batch(&self.platform.text(), &self.registry(), sites).and_then(|b| self.seal(&b)))
+    }
+
+    /// Patch one site with the int3 protocol, without allocating: the
+    /// static-call and jump-label case. `hook` as for [`patch`](Self::patch).
+    pub fn patch_one(&self, site: u64, insn: NewInsn, mut hook: impl FnMut(Step)) -> Result<PatchStats, PatchError> {
+        let flight = self.begin_with(|| self.seal_one(site, insn))?;
+        hook(Step::Int3Written);
+        self.write_tails();
+        hook(Step::TailsWritten);
+        Ok(self.finish(flight))
+    }
+
+    /// Take the patcher, seal (`seal` makes a batch live or fails with
+    /// nothing live), write step 1.
+    fn begin_with(&self, seal: impl FnOnce() -> Result<(), PatchError>) -> Result<InFlight, PatchError> {
         if self.in_flight.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             return Err(PatchError::BatchInFlight);
         }
         let rounds0 = self.sync_rounds();
-        if let Err(e) = build_batch(&self.platform.text(), &self.registry(), sites).and_then(|b| self.seal(&b)) {
+        if let Err(e) = seal() {
             self.in_flight.store(false, Ordering::Release);
             return Err(e);
         }
@@ -730,21 +746,9 @@ impl<P: Platform> Patcher<P> {
     /// read-only copy again (the batch in ordinary memory may have changed
     /// since it was built). Live when this returns Ok.
     fn seal(&self, batch: &crate::patch::Batch) -> Result<(), PatchError> {
-        let (start, end) = self.platform.sealed_area();
-        let len = batch.sealed_len();
-        if len > (end - start) as usize {
-            return Err(PatchError::BadSealedBatch { flaw: SealedFlaw::TooShort });
-        }
-        let mut buf = alloc::vec![0u8; len];
+        let mut buf = alloc::vec![0u8; batch.sealed_len()];
         batch.write_sealed(&mut buf)?;
-        #[cfg(feature = "test-hooks")]
-        self.platform.test_point(TestPoint::ForgeSealed(&mut buf));
-        // Everything but the magic word: not live yet.
-        self.poke_or_stop(Pokes::One(Poke::Sealed { offset: MAGIC_LEN as u64, bytes: &buf[MAGIC_LEN..] }));
-        // SAFETY: the sealed area is mapped read-only for the kernel's life
-        // and only this patcher (in_flight held) writes it.
-        let unpublished = unsafe { SealedBatch::from_raw_unpublished(start as *const u8, (end - start) as usize) };
-        let checked = unpublished.and_then(|b| b.verify().map(|_| b)).and_then(|b| {
+        self.seal_image(&mut buf, |b| {
             // Every sealed entry must be what validation makes of its own
             // (site, instruction) pair.
             let pairs: alloc::vec::Vec<(u64, NewInsn)> =
@@ -754,7 +758,45 @@ impl<P: Platform> Patcher<P> {
                 None if again.len() == b.len() => Ok(()),
                 i => Err(PatchError::BadSealedBatch { flaw: SealedFlaw::BadEntry { index: i.unwrap_or(0) as u64 } }),
             }
-        });
+        })
+    }
+
+    /// `seal` for one site, in a buffer on the stack.
+    fn seal_one(&self, site: u64, insn: NewInsn) -> Result<(), PatchError> {
+        let entry = check_entry(&self.platform.text(), &self.registry(), site, insn)?;
+        let mut buf = [0u8; SEALED_ONE_LEN];
+        write_sealed_one(&entry, &mut buf)?;
+        self.seal_image(&mut buf, |b| {
+            let bad = PatchError::BadSealedBatch { flaw: SealedFlaw::BadEntry { index: 0 } };
+            let [y] = b.entries() else { return Err(bad) };
+            let insn = y.insn().ok_or(bad.clone())?;
+            if check_entry(&self.platform.text(), &self.registry(), y.site, insn)? != *y {
+                return Err(bad);
+            }
+            Ok(())
+        })
+    }
+
+    /// Write a sealed image past its magic word, check the read-only copy
+    /// with `verify` and `again` (its entries are what validation makes of
+    /// them now), and only then publish it.
+    fn seal_image(
+        &self,
+        buf: &mut [u8],
+        again: impl FnOnce(SealedBatch<'static>) -> Result<(), PatchError>,
+    ) -> Result<(), PatchError> {
+        let (start, end) = self.platform.sealed_area();
+        if buf.len() > (end - start) as usize {
+            return Err(PatchError::BadSealedBatch { flaw: SealedFlaw::TooShort });
+        }
+        #[cfg(feature = "test-hooks")]
+        self.platform.test_point(TestPoint::ForgeSealed(buf));
+        // Everything but the magic word: not live yet.
+        self.poke_or_stop(Pokes::One(Poke::Sealed { offset: MAGIC_LEN as u64, bytes: &buf[MAGIC_LEN..] }));
+        // SAFETY: the sealed area is mapped read-only for the kernel's life
+        // and only this patcher (in_flight held) writes it.
+        let unpublished = unsafe { SealedBatch::from_raw_unpublished(start as *const u8, (end - start) as usize) };
+        let checked = unpublished.and_then(|b| b.verify().map(|_| b)).and_then(again);
         if checked.is_ok() {
             self.poke_or_stop(Pokes::One(Poke::Publish));
         }
@@ -1371,6 +1413,59 @@ mod tests {
         })
         .unwrap();
         assert_eq!(m.cpu.counters.tramp_calls.load(Ordering::Relaxed), 1);
+    }
+
+    /// Counts this thread's heap allocations (the tests run in threads).
+    struct Counting;
+    std::thread_local!(static ALLOCS: core::cell::Cell<u64> = const { core::cell::Cell::new(0) });
+    // SAFETY: forwards to the system allocator; the count is thread-local.
+    unsafe impl std::alloc::GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+            ALLOCS.with(|a| a.set(a.get() + 1));
+            // SAFETY: the caller's contract, passed on.
+            unsafe { std::alloc::System.alloc(l) }
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+            // SAFETY: as above.
+            unsafe { std::alloc::System.dealloc(p, l) }
+        }
+    }
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    fn allocations(f: impl FnOnce()) -> u64 {
+        let a0 = ALLOCS.with(|a| a.get());
+        f();
+        ALLOCS.with(|a| a.get()) - a0
+    }
+
+    #[test]
+    fn a_single_site_patch_does_not_allocate() {
+        let p = patcher(Strategy::Classic);
+        let m = p.platform();
+        let (site, a, b) = (m.at(SITE_OFF), m.at(TARGET_A), m.at(TARGET_B));
+        let mut rips = [0u64; 2];
+        let n = allocations(|| {
+            let mut i = 0;
+            p.patch_one(site, NewInsn::Call(b), |_| {
+                let f = m.frame(site + 1);
+                assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
+                rips[i] = f.rip;
+                i += 1;
+            })
+            .unwrap();
+        });
+        assert_eq!(n, 0, "patch_one allocated");
+        assert_eq!(rips, [b, b], "emulated inside the window");
+        assert_eq!(&m.text_bytes()[SITE_OFF..SITE_OFF + 5], &NewInsn::Call(b).encode(site).unwrap());
+        assert!(!p.batch_live());
+        // The control: a batch of the same site allocates (the counter counts).
+        assert!(allocations(|| drop(p.patch(&[(site, NewInsn::Call(a))], |_| {}).unwrap())) > 0);
+        // Refusals are the batch's: an undeclared target, text unchanged.
+        let before = m.text_bytes();
+        let r = p.patch_one(site, NewInsn::Call(m.at(UNDECLARED)), |_| unreachable!());
+        assert!(matches!(r, Err(PatchError::UnknownTarget { .. })), "{r:?}");
+        assert_eq!(m.text_bytes(), before);
     }
 
     #[test]

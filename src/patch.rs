@@ -389,7 +389,7 @@ impl CodeRange {
 pub struct Registry<'a> {
     sites: Cow<'a, [u64]>,
     targets: Cow<'a, [u64]>,
-    forbidden: Vec<CodeRange>,
+    forbidden: Cow<'a, [CodeRange]>,
 }
 
 /// Used in place when non-decreasing (a target may be registered by
@@ -409,14 +409,18 @@ impl<'a> Registry<'a> {
     /// A registry of the `sites` and `targets` tables (each used in place
     /// when sorted, else copied sorted) and the `forbidden` code ranges.
     pub fn new(sites: &'a [u64], targets: &'a [u64], forbidden: &[CodeRange]) -> Self {
-        Registry { sites: sorted_table(sites), targets: sorted_table(targets), forbidden: forbidden.to_vec() }
+        Registry {
+            sites: sorted_table(sites),
+            targets: sorted_table(targets),
+            forbidden: Cow::Owned(forbidden.to_vec()),
+        }
     }
     /// The tables as they are, without the O(n) sortedness check: for tables
     /// `new` found sorted (`tables_in_place`) once. (Unsorted tables make
     /// searches miss entries, so a batch is wrongly refused, never wrongly
-    /// accepted: a search only succeeds on an equal entry.)
-    pub fn in_place(sites: &'a [u64], targets: &'a [u64], forbidden: &[CodeRange]) -> Self {
-        Registry { sites: Cow::Borrowed(sites), targets: Cow::Borrowed(targets), forbidden: forbidden.to_vec() }
+    /// accepted: a search only succeeds on an equal entry.) Allocates nothing.
+    pub fn in_place(sites: &'a [u64], targets: &'a [u64], forbidden: &'a [CodeRange]) -> Self {
+        Registry { sites: Cow::Borrowed(sites), targets: Cow::Borrowed(targets), forbidden: Cow::Borrowed(forbidden) }
     }
     /// The registered sites, sorted.
     pub fn sites(&self) -> &[u64] {
@@ -802,12 +806,12 @@ struct SealedLayout {
     total: usize,
 }
 
-fn tree_depth(n: usize) -> u32 {
+const fn tree_depth(n: usize) -> u32 {
     usize::BITS - n.leading_zeros()
 }
 
 impl SealedLayout {
-    fn of(n: usize) -> Self {
+    const fn of(n: usize) -> Self {
         let depth = tree_depth(n);
         // Keys and slots are indexed 0..2^depth (node 0 unused).
         let nodes = 1usize << depth;
@@ -842,39 +846,56 @@ impl Batch {
     /// (any alignment; read it back with `SealedBatch::from_raw` from an
     /// 8-byte aligned copy).
     pub fn write_sealed(&self, out: &mut [u8]) -> Result<(), PatchError> {
-        let l = SealedLayout::of(self.len());
-        if out.len() < l.total {
-            return Err(PatchError::BadSealedBatch { flaw: SealedFlaw::TooShort });
-        }
-        let out = &mut out[..l.total];
-        out.fill(0);
-        let header = [
-            SEALED_MAGIC,
-            self.len() as u64,
-            l.depth,
-            l.keys_off as u64,
-            l.slots_off as u64,
-            l.entries_off as u64,
-            l.total as u64,
-        ];
-        for (i, v) in header.into_iter().enumerate() {
-            put_u64(out, i * WORD, v);
-        }
-        for k in 0..l.nodes {
-            let (key, slot) = if self.tree.is_empty() { (PAD_KEY, PAD_SLOT) } else { (self.tree[k], self.slot[k]) };
-            put_u64(out, l.keys_off + k * WORD, key);
-            let s = l.slots_off + k * core::mem::size_of::<u32>();
-            out[s..s + 4].copy_from_slice(&slot.to_ne_bytes());
-        }
-        for i in 0..self.entries.len() {
-            let se = self.sealed_entry(i);
-            let off = l.entries_off + i * core::mem::size_of::<SealedEntry>();
-            for (j, v) in [se.site, se.target, se.kind, se.bytes].into_iter().enumerate() {
-                put_u64(out, off + j * WORD, v);
-            }
-        }
-        Ok(())
+        let node = |k: usize| if self.tree.is_empty() { (PAD_KEY, PAD_SLOT) } else { (self.tree[k], self.slot[k]) };
+        write_sealed_image(out, self.len(), node, |i| self.sealed_entry(i))
     }
+}
+
+/// Bytes of a sealed batch of one site ([`write_sealed_one`]).
+pub const SEALED_ONE_LEN: usize = SealedLayout::of(1).total;
+
+/// Write the sealed batch of the one validated entry `e` (with its index
+/// hints, as [`check_entry`] returns it) into `out`: what `write_sealed`
+/// writes for a one-site batch, without allocating.
+pub fn write_sealed_one(e: &SealedEntry, out: &mut [u8; SEALED_ONE_LEN]) -> Result<(), PatchError> {
+    // One key: the tree has node 1 only (node 0 is unused padding).
+    let node = |k: usize| if k == 1 { (e.site, 0) } else { (PAD_KEY, PAD_SLOT) };
+    write_sealed_image(out, 1, node, |_| *e)
+}
+
+/// The sealed layout of `n` entries, from each tree node's (key, slot) and
+/// each sealed entry.
+fn write_sealed_image(
+    out: &mut [u8],
+    n: usize,
+    node: impl Fn(usize) -> (u64, u32),
+    entry: impl Fn(usize) -> SealedEntry,
+) -> Result<(), PatchError> {
+    let l = SealedLayout::of(n);
+    if out.len() < l.total {
+        return Err(PatchError::BadSealedBatch { flaw: SealedFlaw::TooShort });
+    }
+    let out = &mut out[..l.total];
+    out.fill(0);
+    let header =
+        [SEALED_MAGIC, n as u64, l.depth, l.keys_off as u64, l.slots_off as u64, l.entries_off as u64, l.total as u64];
+    for (i, v) in header.into_iter().enumerate() {
+        put_u64(out, i * WORD, v);
+    }
+    for k in 0..l.nodes {
+        let (key, slot) = node(k);
+        put_u64(out, l.keys_off + k * WORD, key);
+        let s = l.slots_off + k * core::mem::size_of::<u32>();
+        out[s..s + 4].copy_from_slice(&slot.to_ne_bytes());
+    }
+    for i in 0..n {
+        let se = entry(i);
+        let off = l.entries_off + i * core::mem::size_of::<SealedEntry>();
+        for (j, v) in [se.site, se.target, se.kind, se.bytes].into_iter().enumerate() {
+            put_u64(out, off + j * WORD, v);
+        }
+    }
+    Ok(())
 }
 
 /// A sealed batch read in place: the same search as `Batch::lookup` over
@@ -1054,6 +1075,20 @@ pub fn build_batch(text: &Text<'_>, registry: &Registry<'_>, sites: &[(u64, NewI
     let mut batch = Batch::from_sorted(entries);
     batch.hints = hints;
     Ok(batch)
+}
+
+/// Validate one site without allocating: what [`build_batch`] checks for
+/// it, as the sealed entry (with its index hints) a one-site batch holds.
+pub fn check_entry(
+    text: &Text<'_>,
+    registry: &Registry<'_>,
+    site: u64,
+    insn: NewInsn,
+) -> Result<SealedEntry, PatchError> {
+    let e = Entry { site, insn, bytes: check_site(text, registry, site, insn)? };
+    let mut se = SealedEntry::of(&e);
+    se.kind |= registry.index_hints(&e);
+    Ok(se)
 }
 
 fn check_site(
@@ -1473,6 +1508,30 @@ mod tests {
         let mut small = vec![0xaau8; b.sealed_len() - 1];
         assert_eq!(b.write_sealed(&mut small), Err(PatchError::BadSealedBatch { flaw: SealedFlaw::TooShort }));
         assert!(small.iter().all(|&x| x == 0xaa));
+    }
+
+    #[test]
+    fn one_site_sealed_without_a_batch_is_the_batch_image() {
+        let code = [0xe8, 0, 0, 0, 0, 0x90, 0xe8, 0, 0, 0, 0, 0x90, 0xc3];
+        let text = Text { base: 0x1000, bytes: &code };
+        let (sites, targets) = ([0x1000u64, 0x1006], [0x100cu64, 0x2000]);
+        let reg = Registry::new(&sites, &targets, &[]);
+        for insn in [NewInsn::Call(0x100c), NewInsn::Nop, NewInsn::Jmp(0x100c)] {
+            let b = build_batch(&text, &reg, &[(0x1006, insn)]).unwrap();
+            let mut image = alloc::vec![0u8; b.sealed_len()];
+            b.write_sealed(&mut image).unwrap();
+            let e = check_entry(&text, &reg, 0x1006, insn).unwrap();
+            assert_eq!(e, b.sealed_entry(0));
+            let mut one = [0xaau8; SEALED_ONE_LEN];
+            write_sealed_one(&e, &mut one).unwrap();
+            assert_eq!(&one[..], &image[..], "{insn:?}");
+        }
+        // The same refusals as a batch.
+        assert_eq!(
+            check_entry(&text, &reg, 0x1006, NewInsn::Call(0x2004)),
+            build_batch(&text, &reg, &[(0x1006, NewInsn::Call(0x2004))]).map(|b| b.sealed_entry(0))
+        );
+        assert!(matches!(check_entry(&text, &reg, 0x1007, NewInsn::Nop), Err(PatchError::MidInstruction { .. })));
     }
 
     #[test]

@@ -349,6 +349,21 @@ pub fn patch(sites: &[(u64, NewInsn)], mut hook: impl FnMut(Step)) -> Result<Pat
     Ok(PatchStats { sites: s.sites, sync_rounds: s.sync_rounds, table_bytes: s.table_bytes, hook_fault })
 }
 
+/// Patch one site without allocating (`Patcher::patch_one`); the hook as
+/// for `patch`.
+pub fn patch_one(site: u64, insn: NewInsn, mut hook: impl FnMut(Step)) -> Result<PatchStats, PatchError> {
+    let mut hook_fault = None;
+    let s = PATCHER.patch_one(site, insn, |step| {
+        if let Err(f) = crate::recover::try_run(|| {
+            hook(step);
+            0
+        }) {
+            hook_fault.get_or_insert(f);
+        }
+    })?;
+    Ok(PatchStats { sites: s.sites, sync_rounds: s.sync_rounds, table_bytes: s.table_bytes, hook_fault })
+}
+
 pub use shadowcall::engine::InFlight;
 
 /// Validate, seal, step 1 (see `Patcher::begin`).

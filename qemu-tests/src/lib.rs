@@ -160,7 +160,7 @@ pub fn options_with(machine: Machine, cet: Option<CetMode>, emul: Option<EmulStr
 
 /// The tests that emulate a CALL: with classic emulation and shadow stacks
 /// on, each must fail with #CP (near-return mismatch).
-pub const EMULATED_CALL_TESTS: [&str; 9] = [
+pub const EMULATED_CALL_TESTS: [&str; 10] = [
     "emul_call",
     "emul_call_nested",
     "emul_call_recursive",
@@ -170,6 +170,7 @@ pub const EMULATED_CALL_TESTS: [&str; 9] = [
     "sec_batch_forged",
     "sec_stale_int3_race",
     "patch_site_macro",
+    "patch_one_site",
 ];
 
 /// The negative control: exactly [`EMULATED_CALL_TESTS`] are `not ok`, each

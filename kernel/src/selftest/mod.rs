@@ -184,6 +184,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("breakpoint_not_emulated", emul_tests::breakpoint_not_emulated),
     ("patch_bad_input", emul_tests::patch_bad_input),
     ("patch_site_macro", site_tests::patch_site_macro),
+    ("patch_one_site", site_tests::patch_one_site),
     ("smp_online", smp_tests::smp_online),
     ("smp_sync", smp_tests::smp_sync),
     ("smp_patch_stress", smp_tests::smp_patch_stress),

@@ -66,10 +66,34 @@ fn patch_calling(
     call: impl Fn() -> u64,
     check: impl Fn(u64) -> bool,
 ) {
+    patch_calling_with(Patch::Batch, errors, what, site, insn, call, check)
+}
+
+/// Which entry point of the patcher a test uses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Patch {
+    /// `patch`, a batch of one.
+    Batch,
+    /// `patch_one`, the single-site patch that does not allocate.
+    One,
+}
+
+fn patch_calling_with(
+    how: Patch,
+    errors: &mut Vec<String>,
+    what: &str,
+    site: u64,
+    insn: NewInsn,
+    call: impl Fn() -> u64,
+    check: impl Fn(u64) -> bool,
+) {
     let em0 = emulations();
     let ssp0 = cet::rdssp();
     let mut seen = Vec::new();
-    let r = patching::patch(&[(site, insn)], |_| seen.push(call()));
+    let r = match how {
+        Patch::Batch => patching::patch(&[(site, insn)], |_| seen.push(call())),
+        Patch::One => patching::patch_one(site, insn, |_| seen.push(call())),
+    };
     match r {
         Err(e) => {
             errors.push(format!("{what}: patch refused: {e}"));
@@ -173,6 +197,67 @@ pub fn patch_site_macro(_st: &BootState) -> Outcome<'static> {
     }
     if call_value() != 1 + VALUE_A || call_hook() != 1 {
         errors.push("the sites do not call their defaults at the end".into());
+    }
+    super::outcome_of(&errors)
+}
+
+/// `patch_one`, the single-site patch that does not allocate: the static
+/// call retargeted and back and the jump label off and on, each called
+/// inside the window under every strategy this CPU runs (with classic
+/// emulation forced under shadow stacks it must fail with #CP); an
+/// undeclared target refused, text unchanged.
+pub fn patch_one_site(_st: &BootState) -> Outcome<'static> {
+    let mut errors = Vec::new();
+    let (value, hook) = (VALUE.addr(), HOOK.addr());
+    let call_value = || VALUE.get()(1);
+    let call_hook = || {
+        let h0 = HOOK_HITS.load(Ordering::Relaxed);
+        HOOK.get()();
+        HOOK_HITS.load(Ordering::Relaxed) - h0
+    };
+    let saved = patching::strategy();
+    let mut strategies = patching::strategies_here();
+    if !strategies.contains(&saved) {
+        strategies.push(saved);
+    }
+    for strategy in strategies {
+        patching::set_strategy(strategy);
+        let s = strategy.name();
+        match VALUE.call_to(value_b) {
+            Ok(insn) => patch_calling_with(
+                Patch::One,
+                &mut errors,
+                &format!("{s}: value_a -> value_b"),
+                value,
+                insn,
+                call_value,
+                |v| v == 1 + VALUE_B,
+            ),
+            Err(e) => errors.push(format!("{s}: call_to(value_b): {e}")),
+        }
+        let (site, insn) = VALUE.restore();
+        patch_calling_with(Patch::One, &mut errors, &format!("{s}: value_b -> value_a"), site, insn, call_value, |v| {
+            v == 1 + VALUE_A
+        });
+        match HOOK.nop() {
+            Ok(insn) => {
+                patch_calling_with(Patch::One, &mut errors, &format!("{s}: hook off"), hook, insn, call_hook, |n| {
+                    n == 0
+                })
+            }
+            Err(e) => errors.push(format!("{s}: HOOK.nop(): {e}")),
+        }
+        let (site, insn) = HOOK.restore();
+        patch_calling_with(Patch::One, &mut errors, &format!("{s}: hook on"), site, insn, call_hook, |n| n == 1);
+    }
+    patching::set_strategy(saved);
+    let before = bytes(value);
+    let undeclared: extern "C" fn(u64) -> u64 = value_c;
+    if patching::patch_one(value, NewInsn::Call(undeclared.addr()), |_| {}).is_ok() {
+        errors.push("patch_one accepted a target outside .shadowcall_targets".into());
+    }
+    if bytes(value) != before || patching::batch_live() {
+        errors.push("a refused patch_one changed the site or left a batch live".into());
     }
     super::outcome_of(&errors)
 }
