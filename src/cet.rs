@@ -293,3 +293,18 @@ pub unsafe fn wrss(addr: u64, value: u64) {
     // SAFETY: the caller vouches for slot and value.
     unsafe { core::arch::asm!("wrssq {v}, ({a})", a = in(reg) addr, v = in(reg) value, options(att_syntax, nostack)) };
 }
+
+/// Pop `slots` shadow-stack slots without comparing them (INCSSPQ; the CPU
+/// uses the low 8 bits, so 0..=255).
+///
+/// # Safety
+/// Shadow stacks are on, and the popped slots belong to frames that no
+/// return will use again (the caller has balanced the normal stack the same
+/// way): popping live return addresses lets a later RET accept whatever the
+/// slot above holds. A production kernel keeps every INCSSP in its critical
+/// regions (the reference kernel's build refuses one outside them).
+#[inline]
+pub unsafe fn incssp(slots: u8) {
+    // SAFETY: the caller vouches that the slots are dead.
+    unsafe { core::arch::asm!("incsspq {n}", n = in(reg) u64::from(slots), options(att_syntax, nostack)) };
+}

@@ -226,6 +226,12 @@ pub enum Event<'a> {
         /// The site.
         addr: u64,
     },
+    /// A real breakpoint: an int3 the engine has no site for. The host's
+    /// handler gets it next ([`Int3::NotOurs`]).
+    Breakpoint {
+        /// The int3's address.
+        addr: u64,
+    },
     /// An int3 at a registered site with no live batch at first look.
     Int3Race {
         /// The site.
@@ -834,7 +840,10 @@ impl<P: Platform> Patcher<P> {
         self.platform.test_point(TestPoint::RaceWindow(addr));
         match self.registered_site_int3(frame, f, addr) {
             Some(exit) => Int3::Handled(exit),
-            None => Int3::NotOurs,
+            None => {
+                self.platform.event(Event::Breakpoint { addr });
+                Int3::NotOurs
+            }
         }
     }
 
@@ -1475,6 +1484,7 @@ mod tests {
         // An int3 the engine has no site for: the host's.
         let f = m.frame(m.at(UNDECLARED) + 1);
         assert_eq!(p.handle_int3(f), Int3::NotOurs);
+        assert!(m.events.lock().unwrap().iter().any(|e| e.starts_with("Breakpoint")));
         // An undeclared target: refused, text unchanged, nothing synced.
         let (before, syncs) = (m.text_bytes(), m.syncs.load(Ordering::Relaxed));
         let r = p.patch(&[(m.at(SITE_OFF), NewInsn::Call(m.at(UNDECLARED)))], |_| unreachable!());

@@ -170,6 +170,8 @@ unsafe impl Platform for ExamplePlatform {
             }
             Event::StaleInt3 { addr } => println!("# a stale int3 at {addr:#x}"),
             Event::Int3Race { addr } => println!("# an int3 at {addr:#x} with no batch live"),
+            // Reported by `sc_bp_handler` on `Int3::NotOurs`.
+            Event::Breakpoint { .. } => {}
         }
     }
 }
