@@ -6,9 +6,16 @@
 //! (the privileged wrappers in [`cet`] run only in a kernel). What it offers
 //! today:
 //!
+//! - [`engine`]: the host's contract ([`engine::Platform`]), the patcher
+//!   ([`engine::Patcher`]: the int3 protocol for a batch or, without
+//!   allocating, one site) and the #BP handler
+//!   ([`engine::Patcher::handle_int3`], answering `Handled` or `NotOurs`);
+//! - `entry` (feature `entry`): the #BP entry stub `sc_isr_3` and its exits
+//!   in asm, every shadow-stack write of the #BP path, with the host's
+//!   layout from link-time symbols;
 //! - [`cet`]: supervisor shadow-stack bring-up (CPUID detection, the CET
 //!   MSRs, the interrupt SSP table, the enable sequence with a `-> !`
-//!   continuation) and the RDSSP/WRSS wrappers;
+//!   continuation) and the RDSSP/WRSS/INCSSP wrappers;
 //! - [`patch_site!`] and [`site`]: patchable 5-byte call sites declared from
 //!   Rust, registered in the read-only `.shadowcall_sites` and
 //!   `.shadowcall_targets` tables;
@@ -23,10 +30,9 @@
 //! - [`shstk`] and [`frame`]: shadow-stack tokens, frames and #CP codes; the
 //!   entry stubs' trap frame and the #BP gap arithmetic.
 //!
-//! The patch protocol itself, the #BP stub and its exits, and the text
-//! writers still live in the reference kernel (`kernel/`), wired to its
-//! memory layout; DESIGN.md §12 gives the split and the `Platform` contract
-//! that is to carry them into the crate.
+//! README "Use it in your kernel" lists what a host provides; DESIGN.md §12
+//! the split between the crate and its two hosts (`kernel/`,
+//! `examples/minimal`).
 //!
 //! Validating a batch (nothing is written; a refused batch says why):
 //!
