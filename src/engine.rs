@@ -257,7 +257,9 @@ pub enum TestPoint<'a> {
     WindowExit,
 }
 
-/// Counters of one CPU's emulations (read by tests and statistics).
+/// Counters of one CPU's emulations, read by self-tests: compiled only
+/// with the feature `test-hooks` (the production #BP path counts nothing).
+#[cfg(feature = "test-hooks")]
 #[derive(Debug, Default)]
 pub struct Counters {
     /// First traps at a patch site.
@@ -287,6 +289,7 @@ pub struct Counters {
     pub last_second_trap_if: AtomicU64,
 }
 
+#[cfg(feature = "test-hooks")]
 impl Counters {
     /// All zero.
     pub const fn new() -> Self {
@@ -307,9 +310,13 @@ impl Counters {
     }
 }
 
-#[inline(always)]
-fn count(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+/// Count an event on this CPU (`test-hooks` builds only; the argument
+/// picks the counter).
+macro_rules! count {
+    ($cpu:expr, $field:ident) => {
+        #[cfg(feature = "test-hooks")]
+        $cpu.counters.$field.fetch_add(1, Ordering::Relaxed);
+    };
 }
 
 /// The engine's state of one CPU, kept by the host in its per-CPU data and
@@ -323,7 +330,8 @@ pub struct CpuState {
     /// by this CPU, without a locked instruction; read by the patcher
     /// before it rewrites the sealed area (DESIGN §8.2).
     batch_refs: AtomicU64,
-    /// Emulation counters.
+    /// Emulation counters (self-tests).
+    #[cfg(feature = "test-hooks")]
     pub counters: Counters,
     /// Self-test override: emulate calls the classic way even with shadow
     /// stacks on (the negative control).
@@ -348,6 +356,7 @@ impl CpuState {
             lifo: UnsafeCell::new(EmulLifo::new()),
             last_refusal: UnsafeCell::new(None),
             batch_refs: AtomicU64::new(0),
+            #[cfg(feature = "test-hooks")]
             counters: Counters::new(),
             #[cfg(feature = "test-hooks")]
             force_classic: AtomicBool::new(false),
@@ -890,14 +899,14 @@ impl<P: Platform> Patcher<P> {
             // it is still not there, execute the site again (never resume at
             // site+1, the middle of the instruction).
             let exit = self.emulate_live(frame, f, addr);
-            count(&self.platform.cpu().counters.int3_races);
+            count!(self.platform.cpu(), int3_races);
             self.platform.event(Event::Int3Race { addr });
             return Some(exit.unwrap_or_else(|| resume_at(frame, f, addr)));
         }
         // A stale int3 of a completed batch. With shadow stacks, run the site
         // again; without, emulate what text holds now (an emulator that
         // still sees the stale int3 would only trap again).
-        count(&self.platform.cpu().counters.stale_int3);
+        count!(self.platform.cpu(), stale_int3);
         self.platform.event(Event::StaleInt3 { addr });
         if f.is_some() {
             return Some(resume_at(frame, f, addr));
@@ -928,11 +937,12 @@ impl<P: Platform> Patcher<P> {
     }
 
     fn window_enter(&self) {
-        count(&self.platform.cpu().counters.window_depth);
+        count!(self.platform.cpu(), window_depth);
         self.test_point(TestPointArg::WindowEnter);
     }
 
     fn window_exit(&self) {
+        #[cfg(feature = "test-hooks")]
         self.platform.cpu().counters.window_depth.fetch_sub(1, Ordering::Relaxed);
         self.test_point(TestPointArg::WindowExit);
     }
@@ -940,7 +950,7 @@ impl<P: Platform> Patcher<P> {
     /// Emulate `e`'s new instruction for the CPU that trapped on its int3.
     #[inline(always)]
     fn emulate(&self, frame: &mut TrapFrame, f: Option<ShadowFrame>, e: &SealedEntry) -> Exit {
-        count(&self.platform.cpu().counters.emulations);
+        count!(self.platform.cpu(), emulations);
         self.window_enter();
         // The trampoline's window lasts until its second trap.
         let (exit, window_open) = self.emulate_insn(frame, f, e);
@@ -964,7 +974,7 @@ impl<P: Platform> Patcher<P> {
                 } else if code == CODE_TRAMPOLINE {
                     return (self.emulate_call_trampoline(frame, f, e), true);
                 }
-                count(&cpu.counters.classic_calls);
+                count!(cpu, classic_calls);
                 if !self.push_normal(frame, e.ret_addr()) {
                     return (Exit::PLAIN, false);
                 }
@@ -1002,7 +1012,7 @@ impl<P: Platform> Patcher<P> {
             if unsafe { cpu.lifo() }.push(pending).is_err() {
                 panic!("shadowcall: emulation nesting deeper than the per-CPU LIFO");
             }
-            count(&cpu.counters.tramp_calls);
+            count!(cpu, tramp_calls);
             frame.rflags &= !RFLAGS_IF;
             frame.rip = tramp;
             return Exit::PLAIN;
@@ -1011,7 +1021,7 @@ impl<P: Platform> Patcher<P> {
             self.refuse(frame, GuardError::SlotOutsideStack { stack: StackKind::Shadow, addr: f.base });
             return Exit::PLAIN;
         }
-        count(&cpu.counters.tramp_calls);
+        count!(cpu, tramp_calls);
         frame.rip = tramp;
         Exit::with(Action::Tramp1, e as *const SealedEntry as u64)
     }
@@ -1021,10 +1031,9 @@ impl<P: Platform> Patcher<P> {
     /// rebuilding the exception frame one slot lower.
     #[inline(always)]
     fn emulate_call_shadow_gap(&self, frame: &mut TrapFrame, f: Option<ShadowFrame>, e: &SealedEntry) -> Exit {
-        let cpu = self.platform.cpu();
         let Some(f) = f else {
             // No shadow stack: the classic emulation is all there is to do.
-            count(&cpu.counters.classic_calls);
+            count!(self.platform.cpu(), classic_calls);
             if self.push_normal(frame, e.ret_addr()) {
                 frame.rip = e.target;
             }
@@ -1044,7 +1053,7 @@ impl<P: Platform> Patcher<P> {
         if !self.push_normal(frame, e.ret_addr()) {
             return Exit::PLAIN;
         }
-        count(&cpu.counters.shadow_gap_calls);
+        count!(self.platform.cpu(), shadow_gap_calls);
         frame.rip = e.target;
         Exit::with(Action::CallShadowGap, e as *const SealedEntry as u64)
     }
@@ -1105,18 +1114,22 @@ impl<P: Platform> Patcher<P> {
                     (rsp as *mut u64).write_volatile(p.target);
                     ((rsp + 8) as *mut u64).write_volatile(p.ret);
                 }
-                cpu.counters.stack_writes.fetch_add(2, Ordering::Relaxed);
-                if shadow {
-                    cpu.counters.shadow_writes.fetch_add(2, Ordering::Relaxed);
-                } else {
+                #[cfg(feature = "test-hooks")]
+                {
+                    cpu.counters.stack_writes.fetch_add(2, Ordering::Relaxed);
+                    if shadow {
+                        cpu.counters.shadow_writes.fetch_add(2, Ordering::Relaxed);
+                    }
+                    cpu.counters.last_second_trap_if.store(frame.rflags & RFLAGS_IF, Ordering::Relaxed);
+                }
+                if !shadow {
                     // SAFETY: as above.
                     unsafe { cpu.lifo() }.pop();
                 }
-                cpu.counters.last_second_trap_if.store(frame.rflags & RFLAGS_IF, Ordering::Relaxed);
                 if p.interrupts {
                     frame.rflags |= RFLAGS_IF;
                 }
-                count(&cpu.counters.second_traps);
+                count!(cpu, second_traps);
                 self.window_exit();
                 if shadow {
                     Exit::with(Action::Tramp2, 0)
@@ -1135,7 +1148,7 @@ impl<P: Platform> Patcher<P> {
     #[cold]
     fn refuse(&self, frame: &mut TrapFrame, error: GuardError) {
         let cpu = self.platform.cpu();
-        count(&cpu.counters.refusals);
+        count!(cpu, refusals);
         // SAFETY: per-CPU slot, written only by this CPU's handler.
         unsafe { *cpu.last_refusal.get() = Some(error) };
         self.platform.event(Event::Refused { frame, error });
@@ -1159,7 +1172,7 @@ impl<P: Platform> Patcher<P> {
         }
         // SAFETY: a slot of the interrupted kernel stack above our own frame.
         unsafe { (slot as *mut u64).write_volatile(ret) };
-        count(&self.platform.cpu().counters.stack_writes);
+        count!(self.platform.cpu(), stack_writes);
         frame.rsp = slot;
         true
     }
@@ -1398,6 +1411,7 @@ mod tests {
         assert_eq!(stats.sync_rounds, 3);
         assert_eq!(&m.text_bytes()[SITE_OFF..SITE_OFF + 5], &NewInsn::Call(b).encode(site).unwrap());
         assert!(!p.batch_live(), "the batch retired");
+        #[cfg(feature = "test-hooks")]
         assert_eq!(m.cpu.counters.classic_calls.load(Ordering::Relaxed), 2);
         assert_eq!(m.cpu.batch_refs.load(Ordering::Relaxed), 0);
     }
@@ -1421,6 +1435,7 @@ mod tests {
             unsafe { m.cpu.lifo() }.truncate(0);
         })
         .unwrap();
+        #[cfg(feature = "test-hooks")]
         assert_eq!(m.cpu.counters.tramp_calls.load(Ordering::Relaxed), 1);
     }
 
@@ -1502,6 +1517,7 @@ mod tests {
             }
         })
         .unwrap();
+        #[cfg(feature = "test-hooks")]
         assert_eq!(m.cpu.counters.refusals.load(Ordering::Relaxed), 1);
         assert!(matches!(m.cpu.last_refusal(), Some(GuardError::SlotOutsideStack { stack: StackKind::Normal, .. })));
         assert!(m.events.lock().unwrap().iter().any(|e| e.starts_with("Refused")));

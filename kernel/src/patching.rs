@@ -406,24 +406,28 @@ extern "C" {
 }
 
 /// Number of stack frames a misaligned handler entry was seen in (the
-/// `frame_alignment` test reads it; must stay 0).
+/// `frame_alignment` test reads it; must stay 0). Test builds only.
+#[cfg(feature = "test-hooks")]
 pub static MISALIGNED_FRAMES: AtomicU64 = AtomicU64::new(0);
 
 /// Every Rust handler is entered with RSP a multiple of 16 at the stub's
-/// `call` (the frame pointer it passes is that RSP).
+/// `call` (the frame pointer it passes is that RSP): counted, and reported
+/// to the self-test hook, in test builds; nothing in production.
 #[inline(always)]
-pub fn note_frame_alignment(frame: &TrapFrame) {
-    let at = frame as *const TrapFrame as u64;
-    if !at.is_multiple_of(16) {
-        MISALIGNED_FRAMES.fetch_add(1, Ordering::Relaxed);
-    }
+pub fn note_frame_alignment(_frame: &TrapFrame) {
     #[cfg(feature = "test-hooks")]
-    if let Some(h) = crate::hooks::test_hooks() {
-        (h.record_frame)(at);
+    {
+        let at = _frame as *const TrapFrame as u64;
+        if !at.is_multiple_of(16) {
+            MISALIGNED_FRAMES.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(h) = crate::hooks::test_hooks() {
+            (h.record_frame)(at);
+        }
     }
 }
 
-/// #BP, from asm/entry.S `sc_isr_3`. `ssp` is RDSSP at the stub (the shadow
+/// #BP, from the crate's asm/bp.S `sc_isr_3`. `ssp` is RDSSP at the stub (the shadow
 /// frame's base F), 0 with shadow stacks off. The engine first; what is not
 /// its own is this kernel's (its probes, or a real breakpoint: reported).
 #[no_mangle]
@@ -460,7 +464,7 @@ fn not_ours(frame: &mut TrapFrame, ssp: u64) -> Exit {
 }
 
 /// The exit found the frame or the state changed after the handler's
-/// checks (asm/entry.S `sc_bpx_refuse`): nothing was written.
+/// checks (the crate's asm/bp.S `sc_bpx_refuse`): nothing was written.
 #[no_mangle]
 #[link_section = ".text.entry"]
 extern "C" fn sc_bp_exit_refused(frame: &mut TrapFrame, ssp: u64) {

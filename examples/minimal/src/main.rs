@@ -22,7 +22,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use host::PATCHER;
 use linked_list_allocator::LockedHeap;
-use shadowcall::engine::{Platform, Strategy};
+use shadowcall::engine::Strategy;
 use shadowcall::patch::{self, NewInsn, PatchError, SiteKind, SITE_LEN};
 use shadowcall::site::SiteFn;
 use x86_64::instructions::port::Port;
@@ -259,13 +259,7 @@ const WINDOW_CALLS: u64 = 2;
 
 /// The four patches under strategy `s`; the number of calls it emulated.
 fn live_patches(s: Strategy) -> Result<u64, String> {
-    let c = &PATCHER.platform().cpu().counters;
-    let by_strategy = || match s {
-        Strategy::Classic => c.classic_calls.load(Ordering::Relaxed),
-        Strategy::Trampoline => c.second_traps.load(Ordering::Relaxed),
-        Strategy::ShadowGap => c.shadow_gap_calls.load(Ordering::Relaxed),
-    };
-    let (emulations, calls) = (c.emulations.load(Ordering::Relaxed), by_strategy());
+    let traps0 = host::TRAPS.load(Ordering::Relaxed);
     let hook_calls = || {
         let before = HOOK_CALLS.load(Ordering::Relaxed);
         HOOK.get()();
@@ -277,13 +271,15 @@ fn live_patches(s: Strategy) -> Result<u64, String> {
     patch_live("SITE -> target_a", SITE.restore(), || SITE.get()(), A)?;
     patch_live("HOOK -> nop", (HOOK.addr(), nop), hook_calls, 0)?;
     patch_live("HOOK -> hook", HOOK.restore(), hook_calls, 1)?;
-    let emulated = c.emulations.load(Ordering::Relaxed) - emulations;
-    let calls = by_strategy() - calls;
-    // Three of the four patches make a call: each window call emulated one.
-    if emulated != 4 * WINDOW_CALLS || calls != 3 * WINDOW_CALLS {
-        return Err(format!("{emulated} emulations, {calls} calls the {s:?} way, not 8 and 6"));
+    // Every window call traps once; three of the four patches make a call,
+    // and through the trampoline each call traps a second time.
+    let traps = host::TRAPS.load(Ordering::Relaxed) - traps0;
+    let calls = 3 * WINDOW_CALLS;
+    let want = 4 * WINDOW_CALLS + if s == Strategy::Trampoline { calls } else { 0 };
+    if traps != want {
+        return Err(format!("{traps} int3s handled, not {want} (the {s:?} way)"));
     }
-    Ok(calls)
+    Ok(4 * WINDOW_CALLS)
 }
 
 /// Patch `site` to `insn`, calling it in the window and after: each call

@@ -19,7 +19,7 @@ use shadowcall_cmdline::EmulStrategy;
 use shadowcall_support::ktap::Outcome;
 
 use super::cet_tests::skip_without_shstk;
-use super::{block_site, tlog, tlog_reset, LARGE_SITES};
+use super::{block_site, since, tlog, tlog_reset, LARGE_SITES};
 use crate::patching::{self, PatchStats, Step};
 use crate::percpu::this_cpu;
 use crate::recover::{try_run, GUARD_REFUSAL, VEC_CP};
@@ -105,11 +105,12 @@ pub(crate) fn call_checked(f: SiteFn, arg: u64) -> Call {
     Call { rsp: [out[0], out[2]], ssp: [out[1], out[3]] }
 }
 
-fn emulations() -> u64 {
-    this_cpu().engine.counters.emulations.load(Ordering::Relaxed)
+/// This CPU's emulations (first traps at a site); `None` in production.
+fn emulations() -> Option<u64> {
+    super::engine_count!(this_cpu(), emulations)
 }
-fn second_traps() -> u64 {
-    this_cpu().engine.counters.second_traps.load(Ordering::Relaxed)
+fn second_traps() -> Option<u64> {
+    super::engine_count!(this_cpu(), second_traps)
 }
 
 /// What running a site function must show.
@@ -154,14 +155,17 @@ fn observe(what: &str, f: SiteFn, arg: u64, e: Expect) -> Result<Call, String> {
             c.rsp[0], c.rsp[1], c.ssp[0], c.ssp[1]
         ));
     }
-    let em = emulations() - em0;
-    if em != e.emulations {
-        return Err(format!("{what}: {em} emulations, expected {}", e.emulations));
+    // The engine's counts (test-hooks builds).
+    if let Some(em) = since(emulations(), em0) {
+        if em != e.emulations {
+            return Err(format!("{what}: {em} emulations, expected {}", e.emulations));
+        }
     }
     let calls_via_tramp = patching::strategy() == EmulStrategy::Trampoline && e.target.is_some() && e.emulations > 0;
-    let st = second_traps() - st0;
-    if calls_via_tramp && e.ret != addr!(sc_call_checked_ret) && st != e.emulations {
-        return Err(format!("{what}: {st} second traps for {} emulated calls", e.emulations));
+    if let Some(st) = since(second_traps(), st0) {
+        if calls_via_tramp && e.ret != addr!(sc_call_checked_ret) && st != e.emulations {
+            return Err(format!("{what}: {st} second traps for {} emulated calls", e.emulations));
+        }
     }
     Ok(c)
 }
@@ -286,8 +290,8 @@ pub fn emul_call_recursive(_st: &BootState) -> Outcome<'static> {
         if !c.balanced() {
             return Err(format!("{what}: unbalanced stacks"));
         }
-        if emulations() - em0 != expected {
-            return Err(format!("{what}: {} emulations, expected {expected}", emulations() - em0));
+        if let Some(n) = since(emulations(), em0).filter(|&n| n != expected) {
+            return Err(format!("{what}: {n} emulations, expected {expected}"));
         }
         Ok(())
     };
@@ -316,7 +320,7 @@ pub fn emul_call_irq_on(_st: &BootState) -> Outcome<'static> {
             return Err(String::from("interrupts were off after the emulated call"));
         }
         if patching::strategy() == EmulStrategy::Trampoline
-            && this_cpu().engine.counters.last_second_trap_if.load(Ordering::Relaxed) != 0
+            && super::engine_count!(this_cpu(), last_second_trap_if).is_some_and(|v| v != 0)
         {
             return Err(String::from("interrupts were on between the two traps"));
         }
@@ -367,8 +371,8 @@ pub fn patch_batch_large(_st: &BootState) -> Outcome<'static> {
         if log.count[1] != sites.len() as u64 || log.count[0] != 0 || log.ret_sum != want_sum {
             return Err(format!("{what}: target b ran {} times for {} sites", log.count[1], sites.len()));
         }
-        let em = emulations() - em0;
-        if em != if emulated { sites.len() as u64 } else { 0 } {
+        let want = if emulated { sites.len() as u64 } else { 0 };
+        if let Some(em) = since(emulations(), em0).filter(|&em| em != want) {
             return Err(format!("{what}: {em} emulations for {} sites", sites.len()));
         }
         Ok(())
@@ -510,10 +514,7 @@ pub fn wrss_guard(_st: &BootState) -> Outcome<'static> {
     let cpu = this_cpu();
     let evil = addr!(SC_TLOG); // any address the attacker would like as a return target
     let attempt = |name: &str, forge_normal: bool, pending: bool| -> Result<GuardError, String> {
-        let writes = || {
-            cpu.engine.counters.shadow_writes.load(Ordering::Relaxed)
-                + cpu.engine.counters.stack_writes.load(Ordering::Relaxed)
-        };
+        let writes = || Some(super::engine_count!(cpu, shadow_writes)? + super::engine_count!(cpu, stack_writes)?);
         let w0 = writes();
         let ssp0 = cet::rdssp();
         cpu.expect_refusal.store(true, Ordering::Relaxed);
@@ -538,7 +539,8 @@ pub fn wrss_guard(_st: &BootState) -> Outcome<'static> {
             0
         });
         cpu.expect_refusal.store(false, Ordering::Relaxed);
-        let wrote = writes() - w0;
+        // Slots the handler wrote (counted in test-hooks builds; 0 otherwise).
+        let wrote = since(writes(), w0).unwrap_or(0);
         if !cet::active() && cpu.lifo().depth() != 0 {
             return Err(format!("{name}: emulation LIFO not unwound"));
         }
@@ -603,7 +605,7 @@ pub fn breakpoint_not_emulated(_st: &BootState) -> Outcome<'static> {
             // SAFETY: as above.
             let v = unsafe { sc_t_stray_probe() };
             this_cpu().expect_refusal.store(false, Ordering::Relaxed);
-            inside = (v, bps() - b1, emulations() - e1);
+            inside = (v, bps() - b1, since(emulations(), e1).unwrap_or(0));
         }
     });
     check!(r.is_ok(), "patch failed: {r:?}");

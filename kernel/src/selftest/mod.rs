@@ -3,6 +3,28 @@
 //! Every test runs under a fault-recovery point: an unexpected fault makes
 //! that test `not ok` (with a readable report) and the run goes on.
 
+/// An engine counter (`shadowcall::engine::Counters`) of a CPU: `Some` in
+/// a test-hooks build; `None` in a production build, where the engine counts
+/// nothing and the checks that need a count are skipped.
+macro_rules! engine_count {
+    ($cpu:expr, $field:ident) => {{
+        #[cfg(feature = "test-hooks")]
+        let n = Some($cpu.engine.counters.$field.load(core::sync::atomic::Ordering::SeqCst));
+        #[cfg(not(feature = "test-hooks"))]
+        let n = {
+            let _ = &$cpu;
+            None::<u64>
+        };
+        n
+    }};
+}
+pub(crate) use engine_count;
+
+/// `now - then` of two counts (`None` in a production build).
+pub fn since(now: Option<u64>, then: Option<u64>) -> Option<u64> {
+    Some(now?.wrapping_sub(then?))
+}
+
 pub mod cet_tests;
 pub mod emul_tests;
 pub mod nmi_tests;
@@ -258,16 +280,22 @@ pub fn run_all(st: &BootState) -> bool {
         let mut c = CONSOLE.lock();
         let _ = k.result(&mut *c, name, outcome);
     }
-    let (c, b) = (&this_cpu().engine.counters, &this_cpu().counters);
+    #[cfg(feature = "test-hooks")]
+    {
+        let c = &this_cpu().engine.counters;
+        crate::diag!(
+            "emulations: {} (trampoline calls {}, second traps {}, shadow-gap calls {}, classic calls {}), guard refusals {}",
+            c.emulations.load(core::sync::atomic::Ordering::Relaxed),
+            c.tramp_calls.load(core::sync::atomic::Ordering::Relaxed),
+            c.second_traps.load(core::sync::atomic::Ordering::Relaxed),
+            c.shadow_gap_calls.load(core::sync::atomic::Ordering::Relaxed),
+            c.classic_calls.load(core::sync::atomic::Ordering::Relaxed),
+            c.refusals.load(core::sync::atomic::Ordering::Relaxed),
+        );
+    }
     crate::diag!(
-        "emulations: {} (trampoline calls {}, second traps {}, shadow-gap calls {}, classic calls {}), breakpoints reported {}, guard refusals {}, sync rounds {}",
-        c.emulations.load(core::sync::atomic::Ordering::Relaxed),
-        c.tramp_calls.load(core::sync::atomic::Ordering::Relaxed),
-        c.second_traps.load(core::sync::atomic::Ordering::Relaxed),
-        c.shadow_gap_calls.load(core::sync::atomic::Ordering::Relaxed),
-        c.classic_calls.load(core::sync::atomic::Ordering::Relaxed),
-        b.breakpoints.load(core::sync::atomic::Ordering::Relaxed),
-        c.refusals.load(core::sync::atomic::Ordering::Relaxed),
+        "breakpoints reported {}, sync rounds {}",
+        this_cpu().counters.breakpoints.load(core::sync::atomic::Ordering::Relaxed),
         patching::sync_rounds()
     );
     crate::diag!("totals: {} passed, {} failed, {} skipped", k.passed, k.failed, k.skipped);

@@ -200,13 +200,21 @@ const OPC_CALL: u8 = 0xe8;
 
 // ---- frame_alignment ---------------------------------------------------------
 
+/// Misaligned handler entries counted (test-hooks builds; the test needs them).
+fn misaligned_frames() -> u64 {
+    #[cfg(feature = "test-hooks")]
+    return patching::MISALIGNED_FRAMES.load(Ordering::Relaxed);
+    #[cfg(not(feature = "test-hooks"))]
+    0
+}
+
 pub fn frame_alignment(_st: &BootState) -> Outcome<'static> {
     if !HOOKS {
         return NO_HOOKS;
     }
     let names = ["#BP", "IST test vector", "#UD", "#PF (error code)", "APIC spurious"];
     let mut errors = Vec::new();
-    let mis0 = patching::MISALIGNED_FRAMES.load(Ordering::Relaxed);
+    let mis0 = misaligned_frames();
     for (which, name) in names.iter().enumerate() {
         for misalign in [0u64, 1] {
             LAST_FRAME.store(1, Ordering::Relaxed);
@@ -228,7 +236,7 @@ pub fn frame_alignment(_st: &BootState) -> Outcome<'static> {
             }
         }
     }
-    let mis = patching::MISALIGNED_FRAMES.load(Ordering::Relaxed) - mis0;
+    let mis = misaligned_frames() - mis0;
     if mis != 0 {
         errors.push(format!("{mis} misaligned handler entries counted"));
     }
@@ -408,7 +416,9 @@ pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
     }
     let other_stack_ssp = mm::ist_shadow_stack(this_cpu().index, interrupts::IST_TEST).hi - 64;
     let evil = landing();
-    let refusals = || this_cpu().engine.counters.refusals.load(Ordering::Relaxed);
+    // This CPU's refusals (test-hooks builds; in production the fault's
+    // vector, GUARD_REFUSAL, is the evidence).
+    let refusals = || super::engine_count!(this_cpu(), refusals);
     if cet::active() {
         // A record can only be written with WRSS: an ordinary store faults.
         // Nor can one fake a sync acknowledgement (the sync word).
@@ -434,7 +444,7 @@ pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
         let (r0, ssp0) = (refusals(), cet::rdssp());
         // SAFETY: calls the trampoline entry directly; the refusal is caught.
         let r = expecting(|| try_run(|| unsafe { sc_t_call_tramp(entry) }));
-        if !matches!(r, Err(FaultInfo { vector: GUARD_REFUSAL, .. })) || refusals() != r0 + 1 {
+        if !matches!(r, Err(FaultInfo { vector: GUARD_REFUSAL, .. })) || refusals() != r0.map(|r| r + 1) {
             errors.push(format!("second trap on another stack: expected a refusal, got {r:?}"));
         }
         if cet::read_slot(rec + REC_SSP) != other_stack_ssp {
@@ -451,7 +461,7 @@ pub fn sec_tramp_record_bound(_st: &BootState) -> Outcome<'static> {
         let r0 = refusals();
         // SAFETY: as above.
         let r = expecting(|| try_run(|| unsafe { sc_t_call_tramp(entry) }));
-        if !matches!(r, Err(FaultInfo { vector: GUARD_REFUSAL, .. })) || refusals() != r0 + 1 {
+        if !matches!(r, Err(FaultInfo { vector: GUARD_REFUSAL, .. })) || refusals() != r0.map(|r| r + 1) {
             errors.push(format!("second trap on another stack: expected a refusal, got {r:?}"));
         }
         this_cpu().lifo().truncate(0);
@@ -491,8 +501,8 @@ pub fn sec_stale_int3_race(_st: &BootState) -> Outcome<'static> {
     }
     let mut errors: Vec<String> = Vec::new();
     let site = site();
-    let (c, e) = (&this_cpu().counters, &this_cpu().engine.counters);
-    let (races0, bps0) = (e.int3_races.load(Ordering::Relaxed), c.breakpoints.load(Ordering::Relaxed));
+    let c = &this_cpu().counters;
+    let (races0, bps0) = (super::engine_count!(this_cpu(), int3_races), c.breakpoints.load(Ordering::Relaxed));
     // A stale int3 at a registered site with no batch live; the handler's
     // window between "no batch" and reading the site is opened by the hook,
     // which publishes a batch for the site (int3 written) right there.
@@ -522,7 +532,7 @@ pub fn sec_stale_int3_race(_st: &BootState) -> Outcome<'static> {
     if c.breakpoints.load(Ordering::Relaxed) != bps0 {
         errors.push(String::from("the int3 of a registered site was treated as a real breakpoint"));
     }
-    if e.int3_races.load(Ordering::Relaxed) == races0 {
+    if races0.is_some() && super::engine_count!(this_cpu(), int3_races) == races0 {
         errors.push(String::from("the race was not seen by the handler"));
     }
     if patching::patch(&[(site, NewInsn::Call(target(0)))], |_| {}).is_err() {

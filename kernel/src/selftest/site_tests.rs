@@ -47,8 +47,8 @@ shadowcall::patch_site! {
     static HOOK: extern "C" fn() = hook_count;
 }
 
-fn emulations() -> u64 {
-    this_cpu().engine.counters.emulations.load(Ordering::Relaxed)
+fn emulations() -> Option<u64> {
+    super::engine_count!(this_cpu(), emulations)
 }
 
 fn bytes(site: u64) -> [u8; SITE_LEN] {
@@ -120,8 +120,8 @@ fn patch_calling_with(
     if !check(after) {
         errors.push(format!("{what}: the call after the patch returned {after:#x}"));
     }
-    if emulations() - em0 < 2 {
-        errors.push(format!("{what}: {} emulations for 2 calls inside the window", emulations() - em0));
+    if let Some(n) = super::since(emulations(), em0).filter(|&n| n < 2) {
+        errors.push(format!("{what}: {n} emulations for 2 calls inside the window"));
     }
     if cet::rdssp() != ssp0 {
         errors.push(format!("{what}: SSP {:#x} -> {:#x}", ssp0, cet::rdssp()));

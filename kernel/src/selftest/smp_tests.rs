@@ -189,6 +189,14 @@ fn stress_worker(_: u64) {
 /// How long the patcher keeps each half of the window open waiting for a
 /// calling CPU to trap. (Under QEMU TCG with 4 vCPUs a caller sometimes runs
 /// its stale translation of the old bytes for seconds; see DESIGN.md §8.4.)
+/// An engine counter summed over the online CPUs (`None` in a production
+/// build: the engine counts nothing there).
+macro_rules! engine_total {
+    ($f:ident) => {
+        percpu::online().map(|c| super::engine_count!(c, $f)).sum::<Option<u64>>()
+    };
+}
+
 const WINDOW_WAIT_SPINS: u64 = 3_000_000;
 
 /// Timer period on the calling CPUs during the stress test.
@@ -217,10 +225,10 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
         sum(|c| &c.counters.irq_delivered_after),
     );
     watch_irq(true);
-    let refusals0 = sum(|c| &c.engine.counters.refusals);
+    let refusals0 = engine_total!(refusals);
     let bps0 = sum(|c| &c.counters.breakpoints);
-    let em_total0 = sum(|c| &c.engine.counters.emulations);
-    let stale0 = sum(|c| &c.engine.counters.stale_int3);
+    let em_total0 = engine_total!(emulations);
+    let stale0 = engine_total!(stale_int3);
     let tickets: Vec<(usize, u64)> = workers.iter().map(|&w| (w, smp::run_on(w, stress_worker, 0))).collect();
     let t = targets();
     let mut errors: Vec<String> = Vec::new();
@@ -228,24 +236,31 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
     let total_calls = || workers.iter().map(|&w| CALLS[w].load(Ordering::Relaxed)).sum::<u64>();
     while rounds < min_rounds || total_calls() < min_calls {
         let target = t[(rounds % 3) as usize];
-        let em0 = sum(|c| &c.engine.counters.emulations);
+        let em0 = engine_total!(emulations);
         let r = patching::patch(&[(site(), NewInsn::Call(target))], |_step| {
             // Hold the window open (after step 1, and after step 2 if still
-            // needed) until some CPU has gone through it, for a bounded time.
+            // needed) until some CPU has gone through it (the engine's count;
+            // in a production build, a worker's next call), for a bounded time.
+            let calls0 = total_calls();
             let mut spins = 0u64;
-            while sum(|c| &c.engine.counters.emulations) == em0 && spins < WINDOW_WAIT_SPINS {
+            let waiting = || match em0 {
+                Some(_) => engine_total!(emulations) == em0,
+                None => total_calls() == calls0,
+            };
+            while waiting() && spins < WINDOW_WAIT_SPINS {
                 core::hint::spin_loop();
                 spins += 1;
             }
         });
-        let em = sum(|c| &c.engine.counters.emulations) - em0;
+        let em = super::since(engine_total!(emulations), em0);
         if let Err(e) = r {
             errors.push(format!("round {rounds}: patch failed: {e}"));
             break;
         }
-        if em == 0 {
+        if em == Some(0) {
             errors.push(format!("round {rounds}: no call went through the int3 emulation"));
         }
+        let em = em.unwrap_or(0);
         min_em = min_em.min(em);
         max_em = max_em.max(em);
         rounds += 1;
@@ -274,8 +289,9 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
     let calls: u64 = workers.iter().map(|&w| CALLS[w].load(Ordering::SeqCst)).sum();
     let unbalanced: u64 = workers.iter().map(|&w| UNBALANCED[w].load(Ordering::SeqCst)).sum();
     let landed = target_calls();
-    let emulations = sum(|c| &c.engine.counters.emulations) - em_total0;
-    let stale = sum(|c| &c.engine.counters.stale_int3) - stale0;
+    // 0 in a production build (not counted).
+    let emulations = super::since(engine_total!(emulations), em_total0).unwrap_or(0);
+    let stale = super::since(engine_total!(stale_int3), stale0).unwrap_or(0);
     diag!(
         "stress {{\"callers\":{},\"patches\":{rounds},\"calls\":{calls},\"emulated\":{},\"per_round_min\":{min_em},\"per_round_max\":{max_em},\"stale_int3s\":{stale},\"counted\":{landed},\"per_target\":[{},{},{}]}}",
         workers.len(),
@@ -296,7 +312,7 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
     if WORKER_FAULTS.load(Ordering::SeqCst) != faults0 {
         errors.push(String::from("a calling CPU took a fault (#CP or other)"));
     }
-    if sum(|c| &c.engine.counters.refusals) != refusals0 || sum(|c| &c.counters.breakpoints) != bps0 {
+    if engine_total!(refusals) != refusals0 || sum(|c| &c.counters.breakpoints) != bps0 {
         errors.push(String::from("unexpected #BP: a breakpoint report or a guard refusal"));
     }
     if !restore_site() {
@@ -311,7 +327,7 @@ pub fn smp_patch_stress(st: &BootState) -> Outcome<'static> {
 pub fn timer_tick() {
     let c = this_cpu();
     PerCpu::count(&c.counters.timer_ticks);
-    if c.engine.counters.window_depth.load(Ordering::Relaxed) > 0 {
+    if super::engine_count!(c, window_depth).is_some_and(|d| d > 0) {
         PerCpu::count(&c.counters.irq_taken_in_window);
     }
     if c.irq_expect_after.swap(false, Ordering::Relaxed) {
@@ -348,7 +364,7 @@ pub fn irq_in_window(_st: &BootState) -> Outcome<'static> {
             if step != Step::Int3Written {
                 return;
             }
-            let em0 = get(&this_cpu().engine.counters.emulations);
+            let em0 = super::engine_count!(this_cpu(), emulations);
             watch_irq(true);
             apic::timer(crate::apic::VEC_TIMER, TIMER_COUNT);
             let p0 = get(&counters.irq_pending_at_exit);
@@ -367,7 +383,7 @@ pub fn irq_in_window(_st: &BootState) -> Outcome<'static> {
             x86_64::instructions::interrupts::disable();
             apic::timer(crate::apic::VEC_TIMER, 0);
             watch_irq(false);
-            emulated += get(&this_cpu().engine.counters.emulations) - em0;
+            emulated += super::since(super::engine_count!(this_cpu(), emulations), em0).unwrap_or(0);
         });
         if r.is_err() {
             errors.push(format!("{}: patch failed: {r:?}", s.name()));
@@ -415,19 +431,19 @@ pub fn nmi(_frame: &mut TrapFrame) {
     PerCpu::count(&c.counters.nmis);
     super::nmi_tests::nmi_body();
     super::sec_recover::nmi_hook();
-    if c.engine.counters.window_depth.load(Ordering::Relaxed) > 0 {
+    if super::engine_count!(c, window_depth).is_some_and(|d| d > 0) {
         PerCpu::count(&c.counters.nmi_in_window);
     }
     if crate::records::pending_tramp_records() > 0 {
         PerCpu::count(&c.counters.nmi_between_traps);
     }
     if NMI_CALLS_SITE.load(Ordering::Relaxed) {
-        let em0 = c.engine.counters.emulations.load(Ordering::Relaxed);
+        let em0 = super::engine_count!(c, emulations);
         let call = call_checked(sc_s_nmi_fn as SiteFn, 0);
         if !call.balanced() {
             NMI_UNBALANCED.fetch_add(1, Ordering::Relaxed);
         }
-        if c.engine.counters.emulations.load(Ordering::Relaxed) > em0 {
+        if super::since(super::engine_count!(c, emulations), em0).is_some_and(|n| n > 0) {
             PerCpu::count(&c.counters.nmi_nested);
         }
     }
