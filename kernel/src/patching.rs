@@ -154,6 +154,12 @@ unsafe impl Platform for KernelPlatform {
     }
     #[inline(always)]
     fn shadow_stack(&self, addr: u64) -> Option<StackBounds> {
+        // This CPU's primary shadow stack first (cached per CPU), then the
+        // static layout (its IST shadow stacks).
+        let s = this_cpu().shadow_stack();
+        if addr >= s.lo && addr < s.hi {
+            return Some(s);
+        }
         mm::shadow_stack_at(addr).map(|s| s.bounds)
     }
     fn find_record(&self, f_base: u64, bound_ssp: u64) -> Option<u64> {
@@ -435,6 +441,10 @@ pub fn note_frame_alignment(_frame: &TrapFrame) {
 extern "C" fn sc_bp_handler(frame: &mut TrapFrame, ssp: u64) -> Exit {
     note_frame_alignment(frame);
     frame.ssp = ssp;
+    // The benchmark's bare trap (`int3_iret`: the entry and the exit alone).
+    if int3_addr(frame, ssp) == core::ptr::addr_of!(sc_b_int3) as u64 {
+        return Exit::PLAIN;
+    }
     let exit = match PATCHER.handle_int3(frame) {
         Int3::Handled(exit) => exit,
         Int3::NotOurs => not_ours(frame, ssp),
@@ -449,11 +459,9 @@ extern "C" fn sc_bp_handler(frame: &mut TrapFrame, ssp: u64) -> Exit {
 /// An int3 the engine does not own: this kernel's probes, or a breakpoint.
 #[cold]
 fn not_ours(frame: &mut TrapFrame, ssp: u64) -> Exit {
-    let addr = match ssp {
-        0 => frame.rip.wrapping_sub(1),
-        _ => cet::read_slot(shadowcall::shstk::ShadowFrame::at(ssp).lip_slot()).wrapping_sub(1),
-    };
-    if let Some(exit) = test_hook(frame, addr) {
+    let addr = int3_addr(frame, ssp);
+    #[cfg(feature = "test-hooks")]
+    if let Some(exit) = iret_probe(frame, addr) {
         return exit;
     }
     let cpu = this_cpu();
@@ -471,17 +479,13 @@ extern "C" fn sc_bp_exit_refused(frame: &mut TrapFrame, ssp: u64) {
     PATCHER.exit_refused(frame, ssp);
 }
 
-fn test_hook(frame: &mut TrapFrame, addr: u64) -> Option<Exit> {
-    // The benchmark's bare trap: return at once.
-    if addr == core::ptr::addr_of!(sc_b_int3) as u64 {
-        return Some(Exit::PLAIN);
-    }
-    #[cfg(feature = "test-hooks")]
-    return iret_probe(frame, addr);
-    #[cfg(not(feature = "test-hooks"))]
-    {
-        let _ = frame;
-        None
+/// The int3's address: the shadow frame's LIP - 1 with shadow stacks (the
+/// saved RIP is ordinary memory), else the saved RIP - 1.
+#[inline(always)]
+fn int3_addr(frame: &TrapFrame, ssp: u64) -> u64 {
+    match ssp {
+        0 => frame.rip.wrapping_sub(1),
+        _ => cet::read_slot(shadowcall::shstk::ShadowFrame::at(ssp).lip_slot()).wrapping_sub(1),
     }
 }
 

@@ -158,6 +158,15 @@ impl PerCpu {
         }
     }
 
+    /// This CPU's primary shadow stack (cached by `init_this`).
+    #[inline]
+    pub fn shadow_stack(&self) -> shadowcall::shstk::StackBounds {
+        shadowcall::shstk::StackBounds {
+            lo: self.shstk[0].load(Ordering::Relaxed),
+            hi: self.shstk[1].load(Ordering::Relaxed),
+        }
+    }
+
     /// The emulation LIFO. Only this CPU uses it, with interrupts off or from
     /// an exception handler.
     #[allow(clippy::mut_from_ref)]
