@@ -44,8 +44,14 @@ sc_isr_3:
     subq $16, %rsp                  /* TrapFrame.ssp, TrapFrame.shadow_push */
     movq $0, 8(%rsp)
     xorl %esi, %esi
-    cmpb $0, SC_SHSTK_ACTIVE(%rip)
-    je 1f
+    /* Shadow stacks on or off, from CR4.CET (a register), not from the
+     * ordinary byte SC_SHSTK_ACTIVE: a forged byte made the engine take the
+     * int3's address from the saved RIP and answer NotOurs for a live site,
+     * and the PLAIN exit resumed at site+1 (review8). CR4.CET set implies
+     * CET support, so RDSSP is defined (a NOP while S_CET.SH_STK_EN = 0). */
+    movq %cr4, %rax
+    btq ${CR4_CET_BIT}, %rax
+    jnc 1f
     rdsspq %rsi
 1:  movq %rsi, (%rsp)
     movq %rsp, %rdi
@@ -346,9 +352,13 @@ sc_bp_return_in_nmi:
     testb $7, %cl
     jnz 9b
     movq {FRAME_RIP}(%rsp), %r9
-    cmpb $0, SC_SHSTK_ACTIVE(%rip)
-    je 2f
-    rdsspq %r8
+    movq %cr4, %rax
+    btq ${CR4_CET_BIT}, %rax
+    jnc 2f
+    xorl %r8d, %r8d
+    rdsspq %r8                      /* a NOP while S_CET.SH_STK_EN = 0 */
+    testq %r8, %r8
+    jz 2f
     cmpq %r9, 8(%r8)
     jne 9b
     movq (%r8), %r10

@@ -90,5 +90,6 @@ core::arch::global_asm!(
     TRAMP_RET2 = const crate::tramp::TRAMP_RET2_OFF,
     TRAMP_TRAP = const crate::tramp::TRAMP_TRAP_OFF,
     TEST_HOOKS = const cfg!(feature = "test-hooks") as u8,
+    CR4_CET_BIT = const x86_64::registers::control::Cr4Flags::CONTROL_FLOW_ENFORCEMENT.bits().trailing_zeros(),
     options(att_syntax)
 );
