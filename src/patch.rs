@@ -1023,7 +1023,10 @@ impl<'a> SealedBatch<'a> {
 
     /// The entry for the int3 at `site`: the search of `Batch::lookup`.
     pub fn lookup(&self, site: u64) -> Option<&'a SealedEntry> {
-        let depth = self.header.depth;
+        // The depth `from_raw` checked, from the slice it built (keys.len() ==
+        // 2^depth), never the header again: the area may have changed since
+        // (review8 F5).
+        let depth = self.keys.len().trailing_zeros();
         if depth == 0 {
             return None;
         }
@@ -1556,6 +1559,27 @@ mod tests {
         let s = unsafe { SealedBatch::from_raw(buf.as_ptr(), buf.len()) }.unwrap();
         assert_eq!(s.entries(), &[b.sealed_entry(0), b.sealed_entry(1)]);
         s.verify().unwrap();
+    }
+
+    /// Eighth review, F5: `lookup` used to re-read the header's depth after
+    /// `from_raw` checked it; a store to the sealed area in between (another
+    /// CPU sealing the next batch while this CPU's handler holds the view) made
+    /// the walk run past the tree (`get_unchecked` out of bounds). It now keeps
+    /// the checked depth: the changed header has no effect on the walk.
+    #[test]
+    fn review8_lookup_rereads_depth() {
+        let b = build(&[(BASE, NewInsn::Nop), (BASE + 5, NewInsn::Ret), (BASE + 10, NewInsn::Jmp(BASE))]).unwrap();
+        let mut words = seal(&b);
+        let p = words.as_mut_ptr();
+        // SAFETY: the words are readable for the test's length.
+        let sealed = unsafe { SealedBatch::from_raw(p as *const u8, words.len() * 8) }.unwrap();
+        assert_eq!(sealed.lookup(BASE + 5).map(|e| e.site), Some(BASE + 5));
+        let depth_at = core::mem::offset_of!(SealedHeader, depth) / 8;
+        // SAFETY: a word of the buffer (what an alias store does to the area).
+        unsafe { p.add(depth_at).write_volatile(p.add(depth_at).read_volatile() + 1) };
+        // Below every key: with the re-read depth the walk went left depth + 1 times.
+        assert_eq!(sealed.lookup(BASE - 1).map(|e| e.site), None);
+        assert_eq!(sealed.lookup(BASE + 10).map(|e| e.site), Some(BASE + 10));
     }
 
     #[test]
