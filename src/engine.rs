@@ -487,6 +487,9 @@ pub enum InitError {
     Trampoline(tramp::TrampError),
     /// The host's text window kept being aborted.
     PokeAborted,
+    /// The host's layout symbols (feature `entry`) are not what the asm
+    /// needs or disagree with the `Platform`.
+    Layout(&'static str),
 }
 
 impl core::fmt::Display for InitError {
@@ -498,6 +501,7 @@ impl core::fmt::Display for InitError {
             InitError::Registry(e) => write!(f, "patch registry: {e}"),
             InitError::Trampoline(e) => write!(f, "the trampoline page does not hold the trampoline: {e}"),
             InitError::PokeAborted => write!(f, "the text window was aborted {POKE_TRIES} times in a row"),
+            InitError::Layout(e) => write!(f, "layout symbols: {e}"),
         }
     }
 }
@@ -565,6 +569,8 @@ impl<P: Platform> Patcher<P> {
             return Err(InitError::TablesNotSorted);
         }
         registry.check().map_err(InitError::Registry)?;
+        #[cfg(feature = "entry")]
+        crate::entry::Layout::linked().check(&self.platform, cet::rdssp()).map_err(InitError::Layout)?;
         let layout = tramp::layout_at(self.platform.tramp_page());
         // The writer copies its read-only bytes (no argument: nothing passes
         // through ordinary memory); the page is proved afterwards.

@@ -93,3 +93,103 @@ core::arch::global_asm!(
     CR4_CET_BIT = const x86_64::registers::control::Cr4Flags::CONTROL_FLOW_ENFORCEMENT.bits().trailing_zeros(),
     options(att_syntax)
 );
+
+// The host's layout symbols, as the asm reads them. The absolute ones
+// (SC_*) are numbers: their "address" is their value.
+extern "C" {
+    static sc_stacks: u8;
+    static sc_tramp_records: u8;
+    static sc_tramp_page: u8;
+    static __sealed_start: u8;
+    static __sealed_end: u8;
+    static __sites_start: u64;
+    static __sites_end: u64;
+    static __targets_start: u64;
+    static __targets_end: u64;
+    static SC_CPU_STACKS_SIZE: u8;
+    static SC_MAX_CPUS: u8;
+    static SC_NMI_STACK_OFF: u8;
+    static SC_IST_STACK_SIZE: u8;
+}
+
+/// The host's layout as the asm sees it (link-time symbols).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// `sc_stacks`.
+    pub stacks: u64,
+    /// `SC_CPU_STACKS_SIZE`.
+    pub cpu_stacks_size: u64,
+    /// `SC_MAX_CPUS`.
+    pub max_cpus: u64,
+    /// `SC_NMI_STACK_OFF`, `SC_IST_STACK_SIZE`.
+    pub nmi_stack: (u64, u64),
+    /// `sc_tramp_records`.
+    pub records: u64,
+    /// `sc_tramp_page`.
+    pub tramp_page: u64,
+    /// `__sealed_start`, `__sealed_end`.
+    pub sealed: (u64, u64),
+    /// `__sites_start`, `__sites_end`.
+    pub sites: (u64, u64),
+    /// `__targets_start`, `__targets_end`.
+    pub targets: (u64, u64),
+}
+
+impl Layout {
+    /// The symbols' values.
+    pub fn linked() -> Self {
+        let a = |p: *const u8| p as u64;
+        let w = |p: *const u64| p as u64;
+        // Only the symbols' addresses (values) are taken, never their contents.
+        use core::ptr::addr_of;
+        {
+            Layout {
+                stacks: a(addr_of!(sc_stacks)),
+                cpu_stacks_size: a(addr_of!(SC_CPU_STACKS_SIZE)),
+                max_cpus: a(addr_of!(SC_MAX_CPUS)),
+                nmi_stack: (a(addr_of!(SC_NMI_STACK_OFF)), a(addr_of!(SC_IST_STACK_SIZE))),
+                records: a(addr_of!(sc_tramp_records)),
+                tramp_page: a(addr_of!(sc_tramp_page)),
+                sealed: (a(addr_of!(__sealed_start)), a(addr_of!(__sealed_end))),
+                sites: (w(addr_of!(__sites_start)), w(addr_of!(__sites_end))),
+                targets: (w(addr_of!(__targets_start)), w(addr_of!(__targets_end))),
+            }
+        }
+    }
+
+    /// Are the symbols what the asm needs, and the same layout the host's
+    /// `Platform` answers give (its tables, trampoline page, sealed area)?
+    /// `ssp` is the calling CPU's SSP (0 without shadow stacks): it must lie
+    /// in one CPU's stack area, as every #BP exit will require of its own.
+    pub fn check<P: crate::engine::Platform>(&self, p: &P, ssp: u64) -> Result<(), &'static str> {
+        let page = record::RECORD_PAGE_SIZE;
+        let table = |t: &[u64]| (t.as_ptr() as u64, t.as_ptr() as u64 + 8 * t.len() as u64);
+        if self.max_cpus == 0 || self.max_cpus > 1 << record::GEN_CPU_BITS {
+            return Err("SC_MAX_CPUS is 0 or above what a sync generation can name (1 << GEN_CPU_BITS)");
+        }
+        if self.cpu_stacks_size == 0 || !self.cpu_stacks_size.is_multiple_of(16) {
+            return Err("SC_CPU_STACKS_SIZE is 0 or not a multiple of 16");
+        }
+        if self.nmi_stack.0.checked_add(self.nmi_stack.1).is_none_or(|end| end > self.cpu_stacks_size) {
+            return Err("the NMI stack (SC_NMI_STACK_OFF + SC_IST_STACK_SIZE) is not inside a CPU's stack area");
+        }
+        if !self.stacks.is_multiple_of(16) || !self.records.is_multiple_of(page) {
+            return Err("sc_stacks is not 16-byte aligned or sc_tramp_records not page-aligned");
+        }
+        if !self.tramp_page.is_multiple_of(page) || self.tramp_page != p.tramp_page() {
+            return Err("sc_tramp_page is not page-aligned or not the Platform's trampoline page");
+        }
+        let (s, e) = self.sealed;
+        if !s.is_multiple_of(page) || e <= s || (s, e) != p.sealed_area() {
+            return Err("__sealed_start/__sealed_end are not a page-aligned area or not the Platform's sealed area");
+        }
+        if self.sites != table(p.sites()) || self.targets != table(p.targets()) {
+            return Err("__sites_*/__targets_* are not the Platform's site and target tables");
+        }
+        let area = self.cpu_stacks_size.checked_mul(self.max_cpus).and_then(|n| self.stacks.checked_add(n));
+        if ssp != 0 && !(ssp >= self.stacks && area.is_some_and(|end| ssp < end)) {
+            return Err("this CPU's SSP is in no CPU's stack area (sc_stacks + i * SC_CPU_STACKS_SIZE)");
+        }
+        Ok(())
+    }
+}

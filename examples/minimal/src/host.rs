@@ -184,7 +184,9 @@ unsafe impl Platform for ExamplePlatform {
 /// One write through the text window. Stops the kernel on a destination
 /// that is not what the engine may write (the values to write come from
 /// read-only memory, but for the sealed batch's bytes, which the engine
-/// verifies in place before it publishes them).
+/// verifies in place before it publishes them), and on a step that text at
+/// the site does not allow (the protocol's order: tails only behind an
+/// int3, the head only onto int3 followed by the entry's own tails).
 fn poke_one(p: Poke<'_>) {
     let (sealed, sealed_end) = ExamplePlatform.sealed_area();
     // A site write: the entry must be the live (read-only) batch's own entry
@@ -197,18 +199,34 @@ fn poke_one(p: Poke<'_>) {
         }
         (e.site, e.site_bytes())
     };
+    let text_now = |site: u64| {
+        // SAFETY: a registered site: 5 bytes of our own mapped text.
+        unsafe { (site as *const [u8; SITE_LEN]).read_volatile() }
+    };
+    let refuse_step = |what: &str, site: u64| -> ! {
+        println!("# PANIC: poke: {what} at {site:#x}: text holds {:02x?}", text_now(site));
+        crate::exit(false)
+    };
     match p {
         Poke::Int3(e) => alias_write(live_site(e).0, &[shadowcall::patch::INT3]),
         Poke::Tails(e) => {
             let (site, bytes) = live_site(e);
+            if text_now(site)[0] != shadowcall::patch::INT3 {
+                refuse_step("tails not behind an int3", site);
+            }
             alias_write(site + 1, &bytes[1..SITE_LEN]);
         }
         Poke::Head(e) => {
             let (site, bytes) = live_site(e);
+            let now = text_now(site);
+            if !(now[0] == shadowcall::patch::INT3 || now[0] == bytes[0]) || now[1..] != bytes[1..] {
+                refuse_step("a head not onto int3 and the entry's own tails", site);
+            }
             alias_write(site, &bytes[..1]);
         }
         Poke::Sealed { offset, bytes } => {
-            if offset < MAGIC_LEN || offset + bytes.len() as u64 > sealed_end - sealed {
+            let end = offset.checked_add(bytes.len() as u64);
+            if offset < MAGIC_LEN || end.is_none_or(|end| end > sealed_end - sealed) {
                 println!("# PANIC: poke: {} bytes at offset {offset:#x} outside the sealed area", bytes.len());
                 crate::exit(false)
             }
@@ -221,9 +239,19 @@ fn poke_one(p: Poke<'_>) {
 }
 
 /// Write `bytes` at `dst` (read-only in the kernel's mapping) through the
-/// window page, mapped writable onto each destination page in turn.
+/// window page, mapped writable onto each destination page in turn. Only
+/// text and the sealed area are destinations (never the record page, a
+/// shadow-stack page, nor anything else of the image).
 fn alias_write(dst: u64, bytes: &[u8]) {
     let window = sym!(example_poke_window);
+    let text = ExamplePlatform.text();
+    let (sealed, sealed_end) = ExamplePlatform.sealed_area();
+    let end = dst.checked_add(bytes.len() as u64);
+    let inside = |lo: u64, hi: u64| dst >= lo && end.is_some_and(|end| end <= hi);
+    if !(inside(text.base, text.end()) || inside(sealed, sealed_end)) {
+        println!("# PANIC: poke: {} bytes at {dst:#x} are neither text nor the sealed area", bytes.len());
+        crate::exit(false)
+    }
     let mut done = 0;
     while done < bytes.len() {
         let at = dst + done as u64;
