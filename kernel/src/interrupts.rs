@@ -83,6 +83,21 @@ core::arch::global_asm!(
     options(att_syntax)
 );
 
+// The layout the engine's #BP exits read (shadowcall `entry`, README "Use
+// it in your kernel"): link-time constants, next to `sc_stacks` and
+// `sc_tramp_records` (mm.rs).
+core::arch::global_asm!(
+    ".globl SC_CPU_STACKS_SIZE, SC_MAX_CPUS, SC_NMI_STACK_OFF, SC_IST_STACK_SIZE",
+    ".set SC_CPU_STACKS_SIZE, {CPU_STACKS_SIZE}",
+    ".set SC_MAX_CPUS, {MAX_CPUS}",
+    ".set SC_NMI_STACK_OFF, {NMI_STACK_OFF}",
+    ".set SC_IST_STACK_SIZE, {IST_STACK_SIZE}",
+    CPU_STACKS_SIZE = const mm::CPU_STACKS_SIZE,
+    MAX_CPUS = const mm::MAX_CPUS,
+    NMI_STACK_OFF = const mm::ist_stack_offset(IST_NMI),
+    IST_STACK_SIZE = const mm::IST_STACK_SIZE,
+);
+
 // A sync generation keeps the bumping CPU's index in its low bits.
 const _: () = assert!(mm::MAX_CPUS <= 1 << shadowcall::emul::record::GEN_CPU_BITS);
 

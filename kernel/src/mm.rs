@@ -455,21 +455,6 @@ pub fn test_set_alias_pte(cpu: usize, value: u64) {
     unsafe { core::ptr::addr_of_mut!((*poke_tables(cpu)).pt.0[ALIAS_PT_INDEX]).write_volatile(value) };
 }
 
-// The layout the engine's #BP exits read (shadowcall `entry`, README "Use
-// it in your kernel"): link-time constants, next to `sc_stacks` and
-// `sc_tramp_records` above.
-core::arch::global_asm!(
-    ".globl SC_CPU_STACKS_SIZE, SC_MAX_CPUS, SC_NMI_STACK_OFF, SC_IST_STACK_SIZE",
-    ".set SC_CPU_STACKS_SIZE, {CPU_STACKS_SIZE}",
-    ".set SC_MAX_CPUS, {MAX_CPUS}",
-    ".set SC_NMI_STACK_OFF, {NMI_STACK_OFF}",
-    ".set SC_IST_STACK_SIZE, {IST_STACK_SIZE}",
-    CPU_STACKS_SIZE = const CPU_STACKS_SIZE,
-    MAX_CPUS = const MAX_CPUS,
-    NMI_STACK_OFF = const ist_stack_offset(crate::interrupts::IST_NMI),
-    IST_STACK_SIZE = const IST_STACK_SIZE,
-);
-
 // The alias writers of the patcher (asm/poke.S): every address, byte and
 // length they store is derived in registers from read-only data.
 core::arch::global_asm!(
