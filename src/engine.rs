@@ -406,24 +406,52 @@ impl CpuState {
 /// What a host kernel provides to the engine.
 ///
 /// # Safety
-/// The engine trusts the implementation for memory layout, not for data:
+/// The engine trusts the implementation for memory layout, not for data.
+/// The implementer guarantees:
 /// - `text` is the kernel text, mapped and readable for the kernel's life;
-/// - `sites` and `targets` are the sorted `.shadowcall_sites` and
-///   `.shadowcall_targets` tables, in read-only memory;
-/// - `tramp_page` is one page of kernel text filled with int3 at link time,
-///   used by nothing else, and `sealed_area` a page-aligned area mapped
-///   read-only for the kernel's life, written only by `poke`;
-/// - `poke` writes only through a text window private to the calling CPU,
-///   and its writers check each destination against read-only data;
-/// - `sync` returns only after every other online CPU has serialized
-///   itself (an IRET or a serializing instruction) after the call began;
-/// - the stack bounds are those of the current context on this CPU;
-/// - `cpu` is the running CPU's state and `cpus` every online CPU's.
+///   `sites` and `targets` are the sorted `.shadowcall_sites` and
+///   `.shadowcall_targets` tables in read-only memory, and `forbidden_code`
+///   covers at least the trampoline page, the exception entry code
+///   (`.text.entry`, where the crate's asm lies) and the CET bring-up code;
+/// - `tramp_page` is one page-aligned page of kernel text filled with int3
+///   at link time and used by nothing else; `sealed_area` is a page-aligned
+///   area mapped read-only for the kernel's life, zero at boot, written only
+///   by `poke`;
+/// - with the feature `entry`, the link-time layout symbols (README "Use it
+///   in your kernel") describe the same memory as these answers
+///   (`Patcher::init` checks what it can: the tables, the trampoline page,
+///   the sealed area, alignments, `SC_MAX_CPUS`), every shadow stack a CPU
+///   runs #BP on lies in that CPU's stack area, and the record pages are
+///   zeroed shadow-stack pages (R/W=0, Dirty=1);
+/// - `poke` writes only through a text window private to the calling CPU
+///   (no other CPU can write through it), with interrupts off, and its
+///   writers check each write against read-only data: a site write only at
+///   an entry of the live sealed batch (whose fields the read-only tables
+///   allow), and only in the order the protocol's text states allow (tails
+///   behind an int3, the head onto int3 and the entry's own tails); sealed
+///   writes past the magic word, inside the area, and not while a batch is
+///   live or any CPU is inside a #BP exit (its in-exit count on its record
+///   page); the trampoline from read-only bytes, once. Writers that take
+///   these from ordinary memory give an attacker text writes (DESIGN §11);
+/// - `sync` returns only after every other online CPU has executed a
+///   serializing instruction after the call began, and a CPU acknowledges
+///   only with interrupts on (so a CPU inside the #BP handler, IF=0, has
+///   left it before its acknowledgement: `finish` relies on this);
+/// - the stack bounds are those of the current context (task or CPU);
+///   `find_record` returns only a slot of the calling CPU's record page;
+/// - `cpu` is the running CPU's state, `for_each_cpu` visits every online
+///   CPU's;
+/// - `event(Event::Refused)` does not simply return to a frame it left
+///   alone: it unwinds the trapped context (a recovery point) or stops the
+///   kernel, since the exit then writes nothing and resumes at the trap;
+/// - #BP is an interrupt gate without IST to the crate's `sc_isr_3`, and the
+///   host's NMI and #MC entries give a context interrupted in
+///   `[sc_bpx_region_start, sc_bpx_region_end)` its registers back from a
+///   page only WRSS writes (or the host has no NMI/#MC sources).
 ///
-/// With shadow stacks on, the host's #BP entry stub and exits (today the
-/// reference kernel's asm) re-check every shadow-stack write against the
-/// shadow stack and read-only data; a wrong answer here can make them
-/// refuse, not write elsewhere.
+/// The exits re-check every shadow-stack write against the shadow stack
+/// and read-only data: a wrong answer here can make them refuse, not write
+/// elsewhere; wrong layout symbols or weak text writers can.
 pub unsafe trait Platform: Sync {
     /// Kernel text, readable, for validation.
     fn text(&self) -> Text<'static>;
