@@ -54,6 +54,99 @@ sc_isr_3:
     jnc 1f
     rdsspq %rsi
 1:  movq %rsi, (%rsp)
+.if {TEST_HOOKS} == 0
+    /* The fast path (production builds: the self-test hooks and counters
+     * live in the handler). A live batch's JMP, NOP, or CALL under the
+     * shadow-gap strategy, for the site at LIP-1, found here in the
+     * read-only sealed batch, goes straight to its exit, which checks the
+     * entry again (LIVE_ENTRY, CHECKED_ENTRY, the frame) and derives every
+     * shadow-stack write from RDSSP and read-only data, exactly as for an
+     * answer of the handler. Anything else, or any doubt: the handler.
+     * rsi = F (0: shadow stacks off). */
+    testq %rsi, %rsi
+    jz 9f
+    movq 8(%rsi), %r9               /* LIP, from the shadow frame */
+    leaq -1(%r9), %r10              /* S */
+    leaq sc_tramp_page+{TRAMP_TRAP}(%rip), %rax
+    cmpq %rax, %r10                 /* the trampoline's second trap */
+    je 9f
+    leaq __sealed_start(%rip), %r8
+    movabsq ${SEALED_LIVE}, %rax
+    cmpq %rax, {SEALED_STATE}(%r8)
+    jne 9f
+    movq {SEALED_DEPTH}(%r8), %rcx
+    leaq -1(%rcx), %rax
+    cmpq $31, %rax                  /* depth 1..32 */
+    ja 9f
+    movq {SEALED_KEYS_OFF}(%r8), %rdx
+    addq %r8, %rdx                  /* the search tree's keys */
+    movl $1, %r11d
+    /* `depth` search steps: the last `depth` of 32 unrolled ones, entered
+     * by a computed jump (a direct jump into this stub's own text). */
+    imulq $(.Lbp_step_end - .Lbp_step), %rcx
+    leaq .Lbp_steps_end(%rip), %rax
+    subq %rcx, %rax
+    jmp *%rax
+.Lbp_step:
+    cmpq %r10, (%rdx,%r11,8)        /* CF = key < S */
+    adcq %r11, %r11                 /* k = 2k + (key < S) */
+.Lbp_step_end:
+    .rept 31
+    cmpq %r10, (%rdx,%r11,8)
+    adcq %r11, %r11
+    .endr
+.Lbp_steps_end:
+    movq %r11, %rax                 /* undo the trailing right steps and */
+    notq %rax                       /* the last left one: k := the node of */
+    bsfq %rax, %rcx                 /* the smallest key >= S (0: none) */
+    incl %ecx
+    shrq %cl, %r11
+    jz 9f
+    cmpq %r10, (%rdx,%r11,8)
+    jne 9f
+    movq {SEALED_SLOTS_OFF}(%r8), %rax
+    addq %r8, %rax
+    movl (%rax,%r11,4), %eax        /* the node's entry index */
+    shlq ${ENTRY_SHIFT}, %rax
+    addq {SEALED_ENTRIES_OFF}(%r8), %rax
+    leaq (%r8,%rax), %rdx           /* the entry (the exit checks it) */
+    movq {ENTRY_KIND}(%rdx), %rax
+    andl ${KIND_MASK}, %eax
+    cmpl ${KIND_JMP}, %eax
+    je 5f
+    cmpl ${KIND_NOP}, %eax
+    je 6f
+    cmpl ${KIND_CALL}, %eax
+    jne 9f
+    cmpb ${CODE_SHADOW_GAP}, SC_CALL_STRATEGY(%rip)
+    jne 9f
+    /* The emulated push, into the stub's gap: the saved RSP R must be one
+     * the exits can produce (R-8 .. R inside the window above this frame,
+     * 8-aligned), so the slot R-8 lies on this stack above the frame. */
+    movq {FRAME_RSP}(%rsp), %rcx
+    leaq -8(%rcx), %rax
+    leaq {BP_RSP_MIN}(%rsp), %r11
+    cmpq %r11, %rax
+    jb 9f
+    leaq {BP_RSP_MAX}(%rsp), %r11
+    cmpq %r11, %rcx
+    ja 9f
+    testb $7, %cl
+    jnz 9f
+    leaq 4(%r9), %r11               /* S+5 */
+    movq %r11, (%rax)
+    movq %rax, {FRAME_RSP}(%rsp)
+    movq {ENTRY_TARGET}(%rdx), %rax
+    movq %rax, {FRAME_RIP}(%rsp)
+    jmp sc_bpx_call_sg
+5:  movq {ENTRY_TARGET}(%rdx), %rax  /* jmp T */
+    movq %rax, {FRAME_RIP}(%rsp)
+    jmp sc_bpx_jmp
+6:  leaq 4(%r9), %rax               /* NOP: S+5 */
+    movq %rax, {FRAME_RIP}(%rsp)
+    jmp sc_bpx_nop
+9:
+.endif
     movq %rsp, %rdi
     cld
     call sc_bp_handler

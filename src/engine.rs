@@ -491,7 +491,16 @@ pub unsafe trait Platform: Sync {
 
 const CODE_CLASSIC: u8 = 0;
 const CODE_TRAMPOLINE: u8 = 1;
-const CODE_SHADOW_GAP: u8 = 2;
+pub(crate) const CODE_SHADOW_GAP: u8 = 2;
+
+/// The CALL emulation in force, for the #BP stub's fast path (asm/bp.S,
+/// production builds): the last `set_strategy` of any patcher (an image has
+/// one: the sealed area and the exits are global too). Ordinary memory: a
+/// forged value only sends a CALL to the handler or to the shadow-gap exit,
+/// which checks everything it writes.
+#[doc(hidden)]
+#[no_mangle]
+pub static SC_CALL_STRATEGY: AtomicU8 = AtomicU8::new(CODE_CLASSIC);
 
 const fn strategy_code(s: Strategy) -> u8 {
     match s {
@@ -653,6 +662,7 @@ impl<P: Platform> Patcher<P> {
             _ => strategy_code(s),
         };
         self.call_code.store(code, Ordering::Relaxed);
+        SC_CALL_STRATEGY.store(code, Ordering::Relaxed);
     }
 
     /// The strategies that work with this CPU's shadow-stack setting

@@ -4,7 +4,6 @@
 //! `sc_bp_exit_refused` below. One CPU, one normal and one shadow stack.
 
 use core::ptr::{addr_of, addr_of_mut};
-use core::sync::atomic::{AtomicU64, Ordering};
 
 use shadowcall::cet;
 use shadowcall::emul::record::{RECORDS_PER_PAGE, RECORD_SIZE, REC_SSP};
@@ -103,10 +102,6 @@ pub struct ExamplePlatform;
 pub static PATCHER: Patcher<ExamplePlatform> = Patcher::new(ExamplePlatform);
 /// The one CPU's engine state.
 static CPU: CpuState = CpuState::new();
-
-/// int3s the engine handled (the example counts them in its handler; the
-/// engine's own counters are a `test-hooks` feature it does not enable).
-pub static TRAPS: AtomicU64 = AtomicU64::new(0);
 
 // SAFETY: the layout answers are linker symbols of this image (text mapped
 // read-only and executable, the tables and the sealed area read-only by
@@ -277,10 +272,7 @@ fn alias_write(dst: u64, bytes: &[u8]) {
 extern "C" fn sc_bp_handler(frame: &mut TrapFrame, ssp: u64) -> Exit {
     frame.ssp = ssp;
     match PATCHER.handle_int3(frame) {
-        Int3::Handled(exit) => {
-            TRAPS.fetch_add(1, Ordering::Relaxed);
-            exit
-        }
+        Int3::Handled(exit) => exit,
         Int3::NotOurs => {
             println!("# breakpoint at {:#x}: not a patch site", frame.rip - 1);
             Exit::PLAIN
