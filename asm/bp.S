@@ -43,6 +43,14 @@ sc_isr_3:
     PUSH_GPRS
     subq $16, %rsp                  /* TrapFrame.ssp, TrapFrame.shadow_push */
     movq $0, 8(%rsp)
+/* From here to sc_bpx_region_end: a critical region (the SSP read, the fast
+ * path, the #BP exits and, at its end, the sync words' writers), which hold
+ * the operands of their decisions and WRSS in registers. An NMI or #MC taken
+ * in between (the only interrupts possible: IF=0) keeps the registers it
+ * interrupted on a page only WRSS writes and gives them back from there
+ * (the host's NMI/#MC entries; the reference kernel's sc_isr_cet_ist). */
+.globl sc_bpx_region_start, sc_bpx_region_end
+sc_bpx_region_start:
     xorl %esi, %esi
     /* Shadow stacks on or off, from CR4.CET (a register), not from the
      * ordinary byte SC_SHSTK_ACTIVE: a forged byte made the engine take the
@@ -78,6 +86,22 @@ sc_isr_3:
     leaq -1(%rcx), %rax
     cmpq $31, %rax                  /* depth 1..32 */
     ja 9f
+    /* Every read below stays in the sealed area, whatever the header says
+     * (it is read-only, but was only verified in Rust before publishing). */
+    leaq __sealed_end(%rip), %r11
+    subq %r8, %r11                  /* the area's bytes */
+    movl $8, %eax
+    shlq %cl, %rax                  /* the keys' bytes: 2^depth u64 */
+    addq {SEALED_KEYS_OFF}(%r8), %rax
+    jc 9f
+    cmpq %r11, %rax
+    ja 9f
+    movl $4, %eax
+    shlq %cl, %rax                  /* the nodes' entry indices: 2^depth u32 */
+    addq {SEALED_SLOTS_OFF}(%r8), %rax
+    jc 9f
+    cmpq %r11, %rax
+    ja 9f
     movq {SEALED_KEYS_OFF}(%r8), %rdx
     addq %r8, %rdx                  /* the search tree's keys */
     movl $1, %r11d
@@ -109,7 +133,14 @@ sc_isr_3:
     movl (%rax,%r11,4), %eax        /* the node's entry index */
     shlq ${ENTRY_SHIFT}, %rax
     addq {SEALED_ENTRIES_OFF}(%r8), %rax
-    leaq (%r8,%rax), %rdx           /* the entry (the exit checks it) */
+    addq %r8, %rax                  /* the entry (the exit checks it again) */
+    jc 9f
+    cmpq %r8, %rax
+    jb 9f
+    leaq __sealed_end-{ENTRY_SIZE}(%rip), %rdx
+    cmpq %rdx, %rax
+    ja 9f
+    movq %rax, %rdx
     movq {ENTRY_KIND}(%rdx), %rax
     andl ${KIND_MASK}, %eax
     cmpl ${KIND_JMP}, %eax
@@ -120,6 +151,10 @@ sc_isr_3:
     jne 9f
     cmpb ${CODE_SHADOW_GAP}, SC_CALL_STRATEGY(%rip)
     jne 9f
+    /* The exit's call takes the slot below F: F the first slot of its page
+     * (the one below may be a guard page) is the handler's to refuse. */
+    testl $0xff8, %esi
+    jz 9f
     /* The emulated push, into the stub's gap: the saved RSP R must be one
      * the exits can produce (R-8 .. R inside the window above this frame,
      * 8-aligned), so the slot R-8 lies on this stack above the frame. */
@@ -150,12 +185,8 @@ sc_isr_3:
     movq %rsp, %rdi
     cld
     call sc_bp_handler
-/* From here to sc_bpx_region_end: the #BP exits (and, at its end, the sync
- * words' writers), which hold the operands of their WRSS in registers. An NMI or #MC taken in between (the only
- * interrupts possible: IF=0) keeps the registers it interrupted on a page
- * only WRSS writes and gives them back from there (sc_isr_cet_ist below). */
-.globl sc_bpx_region_start, sc_bpx_region_end
-sc_bpx_region_start:
+/* The handler's answer (RAX: an action, RDX: its argument). */
+sc_bpx_dispatch:
     cmpq ${BPX_COUNT}, %rax
     jae sc_bpx_plain
     jmp *sc_bpx_table(,%rax,8)

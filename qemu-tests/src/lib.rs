@@ -142,7 +142,7 @@ pub fn assert_example_passes(outcome: &RunOutcome, shadow_stacks: bool) {
         );
     }
     let [first, second] = example_strategies(shadow_stacks);
-    let note = format!("# example_patch_site: {first}: 6 calls emulated, {second}: 6 calls emulated;");
+    let note = format!("# example_patch_site: {first}: 8 calls emulated, {second}: 8 calls emulated;");
     assert!(
         outcome.report.diagnostics_before("example_patch_site").is_some_and(|d| d.iter().any(|l| l.starts_with(&note))),
         "`example_patch_site` must report `{note}`:\n{}",
