@@ -424,6 +424,20 @@ pub struct Attributed {
     pub phase: Phase,
     /// `symbol+off`, and for Rust code the inline chain (outermost last).
     pub place: String,
+    /// Which part of its phase: [`Part`].
+    pub part: Part,
+}
+
+/// Where inside its phase an instruction is (the detail table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Asm code (the stub, the exits, the return) or the benchmark's code.
+    Asm,
+    /// The Rust handler.
+    Rust,
+    /// The Rust lookup's finding and validating of the sealed batch
+    /// (`live_batch`, `SealedBatch::from_raw`), before the search.
+    Header,
 }
 
 /// A traced call, attributed.
@@ -438,6 +452,10 @@ pub struct CaseTrace {
 impl CaseTrace {
     pub fn count(&self, p: Phase) -> usize {
         self.insns.iter().filter(|a| a.phase == p).count()
+    }
+
+    pub fn count_part(&self, p: Phase, parts: &[Part]) -> usize {
+        self.insns.iter().filter(|a| a.phase == p && parts.contains(&a.part)).count()
     }
 
     /// #BP-path instructions (every phase but `other`).
@@ -517,9 +535,20 @@ fn attribute(k: &Kernel, case: &Case, w: &[TraceLine]) -> Result<Vec<Attributed>
     for l in w {
         let (label, off) = k.syms.at(l.rip).unwrap_or(("?", 0));
         let mut place = format!("{}+{off:#x}", demangle(label));
+        let mut part = Part::Asm;
         let phase = if in_rust {
             let chain = chains.get(&l.rip).cloned().unwrap_or_default();
             let phase = rust_phase(&chain, &mut line_text);
+            part = match phase {
+                Phase::Lookup
+                    if chain
+                        .iter()
+                        .any(|f| f.function.contains("SealedBatch::from_raw") || f.function.contains("live_batch")) =>
+                {
+                    Part::Header
+                }
+                _ => Part::Rust,
+            };
             if let Some(f) = chain.first() {
                 let names: Vec<String> = chain.iter().map(|f| short_fn(&f.function)).collect();
                 place = format!("{place} [{}] {}:{}", names.join(" < "), short_file(&f.file), f.line);
@@ -555,7 +584,7 @@ fn attribute(k: &Kernel, case: &Case, w: &[TraceLine]) -> Result<Vec<Attributed>
         } else {
             Phase::Other
         };
-        out.push(Attributed { line: l.clone(), phase, place });
+        out.push(Attributed { line: l.clone(), phase, place, part });
     }
     Ok(out)
 }
@@ -740,6 +769,27 @@ pub fn markdown(traces: &[CaseTrace]) -> String {
     s
 }
 
+/// The detail table: lookup, checks and writes split by where they run.
+pub fn markdown_detail(traces: &[CaseTrace]) -> String {
+    let mut s = String::from(
+        "| figure | lookup: the batch (`live_batch`, `from_raw`) | lookup: the search | checks: Rust | checks: asm exit | writes: Rust | writes: asm exit |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for t in traces {
+        s += &format!(
+            "| `{}` | {} | {} | {} | {} | {} | {} |\n",
+            t.case.key,
+            t.count_part(Phase::Lookup, &[Part::Header]),
+            t.count_part(Phase::Lookup, &[Part::Rust]),
+            t.count_part(Phase::Checks, &[Part::Rust]),
+            t.count_part(Phase::Checks, &[Part::Asm]),
+            t.count_part(Phase::Writes, &[Part::Rust]),
+            t.count_part(Phase::Writes, &[Part::Asm]),
+        );
+    }
+    s
+}
+
 /// Per-function counts of one trace, for the annotated dump.
 pub fn annotated(t: &CaseTrace) -> String {
     let mut s = format!("# {}: {} instructions traced\n", t.case.key, t.insns.len());
@@ -771,7 +821,7 @@ pub fn run_trace(kernel: Option<&Path>, out: &Path) -> Result<(String, Vec<CaseT
         let path = out.join(format!("{name}.txt"));
         std::fs::write(&path, annotated(t)).context(|| format!("cannot write {}", path.display()))?;
     }
-    Ok((markdown(&traces), traces))
+    Ok((markdown(&traces) + "\n" + &markdown_detail(&traces), traces))
 }
 
 #[cfg(test)]
