@@ -54,6 +54,12 @@ pub enum Command {
     /// Writes nothing in the repository unless `--publish`. Exit status 1 when a
     /// target is MISSED (a target without data is reported, not failed).
     Bench(BenchArgs),
+    /// Instruction trace of one call of each #BP hot-path figure (production build, Bochs), by phase.
+    ///
+    /// Boots Bochs twice (CET on, `--cet off`) under its debugger and traces one call of
+    /// `int3_iret`, `emul_call/trampoline`, `emul_call/shadowgap` and `emul_call/classic`;
+    /// prints the per-phase table of DESIGN §7.4 and writes the annotated traces to `--out`.
+    Trace(TraceArgs),
 }
 
 fn cet_parser() -> impl TypedValueParser<Value = CetMode> {
@@ -174,6 +180,16 @@ pub struct BenchArgs {
     pub verbose: bool,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct TraceArgs {
+    /// Trace this prebuilt kernel ELF instead of building the production kernel.
+    #[arg(long, value_name = "ELF")]
+    pub kernel: Option<PathBuf>,
+    /// Where the annotated traces go (one file per figure; created if missing).
+    #[arg(long, value_name = "DIR", default_value = "target/trace")]
+    pub out: PathBuf,
+}
+
 impl RunArgs {
     /// The run these options ask for (the caller decides about installing).
     pub fn to_options(&self) -> Result<RunOptions, String> {
@@ -255,7 +271,7 @@ mod tests {
 
     #[test]
     fn help_everywhere() {
-        for sub in ["run", "test", "build", "iso", "bench"] {
+        for sub in ["run", "test", "build", "iso", "bench", "trace"] {
             for flag in ["--help", "-h"] {
                 let e = parse(&[sub, flag]).unwrap_err();
                 assert_eq!(e.kind(), ErrorKind::DisplayHelp, "{sub} {flag}");

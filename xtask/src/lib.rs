@@ -23,6 +23,7 @@ pub mod qemu;
 pub mod rundir;
 pub mod runner;
 pub mod smp;
+pub mod trace;
 pub mod wrsslint;
 
 use std::path::PathBuf;

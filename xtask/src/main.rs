@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use xtask::bench::{self, BenchMachine, BenchOptions};
-use xtask::cli::{BenchArgs, Cli, Command, RunArgs};
+use xtask::cli::{BenchArgs, Cli, Command, RunArgs, TraceArgs};
 use xtask::Policy;
 
 /// Exit status when the work ran and found a failure (a test, a missed target).
@@ -83,6 +83,15 @@ fn cmd_bench(args: &BenchArgs) -> Outcome {
     })
 }
 
+fn cmd_trace(args: &TraceArgs) -> Outcome {
+    from_result(xtask::trace::run_trace(args.kernel.as_deref(), &args.out), |(table, _)| {
+        println!("\n======== instructions per phase (one call each; DESIGN §7.4) ========");
+        print!("{table}");
+        println!("annotated traces: {}", args.out.display());
+        Outcome::Success
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match &cli.command {
@@ -99,6 +108,7 @@ fn main() -> ExitCode {
             Outcome::Success
         }),
         Command::Bench(args) => cmd_bench(args),
+        Command::Trace(args) => cmd_trace(args),
     };
     match outcome {
         Outcome::Success => ExitCode::SUCCESS,
