@@ -70,7 +70,9 @@ sc_bpx_region_start:
      * entry again (LIVE_ENTRY, CHECKED_ENTRY, the frame) and derives every
      * shadow-stack write from RDSSP and read-only data, exactly as for an
      * answer of the handler. Anything else, or any doubt: the handler.
-     * rsi = F (0: shadow stacks off). */
+     * rsi = F (0: shadow stacks off). The sc_bp_fast* labels name its
+     * parts for `cargo xtask trace`. */
+sc_bp_fast:
     testq %rsi, %rsi
     jz 9f
     movq 8(%rsi), %r9               /* LIP, from the shadow frame */
@@ -102,6 +104,7 @@ sc_bpx_region_start:
     jc 9f
     cmpq %r11, %rax
     ja 9f
+sc_bp_fast_search:
     movq {SEALED_KEYS_OFF}(%r8), %rdx
     addq %r8, %rdx                  /* the search tree's keys */
     movl $1, %r11d
@@ -140,6 +143,7 @@ sc_bpx_region_start:
     leaq __sealed_end-{ENTRY_SIZE}(%rip), %rdx
     cmpq %rdx, %rax
     ja 9f
+sc_bp_fast_kind:
     movq %rax, %rdx
     movq {ENTRY_KIND}(%rdx), %rax
     andl ${KIND_MASK}, %eax
@@ -168,21 +172,24 @@ sc_bpx_region_start:
     ja 9f
     testb $7, %cl
     jnz 9f
+sc_bp_fast_call:
     leaq 4(%r9), %r11               /* S+5 */
     movq %r11, (%rax)
     movq %rax, {FRAME_RSP}(%rsp)
     movq {ENTRY_TARGET}(%rdx), %rax
     movq %rax, {FRAME_RIP}(%rsp)
     jmp sc_bpx_call_sg
+sc_bp_fast_jmp:
 5:  movq {ENTRY_TARGET}(%rdx), %rax  /* jmp T */
     movq %rax, {FRAME_RIP}(%rsp)
     jmp sc_bpx_jmp
+sc_bp_fast_nop:
 6:  leaq 4(%r9), %rax               /* NOP: S+5 */
     movq %rax, {FRAME_RIP}(%rsp)
     jmp sc_bpx_nop
-9:
 .endif
-    movq %rsp, %rdi
+sc_bp_slow:
+9:  movq %rsp, %rdi
     cld
     call sc_bp_handler
 /* The handler's answer (RAX: an action, RDX: its argument). */

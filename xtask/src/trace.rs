@@ -318,7 +318,7 @@ fn branches_to_refuse(text: &str) -> bool {
 /// at their last branch to the refusal.
 fn is_checked_exit(label: &str) -> bool {
     label.starts_with("sc_bpx_")
-        && !matches!(label, "sc_bpx_region_start" | "sc_bpx_plain" | "sc_bpx_refuse" | "sc_bpx_refuse_entry")
+        && !matches!(label, "sc_bpx_dispatch" | "sc_bpx_plain" | "sc_bpx_refuse" | "sc_bpx_refuse_entry")
 }
 
 /// Where the asm's checks end: for each checked exit label, the address of
@@ -530,7 +530,7 @@ fn attribute(k: &Kernel, case: &Case, w: &[TraceLine]) -> Result<Vec<Attributed>
     };
     let mut out = Vec::new();
     // Inside the handler call: from `call sc_bp_handler` to the return into
-    // sc_bpx_region_start (and sc_bp_exit_refused's, should an exit refuse).
+    // sc_bpx_dispatch (and sc_bp_exit_refused's, should an exit refuse).
     let mut in_rust = false;
     for l in w {
         let (label, off) = k.syms.at(l.rip).unwrap_or(("?", 0));
@@ -559,13 +559,23 @@ fn attribute(k: &Kernel, case: &Case, w: &[TraceLine]) -> Result<Vec<Attributed>
             phase
         } else if l.insn.starts_with("int3") {
             Phase::Entry
-        } else if label == "sc_isr_3" {
+        } else if matches!(label, "sc_isr_3" | "sc_bpx_region_start" | "sc_bp_slow") {
+            // The stub: the frame, the SSP read, the call of the handler.
             if l.insn.starts_with("call") {
                 in_rust = true;
             }
             Phase::Entry
-        } else if label == "sc_bpx_region_start" || label == "sc_bpx_refuse" || label == "sc_bpx_refuse_entry" {
-            if label != "sc_bpx_region_start" && l.insn.starts_with("call") {
+        } else if matches!(label, "sc_bp_fast_search") {
+            // The stub's fast path (production): the search, the node's entry.
+            Phase::Lookup
+        } else if matches!(label, "sc_bp_fast" | "sc_bp_fast_kind") {
+            // Its checks: the live batch, the header's bounds, kind, strategy, push window.
+            Phase::Checks
+        } else if matches!(label, "sc_bp_fast_call" | "sc_bp_fast_jmp" | "sc_bp_fast_nop") {
+            // Its stores: the emulated push, the frame's RIP/RSP, the jump to the exit.
+            Phase::Writes
+        } else if label == "sc_bpx_dispatch" || label == "sc_bpx_refuse" || label == "sc_bpx_refuse_entry" {
+            if label != "sc_bpx_dispatch" && l.insn.starts_with("call") {
                 in_rust = true;
             }
             Phase::Checks
