@@ -64,8 +64,8 @@ sc_bpx_region_start:
 1:  movq %rsi, (%rsp)
 .if {TEST_HOOKS} == 0
     /* The fast path (production builds: the self-test hooks and counters
-     * live in the handler). A live batch's JMP, NOP, or CALL under the
-     * shadow-gap strategy, for the site at LIP-1, found here in the
+     * live in the handler). Under the shadow-gap strategy, a live batch's
+     * JMP, NOP or CALL for the site at LIP-1, found here in the
      * read-only sealed batch, goes straight to its exit, which checks the
      * entry again (LIVE_ENTRY, CHECKED_ENTRY, the frame) and derives every
      * shadow-stack write from RDSSP and read-only data, exactly as for an
@@ -75,6 +75,10 @@ sc_bpx_region_start:
 sc_bp_fast:
     testq %rsi, %rsi
     jz 9f
+    /* The fast path serves the shadow-gap strategy (the default with shadow
+     * stacks); under the trampoline a CALL would only search twice. */
+    cmpb ${CODE_SHADOW_GAP}, SC_CALL_STRATEGY(%rip)
+    jne 9f
     movq 8(%rsi), %r9               /* LIP, from the shadow frame */
     leaq -1(%r9), %r10              /* S */
     leaq sc_tramp_page+{TRAMP_TRAP}(%rip), %rax
@@ -152,8 +156,6 @@ sc_bp_fast_kind:
     cmpl ${KIND_NOP}, %eax
     je 6f
     cmpl ${KIND_CALL}, %eax
-    jne 9f
-    cmpb ${CODE_SHADOW_GAP}, SC_CALL_STRATEGY(%rip)
     jne 9f
     /* The exit's call takes the slot below F: F the first slot of its page
      * (the one below may be a guard page) is the handler's to refuse. */
