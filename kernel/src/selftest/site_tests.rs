@@ -128,6 +128,50 @@ fn patch_calling_with(
     }
 }
 
+/// Under every strategy this CPU runs (and one the command line forced:
+/// classic with shadow stacks on, the negative control, which must end in
+/// #CP), through `how`: VALUE retargeted to value_b and back, HOOK turned
+/// off and on, each called inside the window; then `more(strategy)`.
+fn round_trips(how: Patch, errors: &mut Vec<String>, mut more: impl FnMut(&str, &mut Vec<String>)) {
+    let (value, hook) = (VALUE.addr(), HOOK.addr());
+    let call_value = || VALUE.get()(1);
+    let call_hook = || {
+        let h0 = HOOK_HITS.load(Ordering::Relaxed);
+        HOOK.get()();
+        HOOK_HITS.load(Ordering::Relaxed) - h0
+    };
+    let saved = patching::strategy();
+    let mut strategies = patching::strategies_here();
+    if !strategies.contains(&saved) {
+        strategies.push(saved);
+    }
+    for strategy in strategies {
+        patching::set_strategy(strategy);
+        let s = strategy.name();
+        match VALUE.call_to(value_b) {
+            // Inside the window the emulation runs the new instruction.
+            Ok(insn) => {
+                patch_calling_with(how, errors, &format!("{s}: value_a -> value_b"), value, insn, call_value, |v| {
+                    v == 1 + VALUE_B
+                })
+            }
+            Err(e) => errors.push(format!("{s}: call_to(value_b): {e}")),
+        }
+        let (site, insn) = VALUE.restore();
+        patch_calling_with(how, errors, &format!("{s}: value_b -> value_a"), site, insn, call_value, |v| {
+            v == 1 + VALUE_A
+        });
+        match HOOK.nop() {
+            Ok(insn) => patch_calling_with(how, errors, &format!("{s}: hook off"), hook, insn, call_hook, |n| n == 0),
+            Err(e) => errors.push(format!("{s}: HOOK.nop(): {e}")),
+        }
+        let (site, insn) = HOOK.restore();
+        patch_calling_with(how, errors, &format!("{s}: hook on"), site, insn, call_hook, |n| n == 1);
+        more(s, errors);
+    }
+    patching::set_strategy(saved);
+}
+
 /// `patch_site!` sites: a value-returning static call retargeted and back,
 /// a jump label turned off and on, each called inside the window under
 /// every strategy this CPU runs; undeclared targets and a NOP for a
@@ -141,44 +185,19 @@ pub fn patch_site_macro(_st: &BootState) -> Outcome<'static> {
         HOOK.get()();
         HOOK_HITS.load(Ordering::Relaxed) - h0
     };
-    let saved = patching::strategy();
-    let mut strategies = patching::strategies_here();
-    if !strategies.contains(&saved) {
-        // Forced by the command line (classic with shadow stacks on: the
-        // negative control, which must end in #CP).
-        strategies.push(saved);
-    }
-    for strategy in strategies {
-        patching::set_strategy(strategy);
-        let s = strategy.name();
-        match VALUE.call_to(value_b) {
-            // Inside the window the emulation runs the new instruction.
-            Ok(insn) => patch_calling(&mut errors, &format!("{s}: value_a -> value_b"), value, insn, call_value, |v| {
-                v == 1 + VALUE_B
-            }),
-            Err(e) => errors.push(format!("{s}: call_to(value_b): {e}")),
-        }
-        let (site, insn) = VALUE.restore();
-        patch_calling(&mut errors, &format!("{s}: value_b -> value_a"), site, insn, call_value, |v| v == 1 + VALUE_A);
-        match HOOK.nop() {
-            Ok(insn) => patch_calling(&mut errors, &format!("{s}: hook off"), hook, insn, call_hook, |n| n == 0),
-            Err(e) => errors.push(format!("{s}: HOOK.nop(): {e}")),
-        }
-        let (site, insn) = HOOK.restore();
-        patch_calling(&mut errors, &format!("{s}: hook on"), site, insn, call_hook, |n| n == 1);
+    round_trips(Patch::Batch, &mut errors, |s, errors| {
         let call_value2 = || VALUE2.get()(1);
         match VALUE2.call_to(value_a) {
             Ok(insn) => {
-                patch_calling(&mut errors, &format!("{s}: value2 -> value_a"), VALUE2.addr(), insn, call_value2, |v| {
+                patch_calling(errors, &format!("{s}: value2 -> value_a"), VALUE2.addr(), insn, call_value2, |v| {
                     v == 1 + VALUE_A
                 })
             }
             Err(e) => errors.push(format!("{s}: VALUE2.call_to(value_a): {e}")),
         }
         let (site, insn) = VALUE2.restore();
-        patch_calling(&mut errors, &format!("{s}: value2 back"), site, insn, call_value2, |v| v == 1 + VALUE_B);
-    }
-    patching::set_strategy(saved);
+        patch_calling(errors, &format!("{s}: value2 back"), site, insn, call_value2, |v| v == 1 + VALUE_B);
+    });
 
     // Refusals: nothing declared, nothing written.
     let before = (bytes(value), bytes(hook));
@@ -208,49 +227,8 @@ pub fn patch_site_macro(_st: &BootState) -> Outcome<'static> {
 /// undeclared target refused, text unchanged.
 pub fn patch_one_site(_st: &BootState) -> Outcome<'static> {
     let mut errors = Vec::new();
-    let (value, hook) = (VALUE.addr(), HOOK.addr());
-    let call_value = || VALUE.get()(1);
-    let call_hook = || {
-        let h0 = HOOK_HITS.load(Ordering::Relaxed);
-        HOOK.get()();
-        HOOK_HITS.load(Ordering::Relaxed) - h0
-    };
-    let saved = patching::strategy();
-    let mut strategies = patching::strategies_here();
-    if !strategies.contains(&saved) {
-        strategies.push(saved);
-    }
-    for strategy in strategies {
-        patching::set_strategy(strategy);
-        let s = strategy.name();
-        match VALUE.call_to(value_b) {
-            Ok(insn) => patch_calling_with(
-                Patch::One,
-                &mut errors,
-                &format!("{s}: value_a -> value_b"),
-                value,
-                insn,
-                call_value,
-                |v| v == 1 + VALUE_B,
-            ),
-            Err(e) => errors.push(format!("{s}: call_to(value_b): {e}")),
-        }
-        let (site, insn) = VALUE.restore();
-        patch_calling_with(Patch::One, &mut errors, &format!("{s}: value_b -> value_a"), site, insn, call_value, |v| {
-            v == 1 + VALUE_A
-        });
-        match HOOK.nop() {
-            Ok(insn) => {
-                patch_calling_with(Patch::One, &mut errors, &format!("{s}: hook off"), hook, insn, call_hook, |n| {
-                    n == 0
-                })
-            }
-            Err(e) => errors.push(format!("{s}: HOOK.nop(): {e}")),
-        }
-        let (site, insn) = HOOK.restore();
-        patch_calling_with(Patch::One, &mut errors, &format!("{s}: hook on"), site, insn, call_hook, |n| n == 1);
-    }
-    patching::set_strategy(saved);
+    let value = VALUE.addr();
+    round_trips(Patch::One, &mut errors, |_, _| {});
     let before = bytes(value);
     let undeclared: extern "C" fn(u64) -> u64 = value_c;
     if patching::patch_one(value, NewInsn::Call(undeclared.addr()), |_| {}).is_ok() {
