@@ -56,19 +56,6 @@ fn bytes(site: u64) -> [u8; SITE_LEN] {
     unsafe { *(site as *const [u8; SITE_LEN]) }
 }
 
-/// Patch `site` to `insn`, calling it inside the window after steps 1 and
-/// 2 (the call traps and is emulated) and once after; `check(value)` each.
-fn patch_calling(
-    errors: &mut Vec<String>,
-    what: &str,
-    site: u64,
-    insn: NewInsn,
-    call: impl Fn() -> u64,
-    check: impl Fn(u64) -> bool,
-) {
-    patch_calling_with(Patch::Batch, errors, what, site, insn, call, check)
-}
-
 /// Which entry point of the patcher a test uses.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Patch {
@@ -78,6 +65,9 @@ enum Patch {
     One,
 }
 
+/// Patch `site` to `insn` through `how`, calling it inside the window after
+/// steps 1 and 2 (the call traps and is emulated) and once after;
+/// `check(value)` each.
 fn patch_calling_with(
     how: Patch,
     errors: &mut Vec<String>,
@@ -188,15 +178,21 @@ pub fn patch_site_macro(_st: &BootState) -> Outcome<'static> {
     round_trips(Patch::Batch, &mut errors, |s, errors| {
         let call_value2 = || VALUE2.get()(1);
         match VALUE2.call_to(value_a) {
-            Ok(insn) => {
-                patch_calling(errors, &format!("{s}: value2 -> value_a"), VALUE2.addr(), insn, call_value2, |v| {
-                    v == 1 + VALUE_A
-                })
-            }
+            Ok(insn) => patch_calling_with(
+                Patch::Batch,
+                errors,
+                &format!("{s}: value2 -> value_a"),
+                VALUE2.addr(),
+                insn,
+                call_value2,
+                |v| v == 1 + VALUE_A,
+            ),
             Err(e) => errors.push(format!("{s}: VALUE2.call_to(value_a): {e}")),
         }
         let (site, insn) = VALUE2.restore();
-        patch_calling(errors, &format!("{s}: value2 back"), site, insn, call_value2, |v| v == 1 + VALUE_B);
+        patch_calling_with(Patch::Batch, errors, &format!("{s}: value2 back"), site, insn, call_value2, |v| {
+            v == 1 + VALUE_B
+        });
     });
 
     // Refusals: nothing declared, nothing written.
