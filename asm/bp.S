@@ -200,7 +200,38 @@ sc_bpx_dispatch:
     jae sc_bpx_plain
     jmp *sc_bpx_table(,%rax,8)
 
+/* IRET as the frame is. With shadow stacks that resumes at LIP: not at a
+ * registered site's second byte (review 8 F1: a handler answering PLAIN for
+ * a live site, from forged data). If LIP-1 holds an int3, it must not be a
+ * registered site: RDX (the handler's hint, Patcher::plain_at) must be its
+ * position in the read-only site table, sites[RDX-1] < LIP-1 < sites[RDX];
+ * a wrong hint only refuses. */
 sc_bpx_plain:
+    movq %cr4, %rax
+    btq ${CR4_CET_BIT}, %rax
+    jnc sc_bp_return
+    xorl %r8d, %r8d
+    rdsspq %r8                      /* F; a NOP while SH_STK_EN = 0 */
+    testq %r8, %r8
+    jz sc_bp_return
+    movq 8(%r8), %r10
+    decq %r10                       /* LIP-1 */
+    cmpb ${INT3}, (%r10)
+    jne sc_bp_return
+    leaq __sites_start(%rip), %rcx
+    leaq __sites_end(%rip), %rax
+    subq %rcx, %rax
+    shrq $3, %rax                   /* n */
+    cmpq %rax, %rdx
+    ja sc_bpx_refuse
+    testq %rdx, %rdx
+    jz 1f
+    cmpq %r10, -8(%rcx,%rdx,8)
+    jae sc_bpx_refuse               /* sites[RDX-1] >= LIP-1 */
+1:  cmpq %rax, %rdx
+    je sc_bp_return
+    cmpq %r10, (%rcx,%rdx,8)
+    jbe sc_bpx_refuse               /* sites[RDX] <= LIP-1 */
     jmp sc_bp_return
 
 /* r8 := F (SSP is F again: the handler's calls are popped), r9 := LIP. */

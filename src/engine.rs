@@ -873,6 +873,23 @@ impl<P: Platform> Patcher<P> {
 
     // ---- The #BP handler -------------------------------------------------
 
+    /// The PLAIN exit for an int3 at `addr` (IRET as the frame is). With
+    /// shadow stacks the exit resumes at the shadow frame's LIP, and refuses
+    /// if LIP-1 holds an int3 at a registered site (a site resumed at its
+    /// second byte: the handler's answer is ordinary data, review 8): `arg`
+    /// is `addr`'s position in the site table, which the exit checks in
+    /// O(1) against LIP-1 (a wrong one can only make it refuse). A host
+    /// returns this for an int3 the engine answered `NotOurs`.
+    pub fn plain_at(&self, addr: u64) -> Exit {
+        Exit::with(Action::Plain, self.platform.sites().partition_point(|&s| s < addr) as u64)
+    }
+
+    /// [`plain_at`](Self::plain_at) the frame's RIP - 1 (where it resumes,
+    /// after an emulation without shadow stacks or a refusal's unwind).
+    pub fn plain(&self, frame: &TrapFrame) -> Exit {
+        self.plain_at(frame.rip.wrapping_sub(1))
+    }
+
     /// Handle a #BP. With shadow stacks on, `frame.ssp` is the base of the
     /// shadow frame the CPU pushed (RDSSP in the entry stub), and the int3's
     /// address is its LIP - 1; the exit re-checks everything it writes.
@@ -883,21 +900,23 @@ impl<P: Platform> Patcher<P> {
             Some(f) => slot(f.lip_slot()).wrapping_sub(1),
             None => frame.rip.wrapping_sub(1),
         };
-        if addr == self.platform.tramp_page() + TRAMP_TRAP_OFF {
-            return Int3::Handled(self.second_trap(frame, f));
-        }
-        if let Some(exit) = self.emulate_live(frame, f, addr) {
-            return Int3::Handled(exit);
-        }
-        #[cfg(feature = "test-hooks")]
-        self.platform.test_point(TestPoint::RaceWindow(addr));
-        match self.registered_site_int3(frame, f, addr) {
-            Some(exit) => Int3::Handled(exit),
-            None => {
-                self.platform.event(Event::Breakpoint { addr });
-                Int3::NotOurs
+        let exit = if addr == self.platform.tramp_page() + TRAMP_TRAP_OFF {
+            self.second_trap(frame, f)
+        } else if let Some(exit) = self.emulate_live(frame, f, addr) {
+            exit
+        } else {
+            #[cfg(feature = "test-hooks")]
+            self.platform.test_point(TestPoint::RaceWindow(addr));
+            match self.registered_site_int3(frame, f, addr) {
+                Some(exit) => exit,
+                None => {
+                    self.platform.event(Event::Breakpoint { addr });
+                    return Int3::NotOurs;
+                }
             }
-        }
+        };
+        // A PLAIN exit carries where the frame resumes, for its check.
+        Int3::Handled(if exit.action == Action::Plain as u64 { self.plain(frame) } else { exit })
     }
 
     /// The exit found the frame or the state changed after the handler's
@@ -1443,7 +1462,7 @@ mod tests {
                 assert_eq!(unsafe { *(site as *const u8) }, INT3);
                 let f = m.frame(site + 1);
                 let rsp = f.rsp;
-                assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
+                assert_eq!(p.handle_int3(f), Int3::Handled(p.plain(f)));
                 assert_eq!(f.rip, b, "resumes at the new target");
                 assert_eq!(f.rsp, rsp - 8, "one slot pushed");
                 // SAFETY: the mock stack.
@@ -1471,7 +1490,7 @@ mod tests {
             }
             let f = m.frame(site + 1);
             f.rflags = crate::frame::RFLAGS_IF;
-            assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
+            assert_eq!(p.handle_int3(f), Int3::Handled(p.plain(f)));
             assert_eq!(f.rip, m.tramp, "into the trampoline");
             assert_eq!(f.rflags & crate::frame::RFLAGS_IF, 0, "interrupts off until the second trap");
             assert_eq!(m.cpu.lifo_depth(), 1);
@@ -1517,7 +1536,7 @@ mod tests {
             let mut i = 0;
             p.patch_one(site, NewInsn::Call(b), |_| {
                 let f = m.frame(site + 1);
-                assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
+                assert_eq!(p.handle_int3(f), Int3::Handled(p.plain(f)));
                 rips[i] = f.rip;
                 i += 1;
             })
@@ -1556,7 +1575,7 @@ mod tests {
             if step == Step::Int3Written {
                 let f = m.frame(site + 1);
                 f.rsp = 0x1000;
-                assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
+                assert_eq!(p.handle_int3(f), Int3::Handled(p.plain(f)));
                 assert_eq!((f.rip, f.rsp), (site + 1, 0x1000), "frame unchanged");
             }
         })
@@ -1574,7 +1593,7 @@ mod tests {
         let site = m.at(SITE_OFF);
         write(site, &[INT3]);
         let f = m.frame(site + 1);
-        assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
+        assert_eq!(p.handle_int3(f), Int3::Handled(p.plain(f)));
         assert_eq!(f.rip, site, "executes the site again");
         assert!(m.events.lock().unwrap().iter().any(|e| e.starts_with("Int3Race")));
     }

@@ -58,6 +58,7 @@ core::arch::global_asm!(
     SEALED_KEYS_OFF = const offset_of!(SealedHeader, keys_off),
     SEALED_SLOTS_OFF = const offset_of!(SealedHeader, slots_off),
     CODE_SHADOW_GAP = const crate::engine::CODE_SHADOW_GAP,
+    INT3 = const crate::patch::INT3,
     ENTRY_SIZE = const size_of::<SealedEntry>(),
     ENTRY_SHIFT = const size_of::<SealedEntry>().trailing_zeros(),
     ENTRY_SITE = const offset_of!(SealedEntry, site),

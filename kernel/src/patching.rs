@@ -441,14 +441,24 @@ pub fn note_frame_alignment(_frame: &TrapFrame) {
 extern "C" fn sc_bp_handler(frame: &mut TrapFrame, ssp: u64) -> Exit {
     note_frame_alignment(frame);
     frame.ssp = ssp;
-    // The benchmark's bare trap (`int3_iret`: the entry and the exit alone).
-    if int3_addr(frame, ssp) == core::ptr::addr_of!(sc_b_int3) as u64 {
-        return Exit::PLAIN;
+    // The benchmark's bare trap (`int3_iret`: the entry and the exit alone;
+    // its PLAIN exit's site-table position computed once).
+    let bench = core::ptr::addr_of!(sc_b_int3) as u64;
+    if int3_addr(frame, ssp) == bench {
+        return *BENCH_PLAIN.call_once(|| PATCHER.plain_at(bench));
     }
     let exit = match PATCHER.handle_int3(frame) {
         Int3::Handled(exit) => exit,
         Int3::NotOurs => not_ours(frame, ssp),
     };
+    // sec_plain_live_site: the handler's answer forged to PLAIN at a live
+    // site, with the frame back at the trap (review 8 F1's outcome).
+    #[cfg(feature = "test-hooks")]
+    if FORGE_PLAIN.swap(false, Ordering::Relaxed) {
+        let addr = int3_addr(frame, ssp);
+        frame.rip = addr.wrapping_add(1);
+        return PATCHER.plain_at(addr);
+    }
     #[cfg(feature = "test-hooks")]
     if let Some(h) = crate::hooks::test_hooks() {
         (h.after_bp_checks)(frame);
@@ -468,8 +478,15 @@ fn not_ours(frame: &mut TrapFrame, ssp: u64) -> Exit {
     PerCpu::count(&cpu.counters.breakpoints);
     let how = if cpu.expect_refusal.load(Ordering::Relaxed) { "expected: " } else { "" };
     crate::diag!("{how}breakpoint at {addr:#x}: not a site of a patch in flight; not emulated");
-    Exit::PLAIN
+    PATCHER.plain_at(addr)
 }
+
+/// Self-test switch of `sec_plain_live_site` (test builds only).
+#[cfg(feature = "test-hooks")]
+pub static FORGE_PLAIN: AtomicBool = AtomicBool::new(false);
+
+/// The bench probe's PLAIN exit (the site table never changes).
+static BENCH_PLAIN: Once<Exit> = Once::new();
 
 /// The exit found the frame or the state changed after the handler's
 /// checks (the crate's asm/bp.S `sc_bpx_refuse`): nothing was written.
@@ -499,11 +516,11 @@ fn iret_probe(frame: &mut TrapFrame, addr: u64) -> Option<Exit> {
     match this_cpu().bp_test_hook.swap(BpTestHook::None as u8, Ordering::Relaxed) {
         x if x == BpTestHook::RipOnly as u8 => {
             frame.rip = landing;
-            Some(Exit::PLAIN)
+            Some(PATCHER.plain_at(addr))
         }
         x if x == BpTestHook::RipAndLip as u8 => {
             frame.rip = landing;
-            Some(if cet::active() { Exit::with(engine::Action::TestLanding, 0) } else { Exit::PLAIN })
+            Some(if cet::active() { Exit::with(engine::Action::TestLanding, 0) } else { PATCHER.plain_at(addr) })
         }
         _ => None,
     }

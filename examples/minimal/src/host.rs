@@ -275,7 +275,7 @@ extern "C" fn sc_bp_handler(frame: &mut TrapFrame, ssp: u64) -> Exit {
         Int3::Handled(exit) => exit,
         Int3::NotOurs => {
             println!("# breakpoint at {:#x}: not a patch site", frame.rip - 1);
-            Exit::PLAIN
+            PATCHER.plain(frame)
         }
     }
 }

@@ -214,6 +214,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("nmi_in_window", smp_tests::nmi_in_window),
     ("frame_alignment", sec_tests::frame_alignment),
     ("sec_exit_forged_frame", sec_tests::sec_exit_forged_frame),
+    ("sec_plain_live_site", sec_tests::sec_plain_live_site),
     ("sec_batch_forged", sec_tests::sec_batch_forged),
     ("sec_poke_alias_private", sec_alias::sec_poke_alias_private),
     ("sec_try_forged_ssp", sec_recover::sec_try_forged_ssp),

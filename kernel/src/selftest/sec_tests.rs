@@ -1071,3 +1071,57 @@ pub fn sec_tramp_bytes(_st: &BootState) -> Outcome<'static> {
     }
     super::outcome_of(&errors)
 }
+
+// ---- sec_plain_live_site -----------------------------------------------------
+
+/// Review 8 F1: a PLAIN answer for a live site (forged data in the handler)
+/// would resume at the site's second byte, the middle of an instruction.
+/// The PLAIN exit refuses when LIP-1 holds an int3 at a registered site
+/// (the handler's site-table hint checked in asm), under each strategy.
+pub fn sec_plain_live_site(st: &BootState) -> Outcome<'static> {
+    if !HOOKS {
+        return NO_HOOKS;
+    }
+    if let Some(o) = skip_without_shstk(st) {
+        return o;
+    }
+    #[cfg_attr(not(feature = "test-hooks"), allow(unused_mut))]
+    let mut errors: Vec<String> = Vec::new();
+    #[cfg(feature = "test-hooks")]
+    for s in patching::strategies_here() {
+        patching::set_strategy(s);
+        let mut inside = Vec::new();
+        let r = patching::patch(&[(site(), NewInsn::Call(target(1)))], |step| {
+            if step != Step::Int3Written {
+                return;
+            }
+            let ssp0 = cet::rdssp();
+            tlog_reset();
+            patching::FORGE_PLAIN.store(true, Ordering::Relaxed);
+            // SAFETY: a site function; the refusal is caught.
+            let r = expecting(|| try_run(|| unsafe { sc_t_fn_call(0) }));
+            patching::FORGE_PLAIN.store(false, Ordering::Relaxed);
+            match r {
+                Err(FaultInfo { vector: GUARD_REFUSAL, .. }) => {}
+                other => inside.push(format!("{}: PLAIN at a live site: expected a refusal, got {other:?}", s.name())),
+            }
+            if tlog().count[1] != 0 || tlog().count[0] != 0 {
+                inside.push(format!("{}: a target ran", s.name()));
+            }
+            if cet::rdssp() != ssp0 {
+                inside.push(format!("{}: SSP not recovered", s.name()));
+            }
+        });
+        errors.extend(inside);
+        if let Err(e) = r {
+            errors.push(format!("{}: patch failed: {e}", s.name()));
+        }
+        if patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {}).is_err() {
+            errors.push(String::from("restore failed"));
+        }
+    }
+    if errors.is_empty() {
+        diag!("a PLAIN answer at a live site is refused by the exit under every strategy; nothing resumed mid-instruction");
+    }
+    super::outcome_of(&errors)
+}
