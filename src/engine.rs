@@ -915,8 +915,9 @@ impl<P: Platform> Patcher<P> {
                 }
             }
         };
-        // A PLAIN exit carries where the frame resumes, for its check.
-        Int3::Handled(if exit.action == Action::Plain as u64 { self.plain(frame) } else { exit })
+        // With shadow stacks, a PLAIN exit carries where the frame resumes,
+        // for its check (without them the exit checks nothing: no search).
+        Int3::Handled(if exit.action == Action::Plain as u64 && f.is_some() { self.plain(frame) } else { exit })
     }
 
     /// The exit found the frame or the state changed after the handler's
@@ -1462,7 +1463,7 @@ mod tests {
                 assert_eq!(unsafe { *(site as *const u8) }, INT3);
                 let f = m.frame(site + 1);
                 let rsp = f.rsp;
-                assert_eq!(p.handle_int3(f), Int3::Handled(p.plain(f)));
+                assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
                 assert_eq!(f.rip, b, "resumes at the new target");
                 assert_eq!(f.rsp, rsp - 8, "one slot pushed");
                 // SAFETY: the mock stack.
@@ -1490,7 +1491,7 @@ mod tests {
             }
             let f = m.frame(site + 1);
             f.rflags = crate::frame::RFLAGS_IF;
-            assert_eq!(p.handle_int3(f), Int3::Handled(p.plain(f)));
+            assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
             assert_eq!(f.rip, m.tramp, "into the trampoline");
             assert_eq!(f.rflags & crate::frame::RFLAGS_IF, 0, "interrupts off until the second trap");
             assert_eq!(m.cpu.lifo_depth(), 1);
@@ -1536,7 +1537,7 @@ mod tests {
             let mut i = 0;
             p.patch_one(site, NewInsn::Call(b), |_| {
                 let f = m.frame(site + 1);
-                assert_eq!(p.handle_int3(f), Int3::Handled(p.plain(f)));
+                assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
                 rips[i] = f.rip;
                 i += 1;
             })
@@ -1575,7 +1576,7 @@ mod tests {
             if step == Step::Int3Written {
                 let f = m.frame(site + 1);
                 f.rsp = 0x1000;
-                assert_eq!(p.handle_int3(f), Int3::Handled(p.plain(f)));
+                assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
                 assert_eq!((f.rip, f.rsp), (site + 1, 0x1000), "frame unchanged");
             }
         })
@@ -1593,7 +1594,7 @@ mod tests {
         let site = m.at(SITE_OFF);
         write(site, &[INT3]);
         let f = m.frame(site + 1);
-        assert_eq!(p.handle_int3(f), Int3::Handled(p.plain(f)));
+        assert_eq!(p.handle_int3(f), Int3::Handled(Exit::PLAIN));
         assert_eq!(f.rip, site, "executes the site again");
         assert!(m.events.lock().unwrap().iter().any(|e| e.starts_with("Int3Race")));
     }
