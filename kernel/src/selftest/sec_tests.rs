@@ -1088,6 +1088,8 @@ pub fn sec_plain_live_site(st: &BootState) -> Outcome<'static> {
     #[cfg_attr(not(feature = "test-hooks"), allow(unused_mut))]
     let mut errors: Vec<String> = Vec::new();
     #[cfg(feature = "test-hooks")]
+    let saved = patching::strategy();
+    #[cfg(feature = "test-hooks")]
     for s in patching::strategies_here() {
         patching::set_strategy(s);
         let mut inside = Vec::new();
@@ -1120,6 +1122,9 @@ pub fn sec_plain_live_site(st: &BootState) -> Outcome<'static> {
             errors.push(String::from("restore failed"));
         }
     }
+    // The strategy in force before (the classic negative control forces one).
+    #[cfg(feature = "test-hooks")]
+    patching::set_strategy(saved);
     if errors.is_empty() {
         diag!("a PLAIN answer at a live site is refused by the exit under every strategy; nothing resumed mid-instruction");
     }
