@@ -989,26 +989,18 @@ impl<P: Platform> Patcher<P> {
         Some(self.emulate(frame, None, &e))
     }
 
-    #[inline(always)]
-    fn test_point(&self, _p: TestPointArg) {
-        #[cfg(feature = "test-hooks")]
-        self.platform.test_point(match _p {
-            TestPointArg::WindowEnter => TestPoint::WindowEnter,
-            TestPointArg::FirstTrapExit => TestPoint::FirstTrapExit,
-            TestPointArg::SecondTrap => TestPoint::SecondTrap,
-            TestPointArg::WindowExit => TestPoint::WindowExit,
-        });
-    }
-
     fn window_enter(&self) {
         count!(self.platform.cpu(), window_depth);
-        self.test_point(TestPointArg::WindowEnter);
+        #[cfg(feature = "test-hooks")]
+        self.platform.test_point(TestPoint::WindowEnter);
     }
 
     fn window_exit(&self) {
         #[cfg(feature = "test-hooks")]
-        self.platform.cpu().counters.window_depth.fetch_sub(1, Ordering::Relaxed);
-        self.test_point(TestPointArg::WindowExit);
+        {
+            self.platform.cpu().counters.window_depth.fetch_sub(1, Ordering::Relaxed);
+            self.platform.test_point(TestPoint::WindowExit);
+        }
     }
 
     /// Emulate `e`'s new instruction for the CPU that trapped on its int3.
@@ -1018,7 +1010,8 @@ impl<P: Platform> Patcher<P> {
         self.window_enter();
         // The trampoline's window lasts until its second trap.
         let (exit, window_open) = self.emulate_insn(frame, f, e);
-        self.test_point(TestPointArg::FirstTrapExit);
+        #[cfg(feature = "test-hooks")]
+        self.platform.test_point(TestPoint::FirstTrapExit);
         if !window_open {
             self.window_exit();
         }
@@ -1127,7 +1120,8 @@ impl<P: Platform> Patcher<P> {
     /// are they replaced by (target, return address).
     fn second_trap(&self, frame: &mut TrapFrame, f: Option<ShadowFrame>) -> Exit {
         let cpu = self.platform.cpu();
-        self.test_point(TestPointArg::SecondTrap);
+        #[cfg(feature = "test-hooks")]
+        self.platform.test_point(TestPoint::SecondTrap);
         let t = tramp::layout_at(self.platform.tramp_page());
         let verified = (|| -> Result<(PendingCall, bool), GuardError> {
             let rsp = frame.rsp;
@@ -1269,15 +1263,6 @@ impl<P: Platform> Patcher<P> {
         frame.rsp = rsp + 8;
         action_if_shadow(f, Action::Ret, entry)
     }
-}
-
-/// The engine's own test points (mapped to [`TestPoint`] with `test-hooks`).
-#[derive(Clone, Copy)]
-enum TestPointArg {
-    WindowEnter,
-    FirstTrapExit,
-    SecondTrap,
-    WindowExit,
 }
 
 fn resume_at(frame: &mut TrapFrame, f: Option<ShadowFrame>, addr: u64) -> Exit {
