@@ -277,6 +277,16 @@ pub fn sec_exit_forged_frame(st: &BootState) -> Outcome<'static> {
     }
     // 2. The #BP handler's frame forged after its checks, under each strategy:
     //    the exit refuses, nothing written, the target never runs.
+    refused_under_each_strategy("forged #BP frame", &FORGE_BP, &mut errors);
+    super::outcome_of(&errors)
+}
+
+/// Under each strategy, inside a patch's window: `forge` armed, the site
+/// called. The #BP exit must refuse (the call unwinds to its recovery
+/// point): no shadow slot written, no target run, SSP recovered, no
+/// trampoline record left claimed. The site and the boot's strategy are
+/// restored after.
+fn refused_under_each_strategy(what: &str, forge: &AtomicBool, errors: &mut Vec<String>) {
     for s in patching::strategies_here() {
         patching::set_strategy(s);
         let mut inside = Vec::new();
@@ -287,16 +297,16 @@ pub fn sec_exit_forged_frame(st: &BootState) -> Outcome<'static> {
             let before = victim_slots();
             let ssp0 = cet::rdssp();
             tlog_reset();
-            FORGE_BP.store(true, Ordering::Relaxed);
+            forge.store(true, Ordering::Relaxed);
             // SAFETY: a site function; the refusal is caught.
             let r = expecting(|| try_run(|| unsafe { sc_t_fn_call(0) }));
-            FORGE_BP.store(false, Ordering::Relaxed);
+            forge.store(false, Ordering::Relaxed);
             match r {
                 Err(FaultInfo { vector: GUARD_REFUSAL, .. }) => {}
-                other => inside.push(format!("{}: forged #BP frame: expected a refusal, got {other:?}", s.name())),
+                other => inside.push(format!("{}: {what}: expected a refusal, got {other:?}", s.name())),
             }
             if victim_slots() != before {
-                inside.push(format!("{}: forged #BP frame: shadow slots written", s.name()));
+                inside.push(format!("{}: {what}: shadow slots written", s.name()));
             }
             if tlog().count[1] != 0 || tlog().count[0] != 0 {
                 inside.push(format!("{}: a target ran after the forgery", s.name()));
@@ -317,7 +327,6 @@ pub fn sec_exit_forged_frame(st: &BootState) -> Outcome<'static> {
         }
     }
     patching::set_strategy(crate::state().strategy);
-    super::outcome_of(&errors)
 }
 
 // ---- sec_batch_forged --------------------------------------------------------
@@ -1088,43 +1097,7 @@ pub fn sec_plain_live_site(st: &BootState) -> Outcome<'static> {
     #[cfg_attr(not(feature = "test-hooks"), allow(unused_mut))]
     let mut errors: Vec<String> = Vec::new();
     #[cfg(feature = "test-hooks")]
-    let saved = patching::strategy();
-    #[cfg(feature = "test-hooks")]
-    for s in patching::strategies_here() {
-        patching::set_strategy(s);
-        let mut inside = Vec::new();
-        let r = patching::patch(&[(site(), NewInsn::Call(target(1)))], |step| {
-            if step != Step::Int3Written {
-                return;
-            }
-            let ssp0 = cet::rdssp();
-            tlog_reset();
-            patching::FORGE_PLAIN.store(true, Ordering::Relaxed);
-            // SAFETY: a site function; the refusal is caught.
-            let r = expecting(|| try_run(|| unsafe { sc_t_fn_call(0) }));
-            patching::FORGE_PLAIN.store(false, Ordering::Relaxed);
-            match r {
-                Err(FaultInfo { vector: GUARD_REFUSAL, .. }) => {}
-                other => inside.push(format!("{}: PLAIN at a live site: expected a refusal, got {other:?}", s.name())),
-            }
-            if tlog().count[1] != 0 || tlog().count[0] != 0 {
-                inside.push(format!("{}: a target ran", s.name()));
-            }
-            if cet::rdssp() != ssp0 {
-                inside.push(format!("{}: SSP not recovered", s.name()));
-            }
-        });
-        errors.extend(inside);
-        if let Err(e) = r {
-            errors.push(format!("{}: patch failed: {e}", s.name()));
-        }
-        if patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {}).is_err() {
-            errors.push(String::from("restore failed"));
-        }
-    }
-    // The strategy in force before (the classic negative control forces one).
-    #[cfg(feature = "test-hooks")]
-    patching::set_strategy(saved);
+    refused_under_each_strategy("PLAIN at a live site", &patching::FORGE_PLAIN, &mut errors);
     if errors.is_empty() {
         diag!("a PLAIN answer at a live site is refused by the exit under every strategy; nothing resumed mid-instruction");
     }

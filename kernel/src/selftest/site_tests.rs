@@ -118,18 +118,24 @@ fn patch_calling_with(
     }
 }
 
+/// VALUE called with 1.
+fn call_value() -> u64 {
+    VALUE.get()(1)
+}
+
+/// HOOK called: how many times its target ran (1 on, 0 as a NOP).
+fn call_hook() -> u64 {
+    let h0 = HOOK_HITS.load(Ordering::Relaxed);
+    HOOK.get()();
+    HOOK_HITS.load(Ordering::Relaxed) - h0
+}
+
 /// Under every strategy this CPU runs (and one the command line forced:
 /// classic with shadow stacks on, the negative control, which must end in
 /// #CP), through `how`: VALUE retargeted to value_b and back, HOOK turned
 /// off and on, each called inside the window; then `more(strategy)`.
 fn round_trips(how: Patch, errors: &mut Vec<String>, mut more: impl FnMut(&str, &mut Vec<String>)) {
     let (value, hook) = (VALUE.addr(), HOOK.addr());
-    let call_value = || VALUE.get()(1);
-    let call_hook = || {
-        let h0 = HOOK_HITS.load(Ordering::Relaxed);
-        HOOK.get()();
-        HOOK_HITS.load(Ordering::Relaxed) - h0
-    };
     let saved = patching::strategy();
     let mut strategies = patching::strategies_here();
     if !strategies.contains(&saved) {
@@ -169,12 +175,6 @@ fn round_trips(how: Patch, errors: &mut Vec<String>, mut more: impl FnMut(&str, 
 pub fn patch_site_macro(_st: &BootState) -> Outcome<'static> {
     let mut errors = Vec::new();
     let (value, hook) = (VALUE.addr(), HOOK.addr());
-    let call_value = || VALUE.get()(1);
-    let call_hook = || {
-        let h0 = HOOK_HITS.load(Ordering::Relaxed);
-        HOOK.get()();
-        HOOK_HITS.load(Ordering::Relaxed) - h0
-    };
     round_trips(Patch::Batch, &mut errors, |s, errors| {
         let call_value2 = || VALUE2.get()(1);
         match VALUE2.call_to(value_a) {
