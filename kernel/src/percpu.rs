@@ -47,8 +47,6 @@ pub struct PerCpu {
     pub online: AtomicBool,
     /// Sync IPIs this CPU handled (each ends in a serializing IRET).
     pub syncs: AtomicU64,
-    /// How many #BP handlers are running on this CPU (they may be using the batch in flight).
-    pub bp_active: AtomicU64,
     /// Work the boot CPU hands an application processor (see smp::run_on).
     pub work: AtomicU64,
     pub work_arg: AtomicU64,
@@ -89,7 +87,6 @@ const fn new_cpu(index: usize) -> PerCpu {
         shstk: [AtomicU64::new(0), AtomicU64::new(0)],
         online: AtomicBool::new(false),
         syncs: AtomicU64::new(0),
-        bp_active: AtomicU64::new(0),
         work: AtomicU64::new(0),
         work_arg: AtomicU64::new(0),
         work_done: AtomicU64::new(0),
