@@ -32,7 +32,12 @@
 //!     // In the host's #BP handler:
 //!     match patcher.handle_int3(frame) {
 //!         Int3::Handled(_exit) => { /* the entry stub takes `_exit` */ }
-//!         Int3::NotOurs => { /* the host's own breakpoint handling */ }
+//!         Int3::NotOurs => {
+//!             // The host's own breakpoint handling, then IRET as the frame
+//!             // is: the PLAIN exit with its site-table position
+//!             // (`plain`), which the exit checks.
+//!             let _exit = patcher.plain(frame);
+//!         }
 //!     }
 //! }
 //! ```
@@ -104,7 +109,8 @@ pub struct Exit {
 }
 
 impl Exit {
-    /// IRET as the frame is.
+    /// IRET as the frame is, without a site-table position: enough without
+    /// shadow stacks; with them a host returns [`Patcher::plain`].
     pub const PLAIN: Exit = Exit { action: Action::Plain as u64, arg: 0 };
 
     /// `action` with `arg`.
@@ -118,7 +124,10 @@ impl Exit {
 pub enum Int3 {
     /// The engine's: the entry stub leaves through this exit.
     Handled(Exit),
-    /// Not a site of the engine's: the host handles it (debugger, kprobes).
+    /// Not a site of the engine's: the host handles it (debugger, kprobes)
+    /// and leaves through [`Patcher::plain`] (not [`Exit::PLAIN`]: with
+    /// shadow stacks the PLAIN exit refuses a stray int3 without its
+    /// site-table position).
     NotOurs,
 }
 
