@@ -34,6 +34,12 @@ pub struct PatchStats {
     pub hook_fault: Option<FaultInfo>,
 }
 
+impl PatchStats {
+    fn of(s: engine::PatchStats, hook_fault: Option<FaultInfo>) -> Self {
+        PatchStats { sites: s.sites, sync_rounds: s.sync_rounds, table_bytes: s.table_bytes, hook_fault }
+    }
+}
+
 static HAS_SERIALIZE: AtomicBool = AtomicBool::new(false);
 /// QEMU TCG workaround. TCG keeps translated code per physical page and
 /// drops it when a store hits a page it tracks; with several vCPUs, a store
@@ -342,24 +348,24 @@ pub fn sync_rounds() -> u64 {
 /// Patch a batch of sites with the int3 protocol. `hook` runs after steps 1
 /// and 2, inside the emulation window; a fault inside it is caught so that
 /// the protocol always completes. On error nothing has been written to text.
-pub fn patch(sites: &[(u64, NewInsn)], mut hook: impl FnMut(Step)) -> Result<PatchStats, PatchError> {
-    let mut hook_fault = None;
-    let s = PATCHER.patch(sites, |step| {
-        if let Err(f) = crate::recover::try_run(|| {
-            hook(step);
-            0
-        }) {
-            hook_fault.get_or_insert(f);
-        }
-    })?;
-    Ok(PatchStats { sites: s.sites, sync_rounds: s.sync_rounds, table_bytes: s.table_bytes, hook_fault })
+pub fn patch(sites: &[(u64, NewInsn)], hook: impl FnMut(Step)) -> Result<PatchStats, PatchError> {
+    catching_hook_faults(hook, |h| PATCHER.patch(sites, h))
 }
 
 /// Patch one site without allocating (`Patcher::patch_one`); the hook as
 /// for `patch`.
-pub fn patch_one(site: u64, insn: NewInsn, mut hook: impl FnMut(Step)) -> Result<PatchStats, PatchError> {
+pub fn patch_one(site: u64, insn: NewInsn, hook: impl FnMut(Step)) -> Result<PatchStats, PatchError> {
+    catching_hook_faults(hook, |h| PATCHER.patch_one(site, insn, h))
+}
+
+/// Run a patch whose hook faults are caught (the protocol always completes)
+/// and reported in the stats.
+fn catching_hook_faults(
+    mut hook: impl FnMut(Step),
+    run: impl FnOnce(&mut dyn FnMut(Step)) -> Result<engine::PatchStats, PatchError>,
+) -> Result<PatchStats, PatchError> {
     let mut hook_fault = None;
-    let s = PATCHER.patch_one(site, insn, |step| {
+    let s = run(&mut |step| {
         if let Err(f) = crate::recover::try_run(|| {
             hook(step);
             0
@@ -367,7 +373,7 @@ pub fn patch_one(site: u64, insn: NewInsn, mut hook: impl FnMut(Step)) -> Result
             hook_fault.get_or_insert(f);
         }
     })?;
-    Ok(PatchStats { sites: s.sites, sync_rounds: s.sync_rounds, table_bytes: s.table_bytes, hook_fault })
+    Ok(PatchStats::of(s, hook_fault))
 }
 
 pub use shadowcall::engine::InFlight;
@@ -384,8 +390,7 @@ pub fn write_tails() {
 
 /// Step 3 and retirement.
 pub fn finish(flight: InFlight) -> PatchStats {
-    let s = PATCHER.finish(flight);
-    PatchStats { sites: s.sites, sync_rounds: s.sync_rounds, table_bytes: s.table_bytes, hook_fault: None }
+    PatchStats::of(PATCHER.finish(flight), None)
 }
 
 // A CPU's record page is one page of the kernel's record area.
