@@ -29,6 +29,31 @@
  * also checks that the saved RIP is the value it derives (a frame changed
  * after the Rust checks is refused, nothing written). With shadow stacks
  * off the handler changes the frame itself and returns BPX_PLAIN. */
+/* The fast path's frame (below) is the TrapFrame less its lowest FAST
+ * bytes (ssp, shadow_push, r15..r12), not yet pushed. */
+.set FAST, {FRAME_R11}
+/* The emulated call's normal-stack half, in the fast path's frame: the
+ * saved RSP R must be one the exits can produce (R-8 .. R inside the window
+ * above this frame, 8-aligned), so the slot R-8 lies on this stack above the
+ * frame (else the handler); then [R-8] := S+5, RSP := R-8, RIP := T (r9).
+ * rax := S+5. Clobbers rcx, r11. */
+.macro FAST_PUSH
+    movq {FRAME_RSP}-FAST(%rsp), %rax
+    leaq -8(%rax), %rcx
+    leaq {BP_RSP_MIN}-FAST(%rsp), %r11
+    cmpq %r11, %rcx
+    jb sc_bp_slow
+    leaq {BP_RSP_MAX}-FAST(%rsp), %r11
+    cmpq %r11, %rax
+    ja sc_bp_slow
+    testb $7, %al
+    jnz sc_bp_slow
+    movq %rcx, {FRAME_RSP}-FAST(%rsp)
+    movq %r9, {FRAME_RIP}-FAST(%rsp)
+    leaq {SITE_LEN}(%r10), %rax     /* S+5 */
+    movq %rax, (%rcx)
+.endm
+
 /* The host's IDT entry for vector 3: an interrupt gate, no IST. */
 .globl sc_isr_3
 sc_isr_3:
@@ -40,9 +65,7 @@ sc_isr_3:
     pushq {BP_GAP}+32(%rsp)         /* RIP */
     pushq $0
     pushq $3
-    PUSH_GPRS
-    subq $16, %rsp                  /* TrapFrame.ssp, TrapFrame.shadow_push */
-    movq $0, 8(%rsp)
+    PUSH_GPRS_LOW
 /* From here to sc_bpx_region_end: a critical region (the SSP read, the fast
  * path, the #BP exits and, at its end, the sync words' writers), which hold
  * the operands of their decisions and WRSS in registers. An NMI or #MC taken
@@ -51,63 +74,100 @@ sc_isr_3:
  * (the host's NMI/#MC entries; the reference kernel's sc_isr_cet_ist). */
 .globl sc_bpx_region_start, sc_bpx_region_end
 sc_bpx_region_start:
-    xorl %esi, %esi
-    /* Shadow stacks on or off, from CR4.CET (a register), not from the
-     * ordinary byte SC_SHSTK_ACTIVE: a forged byte made the engine take the
-     * int3's address from the saved RIP and answer NotOurs for a live site,
-     * and the PLAIN exit resumed at site+1 (review8). CR4.CET set implies
-     * CET support, so RDSSP is defined (a NOP while S_CET.SH_STK_EN = 0). */
-    movq %cr4, %rax
-    btq ${CR4_CET_BIT}, %rax
-    jnc 1f
-    rdsspq %rsi
-1:  movq %rsi, (%rsp)
 .if {TEST_HOOKS} == 0
     /* The fast path (production builds: the self-test hooks and counters
-     * live in the handler). Under the shadow-gap strategy, a live batch's
-     * JMP, NOP or CALL for the site at LIP-1, found here in the
-     * read-only sealed batch, goes straight to its exit, which checks the
-     * entry again (LIVE_ENTRY, CHECKED_ENTRY, the frame) and derives every
-     * shadow-stack write from RDSSP and read-only data, exactly as for an
-     * answer of the handler. Anything else, or any doubt: the handler.
-     * rsi = F (0: shadow stacks off). The sc_bp_fast* labels name its
-     * parts for `cargo xtask trace`. */
+     * live in the handler; DESIGN §6). A live batch's CALL, JMP or NOP for
+     * the site S is emulated here, in one pass, with every check the exits
+     * make (the entry in the sealed area, live, for S; S a registered site,
+     * T a declared target, both from the read-only tables; the interrupted
+     * shadow frame), every shadow-stack write derived from RDSSP and
+     * read-only data, the registers saved only as far as it uses them
+     * (PUSH_GPRS_LOW). Anything else, or any doubt: the handler
+     * (sc_bp_slow), which decides from scratch. The sc_bp_fast* labels name
+     * its parts for `cargo xtask trace`. */
 sc_bp_fast:
+    /* A pre-filter, to keep the other traps cheap: no live batch, no fast
+     * path. The decision is the look again below, after this CPU's in-exit
+     * count is raised. */
+    movabsq ${SEALED_LIVE}, %rax
+    cmpq %rax, __sealed_start+{SEALED_STATE}(%rip)
+    jne sc_bp_slow
+    /* Shadow stacks on or off, from CR4.CET (a register, not the ordinary
+     * byte SC_SHSTK_ACTIVE: review 8). CR4.CET set implies CET support, so
+     * RDSSP is defined (a NOP while S_CET.SH_STK_EN = 0). */
+    movq %cr4, %rax
+    btq ${CR4_CET_BIT}, %rax
+    jnc sc_bp_fast_nocet
+    xorl %esi, %esi
+    rdsspq %rsi                     /* F */
     testq %rsi, %rsi
-    jz 9f
-    /* The fast path serves the shadow-gap strategy (the default with shadow
-     * stacks); under the trampoline a CALL would only search twice. */
-    cmpb ${CODE_SHADOW_GAP}, SC_CALL_STRATEGY(%rip)
-    jne 9f
-    movq 8(%rsi), %r9               /* LIP, from the shadow frame */
-    leaq -1(%r9), %r10              /* S */
-    leaq sc_tramp_page+{TRAMP_TRAP}(%rip), %rax
-    cmpq %rax, %r10                 /* the trampoline's second trap */
-    je 9f
+    jz sc_bp_fast_nocet
+    /* This CPU: the one whose stack area holds F (static layout; SSP cannot
+     * be forged), and F not on its NMI shadow stack: a #BP inside an NMI
+     * handler needs the handler's return without IRET (sc_bp_return). */
+    leaq sc_stacks(%rip), %rcx
+    movq %rsi, %rax
+    subq %rcx, %rax
+    jb sc_bp_slow
+    xorl %edx, %edx
+    divq sc_cpu_stacks_size(%rip)
+    cmpq $SC_MAX_CPUS, %rax
+    jae sc_bp_slow
+    subq $SC_NMI_SHSTK_OFF, %rdx
+    cmpq $SC_NMI_SHSTK_SIZE, %rdx
+    jb sc_bp_slow
+    shlq ${RECORD_PAGE_SHIFT}, %rax
+    leaq sc_tramp_records(%rip), %rdi
+    addq %rax, %rdi                 /* this CPU's record page */
+    movq 8(%rsi), %r10
+    decq %r10                       /* S = LIP-1, from the shadow frame */
+    /* This CPU's in-exit count + 1 (WRSS), visible to every CPU before the
+     * magic word is read (Dekker with sc_poke_sealed, DESIGN §8.2), until
+     * the entry's last read; rbx keeps the count to restore. */
+    movq {IN_EXIT}(%rdi), %rbx
+    leaq 1(%rbx), %rax
+    wrssq %rax, {IN_EXIT}(%rdi)
+    mfence
+    jmp sc_bp_fast_lookup
+sc_bp_fast_nocet:
+    /* Without shadow stacks (classic): S from the saved RIP (there is no
+     * shadow stack to protect), and not inside an NMI (RSP on this CPU's
+     * NMI stack: the same test as sc_bp_return). */
+    xorl %esi, %esi                 /* F = 0: no shadow stacks */
+    movq {FRAME_RIP}-FAST(%rsp), %r10
+    decq %r10                       /* S */
+    movq %rsp, %rax
+    STACK_CPU sc_bp_fast_lookup     /* outside the area: not an NMI stack */
+    subq $SC_NMI_STACK_OFF, %rdx
+    cmpq $SC_IST_STACK_SIZE, %rdx
+    jb sc_bp_slow
+sc_bp_fast_lookup:
+    /* r10 = S. The sealed batch: live; its header's depth (1..32) and
+     * offsets such that every key, node and entry read below lies in the
+     * sealed area whatever the header says (it is read-only, but was only
+     * verified in Rust before publishing). */
     leaq __sealed_start(%rip), %r8
     movabsq ${SEALED_LIVE}, %rax
     cmpq %rax, {SEALED_STATE}(%r8)
-    jne 9f
+    jne sc_bp_fast_out
     movq {SEALED_DEPTH}(%r8), %rcx
     leaq -1(%rcx), %rax
     cmpq $31, %rax                  /* depth 1..32 */
-    ja 9f
-    /* Every read below stays in the sealed area, whatever the header says
-     * (it is read-only, but was only verified in Rust before publishing). */
-    leaq __sealed_end(%rip), %r11
-    subq %r8, %r11                  /* the area's bytes */
+    ja sc_bp_fast_out
+    leaq __sealed_end(%rip), %r9
+    subq %r8, %r9                   /* the area's bytes */
     movl $8, %eax
     shlq %cl, %rax                  /* the keys' bytes: 2^depth u64 */
     addq {SEALED_KEYS_OFF}(%r8), %rax
-    jc 9f
-    cmpq %r11, %rax
-    ja 9f
+    jc sc_bp_fast_out
+    cmpq %r9, %rax
+    ja sc_bp_fast_out
     movl $4, %eax
     shlq %cl, %rax                  /* the nodes' entry indices: 2^depth u32 */
     addq {SEALED_SLOTS_OFF}(%r8), %rax
-    jc 9f
-    cmpq %r11, %rax
-    ja 9f
+    jc sc_bp_fast_out
+    cmpq %r9, %rax
+    ja sc_bp_fast_out
 sc_bp_fast_search:
     movq {SEALED_KEYS_OFF}(%r8), %rdx
     addq %r8, %rdx                  /* the search tree's keys */
@@ -132,66 +192,129 @@ sc_bp_fast_search:
     bsfq %rax, %rcx                 /* the smallest key >= S (0: none) */
     incl %ecx
     shrq %cl, %r11
-    jz 9f
+    jz sc_bp_fast_out
     cmpq %r10, (%rdx,%r11,8)
-    jne 9f
+    jne sc_bp_fast_out
+    /* The node's entry: index < len (one of the live batch's entries, as
+     * sealed.S LIVE_ENTRY), inside the area. */
     movq {SEALED_SLOTS_OFF}(%r8), %rax
     addq %r8, %rax
-    movl (%rax,%r11,4), %eax        /* the node's entry index */
+    movl (%rax,%r11,4), %eax
+    cmpq {SEALED_LEN}(%r8), %rax
+    jae sc_bp_fast_out
     shlq ${ENTRY_SHIFT}, %rax
     addq {SEALED_ENTRIES_OFF}(%r8), %rax
-    addq %r8, %rax                  /* the entry (the exit checks it again) */
-    jc 9f
-    cmpq %r8, %rax
-    jb 9f
-    leaq __sealed_end-{ENTRY_SIZE}(%rip), %rdx
-    cmpq %rdx, %rax
-    ja 9f
+    jc sc_bp_fast_out
+    subq ${ENTRY_SIZE}, %r9
+    cmpq %r9, %rax
+    ja sc_bp_fast_out
+    leaq (%r8,%rax), %rdx           /* the entry */
 sc_bp_fast_kind:
-    movq %rax, %rdx
-    movq {ENTRY_KIND}(%rdx), %rax
-    andl ${KIND_MASK}, %eax
-    cmpl ${KIND_JMP}, %eax
-    je 5f
+    /* Its fields, each read once into a register and used only from there
+     * (sealed.S CHECKED_ENTRY): the site must be S, and S must be in the
+     * read-only site table at the entry's hint (a forged hint can only
+     * miss); the target is checked below, the kind is one of three. */
+    movq {ENTRY_KIND}(%rdx), %r11
+    movq {ENTRY_TARGET}(%rdx), %r9
+    cmpq %r10, {ENTRY_SITE}(%rdx)
+    jne sc_bp_fast_out
+    testq %rsi, %rsi
+    jz 1f
+    wrssq %rbx, {IN_EXIT}(%rdi)     /* the entry's last read is done */
+1:  movq %r11, %rax
+    shrq ${SITE_INDEX_SHIFT}, %rax
+    andl ${INDEX_MASK}, %eax
+    leaq __sites_start(%rip), %rcx
+    leaq (%rcx,%rax,8), %rax
+    leaq __sites_end(%rip), %rcx
+    cmpq %rcx, %rax
+    jae sc_bp_slow
+    cmpq %r10, (%rax)
+    jne sc_bp_slow
+    movzbl %r11b, %eax              /* the kind (KIND_MASK) */
     cmpl ${KIND_NOP}, %eax
-    je 6f
+    je sc_bp_fast_nop
+    /* JMP and CALL: T in the read-only target table at the entry's hint. */
+    shrq ${TARGET_INDEX_SHIFT}, %r11
+    leaq __targets_start(%rip), %rcx
+    leaq (%rcx,%r11,8), %r11
+    leaq __targets_end(%rip), %rcx
+    cmpq %rcx, %r11
+    jae sc_bp_slow
+    cmpq %r9, (%r11)
+    jne sc_bp_slow
+    cmpl ${KIND_JMP}, %eax
+    je sc_bp_fast_jmp
     cmpl ${KIND_CALL}, %eax
-    jne 9f
-    /* The exit's call takes the slot below F: F the first slot of its page
-     * (the one below may be a guard page) is the handler's to refuse. */
+    jne sc_bp_slow
+    testq %rsi, %rsi
+    jz sc_bp_fast_classic
+    /* With shadow stacks, only the shadow gap (the strategy is ordinary
+     * memory: a forged one only sends this trap to the handler). */
+    cmpb ${CODE_SHADOW_GAP}, SC_CALL_STRATEGY(%rip)
+    jne sc_bp_slow
+    /* The interrupted SSP right above the frame (#BP has no IST), and the
+     * slot below F on its page (F the first slot of its page: the slot
+     * below may be a guard page; the handler's to refuse). */
+    leaq 24(%rsi), %rax
+    cmpq %rax, (%rsi)
+    jne sc_bp_slow
     testl $0xff8, %esi
-    jz 9f
-    /* The emulated push, into the stub's gap: the saved RSP R must be one
-     * the exits can produce (R-8 .. R inside the window above this frame,
-     * 8-aligned), so the slot R-8 lies on this stack above the frame. */
-    movq {FRAME_RSP}(%rsp), %rcx
-    leaq -8(%rcx), %rax
-    leaq {BP_RSP_MIN}(%rsp), %r11
-    cmpq %r11, %rax
-    jb 9f
-    leaq {BP_RSP_MAX}(%rsp), %r11
-    cmpq %r11, %rcx
-    ja 9f
-    testb $7, %cl
-    jnz 9f
-sc_bp_fast_call:
-    leaq 4(%r9), %r11               /* S+5 */
-    movq %r11, (%rax)
-    movq %rax, {FRAME_RSP}(%rsp)
-    movq {ENTRY_TARGET}(%rdx), %rax
-    movq %rax, {FRAME_RIP}(%rsp)
-    jmp sc_bpx_call_sg
+    jz sc_bp_slow
+    FAST_PUSH
+    /* Shadow gap (sc_bpx_call_sg, DESIGN §7.3): one call with a non-zero
+     * displacement takes a shadow slot (SSP = F-8), its normal-stack copy
+     * is dropped, and the frame is rebuilt one slot lower. */
+    movq 16(%rsi), %rdx             /* CS, from the shadow frame */
+    call 1f
+    int3
+1:  addq $8, %rsp
+    leaq 16(%rsi), %rcx
+    wrssq %rcx, -8(%rsi)
+    wrssq %r9, (%rsi)
+    wrssq %rdx, 8(%rsi)
+    wrssq %rax, 16(%rsi)
+    jmp sc_bp_fast_return
+sc_bp_fast_classic:
+    /* Without shadow stacks: the classic call, the normal stack only. */
+    cmpb ${CODE_CLASSIC}, SC_CALL_STRATEGY(%rip)
+    jne sc_bp_slow
+    FAST_PUSH
+    jmp sc_bp_fast_return
 sc_bp_fast_jmp:
-5:  movq {ENTRY_TARGET}(%rdx), %rax  /* jmp T */
-    movq %rax, {FRAME_RIP}(%rsp)
-    jmp sc_bpx_jmp
+    movq %r9, {FRAME_RIP}-FAST(%rsp)    /* jmp T: LIP := T */
+    testq %rsi, %rsi
+    jz sc_bp_fast_return
+    wrssq %r9, 8(%rsi)
+    jmp sc_bp_fast_return
 sc_bp_fast_nop:
-6:  leaq 4(%r9), %rax               /* NOP: S+5 */
-    movq %rax, {FRAME_RIP}(%rsp)
-    jmp sc_bpx_nop
+    leaq {SITE_LEN}(%r10), %rax     /* 5-byte NOP: LIP := S+5 */
+    movq %rax, {FRAME_RIP}-FAST(%rsp)
+    testq %rsi, %rsi
+    jz sc_bp_fast_return
+    wrssq %rax, 8(%rsi)
+sc_bp_fast_return:
+    POP_GPRS_LOW
+    addq $16, %rsp                  /* vector, error code */
+    iretq
+
+/* A miss after the in-exit count was raised: lower it, then the handler. */
+sc_bp_fast_out:
+    testq %rsi, %rsi
+    jz sc_bp_slow
+    wrssq %rbx, {IN_EXIT}(%rdi)
 .endif
 sc_bp_slow:
-9:  movq %rsp, %rdi
+    PUSH_GPRS_HIGH
+    subq $16, %rsp                  /* TrapFrame.ssp, TrapFrame.shadow_push */
+    movq $0, 8(%rsp)
+    xorl %esi, %esi
+    movq %cr4, %rax
+    btq ${CR4_CET_BIT}, %rax
+    jnc 1f
+    rdsspq %rsi
+1:  movq %rsi, (%rsp)
+    movq %rsp, %rdi
     cld
     call sc_bp_handler
 /* The handler's answer (RAX: an action, RDX: its argument). */
@@ -662,6 +785,9 @@ sc_bpx_region_end:
 /* #BP exit actions, indexed by shadowcall::engine::Action (Plain = 0). */
 .pushsection .rodata
 .align 8
+/* SC_CPU_STACKS_SIZE as a memory operand (the fast path's DIV). */
+sc_cpu_stacks_size:
+    .quad SC_CPU_STACKS_SIZE
 sc_bpx_table:
     .quad sc_bpx_plain, sc_bpx_call_sg, sc_bpx_jmp, sc_bpx_classic, sc_bpx_nop
     .quad sc_bpx_ret, sc_bpx_tramp1, sc_bpx_tramp2, sc_bpx_resume_site, sc_bpx_test_landing
@@ -669,9 +795,13 @@ sc_bpx_table:
 
 .purgem PUSH_GPRS
 .purgem POP_GPRS
+.purgem PUSH_GPRS_LOW
+.purgem PUSH_GPRS_HIGH
+.purgem POP_GPRS_LOW
 .purgem ISR_EXIT
 .purgem LIVE_ENTRY
 .purgem TABLE_AT
 .purgem CHECKED_ENTRY
 .purgem STACK_CPU
 .purgem RECORD_PAGE
+.purgem FAST_PUSH

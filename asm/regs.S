@@ -4,6 +4,13 @@
  * the macros at the end of its asm. */
 
 .macro PUSH_GPRS
+    PUSH_GPRS_LOW
+    PUSH_GPRS_HIGH
+.endm
+
+/* The two halves of PUSH_GPRS: the #BP stub's fast path saves only the
+ * first (the registers it uses), its slow path then the second. */
+.macro PUSH_GPRS_LOW
     pushq %rax
     pushq %rbx
     pushq %rcx
@@ -15,10 +22,27 @@
     pushq %r9
     pushq %r10
     pushq %r11
+.endm
+.macro PUSH_GPRS_HIGH
     pushq %r12
     pushq %r13
     pushq %r14
     pushq %r15
+.endm
+
+/* Undo PUSH_GPRS_LOW (RSP at the saved R11). */
+.macro POP_GPRS_LOW
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rbp
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rbx
+    popq %rax
 .endm
 
 /* Restore the registers saved by the stub (RSP at TrapFrame.ssp) and drop

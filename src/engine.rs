@@ -498,7 +498,7 @@ pub unsafe trait Platform: Sync {
     fn test_point(&self, _p: TestPoint<'_>) {}
 }
 
-const CODE_CLASSIC: u8 = 0;
+pub(crate) const CODE_CLASSIC: u8 = 0;
 const CODE_TRAMPOLINE: u8 = 1;
 pub(crate) const CODE_SHADOW_GAP: u8 = 2;
 

@@ -44,6 +44,7 @@ core::arch::global_asm!(
     FRAME_RIP = const offset_of!(TrapFrame, rip),
     FRAME_RSP = const offset_of!(TrapFrame, rsp),
     FRAME_RCX = const offset_of!(TrapFrame, rcx),
+    FRAME_R11 = const offset_of!(TrapFrame, r11),
     FRAME_RFLAGS = const offset_of!(TrapFrame, rflags),
     BP_RSP_MIN = const crate::frame::BP_RETURN_RSP_MIN,
     BP_RSP_MAX = const crate::frame::BP_RETURN_RSP_MAX,
@@ -58,6 +59,7 @@ core::arch::global_asm!(
     SEALED_KEYS_OFF = const offset_of!(SealedHeader, keys_off),
     SEALED_SLOTS_OFF = const offset_of!(SealedHeader, slots_off),
     CODE_SHADOW_GAP = const crate::engine::CODE_SHADOW_GAP,
+    CODE_CLASSIC = const crate::engine::CODE_CLASSIC,
     INT3 = const crate::patch::INT3,
     ENTRY_SIZE = const size_of::<SealedEntry>(),
     ENTRY_SHIFT = const size_of::<SealedEntry>().trailing_zeros(),
@@ -115,6 +117,8 @@ extern "C" {
     static SC_MAX_CPUS: u8;
     static SC_NMI_STACK_OFF: u8;
     static SC_IST_STACK_SIZE: u8;
+    static SC_NMI_SHSTK_OFF: u8;
+    static SC_NMI_SHSTK_SIZE: u8;
 }
 
 /// The host's layout as the asm sees it (link-time symbols).
@@ -128,6 +132,9 @@ pub struct Layout {
     pub max_cpus: u64,
     /// `SC_NMI_STACK_OFF`, `SC_IST_STACK_SIZE`.
     pub nmi_stack: (u64, u64),
+    /// `SC_NMI_SHSTK_OFF`, `SC_NMI_SHSTK_SIZE`: the NMI's shadow stack in a
+    /// CPU's stack area (the #BP fast path tells NMI context from RDSSP).
+    pub nmi_shadow_stack: (u64, u64),
     /// `sc_tramp_records`.
     pub records: u64,
     /// `sc_tramp_page`.
@@ -153,6 +160,7 @@ impl Layout {
                 cpu_stacks_size: a(addr_of!(SC_CPU_STACKS_SIZE)),
                 max_cpus: a(addr_of!(SC_MAX_CPUS)),
                 nmi_stack: (a(addr_of!(SC_NMI_STACK_OFF)), a(addr_of!(SC_IST_STACK_SIZE))),
+                nmi_shadow_stack: (a(addr_of!(SC_NMI_SHSTK_OFF)), a(addr_of!(SC_NMI_SHSTK_SIZE))),
                 records: a(addr_of!(sc_tramp_records)),
                 tramp_page: a(addr_of!(sc_tramp_page)),
                 sealed: (a(addr_of!(__sealed_start)), a(addr_of!(__sealed_end))),
@@ -177,6 +185,10 @@ impl Layout {
         }
         if self.nmi_stack.0.checked_add(self.nmi_stack.1).is_none_or(|end| end > self.cpu_stacks_size) {
             return Err("the NMI stack (SC_NMI_STACK_OFF + SC_IST_STACK_SIZE) is not inside a CPU's stack area");
+        }
+        let (o, n) = self.nmi_shadow_stack;
+        if o.checked_add(n).is_none_or(|end| end > self.cpu_stacks_size) || o > i32::MAX as u64 || n > i32::MAX as u64 {
+            return Err("the NMI shadow stack (SC_NMI_SHSTK_OFF + SC_NMI_SHSTK_SIZE) is not inside a CPU's stack area");
         }
         if !self.stacks.is_multiple_of(16) || !self.records.is_multiple_of(page) {
             return Err("sc_stacks is not 16-byte aligned or sc_tramp_records not page-aligned");

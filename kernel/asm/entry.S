@@ -385,4 +385,7 @@ SC_ISR_APIC:
 
 .purgem PUSH_GPRS
 .purgem POP_GPRS
+.purgem PUSH_GPRS_LOW
+.purgem PUSH_GPRS_HIGH
+.purgem POP_GPRS_LOW
 .purgem ISR_EXIT

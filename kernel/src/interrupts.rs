@@ -87,15 +87,19 @@ core::arch::global_asm!(
 // it in your kernel"): link-time constants, next to `sc_stacks` and
 // `sc_tramp_records` (mm.rs).
 core::arch::global_asm!(
-    ".globl SC_CPU_STACKS_SIZE, SC_MAX_CPUS, SC_NMI_STACK_OFF, SC_IST_STACK_SIZE",
+    ".globl SC_CPU_STACKS_SIZE, SC_MAX_CPUS, SC_NMI_STACK_OFF, SC_IST_STACK_SIZE, SC_NMI_SHSTK_OFF, SC_NMI_SHSTK_SIZE",
     ".set SC_CPU_STACKS_SIZE, {CPU_STACKS_SIZE}",
     ".set SC_MAX_CPUS, {MAX_CPUS}",
     ".set SC_NMI_STACK_OFF, {NMI_STACK_OFF}",
     ".set SC_IST_STACK_SIZE, {IST_STACK_SIZE}",
+    ".set SC_NMI_SHSTK_OFF, {NMI_SHSTK_OFF}",
+    ".set SC_NMI_SHSTK_SIZE, {PAGE_SIZE}",
     CPU_STACKS_SIZE = const mm::CPU_STACKS_SIZE,
     MAX_CPUS = const mm::MAX_CPUS,
     NMI_STACK_OFF = const mm::ist_stack_offset(IST_NMI),
     IST_STACK_SIZE = const mm::IST_STACK_SIZE,
+    NMI_SHSTK_OFF = const mm::ist_shadow_offset(IST_NMI),
+    PAGE_SIZE = const shadowcall_support::paging::PAGE_SIZE,
 );
 
 // A sync generation keeps the bumping CPU's index in its low bits.

@@ -243,7 +243,7 @@ pub fn primary_shadow_stack(cpu: usize) -> StackBounds {
 }
 /// CPU `cpu`'s shadow stack for IST `ist` (1-based).
 pub fn ist_shadow_stack(cpu: usize, ist: usize) -> StackBounds {
-    let p = shadow_page(cpu, 2 + PRIMARY_SHSTK_PAGES + 2 * (ist - 1));
+    let p = stacks(cpu) as u64 + ist_shadow_offset(ist) as u64;
     StackBounds { lo: p, hi: p + PAGE_SIZE }
 }
 /// A shadow-stack page that no CPU uses.
@@ -838,6 +838,13 @@ pub const fn ist_stack_offset(ist: usize) -> usize {
     core::mem::offset_of!(CpuStacks, ist)
         + (ist - 1) * core::mem::size_of::<Guarded<IST_STACK_SIZE>>()
         + core::mem::offset_of!(Guarded<IST_STACK_SIZE>, stack)
+}
+
+/// Offset of the shadow stack for IST `ist` (1-based) in a CPU's stack area
+/// (the page [`ist_shadow_stack`] names): the #BP fast path tells NMI context
+/// from RDSSP with it.
+pub const fn ist_shadow_offset(ist: usize) -> usize {
+    core::mem::offset_of!(CpuStacks, shadow) + (2 + PRIMARY_SHSTK_PAGES + 2 * (ist - 1)) * PAGE_SIZE as usize
 }
 
 /// Bytes of one CPU's stack area (`sc_stacks` + cpu * this).
