@@ -30,27 +30,78 @@
  * after the Rust checks is refused, nothing written). With shadow stacks
  * off the handler changes the frame itself and returns BPX_PLAIN. */
 /* The fast path's frame (below) is the TrapFrame less its lowest FAST
- * bytes (ssp, shadow_push, r15..r12), not yet pushed. */
-.set FAST, {FRAME_R11}
-/* The emulated call's normal-stack half, in the fast path's frame: the
- * saved RSP R must be one the exits can produce (R-8 .. R inside the window
- * above this frame, 8-aligned), so the slot R-8 lies on this stack above the
- * frame (else the handler); then [R-8] := S+5, RSP := R-8, RIP := T (r9).
- * rax := S+5. Clobbers rcx, r11. */
+ * bytes (ssp, shadow_push, r15..r9), not yet pushed: it uses only the
+ * registers PUSH_GPRS_LOW saved. */
+.set FAST, {FRAME_R8}
+
+/* FAST_LOOKUP fail: rbp = S. The live sealed batch's entry for S: rcx :=
+ * its kind word, r8 := its target; `fail` if the batch is not live or has
+ * no entry for S. Clobbers rax, rbx, rdx. A live batch was validated in asm
+ * when it was published (sealed.S SEALED_VALID, DESIGN §8.2, §11: its
+ * header's bounds, every tree node's entry, every entry against the
+ * read-only site and target tables) and cannot change while this CPU's
+ * in-exit count is raised, so its header, tree and entries are used as
+ * they are. The search is SealedBatch::lookup's: `depth` Eytzinger steps,
+ * the last `depth` of 32 unrolled ones, entered by a computed jump (a
+ * direct jump into this stub's own text). */
+.macro FAST_LOOKUP fail
+    leaq __sealed_start(%rip), %r8
+    movabsq ${SEALED_LIVE}, %rax
+    cmpq %rax, {SEALED_STATE}(%r8)
+    jne \fail
+    movq {SEALED_DEPTH}(%r8), %rcx
+    movq {SEALED_KEYS_OFF}(%r8), %rdx
+    addq %r8, %rdx                  /* the search tree's keys */
+    movl $1, %ebx
+    imulq $(.Lfl_step_end\@ - .Lfl_step\@), %rcx
+    leaq .Lfl_steps_end\@(%rip), %rax
+    subq %rcx, %rax
+    jmp *%rax
+.Lfl_step\@:
+    cmpq %rbp, (%rdx,%rbx,8)        /* CF = key < S */
+    adcq %rbx, %rbx                 /* k = 2k + (key < S) */
+.Lfl_step_end\@:
+    .rept 31
+    cmpq %rbp, (%rdx,%rbx,8)
+    adcq %rbx, %rbx
+    .endr
+.Lfl_steps_end\@:
+    movq %rbx, %rax                 /* undo the trailing right steps and */
+    notq %rax                       /* the last left one: k := the node of */
+    bsfq %rax, %rcx                 /* the smallest key >= S (0: none) */
+    incl %ecx
+    shrq %cl, %rbx
+    jz \fail
+    cmpq %rbp, (%rdx,%rbx,8)
+    jne \fail
+    movq {SEALED_SLOTS_OFF}(%r8), %rax
+    addq %r8, %rax
+    movl (%rax,%rbx,4), %eax        /* the node's entry index */
+    shlq ${ENTRY_SHIFT}, %rax
+    addq {SEALED_ENTRIES_OFF}(%r8), %rax
+    movq {ENTRY_KIND}(%r8,%rax), %rcx
+    movq {ENTRY_TARGET}(%r8,%rax), %r8
+.endm
+
+/* FAST_PUSH: the emulated call's normal-stack half. The saved RSP R must be
+ * one the exits can produce (R-8 .. R inside the window above this frame,
+ * 8-aligned), so the slot R-8 lies on this stack above the frame (else the
+ * handler); then [R-8] := S+5 (rbp = S), RSP := R-8, RIP := T (r8). rax :=
+ * S+5. Clobbers rcx, rdx. */
 .macro FAST_PUSH
     movq {FRAME_RSP}-FAST(%rsp), %rax
     leaq -8(%rax), %rcx
-    leaq {BP_RSP_MIN}-FAST(%rsp), %r11
-    cmpq %r11, %rcx
+    leaq {BP_RSP_MIN}-FAST(%rsp), %rdx
+    cmpq %rdx, %rcx
     jb sc_bp_slow
-    leaq {BP_RSP_MAX}-FAST(%rsp), %r11
-    cmpq %r11, %rax
+    leaq {BP_RSP_MAX}-FAST(%rsp), %rdx
+    cmpq %rdx, %rax
     ja sc_bp_slow
     testb $7, %al
     jnz sc_bp_slow
     movq %rcx, {FRAME_RSP}-FAST(%rsp)
-    movq %r9, {FRAME_RIP}-FAST(%rsp)
-    leaq {SITE_LEN}(%r10), %rax     /* S+5 */
+    movq %r8, {FRAME_RIP}-FAST(%rsp)
+    leaq {SITE_LEN}(%rbp), %rax     /* S+5 */
     movq %rax, (%rcx)
 .endm
 
@@ -91,7 +142,7 @@ sc_bp_fast:
      * count is raised. */
     movabsq ${SEALED_LIVE}, %rax
     cmpq %rax, __sealed_start+{SEALED_STATE}(%rip)
-    jne sc_bp_slow
+    jne sc_bp_fast_idle
     /* Shadow stacks on or off, from CR4.CET (a register, not the ordinary
      * byte SC_SHSTK_ACTIVE: review 8). CR4.CET set implies CET support, so
      * RDSSP is defined (a NOP while S_CET.SH_STK_EN = 0). */
@@ -119,180 +170,210 @@ sc_bp_fast:
     shlq ${RECORD_PAGE_SHIFT}, %rax
     leaq sc_tramp_records(%rip), %rdi
     addq %rax, %rdi                 /* this CPU's record page */
-    movq 8(%rsi), %r10
-    decq %r10                       /* S = LIP-1, from the shadow frame */
+    movq 8(%rsi), %rbp
+    subq $1, %rbp                   /* S = LIP-1, from the shadow frame */
+    jb sc_bp_slow                   /* (never the tree's padding key) */
+    leaq sc_tramp_page+{TRAMP_TRAP}(%rip), %rax
+    cmpq %rax, %rbp
+    je sc_bp_fast_tramp2
     /* This CPU's in-exit count + 1 (WRSS), visible to every CPU before the
      * magic word is read (Dekker with sc_poke_sealed, DESIGN §8.2), until
-     * the entry's last read; rbx keeps the count to restore. */
-    movq {IN_EXIT}(%rdi), %rbx
-    leaq 1(%rbx), %rax
+     * the entry's last read. */
+    movq {IN_EXIT}(%rdi), %rax
+    incq %rax
     wrssq %rax, {IN_EXIT}(%rdi)
     mfence
-    jmp sc_bp_fast_lookup
-sc_bp_fast_nocet:
-    /* Without shadow stacks (classic): S from the saved RIP (there is no
-     * shadow stack to protect), and not inside an NMI (RSP on this CPU's
-     * NMI stack: the same test as sc_bp_return). */
-    xorl %esi, %esi                 /* F = 0: no shadow stacks */
-    movq {FRAME_RIP}-FAST(%rsp), %r10
-    decq %r10                       /* S */
-    movq %rsp, %rax
-    STACK_CPU sc_bp_fast_lookup     /* outside the area: not an NMI stack */
-    subq $SC_NMI_STACK_OFF, %rdx
-    cmpq $SC_IST_STACK_SIZE, %rdx
-    jb sc_bp_slow
-sc_bp_fast_lookup:
-    /* r10 = S. The sealed batch: live; its header's depth (1..32) and
-     * offsets such that every key, node and entry read below lies in the
-     * sealed area whatever the header says (it is read-only, but was only
-     * verified in Rust before publishing). */
-    leaq __sealed_start(%rip), %r8
-    movabsq ${SEALED_LIVE}, %rax
-    cmpq %rax, {SEALED_STATE}(%r8)
-    jne sc_bp_fast_out
-    movq {SEALED_DEPTH}(%r8), %rcx
-    leaq -1(%rcx), %rax
-    cmpq $31, %rax                  /* depth 1..32 */
-    ja sc_bp_fast_out
-    leaq __sealed_end(%rip), %r9
-    subq %r8, %r9                   /* the area's bytes */
-    movl $8, %eax
-    shlq %cl, %rax                  /* the keys' bytes: 2^depth u64 */
-    addq {SEALED_KEYS_OFF}(%r8), %rax
-    jc sc_bp_fast_out
-    cmpq %r9, %rax
-    ja sc_bp_fast_out
-    movl $4, %eax
-    shlq %cl, %rax                  /* the nodes' entry indices: 2^depth u32 */
-    addq {SEALED_SLOTS_OFF}(%r8), %rax
-    jc sc_bp_fast_out
-    cmpq %r9, %rax
-    ja sc_bp_fast_out
-sc_bp_fast_search:
-    movq {SEALED_KEYS_OFF}(%r8), %rdx
-    addq %r8, %rdx                  /* the search tree's keys */
-    movl $1, %r11d
-    /* `depth` search steps: the last `depth` of 32 unrolled ones, entered
-     * by a computed jump (a direct jump into this stub's own text). */
-    imulq $(.Lbp_step_end - .Lbp_step), %rcx
-    leaq .Lbp_steps_end(%rip), %rax
-    subq %rcx, %rax
-    jmp *%rax
-.Lbp_step:
-    cmpq %r10, (%rdx,%r11,8)        /* CF = key < S */
-    adcq %r11, %r11                 /* k = 2k + (key < S) */
-.Lbp_step_end:
-    .rept 31
-    cmpq %r10, (%rdx,%r11,8)
-    adcq %r11, %r11
-    .endr
-.Lbp_steps_end:
-    movq %r11, %rax                 /* undo the trailing right steps and */
-    notq %rax                       /* the last left one: k := the node of */
-    bsfq %rax, %rcx                 /* the smallest key >= S (0: none) */
-    incl %ecx
-    shrq %cl, %r11
-    jz sc_bp_fast_out
-    cmpq %r10, (%rdx,%r11,8)
-    jne sc_bp_fast_out
-    /* The node's entry: index < len (one of the live batch's entries, as
-     * sealed.S LIVE_ENTRY), inside the area. */
-    movq {SEALED_SLOTS_OFF}(%r8), %rax
-    addq %r8, %rax
-    movl (%rax,%r11,4), %eax
-    cmpq {SEALED_LEN}(%r8), %rax
-    jae sc_bp_fast_out
-    shlq ${ENTRY_SHIFT}, %rax
-    addq {SEALED_ENTRIES_OFF}(%r8), %rax
-    jc sc_bp_fast_out
-    subq ${ENTRY_SIZE}, %r9
-    cmpq %r9, %rax
-    ja sc_bp_fast_out
-    leaq (%r8,%rax), %rdx           /* the entry */
-sc_bp_fast_kind:
-    /* Its fields, each read once into a register and used only from there
-     * (sealed.S CHECKED_ENTRY): the site must be S, and S must be in the
-     * read-only site table at the entry's hint (a forged hint can only
-     * miss); the target is checked below, the kind is one of three. */
-    movq {ENTRY_KIND}(%rdx), %r11
-    movq {ENTRY_TARGET}(%rdx), %r9
-    cmpq %r10, {ENTRY_SITE}(%rdx)
-    jne sc_bp_fast_out
-    testq %rsi, %rsi
-    jz 1f
-    wrssq %rbx, {IN_EXIT}(%rdi)     /* the entry's last read is done */
-1:  movq %r11, %rax
-    shrq ${SITE_INDEX_SHIFT}, %rax
-    andl ${INDEX_MASK}, %eax
-    leaq __sites_start(%rip), %rcx
-    leaq (%rcx,%rax,8), %rax
-    leaq __sites_end(%rip), %rcx
-    cmpq %rcx, %rax
-    jae sc_bp_slow
-    cmpq %r10, (%rax)
-    jne sc_bp_slow
-    movzbl %r11b, %eax              /* the kind (KIND_MASK) */
-    cmpl ${KIND_NOP}, %eax
-    je sc_bp_fast_nop
-    /* JMP and CALL: T in the read-only target table at the entry's hint. */
-    shrq ${TARGET_INDEX_SHIFT}, %r11
-    leaq __targets_start(%rip), %rcx
-    leaq (%rcx,%r11,8), %r11
-    leaq __targets_end(%rip), %rcx
-    cmpq %rcx, %r11
-    jae sc_bp_slow
-    cmpq %r9, (%r11)
-    jne sc_bp_slow
-    cmpl ${KIND_JMP}, %eax
+    FAST_LOOKUP sc_bp_fast_out
+    movq {IN_EXIT}(%rdi), %rax      /* the entry's last read is done */
+    decq %rax
+    wrssq %rax, {IN_EXIT}(%rdi)
+    cmpb ${KIND_CALL}, %cl
+    je sc_bp_fast_call
+    cmpb ${KIND_JMP}, %cl
     je sc_bp_fast_jmp
-    cmpl ${KIND_CALL}, %eax
+    cmpb ${KIND_NOP}, %cl
     jne sc_bp_slow
-    testq %rsi, %rsi
-    jz sc_bp_fast_classic
-    /* With shadow stacks, only the shadow gap (the strategy is ordinary
-     * memory: a forged one only sends this trap to the handler). */
-    cmpb ${CODE_SHADOW_GAP}, SC_CALL_STRATEGY(%rip)
-    jne sc_bp_slow
-    /* The interrupted SSP right above the frame (#BP has no IST), and the
-     * slot below F on its page (F the first slot of its page: the slot
-     * below may be a guard page; the handler's to refuse). */
+sc_bp_fast_nop:
+    leaq {SITE_LEN}(%rbp), %rax     /* 5-byte NOP: LIP := S+5 */
+    movq %rax, {FRAME_RIP}-FAST(%rsp)
+    wrssq %rax, 8(%rsi)
+    jmp sc_bp_fast_return
+sc_bp_fast_jmp:
+    movq %r8, {FRAME_RIP}-FAST(%rsp) /* jmp T: LIP := T */
+    wrssq %r8, 8(%rsi)
+    jmp sc_bp_fast_return
+sc_bp_fast_call:
+    /* The interrupted SSP right above the frame (#BP has no IST). */
     leaq 24(%rsi), %rax
     cmpq %rax, (%rsi)
     jne sc_bp_slow
+    /* The strategy is ordinary memory: a forged one only chooses between
+     * two emulations that are each checked here (or the handler). */
+    movzbl SC_CALL_STRATEGY(%rip), %ecx
+    cmpl ${CODE_TRAMPOLINE}, %ecx
+    je sc_bp_fast_tramp1
+    cmpl ${CODE_SHADOW_GAP}, %ecx
+    jne sc_bp_slow
+    /* Shadow gap (sc_bpx_call_sg, DESIGN §7.3). F the first slot of its
+     * page: the slot below may be a guard page (the handler's to refuse). */
     testl $0xff8, %esi
     jz sc_bp_slow
     FAST_PUSH
-    /* Shadow gap (sc_bpx_call_sg, DESIGN §7.3): one call with a non-zero
-     * displacement takes a shadow slot (SSP = F-8), its normal-stack copy
-     * is dropped, and the frame is rebuilt one slot lower. */
+    /* One call with a non-zero displacement takes a shadow slot (SSP =
+     * F-8), its normal-stack copy is dropped, and the frame is rebuilt one
+     * slot lower: [F-8] = F+16, [F] = T, [F+8] = CS, [F+16] = S+5. */
     movq 16(%rsi), %rdx             /* CS, from the shadow frame */
     call 1f
     int3
 1:  addq $8, %rsp
     leaq 16(%rsi), %rcx
     wrssq %rcx, -8(%rsi)
-    wrssq %r9, (%rsi)
+    wrssq %r8, (%rsi)
     wrssq %rdx, 8(%rsi)
     wrssq %rax, 16(%rsi)
     jmp sc_bp_fast_return
-sc_bp_fast_classic:
-    /* Without shadow stacks: the classic call, the normal stack only. */
-    cmpb ${CODE_CLASSIC}, SC_CALL_STRATEGY(%rip)
+
+sc_bp_fast_tramp1:
+    /* Trampoline, first trap (sc_bpx_tramp1, DESIGN §7.2): claim a record
+     * on this CPU's record page (free, or left by an abandoned emulation at
+     * the same SSP) bound to P = F+24 (rax) and the saved RSP, holding IF,
+     * S and T; LIP := the trampoline entry, IF := 0 until the second trap. */
+    leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rdx
+1:  movq {REC_SSP}(%rdi), %rcx
+    testq %rcx, %rcx
+    je 2f
+    cmpq %rax, %rcx
+    je 2f
+    addq ${RECORD_SIZE}, %rdi
+    cmpq %rdx, %rdi
+    jb 1b
+    jmp sc_bp_slow
+2:  wrssq %rax, {REC_SSP}(%rdi)
+    movq {FRAME_RFLAGS}-FAST(%rsp), %rax
+    btrq ${RFLAGS_IF_BIT}, %rax
+    movq %rax, {FRAME_RFLAGS}-FAST(%rsp)
+    setc %al
+    movzbl %al, %eax
+    orq {FRAME_RSP}-FAST(%rsp), %rax
+    wrssq %rax, {REC_RSP_IF}(%rdi)
+    wrssq %rbp, {REC_SITE}(%rdi)
+    wrssq %r8, {REC_TARGET}(%rdi)
+    leaq sc_tramp_page(%rip), %rax
+    movq %rax, {FRAME_RIP}-FAST(%rsp)
+    wrssq %rax, 8(%rsi)
+    jmp sc_bp_fast_return
+
+sc_bp_fast_tramp2:
+    /* Trampoline, second trap (sc_bpx_tramp2 and the handler's second_trap,
+     * DESIGN §7.2): the interrupted SSP P = [F] right above the frame, both
+     * the trampoline's return addresses on top of it and of the normal
+     * stack (R = the saved RSP, inside the window above this frame), and a
+     * record of this CPU bound to P+16 and R+16. Then [P], [R] := T and
+     * [P+8], [R+8] := S+5 (from the record), the record freed, IF as it was
+     * at the first trap; LIP stays (the trampoline's ret). */
+    leaq 24(%rsi), %rdx             /* P */
+    cmpq %rdx, (%rsi)
+    jne sc_bp_slow
+    leaq sc_tramp_page+{TRAMP_RET2}(%rip), %rax
+    cmpq %rax, (%rdx)
+    jne sc_bp_slow
+    leaq sc_tramp_page+{TRAMP_RET1}(%rip), %rbx
+    cmpq %rbx, 8(%rdx)
+    jne sc_bp_slow
+    movq {FRAME_RSP}-FAST(%rsp), %rbp   /* R */
+    leaq {BP_RSP_MIN}-FAST(%rsp), %rcx
+    cmpq %rcx, %rbp
+    jb sc_bp_slow
+    leaq {BP_RSP_MAX}-FAST(%rsp), %rcx
+    cmpq %rcx, %rbp
+    ja sc_bp_slow
+    cmpq %rax, (%rbp)
+    jne sc_bp_slow
+    cmpq %rbx, 8(%rbp)
+    jne sc_bp_slow
+    leaq 16(%rdx), %rax             /* P+16: the first trap's SSP */
+    leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rcx
+1:  cmpq %rax, {REC_SSP}(%rdi)
+    je 2f
+    addq ${RECORD_SIZE}, %rdi
+    cmpq %rcx, %rdi
+    jb 1b
+    jmp sc_bp_slow
+2:  movq {REC_RSP_IF}(%rdi), %rbx
+    leaq 16(%rbp), %rcx
+    movq %rbx, %rax
+    andq $-2, %rax
+    cmpq %rcx, %rax                 /* bound to this normal stack too */
+    jne sc_bp_slow
+    movq {REC_TARGET}(%rdi), %rax
+    movq {REC_SITE}(%rdi), %rcx
+    addq ${SITE_LEN}, %rcx
+    wrssq %rax, (%rdx)
+    wrssq %rcx, 8(%rdx)
+    xorl %r8d, %r8d
+    wrssq %r8, {REC_SSP}(%rdi)
+    movq %rax, (%rbp)
+    movq %rcx, 8(%rbp)
+    andl $1, %ebx
+    shlq ${RFLAGS_IF_BIT}, %rbx
+    orq %rbx, {FRAME_RFLAGS}-FAST(%rsp)
+    jmp sc_bp_fast_return
+
+sc_bp_fast_nocet:
+    /* Without shadow stacks (classic): S from the saved RIP (there is no
+     * shadow stack to protect), not inside an NMI (RSP on this CPU's NMI
+     * stack: the same test as sc_bp_return), and the classic strategy. */
+    movq %rsp, %rax
+    STACK_CPU 1f                    /* outside the area: not an NMI stack */
+    subq $SC_NMI_STACK_OFF, %rdx
+    cmpq $SC_IST_STACK_SIZE, %rdx
+    jb sc_bp_slow
+1:  movq {FRAME_RIP}-FAST(%rsp), %rbp
+    subq $1, %rbp                   /* S (never the padding key) */
+    jb sc_bp_slow
+    FAST_LOOKUP sc_bp_slow
+    cmpb ${KIND_CALL}, %cl
+    je 3f
+    cmpb ${KIND_JMP}, %cl
+    je 2f
+    cmpb ${KIND_NOP}, %cl
+    jne sc_bp_slow
+    leaq {SITE_LEN}(%rbp), %r8      /* NOP: RIP := S+5 */
+2:  movq %r8, {FRAME_RIP}-FAST(%rsp) /* jmp T */
+    jmp sc_bp_fast_return
+3:  cmpb ${CODE_CLASSIC}, SC_CALL_STRATEGY(%rip)
     jne sc_bp_slow
     FAST_PUSH
+
+/* No live batch: the host's probe (the optional symbol sc_bp_probe, an int3
+ * that is no site: the benchmark's bare trap) is returned from at once;
+ * anything else goes to the handler. The saved RIP is compared: with shadow
+ * stacks IRET resumes only at LIP, so a forged RIP cannot make another
+ * trap return here (#CP); the probe is no registered site (Layout::check).
+ * Not inside an NMI (the handler's return without IRET). */
+sc_bp_fast_idle:
+    movq sc_bp_probe_ref(%rip), %rax
+    incq %rax
+    cmpq %rax, {FRAME_RIP}-FAST(%rsp)
+    jne sc_bp_slow
+    movq %cr4, %rax
+    btq ${CR4_CET_BIT}, %rax
+    jnc 2f
+    xorl %eax, %eax
+    rdsspq %rax
+    testq %rax, %rax
+    jz 2f
+    STACK_CPU sc_bp_slow
+    subq $SC_NMI_SHSTK_OFF, %rdx
+    cmpq $SC_NMI_SHSTK_SIZE, %rdx
+    jb sc_bp_slow
     jmp sc_bp_fast_return
-sc_bp_fast_jmp:
-    movq %r9, {FRAME_RIP}-FAST(%rsp)    /* jmp T: LIP := T */
-    testq %rsi, %rsi
-    jz sc_bp_fast_return
-    wrssq %r9, 8(%rsi)
-    jmp sc_bp_fast_return
-sc_bp_fast_nop:
-    leaq {SITE_LEN}(%r10), %rax     /* 5-byte NOP: LIP := S+5 */
-    movq %rax, {FRAME_RIP}-FAST(%rsp)
-    testq %rsi, %rsi
-    jz sc_bp_fast_return
-    wrssq %rax, 8(%rsi)
+2:  movq %rsp, %rax
+    STACK_CPU sc_bp_fast_return     /* outside the area: not an NMI stack */
+    subq $SC_NMI_STACK_OFF, %rdx
+    cmpq $SC_IST_STACK_SIZE, %rdx
+    jb sc_bp_slow
+
 sc_bp_fast_return:
     POP_GPRS_LOW
     addq $16, %rsp                  /* vector, error code */
@@ -300,9 +381,9 @@ sc_bp_fast_return:
 
 /* A miss after the in-exit count was raised: lower it, then the handler. */
 sc_bp_fast_out:
-    testq %rsi, %rsi
-    jz sc_bp_slow
-    wrssq %rbx, {IN_EXIT}(%rdi)
+    movq {IN_EXIT}(%rdi), %rax
+    decq %rax
+    wrssq %rax, {IN_EXIT}(%rdi)
 .endif
 sc_bp_slow:
     PUSH_GPRS_HIGH
@@ -788,6 +869,11 @@ sc_bpx_region_end:
 /* SC_CPU_STACKS_SIZE as a memory operand (the fast path's DIV). */
 sc_cpu_stacks_size:
     .quad SC_CPU_STACKS_SIZE
+/* The host's optional probe int3 (0 without one: no trap is at 0+1). */
+.weak sc_bp_probe
+.globl sc_bp_probe_ref
+sc_bp_probe_ref:
+    .quad sc_bp_probe
 sc_bpx_table:
     .quad sc_bpx_plain, sc_bpx_call_sg, sc_bpx_jmp, sc_bpx_classic, sc_bpx_nop
     .quad sc_bpx_ret, sc_bpx_tramp1, sc_bpx_tramp2, sc_bpx_resume_site, sc_bpx_test_landing
@@ -805,3 +891,4 @@ sc_bpx_table:
 .purgem STACK_CPU
 .purgem RECORD_PAGE
 .purgem FAST_PUSH
+.purgem FAST_LOOKUP

@@ -19,22 +19,19 @@
     pushq %rdi
     pushq %rbp
     pushq %r8
+.endm
+.macro PUSH_GPRS_HIGH
     pushq %r9
     pushq %r10
     pushq %r11
-.endm
-.macro PUSH_GPRS_HIGH
     pushq %r12
     pushq %r13
     pushq %r14
     pushq %r15
 .endm
 
-/* Undo PUSH_GPRS_LOW (RSP at the saved R11). */
+/* Undo PUSH_GPRS_LOW (RSP at the saved R8). */
 .macro POP_GPRS_LOW
-    popq %r11
-    popq %r10
-    popq %r9
     popq %r8
     popq %rbp
     popq %rdi

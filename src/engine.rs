@@ -499,7 +499,7 @@ pub unsafe trait Platform: Sync {
 }
 
 pub(crate) const CODE_CLASSIC: u8 = 0;
-const CODE_TRAMPOLINE: u8 = 1;
+pub(crate) const CODE_TRAMPOLINE: u8 = 1;
 pub(crate) const CODE_SHADOW_GAP: u8 = 2;
 
 /// The CALL emulation in force, for the #BP stub's fast path (asm/bp.S,

@@ -44,7 +44,7 @@ core::arch::global_asm!(
     FRAME_RIP = const offset_of!(TrapFrame, rip),
     FRAME_RSP = const offset_of!(TrapFrame, rsp),
     FRAME_RCX = const offset_of!(TrapFrame, rcx),
-    FRAME_R11 = const offset_of!(TrapFrame, r11),
+    FRAME_R8 = const offset_of!(TrapFrame, r8),
     FRAME_RFLAGS = const offset_of!(TrapFrame, rflags),
     BP_RSP_MIN = const crate::frame::BP_RETURN_RSP_MIN,
     BP_RSP_MAX = const crate::frame::BP_RETURN_RSP_MAX,
@@ -60,6 +60,7 @@ core::arch::global_asm!(
     SEALED_SLOTS_OFF = const offset_of!(SealedHeader, slots_off),
     CODE_SHADOW_GAP = const crate::engine::CODE_SHADOW_GAP,
     CODE_CLASSIC = const crate::engine::CODE_CLASSIC,
+    CODE_TRAMPOLINE = const crate::engine::CODE_TRAMPOLINE,
     INT3 = const crate::patch::INT3,
     ENTRY_SIZE = const size_of::<SealedEntry>(),
     ENTRY_SHIFT = const size_of::<SealedEntry>().trailing_zeros(),
@@ -119,6 +120,8 @@ extern "C" {
     static SC_IST_STACK_SIZE: u8;
     static SC_NMI_SHSTK_OFF: u8;
     static SC_NMI_SHSTK_SIZE: u8;
+    // The crate's own word (bp.S): the host's optional `sc_bp_probe`, or 0.
+    static sc_bp_probe_ref: u64;
 }
 
 /// The host's layout as the asm sees it (link-time symbols).
@@ -145,6 +148,10 @@ pub struct Layout {
     pub sites: (u64, u64),
     /// `__targets_start`, `__targets_end`.
     pub targets: (u64, u64),
+    /// `sc_bp_probe` (optional, 0 without one): an int3 that is no site,
+    /// which the #BP stub returns from at once while no batch is live (a
+    /// benchmark's bare trap).
+    pub probe: u64,
 }
 
 impl Layout {
@@ -166,6 +173,8 @@ impl Layout {
                 sealed: (a(addr_of!(__sealed_start)), a(addr_of!(__sealed_end))),
                 sites: (w(addr_of!(__sites_start)), w(addr_of!(__sites_end))),
                 targets: (w(addr_of!(__targets_start)), w(addr_of!(__targets_end))),
+                // SAFETY: a word of the crate's read-only data, written by no one.
+                probe: unsafe { core::ptr::read_volatile(addr_of!(sc_bp_probe_ref)) },
             }
         }
     }
@@ -202,6 +211,10 @@ impl Layout {
         }
         if self.sites != table(p.sites()) || self.targets != table(p.targets()) {
             return Err("__sites_*/__targets_* are not the Platform's site and target tables");
+        }
+        let tramp = p.tramp_page()..p.tramp_page() + page;
+        if self.probe != 0 && (p.sites().binary_search(&self.probe).is_ok() || tramp.contains(&self.probe)) {
+            return Err("sc_bp_probe is a registered site or in the trampoline page");
         }
         let area = self.cpu_stacks_size.checked_mul(self.max_cpus).and_then(|n| self.stacks.checked_add(n));
         if ssp != 0 && !(ssp >= self.stacks && area.is_some_and(|end| ssp < end)) {
