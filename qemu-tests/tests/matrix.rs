@@ -67,6 +67,22 @@ const MATRIX: &[Entry] = &[
         show(&format!("production bochs --smp 2: {summary}"));
         Coverage::Covered
     }),
+    // The production build's other fast paths (asm/bp.S sc_bp_fast*): the
+    // trampoline's two traps with CET on, and the classic call with CET off.
+    entry("bochs_trampoline_production", Machine::Bochs, None, TRAMPOLINE, || {
+        let mut opts = options_with(Machine::Bochs, None, TRAMPOLINE);
+        opts.kernel = Some(production_kernel());
+        let summary = assert_production_passes(&boot(&opts), "path=cet-trampoline", 5);
+        show(&format!("production bochs emul=trampoline: {summary}"));
+        Coverage::Covered
+    }),
+    entry("bochs_cet_off_production", Machine::Bochs, OFF, None, || {
+        let mut opts = options_with(Machine::Bochs, OFF, None);
+        opts.kernel = Some(production_kernel());
+        let summary = assert_production_passes(&boot(&opts), "path=fallback", 5);
+        show(&format!("production bochs cet=off: {summary}"));
+        Coverage::Covered
+    }),
     // CET on, default strategy: the one-trap shadow gap.
     entry("bochs", Machine::Bochs, None, None, || {
         assert_passes_with_path(&boot(&options(Machine::Bochs)), "path=cet-shadowgap");
