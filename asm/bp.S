@@ -183,7 +183,9 @@ sc_bp_fast:
     incq %rax
     wrssq %rax, {IN_EXIT}(%rdi)
     mfence
+sc_bp_fast_lookup:
     FAST_LOOKUP sc_bp_fast_out
+sc_bp_fast_kind:
     movq {IN_EXIT}(%rdi), %rax      /* the entry's last read is done */
     decq %rax
     wrssq %rax, {IN_EXIT}(%rdi)
@@ -331,7 +333,9 @@ sc_bp_fast_nocet:
 1:  movq {FRAME_RIP}-FAST(%rsp), %rbp
     subq $1, %rbp                   /* S (never the padding key) */
     jb sc_bp_slow
+sc_bp_fast_nocet_lookup:
     FAST_LOOKUP sc_bp_slow
+sc_bp_fast_nocet_kind:
     cmpb ${KIND_CALL}, %cl
     je 3f
     cmpb ${KIND_JMP}, %cl
