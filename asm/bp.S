@@ -348,6 +348,7 @@ sc_bp_fast_nocet_kind:
 3:  cmpb ${CODE_CLASSIC}, SC_CALL_STRATEGY(%rip)
     jne sc_bp_slow
     FAST_PUSH
+    jmp sc_bp_fast_return
 
 /* No live batch: the host's probe (the optional symbol sc_bp_probe, an int3
  * that is no site: the benchmark's bare trap) is returned from at once;
