@@ -15,6 +15,11 @@
  * emulate a push onto the interrupted stack. The memory operand of a push is
  * computed before RSP drops, so each push copies the next-lower word.
  *
+ * In production builds a fast path (sc_bp_fast*, below; DESIGN §6)
+ * emulates a live batch's usual sites in the stub itself, from RDSSP, the
+ * shadow frame and the sealed batch validated at its publication, and
+ * returns; everything else takes the slow path:
+ *
  * sc_bp_handler(&mut TrapFrame, F) decides (F = RDSSP here: the base of the
  * 3-slot shadow frame the CPU pushed) and returns (action, argument) in
  * RAX:RDX. Every shadow-stack write of the #BP path happens below, in the

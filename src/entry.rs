@@ -15,7 +15,8 @@
 //!
 //! The host defines its layout as link-time symbols (README "Use it in your
 //! kernel"): `sc_stacks`, `SC_CPU_STACKS_SIZE`, `SC_MAX_CPUS`,
-//! `SC_NMI_STACK_OFF`, `SC_IST_STACK_SIZE`, `sc_tramp_records`,
+//! `SC_NMI_STACK_OFF`, `SC_IST_STACK_SIZE`, `SC_NMI_SHSTK_OFF`,
+//! `SC_NMI_SHSTK_SIZE`, the optional `sc_bp_probe`, `sc_tramp_records`,
 //! `sc_tramp_page`, `__sealed_start`/`__sealed_end`, `__sites_start`/
 //! `__sites_end`, `__targets_start`/`__targets_end`. With `test-hooks`
 //! also the self-test probe symbols `sc_t_iret_int3`, `sc_t_iret_landing`
