@@ -145,6 +145,9 @@ fn normal_patch_works(errors: &mut Vec<String>) {
     }
 }
 
+/// A store through the test alias: (offset into the sealed area, bytes).
+type Write = (u64, Vec<u8>);
+
 /// A batch that Rust verified, then changed in the sealed area (through the
 /// test alias) before its publication, once for each thing the fast path
 /// will trust: a header bound, a tree slot ≥ len, a tree key that is not
@@ -182,7 +185,7 @@ pub fn sec_publish_unverified(_st: &BootState) -> Outcome<'static> {
         (offset_of!(SealedHeader, total_len) as u64, hdr + 12 * nodes + big * size_of::<SealedEntry>() as u64),
     ];
     let site_off = offset_of!(SealedEntry, site);
-    let forgeries: Vec<(&str, Vec<(u64, Vec<u8>)>)> = vec![
+    let forgeries: Vec<(&str, Vec<Write>)> = vec![
         ("a header bound", big_header.iter().map(|&(o, v)| (o, v.to_ne_bytes().to_vec())).collect()),
         ("a slot >= len", vec![((slots + 4) as u64, 1u32.to_ne_bytes().to_vec())]),
         ("a key that is not its entry's site", vec![((keys + 8) as u64, (site + 1).to_ne_bytes().to_vec())]),
