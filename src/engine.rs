@@ -856,7 +856,10 @@ impl<P: Platform> Patcher<P> {
 
     /// Write a sealed image past its magic word, check the read-only copy
     /// with `verify` and `again` (its entries are what validation makes of
-    /// them now), and only then publish it.
+    /// them now), and only then publish it. This verdict decides only
+    /// whether the patch goes ahead: the host's publication runs the
+    /// crate's asm check of the area itself, with the area's other writers
+    /// excluded (`Platform` # Safety, DESIGN §8.2).
     fn seal_image(
         &self,
         buf: &mut [u8],
