@@ -39,6 +39,7 @@ core::arch::global_asm!(
         include_str!("../asm/regs.S"),
         include_str!("../asm/stack_cpu.S"),
         include_str!("../asm/sealed.S"),
+        include_str!("../asm/publish.S"),
         include_str!("../asm/bp.S")
     ),
     BP_GAP = const crate::frame::BP_STACK_GAP,
