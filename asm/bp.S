@@ -130,9 +130,9 @@ sc_isr_3:
  * (the host's NMI/#MC entries; the reference kernel's sc_isr_cet_ist). */
 .globl sc_bpx_region_start, sc_bpx_region_end
 sc_bpx_region_start:
-.if {TEST_HOOKS} == 0
-    /* The fast path (production builds: the self-test hooks and counters
-     * live in the handler; DESIGN §6). A live batch's CALL, JMP or NOP for
+    /* The fast path (DESIGN §6). In self-test builds it is off unless a
+     * test turns it on (SC_T_FAST): their counters and injection points
+     * live in the handler. A live batch's CALL, JMP or NOP for
      * the site S is emulated here, in one pass, with every check the exits
      * make (the entry in the sealed area, live, for S; S a registered site,
      * T a declared target, both from the read-only tables; the interrupted
@@ -142,6 +142,10 @@ sc_bpx_region_start:
      * (sc_bp_slow), which decides from scratch. The sc_bp_fast* labels name
      * its parts for `cargo xtask trace`. */
 sc_bp_fast:
+.if {TEST_HOOKS}
+    cmpb $0, SC_T_FAST(%rip)
+    je sc_bp_slow
+.endif
     /* A pre-filter, to keep the other traps cheap: no live batch, no fast
      * path. The decision is the look again below, after this CPU's in-exit
      * count is raised. */
@@ -191,6 +195,14 @@ sc_bp_fast:
 sc_bp_fast_lookup:
     FAST_LOOKUP sc_bp_fast_out
 sc_bp_fast_kind:
+.if {TEST_HOOKS}
+    /* sec_fast_path: an NMI right here, whose frame the test forges. */
+    cmpb $0, SC_T_FAST_NMI(%rip)
+    je 8f
+    movb $0, SC_T_FAST_NMI(%rip)
+    int $2
+8:
+.endif
     movq {IN_EXIT}(%rdi), %rax      /* the entry's last read is done */
     decq %rax
     wrssq %rax, {IN_EXIT}(%rdi)
@@ -394,7 +406,6 @@ sc_bp_fast_out:
     movq {IN_EXIT}(%rdi), %rax
     decq %rax
     wrssq %rax, {IN_EXIT}(%rdi)
-.endif
 sc_bp_slow:
     PUSH_GPRS_HIGH
     subq $16, %rsp                  /* TrapFrame.ssp, TrapFrame.shadow_push */

@@ -20,7 +20,8 @@
 //! `sc_tramp_page`, `__sealed_start`/`__sealed_end`, `__sites_start`/
 //! `__sites_end`, `__targets_start`/`__targets_end`. With `test-hooks`
 //! also the self-test probe symbols `sc_t_iret_int3`, `sc_t_iret_landing`
-//! and the byte `SC_T_EXIT_NMI`.
+//! and the bytes `SC_T_EXIT_NMI`, `SC_T_FAST` (the fast path on) and
+//! `SC_T_FAST_NMI`.
 
 use core::mem::{offset_of, size_of};
 

@@ -227,6 +227,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("sec_stale_int3_race", sec_tests::sec_stale_int3_race),
     ("sec_poke_forged_entry", sec_tests::sec_poke_forged_entry),
     ("sec_exit_nmi_regs", sec_tests::sec_exit_nmi_regs),
+    ("sec_fast_path", sec_tests::sec_fast_path),
     ("sec_seal_unverified", sec_tests::sec_seal_unverified),
     ("sec_unseal_in_exit", sec_tests::sec_unseal_in_exit),
     ("sec_publish_unverified", sec_publish::sec_publish_unverified),
