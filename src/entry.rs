@@ -48,6 +48,7 @@ core::arch::global_asm!(
     FRAME_RSP = const offset_of!(TrapFrame, rsp),
     FRAME_RCX = const offset_of!(TrapFrame, rcx),
     FRAME_R8 = const offset_of!(TrapFrame, r8),
+    FRAME_ERR = const offset_of!(TrapFrame, error_code),
     FRAME_RFLAGS = const offset_of!(TrapFrame, rflags),
     BP_RSP_MIN = const crate::frame::BP_RETURN_RSP_MIN,
     BP_RSP_MAX = const crate::frame::BP_RETURN_RSP_MAX,
