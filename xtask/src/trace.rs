@@ -412,9 +412,10 @@ pub const FAST_CHECKS: [&str; 5] =
     ["sc_bp_fast", "sc_bp_fast_kind", "sc_bp_fast_nocet", "sc_bp_fast_idle", "sc_bp_fast_out"];
 /// The fast path's tails: checks up to the last conditional branch taken
 /// or not in the visit, then the stores of the emulation (writes).
-pub const FAST_TAILS: [&str; 6] = [
+pub const FAST_TAILS: [&str; 7] = [
     "sc_bp_fast_nop",
     "sc_bp_fast_jmp",
+    "sc_bp_fast_ret",
     "sc_bp_fast_call",
     "sc_bp_fast_tramp1",
     "sc_bp_fast_tramp2",
@@ -422,6 +423,9 @@ pub const FAST_TAILS: [&str; 6] = [
 ];
 /// The fast path's return: the register pops and IRET.
 pub const FAST_RETURN: &str = "sc_bp_fast_return";
+/// Its return inside an NMI handler: the rest of the registers saved, then
+/// the slow path's return without IRET (`sc_bp_return_in_nmi`).
+pub const FAST_RETURN_NMI: &str = "sc_bp_fast_return_nmi";
 
 /// A conditional branch in Bochs's disassembly (`jnz .+12 (0x...)`).
 fn is_conditional_branch(insn: &str) -> bool {
@@ -444,7 +448,10 @@ pub fn fast_phases(labels: &[&str], insns: &[&str], to_return: &[bool]) -> Resul
         for i in start..end {
             out[i] = if FAST_LOOKUP.contains(&label) {
                 Some(Phase::Lookup)
-            } else if label == FAST_RETURN || (to_return[i] && label.starts_with("sc_bp_fast")) {
+            } else if label == FAST_RETURN
+                || label == FAST_RETURN_NMI
+                || (to_return[i] && label.starts_with("sc_bp_fast"))
+            {
                 Some(Phase::Exit)
             } else if FAST_CHECKS.contains(&label) {
                 Some(Phase::Checks)
@@ -1289,12 +1296,15 @@ sc_isr_3
             }
         }
         let rules: Vec<&str> = FAST_LOOKUP.iter().chain(&FAST_CHECKS).chain(&FAST_TAILS).copied().collect();
-        for l in rules.iter().chain(&[FAST_RETURN]) {
+        for l in rules.iter().chain(&[FAST_RETURN, FAST_RETURN_NMI]) {
             assert!(k.syms.addr(l).is_some(), "{l}");
         }
         for (_, _, name) in &k.syms.syms {
             if name.starts_with("sc_bp_fast") {
-                assert!(rules.contains(&name.as_str()) || name == FAST_RETURN, "{name} has no rule");
+                assert!(
+                    rules.contains(&name.as_str()) || name == FAST_RETURN || name == FAST_RETURN_NMI,
+                    "{name} has no rule"
+                );
             }
         }
         // The fast path's first label, not the region's marker at its address.
