@@ -93,6 +93,38 @@
  * 8-aligned), so the slot R-8 lies on this stack above the frame (else the
  * handler); then [R-8] := S+5 (rbp = S), RSP := R-8, RIP := T (r8). rax :=
  * S+5. Clobbers rcx, rdx. */
+/* RECORD_CLAIM ssp, end, tmp, fail: rdi (a CPU's record page) := its
+ * first record that is free or bound to `ssp` (left by an abandoned
+ * emulation at the same SSP); `fail` if none. Clobbers `end`, `tmp`. */
+.macro RECORD_CLAIM ssp, end, tmp, fail
+    leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), \end
+.Lrc_next\@:
+    movq {REC_SSP}(%rdi), \tmp
+    testq \tmp, \tmp
+    je .Lrc_done\@
+    cmpq \ssp, \tmp
+    je .Lrc_done\@
+    addq ${RECORD_SIZE}, %rdi
+    cmpq \end, %rdi
+    jb .Lrc_next\@
+    jmp \fail
+.Lrc_done\@:
+.endm
+
+/* RECORD_FIND ssp, end, fail: rdi (a CPU's record page) := its record
+ * bound to `ssp`; `fail` if none. Clobbers `end`. */
+.macro RECORD_FIND ssp, end, fail
+    leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), \end
+.Lrf_next\@:
+    cmpq \ssp, {REC_SSP}(%rdi)
+    je .Lrf_done\@
+    addq ${RECORD_SIZE}, %rdi
+    cmpq \end, %rdi
+    jb .Lrf_next\@
+    jmp \fail
+.Lrf_done\@:
+.endm
+
 /* FAST_POP shadow: the emulated ret's normal-stack half. The saved RSP R
  * must lie in the window above this frame, 8-aligned (else the handler);
  * with `shadow` = 1 [R] must equal rcx (X, the shadow stack's top), with 0
@@ -301,17 +333,8 @@ sc_bp_fast_tramp1:
      * on this CPU's record page (free, or left by an abandoned emulation at
      * the same SSP) bound to P = F+24 (rax) and the saved RSP, holding IF,
      * S and T; LIP := the trampoline entry, IF := 0 until the second trap. */
-    leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rdx
-1:  movq {REC_SSP}(%rdi), %rcx
-    testq %rcx, %rcx
-    je 2f
-    cmpq %rax, %rcx
-    je 2f
-    addq ${RECORD_SIZE}, %rdi
-    cmpq %rdx, %rdi
-    jb 1b
-    jmp sc_bp_slow
-2:  wrssq %rax, {REC_SSP}(%rdi)
+    RECORD_CLAIM %rax, %rdx, %rcx, sc_bp_slow
+    wrssq %rax, {REC_SSP}(%rdi)
     movq {FRAME_RFLAGS}-FAST(%rsp), %rax
     btrq ${RFLAGS_IF_BIT}, %rax
     movq %rax, {FRAME_RFLAGS}-FAST(%rsp)
@@ -355,14 +378,8 @@ sc_bp_fast_tramp2:
     cmpq %rbx, 8(%rbp)
     jne sc_bp_slow
     leaq 16(%rdx), %rax             /* P+16: the first trap's SSP */
-    leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rcx
-1:  cmpq %rax, {REC_SSP}(%rdi)
-    je 2f
-    addq ${RECORD_SIZE}, %rdi
-    cmpq %rcx, %rdi
-    jb 1b
-    jmp sc_bp_slow
-2:  movq {REC_RSP_IF}(%rdi), %rbx
+    RECORD_FIND %rax, %rcx, sc_bp_slow
+    movq {REC_RSP_IF}(%rdi), %rbx
     leaq 16(%rbp), %rcx
     movq %rbx, %rax
     andq $-2, %rax
@@ -674,17 +691,8 @@ sc_bpx_tramp1:
     leaq sc_tramp_page(%rip), %rax
     cmpq %rax, {FRAME_RIP}(%rsp)
     jne sc_bpx_refuse
-    leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rsi
-1:  movq {REC_SSP}(%rdi), %rax
-    testq %rax, %rax
-    je 2f
-    cmpq %r11, %rax
-    je 2f
-    addq ${RECORD_SIZE}, %rdi
-    cmpq %rsi, %rdi
-    jb 1b
-    jmp sc_bpx_refuse
-2:  wrssq %r11, {REC_SSP}(%rdi)
+    RECORD_CLAIM %r11, %rsi, %rax, sc_bpx_refuse
+    wrssq %r11, {REC_SSP}(%rdi)
     movq {FRAME_RFLAGS}(%rsp), %rax
     shrq ${RFLAGS_IF_BIT}, %rax
     andl $1, %eax
@@ -718,14 +726,8 @@ sc_bpx_tramp2:
     jne sc_bpx_refuse
     leaq 16(%r11), %r10
     BPX_RECORD_PAGE
-    leaq {RECORDS_PER_PAGE}*{RECORD_SIZE}(%rdi), %rsi
-1:  cmpq %r10, {REC_SSP}(%rdi)
-    je 2f
-    addq ${RECORD_SIZE}, %rdi
-    cmpq %rsi, %rdi
-    jb 1b
-    jmp sc_bpx_refuse
-2:  movq {REC_TARGET}(%rdi), %rax
+    RECORD_FIND %r10, %rsi, sc_bpx_refuse
+    movq {REC_TARGET}(%rdi), %rax
     wrssq %rax, (%r11)
     movq {REC_SITE}(%rdi), %rax
     addq $5, %rax
@@ -974,4 +976,6 @@ sc_bpx_table:
 .purgem RECORD_PAGE
 .purgem FAST_PUSH
 .purgem FAST_POP
+.purgem RECORD_CLAIM
+.purgem RECORD_FIND
 .purgem FAST_LOOKUP

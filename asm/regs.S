@@ -53,14 +53,7 @@
     popq %r11
     popq %r10
     popq %r9
-    popq %r8
-    popq %rbp
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
-    popq %rbx
-    popq %rax
+    POP_GPRS_LOW
     addq $16, %rsp                  /* TrapFrame.vector, .error_code */
 .endm
 

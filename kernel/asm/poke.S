@@ -120,6 +120,30 @@
     movq %rax, %cr3
 .endm
 
+/* WAIT_WORDS_ZERO word, fail: wait until the word at offset `word` of
+ * every CPU's record page (all MAX_CPUS, static memory; an absent CPU's
+ * reads 0) is 0, at most SEALED_WAIT_SPINS rounds; then `fail`. Clobbers
+ * rax, rbx, rcx. */
+.macro WAIT_WORDS_ZERO word, fail
+    movq ${SEALED_WAIT_SPINS}, %rbx
+.Lwz_round\@:
+    leaq sc_tramp_records+\word(%rip), %rax
+    movl ${MAX_CPUS}, %ecx
+.Lwz_cpu\@:
+    cmpq $0, (%rax)
+    jne .Lwz_busy\@
+    addq ${RECORD_PAGE_SIZE}, %rax
+    decl %ecx
+    jnz .Lwz_cpu\@
+    jmp .Lwz_done\@
+.Lwz_busy\@:
+    pause
+    decq %rbx
+    jnz .Lwz_round\@
+    jmp \fail
+.Lwz_done\@:
+.endm
+
 /* rdi = a sealed entry: it must be one of the live batch's entries (index <
  * len of the array the read-only header describes) and what the read-only
  * tables allow (sealed.S CHECKED_ENTRY: registered site and target, bytes
@@ -319,20 +343,8 @@ sc_poke_sealed:
      * counts are read; an exit raises its count, fences, then reads the
      * magic word. So either that exit sees no live batch and refuses, or
      * this scan sees its count. */
-    movq ${SEALED_WAIT_SPINS}, %rbx
-8:  leaq sc_tramp_records+{IN_EXIT}(%rip), %rax
-    movl ${MAX_CPUS}, %ecx
-9:  cmpq $0, (%rax)
-    jne 10f
-    addq ${RECORD_PAGE_SIZE}, %rax
-    decl %ecx
-    jnz 9b
-    jmp 11f
-10: pause
-    decq %rbx
-    jnz 8b
-    jmp 12f                         /* an exit stays in flight: refuse */
-11: testq %r14, %r14
+    WAIT_WORDS_ZERO {IN_EXIT}, 12f  /* an exit stays in flight: refuse */
+    testq %r14, %r14
     jz 4f
 3:  movb (%r13), %bl
     POKE_BYTE
@@ -398,20 +410,8 @@ sc_poke_publish:
     cmpq %rcx, %rax
     jne 16f                         /* another claim: refuse */
     jmp 15f                         /* already live: done */
-13: movq ${SEALED_WAIT_SPINS}, %rbx
-8:  leaq sc_tramp_records+{WRITER}(%rip), %rax
-    movl ${MAX_CPUS}, %ecx
-9:  cmpq $0, (%rax)
-    jne 10f
-    addq ${RECORD_PAGE_SIZE}, %rax
-    decl %ecx
-    jnz 9b
-    jmp 11f
-10: pause
-    decq %rbx
-    jnz 8b
-    jmp 14f                         /* a writer stays: unclaim, refuse */
-11: SEALED_VALID 14f
+13: WAIT_WORDS_ZERO {WRITER}, 14f   /* a writer stays: unclaim, refuse */
+    SEALED_VALID 14f
     movq %r12, %r8
     ALIAS_MAGIC
     movq %r14, %rax
@@ -492,6 +492,7 @@ sc_poke_bad:
 sc_poke_region_end:
 
 .purgem LIVE_ENTRY
+.purgem WAIT_WORDS_ZERO
 .purgem TABLE_AT
 .purgem CHECKED_ENTRY
 .purgem SEALED_VALID

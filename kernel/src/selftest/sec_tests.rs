@@ -647,6 +647,30 @@ pub fn sec_poke_forged_entry(_st: &BootState) -> Outcome<'static> {
 
 // ---- sec_exit_nmi_regs --------------------------------------------------------
 
+/// Call the test site's function while the batch makes the site `call
+/// target b`, with the hook flags `armed` set around the call: it must not
+/// fault, and target b must run once and return to the site + 5.
+fn call_target_b(armed: &[&AtomicBool], what: &str, errors: &mut Vec<String>) {
+    tlog_reset();
+    for a in armed {
+        a.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: a site function of the batch.
+    let v = try_run(|| unsafe { sc_t_fn_call(0) });
+    for a in armed {
+        a.store(false, Ordering::SeqCst);
+    }
+    let log = tlog();
+    match v {
+        Err(f) => errors.push(format!("{what}the call faulted: {f}")),
+        Ok(_) if log.count[1] != 1 || log.last_ret != site() + SITE_LEN as u64 => errors.push(format!(
+            "{what}the emulated call went wrong: target b ran {} times, ret {:#x} (shadow {:#x})",
+            log.count[1], log.last_ret, log.last_shret
+        )),
+        Ok(_) => {}
+    }
+}
+
 /// An NMI taken inside a #BP exit, between its checks and its WRSS, whose
 /// trap frame's saved registers are forged: the exit gets its own registers
 /// back (from the WRSS-only save page), writes the right slots with the right
@@ -667,22 +691,7 @@ pub fn sec_exit_nmi_regs(st: &BootState) -> Outcome<'static> {
         if step != Step::Int3Written {
             return;
         }
-        tlog_reset();
-        FORGE_NMI_REGS.store(true, Ordering::SeqCst);
-        SC_T_EXIT_NMI.store(true, Ordering::SeqCst);
-        // SAFETY: a site function of the batch.
-        let v = try_run(|| unsafe { sc_t_fn_call(0) });
-        SC_T_EXIT_NMI.store(false, Ordering::SeqCst);
-        FORGE_NMI_REGS.store(false, Ordering::SeqCst);
-        let log = tlog();
-        match v {
-            Err(f) => errors.push(format!("the call faulted: {f}")),
-            Ok(_) if log.count[1] != 1 || log.last_ret != site() + SITE_LEN as u64 => errors.push(format!(
-                "the emulated call went wrong: target b ran {} times, ret {:#x} (shadow {:#x})",
-                log.count[1], log.last_ret, log.last_shret
-            )),
-            Ok(_) => {}
-        }
+        call_target_b(&[&FORGE_NMI_REGS, &SC_T_EXIT_NMI], "", &mut errors);
     });
     patching::set_strategy(crate::state().strategy);
     if let Err(e) = r {
@@ -742,26 +751,9 @@ pub fn sec_fast_path(st: &BootState) -> Outcome<'static> {
             if step != Step::Int3Written {
                 return;
             }
-            for forged in [false, true] {
-                tlog_reset();
-                SC_T_FAST.store(true, Ordering::SeqCst);
-                FORGE_NMI_FAST.store(forged, Ordering::SeqCst);
-                SC_T_FAST_NMI.store(forged, Ordering::SeqCst);
-                // SAFETY: a site function of the batch.
-                let v = try_run(|| unsafe { sc_t_fn_call(0) });
-                SC_T_FAST.store(false, Ordering::SeqCst);
-                SC_T_FAST_NMI.store(false, Ordering::SeqCst);
-                FORGE_NMI_FAST.store(false, Ordering::SeqCst);
-                let log = tlog();
-                match v {
-                    Err(f) => errors.push(format!("{strategy:?}, forged NMI {forged}: the call faulted: {f}")),
-                    Ok(_) if log.count[1] != 1 || log.last_ret != site() + SITE_LEN as u64 => errors.push(format!(
-                        "{strategy:?}, forged NMI {forged}: the emulated call went wrong: target b ran {} times, ret {:#x} (shadow {:#x})",
-                        log.count[1], log.last_ret, log.last_shret
-                    )),
-                    Ok(_) => {}
-                }
-            }
+            call_target_b(&[&SC_T_FAST], &format!("{strategy:?}: "), &mut errors);
+            let forged: [&AtomicBool; 3] = [&SC_T_FAST, &FORGE_NMI_FAST, &SC_T_FAST_NMI];
+            call_target_b(&forged, &format!("{strategy:?}, forged NMI: "), &mut errors);
         });
         patching::set_strategy(crate::state().strategy);
         if let Err(e) = r {
