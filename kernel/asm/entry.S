@@ -355,6 +355,18 @@ sc_t_nested_probe:
     popq %rbp
     popq %rbx
     ret
+
+/* sec_region_flags (review 10 PoC): u64 sc_t_flags_probe(void): ZF := 1,
+ * a software NMI inside this critical region (its handler flips ZF in its
+ * trap frame, as an attacker who writes the NMI stack would), then return
+ * the ZF that came back (1: kept, 0: the forged one). The caller keeps IF=0. */
+.globl sc_t_flags_probe
+sc_t_flags_probe:
+    xorl %eax, %eax                 /* ZF = 1 */
+    int ${VEC_NMI}
+    setz %al
+    movzbl %al, %eax
+    ret
 .endif
 sc_isr_region_end:
 
