@@ -93,6 +93,31 @@
  * 8-aligned), so the slot R-8 lies on this stack above the frame (else the
  * handler); then [R-8] := S+5 (rbp = S), RSP := R-8, RIP := T (r8). rax :=
  * S+5. Clobbers rcx, rdx. */
+/* FAST_POP shadow: the emulated ret's normal-stack half. The saved RSP R
+ * must lie in the window above this frame, 8-aligned (else the handler);
+ * with `shadow` = 1 [R] must equal rcx (X, the shadow stack's top), with 0
+ * rcx := [R]; then RSP := R+8, RIP := X. Clobbers rax, rdx. */
+.macro FAST_POP shadow
+    movq {FRAME_RSP}-FAST(%rsp), %rdx
+    leaq {BP_RSP_MIN}-FAST(%rsp), %rax
+    cmpq %rax, %rdx
+    jb sc_bp_slow
+    leaq {BP_RSP_MAX}-FAST(%rsp), %rax
+    cmpq %rax, %rdx
+    ja sc_bp_slow
+    testb $7, %dl
+    jnz sc_bp_slow
+.if \shadow
+    cmpq %rcx, (%rdx)
+    jne sc_bp_slow
+.else
+    movq (%rdx), %rcx
+.endif
+    addq $8, %rdx
+    movq %rdx, {FRAME_RSP}-FAST(%rsp)
+    movq %rcx, {FRAME_RIP}-FAST(%rsp)
+.endm
+
 .macro FAST_PUSH
     movq {FRAME_RSP}-FAST(%rsp), %rax
     leaq -8(%rax), %rcx
@@ -130,9 +155,9 @@ sc_isr_3:
  * (the host's NMI/#MC entries; the reference kernel's sc_isr_cet_ist). */
 .globl sc_bpx_region_start, sc_bpx_region_end
 sc_bpx_region_start:
-.if {TEST_HOOKS} == 0
-    /* The fast path (production builds: the self-test hooks and counters
-     * live in the handler; DESIGN §6). A live batch's CALL, JMP or NOP for
+    /* The fast path (DESIGN §6). In self-test builds it is off unless a
+     * test turns it on (SC_T_FAST): their counters and injection points
+     * live in the handler. A live batch's CALL, JMP or NOP for
      * the site S is emulated here, in one pass, with every check the exits
      * make (the entry in the sealed area, live, for S; S a registered site,
      * T a declared target, both from the read-only tables; the interrupted
@@ -142,6 +167,10 @@ sc_bpx_region_start:
      * (sc_bp_slow), which decides from scratch. The sc_bp_fast* labels name
      * its parts for `cargo xtask trace`. */
 sc_bp_fast:
+.if {TEST_HOOKS}
+    cmpb $0, SC_T_FAST(%rip)
+    je sc_bp_slow
+.endif
     /* A pre-filter, to keep the other traps cheap: no live batch, no fast
      * path. The decision is the look again below, after this CPU's in-exit
      * count is raised. */
@@ -159,8 +188,10 @@ sc_bp_fast:
     testq %rsi, %rsi
     jz sc_bp_fast_nocet
     /* This CPU: the one whose stack area holds F (static layout; SSP cannot
-     * be forged), and F not on its NMI shadow stack: a #BP inside an NMI
-     * handler needs the handler's return without IRET (sc_bp_return). */
+     * be forged), and whether F is on its NMI shadow stack: a #BP inside an
+     * NMI handler returns without IRET (sc_bp_fast_return, §8.3); the mark
+     * is the frame's error code (ordinary memory: a forged one only picks
+     * the other return, which checks the frame itself). */
     leaq sc_stacks(%rip), %rcx
     movq %rsi, %rax
     subq %rcx, %rax
@@ -171,8 +202,9 @@ sc_bp_fast:
     jae sc_bp_slow
     subq $SC_NMI_SHSTK_OFF, %rdx
     cmpq $SC_NMI_SHSTK_SIZE, %rdx
-    jb sc_bp_slow
-    shlq ${RECORD_PAGE_SHIFT}, %rax
+    jae 1f
+    movq $1, {FRAME_ERR}-FAST(%rsp) /* in an NMI: no IRET (sc_bp_fast_return) */
+1:  shlq ${RECORD_PAGE_SHIFT}, %rax
     leaq sc_tramp_records(%rip), %rdi
     addq %rax, %rdi                 /* this CPU's record page */
     movq 8(%rsi), %rbp
@@ -191,6 +223,14 @@ sc_bp_fast:
 sc_bp_fast_lookup:
     FAST_LOOKUP sc_bp_fast_out
 sc_bp_fast_kind:
+.if {TEST_HOOKS}
+    /* sec_fast_path: an NMI right here, whose frame the test forges. */
+    cmpb $0, SC_T_FAST_NMI(%rip)
+    je 8f
+    movb $0, SC_T_FAST_NMI(%rip)
+    int $2
+8:
+.endif
     movq {IN_EXIT}(%rdi), %rax      /* the entry's last read is done */
     decq %rax
     wrssq %rax, {IN_EXIT}(%rdi)
@@ -198,6 +238,8 @@ sc_bp_fast_kind:
     je sc_bp_fast_call
     cmpb ${KIND_JMP}, %cl
     je sc_bp_fast_jmp
+    cmpb ${KIND_RET}, %cl
+    je sc_bp_fast_ret
     cmpb ${KIND_NOP}, %cl
     jne sc_bp_slow
 sc_bp_fast_nop:
@@ -208,6 +250,20 @@ sc_bp_fast_nop:
 sc_bp_fast_jmp:
     movq %r8, {FRAME_RIP}-FAST(%rsp) /* jmp T: LIP := T */
     wrssq %r8, 8(%rsi)
+    jmp sc_bp_fast_return
+sc_bp_fast_ret:
+    /* ret (sc_bpx_ret): pop both stacks. The interrupted SSP right above
+     * the frame; the normal stack's top, at the saved RSP R (inside the
+     * window above this frame, 8-aligned), must equal the shadow stack's
+     * top X = [F+24]; then RIP = LIP := X, RSP := R+8, previous SSP := F+32. */
+    leaq 24(%rsi), %rax
+    cmpq %rax, (%rsi)
+    jne sc_bp_slow
+    movq (%rax), %rcx               /* X */
+    FAST_POP 1
+    leaq 32(%rsi), %rax
+    wrssq %rcx, 8(%rsi)
+    wrssq %rax, (%rsi)
     jmp sc_bp_fast_return
 sc_bp_fast_call:
     /* The interrupted SSP right above the frame (#BP has no IST). */
@@ -328,13 +384,14 @@ sc_bp_fast_tramp2:
 
 sc_bp_fast_nocet:
     /* Without shadow stacks (classic): S from the saved RIP (there is no
-     * shadow stack to protect), not inside an NMI (RSP on this CPU's NMI
-     * stack: the same test as sc_bp_return), and the classic strategy. */
+     * shadow stack to protect); inside an NMI or not from RSP (on this
+     * CPU's NMI stack: the same test as sc_bp_return). */
     movq %rsp, %rax
     STACK_CPU 1f                    /* outside the area: not an NMI stack */
     subq $SC_NMI_STACK_OFF, %rdx
     cmpq $SC_IST_STACK_SIZE, %rdx
-    jb sc_bp_slow
+    jae 1f
+    movq $1, {FRAME_ERR}-FAST(%rsp)
 1:  movq {FRAME_RIP}-FAST(%rsp), %rbp
     subq $1, %rbp                   /* S (never the padding key) */
     jb sc_bp_slow
@@ -345,6 +402,8 @@ sc_bp_fast_nocet_kind:
     je 3f
     cmpb ${KIND_JMP}, %cl
     je 2f
+    cmpb ${KIND_RET}, %cl
+    je 4f
     cmpb ${KIND_NOP}, %cl
     jne sc_bp_slow
     leaq {SITE_LEN}(%rbp), %r8      /* NOP: RIP := S+5 */
@@ -354,13 +413,15 @@ sc_bp_fast_nocet_kind:
     jne sc_bp_slow
     FAST_PUSH
     jmp sc_bp_fast_return
+4:  FAST_POP 0                      /* ret: RIP := [R], RSP := R+8 */
+    jmp sc_bp_fast_return
 
 /* No live batch: the host's probe (the optional symbol sc_bp_probe, an int3
  * that is no site: the benchmark's bare trap) is returned from at once;
  * anything else goes to the handler. The saved RIP is compared: with shadow
  * stacks IRET resumes only at LIP, so a forged RIP cannot make another
  * trap return here (#CP); the probe is no registered site (Layout::check).
- * Not inside an NMI (the handler's return without IRET). */
+ * Inside an NMI it returns without IRET (sc_bp_fast_return). */
 sc_bp_fast_idle:
     movq sc_bp_probe_ref(%rip), %rax
     incq %rax
@@ -376,26 +437,37 @@ sc_bp_fast_idle:
     STACK_CPU sc_bp_slow
     subq $SC_NMI_SHSTK_OFF, %rdx
     cmpq $SC_NMI_SHSTK_SIZE, %rdx
-    jb sc_bp_slow
+    jae sc_bp_fast_return
+    movq $1, {FRAME_ERR}-FAST(%rsp)
     jmp sc_bp_fast_return
 2:  movq %rsp, %rax
     STACK_CPU sc_bp_fast_return     /* outside the area: not an NMI stack */
     subq $SC_NMI_STACK_OFF, %rdx
     cmpq $SC_IST_STACK_SIZE, %rdx
-    jb sc_bp_slow
+    jae sc_bp_fast_return
+    movq $1, {FRAME_ERR}-FAST(%rsp)
 
+/* The end of the fast path: IRET, or inside an NMI handler (marked in the
+ * error code above) the return without IRET that keeps NMIs blocked
+ * (sc_bp_return_in_nmi, §8.3), from the whole TrapFrame. */
 sc_bp_fast_return:
+    cmpq $0, {FRAME_ERR}-FAST(%rsp)
+    jne sc_bp_fast_return_nmi
     POP_GPRS_LOW
     addq $16, %rsp                  /* vector, error code */
     iretq
+sc_bp_fast_return_nmi:
+    PUSH_GPRS_HIGH
+    subq $16, %rsp                  /* TrapFrame.ssp, .shadow_push (unused) */
+    jmp sc_bp_return_in_nmi
 
 /* A miss after the in-exit count was raised: lower it, then the handler. */
 sc_bp_fast_out:
     movq {IN_EXIT}(%rdi), %rax
     decq %rax
     wrssq %rax, {IN_EXIT}(%rdi)
-.endif
 sc_bp_slow:
+    movq $0, {FRAME_ERR}-FAST(%rsp) /* the fast path's NMI mark */
     PUSH_GPRS_HIGH
     subq $16, %rsp                  /* TrapFrame.ssp, TrapFrame.shadow_push */
     movq $0, 8(%rsp)
@@ -901,4 +973,5 @@ sc_bpx_table:
 .purgem STACK_CPU
 .purgem RECORD_PAGE
 .purgem FAST_PUSH
+.purgem FAST_POP
 .purgem FAST_LOOKUP

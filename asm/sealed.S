@@ -1,5 +1,6 @@
-/* Shared by entry.S and poke.S (concatenated in front of each; each purges
- * the macros at its end, since all global_asm! of the crate form one module).
+/* Shared by bp.S, publish.S and poke.S (concatenated in front of each; each
+ * purges the macros it uses at its end, since all global_asm! of a crate
+ * form one module: publish.S purges SEALED_VALID, bp.S the others).
  *
  * LIVE_ENTRY ptr, fail: is `ptr` one of the live sealed batch's entries?
  * `ptr` lies inside the sealed area past its header, the batch is live (its
@@ -109,3 +110,86 @@
 .Lce_done\@:
 .endm
 
+
+/* SEALED_VALID fail: may every user trust the sealed area's content (all
+ * but its magic word) without checking it again? The publisher runs this
+ * with every other writer of the area excluded (the reference kernel's
+ * poke.S sc_poke_publish, DESIGN §8.2), so what it accepts is what is live
+ * until the batch retires. Reads only the sealed area (its read-only
+ * mapping), the read-only tables and linker symbols, each header field
+ * once; decides in registers. Requires:
+ *  H1 the header is the exact layout SealedBatch::from_raw accepts for
+ *     its len (total_len and the magic aside): 1 <= len < 2^32, depth =
+ *     the bit length of len (so 1..32), keys_off = the header's size,
+ *     slots_off = keys_off + 8 * 2^depth, entries_off = slots_off +
+ *     4 * 2^depth (a multiple of 8 for depth >= 1), and entries_off +
+ *     ENTRY_SIZE * len <= the area's size (no sum can wrap: each term is
+ *     below 2^38); so no part overlaps the header or another part;
+ *  H2 every tree node k in [1, 2^depth): its key is PAD_KEY (u64::MAX),
+ *     or its slot (u32) < len and entries[slot].site == key;
+ *  H3 every entry i < len passes CHECKED_ENTRY (registered site at its
+ *     hint, one of the four kinds, a call/jmp target registered at its
+ *     hint and the bytes of that call/jmp, a nop/ret with target 0 and its
+ *     fixed bytes).
+ * Jumps to `fail` otherwise. Clobbers rax, rbx, rcx, rdx, rsi, rdi, r8,
+ * r9, r10, r11 (rbx being the only callee-saved one). */
+.macro SEALED_VALID fail
+    leaq __sealed_start(%rip), %rsi
+    movq {SEALED_LEN}(%rsi), %r11       /* len */
+    movq {SEALED_DEPTH}(%rsi), %rbx     /* depth */
+    movq {SEALED_KEYS_OFF}(%rsi), %r8
+    movq {SEALED_SLOTS_OFF}(%rsi), %r9
+    movq {SEALED_ENTRIES_OFF}(%rsi), %r10
+    movl %r11d, %eax
+    cmpq %rax, %r11
+    jne \fail                           /* len >= 2^32 */
+    bsrq %r11, %rcx
+    jz \fail                            /* len == 0 */
+    incq %rcx                           /* the bit length of len: 1..32 */
+    cmpq %rcx, %rbx
+    jne \fail
+    movl $1, %edi
+    shlq %cl, %rdi                      /* nodes = 2^depth */
+    cmpq ${SEALED_HEADER_SIZE}, %r8
+    jne \fail
+    leaq (%r8,%rdi,8), %rax             /* u64 keys */
+    cmpq %rax, %r9
+    jne \fail
+    leaq (%r9,%rdi,4), %rax             /* u32 slots */
+    cmpq %rax, %r10
+    jne \fail
+    movq %r11, %rax
+    shlq ${ENTRY_SHIFT}, %rax
+    addq %r10, %rax                     /* the entries' end */
+    leaq __sealed_end(%rip), %rcx
+    subq %rsi, %rcx                     /* the area's size */
+    cmpq %rcx, %rax
+    ja \fail
+    addq %rsi, %r8                      /* keys */
+    addq %rsi, %r9                      /* slots */
+    addq %rsi, %r10                     /* entries */
+    movq %rdi, %rbx                     /* k, from nodes - 1 down to 1 */
+.Lsv_node\@:
+    decq %rbx
+    jz .Lsv_nodes_done\@
+    movq (%r8,%rbx,8), %rax             /* key[k], once */
+    cmpq $-1, %rax                      /* PAD_KEY */
+    je .Lsv_node\@
+    movl (%r9,%rbx,4), %ecx             /* slot[k], once */
+    cmpq %r11, %rcx
+    jae \fail
+    shlq ${ENTRY_SHIFT}, %rcx
+    cmpq {ENTRY_SITE}(%r10,%rcx), %rax
+    jne \fail
+    jmp .Lsv_node\@
+.Lsv_nodes_done\@:
+    movq %r10, %rdi                     /* entry pointer */
+    movq %r11, %rbx
+    shlq ${ENTRY_SHIFT}, %rbx
+    addq %r10, %rbx                     /* the entries' end (len >= 1) */
+.Lsv_entry\@:
+    CHECKED_ENTRY %rdi, %r8, %r9, %r10, %r11, \fail
+    addq ${ENTRY_SIZE}, %rdi
+    cmpq %rbx, %rdi
+    jb .Lsv_entry\@
+.endm

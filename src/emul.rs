@@ -14,6 +14,10 @@ use core::fmt;
 
 use crate::tramp::TrampLayout;
 
+// The words after the records stay on the page, past the last record.
+const _: () = assert!(record::RECORDS_PER_PAGE * record::RECORD_SIZE <= record::SYNC_WORD);
+const _: () = assert!(record::WRITER_WORD + 8 <= record::RECORD_PAGE_SIZE);
+
 /// One emulated call between its first and second trap.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PendingCall {
@@ -160,8 +164,9 @@ pub mod record {
     pub const RECORD_SIZE: u64 = 32;
     /// Bytes of a CPU's record page (one 4 KiB page, page aligned).
     pub const RECORD_PAGE_SIZE: u64 = 4096;
-    /// Records on one page (its last 32 bytes hold the sync, in-exit, (CPU 0) sync-generation and own-generation words).
-    pub const RECORDS_PER_PAGE: u64 = RECORD_PAGE_SIZE / RECORD_SIZE - 1;
+    /// Records on one page (its last two records' room holds the sync,
+    /// in-exit, (CPU 0) sync-generation, own-generation and writer words).
+    pub const RECORDS_PER_PAGE: u64 = RECORD_PAGE_SIZE / RECORD_SIZE - 2;
     /// The CPU's sync word on its record page: 0 while the CPU is not
     /// online with shadow stacks; then the sync generation it last
     /// acknowledged, plus one ([`SYNC_GEN_WORD`]). Written only with WRSS by
@@ -188,6 +193,15 @@ pub mod record {
     /// the kernel if the shared generation no longer equals it (a second
     /// patcher racing the bump; see DESIGN §11).
     pub const MY_GEN_WORD: u64 = SYNC_GEN_WORD + 8;
+    /// The CPU's sealed-writer word: 1 while the kernel's sealed-area
+    /// writer (asm/poke.S `sc_poke_sealed`) runs on this CPU, from before
+    /// it looks at the magic word to after its last store, else 0. Written
+    /// only with WRSS by that writer on its own CPU (the CPU whose stack
+    /// area holds SSP); the publisher (`sc_poke_publish`) claims the magic
+    /// word (pending), then waits for every CPU's writer word to be 0
+    /// before it validates the area: Dekker, so no writer stores between
+    /// the validation and the end of the batch's life (DESIGN §8.2).
+    pub const WRITER_WORD: u64 = MY_GEN_WORD + 8;
     /// Low bits of a sync generation that hold the bumping CPU's index
     /// (the rest count rounds): two patchers never write the same value.
     pub const GEN_CPU_BITS: u32 = 8;

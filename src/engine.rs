@@ -169,7 +169,9 @@ pub enum Poke<'a> {
         /// The bytes.
         bytes: &'a [u8],
     },
-    /// Write the sealed batch's magic word: the batch is live.
+    /// Write the sealed batch's magic word: the batch is live. The host's
+    /// writer decides it: only if the crate's check of the area passes,
+    /// with the area's other writers excluded (`Platform` # Safety).
     Publish,
     /// Clear the magic word: no batch is live.
     Unseal,
@@ -439,9 +441,16 @@ impl CpuState {
 ///   allow), and only in the order the protocol's text states allow (tails
 ///   behind an int3, the head onto int3 and the entry's own tails); sealed
 ///   writes past the magic word, inside the area, and not while a batch is
-///   live or any CPU is inside a #BP exit (its in-exit count on its record
-///   page); the trampoline from read-only bytes, once. Writers that take
-///   these from ordinary memory give an attacker text writes (DESIGN §11);
+///   live or being published or any CPU is inside a #BP exit (its in-exit
+///   count on its record page); a publication ([`Poke::Publish`]) only if
+///   the crate's check of the area as it is then passes (asm/sealed.S
+///   `SEALED_VALID` in the host's own asm, or `sc_sealed_check` of
+///   asm/publish.S with the feature `entry`), with every other writer of
+///   the area excluded from before that check until the batch retires
+///   (DESIGN §8.2): the #BP path trusts a live batch's header, search tree
+///   and entries as validated; an unseal only of a live batch; the
+///   trampoline from read-only bytes, once. Writers that take these from
+///   ordinary memory give an attacker text writes (DESIGN §11);
 /// - `sync` returns only after every other online CPU has executed a
 ///   serializing instruction after the call began, and a CPU acknowledges
 ///   only with interrupts on (so a CPU inside the #BP handler, IF=0, has
@@ -847,7 +856,10 @@ impl<P: Platform> Patcher<P> {
 
     /// Write a sealed image past its magic word, check the read-only copy
     /// with `verify` and `again` (its entries are what validation makes of
-    /// them now), and only then publish it.
+    /// them now), and only then publish it. This verdict decides only
+    /// whether the patch goes ahead: the host's publication runs the
+    /// crate's asm check of the area itself, with the area's other writers
+    /// excluded (`Platform` # Safety, DESIGN §8.2).
     fn seal_image(
         &self,
         buf: &mut [u8],

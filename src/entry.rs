@@ -20,7 +20,8 @@
 //! `sc_tramp_page`, `__sealed_start`/`__sealed_end`, `__sites_start`/
 //! `__sites_end`, `__targets_start`/`__targets_end`. With `test-hooks`
 //! also the self-test probe symbols `sc_t_iret_int3`, `sc_t_iret_landing`
-//! and the byte `SC_T_EXIT_NMI`.
+//! and the bytes `SC_T_EXIT_NMI`, `SC_T_FAST` (the fast path on) and
+//! `SC_T_FAST_NMI`.
 
 use core::mem::{offset_of, size_of};
 
@@ -39,6 +40,7 @@ core::arch::global_asm!(
         include_str!("../asm/regs.S"),
         include_str!("../asm/stack_cpu.S"),
         include_str!("../asm/sealed.S"),
+        include_str!("../asm/publish.S"),
         include_str!("../asm/bp.S")
     ),
     BP_GAP = const crate::frame::BP_STACK_GAP,
@@ -46,6 +48,7 @@ core::arch::global_asm!(
     FRAME_RSP = const offset_of!(TrapFrame, rsp),
     FRAME_RCX = const offset_of!(TrapFrame, rcx),
     FRAME_R8 = const offset_of!(TrapFrame, r8),
+    FRAME_ERR = const offset_of!(TrapFrame, error_code),
     FRAME_RFLAGS = const offset_of!(TrapFrame, rflags),
     BP_RSP_MIN = const crate::frame::BP_RETURN_RSP_MIN,
     BP_RSP_MAX = const crate::frame::BP_RETURN_RSP_MAX,

@@ -621,6 +621,17 @@ impl Batch {
 
 /// The first word of a sealed batch ("SCSEALD1").
 pub const SEALED_MAGIC: u64 = u64::from_le_bytes(*b"SCSEALD1");
+/// The magic word while a publication is being decided (the reference
+/// kernel's `sc_poke_publish`, DESIGN §8.2): this value with the claiming
+/// CPU's index in its low [`PENDING_CPU_BITS`] bits. For no CPU is it 0 or
+/// [`SEALED_MAGIC`]: no user takes a pending batch for a live one, no
+/// sealed-area writer for an idle one.
+pub const SEALED_PENDING: u64 = u64::from_le_bytes(*b"\0SCPEND1");
+/// Low bits of [`SEALED_PENDING`] that name the claiming CPU.
+pub const PENDING_CPU_BITS: u32 = 8;
+const _: () = assert!(SEALED_PENDING & ((1 << PENDING_CPU_BITS) - 1) == 0);
+const _: () = assert!(SEALED_PENDING >> PENDING_CPU_BITS != SEALED_MAGIC >> PENDING_CPU_BITS);
+const _: () = assert!(SEALED_PENDING != 0);
 /// [`SealedEntry::kind`] of a [`NewInsn::Call`].
 pub const KIND_CALL: u64 = 1;
 /// [`SealedEntry::kind`] of a [`NewInsn::Jmp`].
@@ -650,8 +661,10 @@ pub const NOP5_WORD: u64 = pack_const(NOP5);
 pub const RET5: [u8; SITE_LEN] = [OPC_RET, INT3, INT3, INT3, INT3];
 /// `SealedEntry::bytes` of every ret entry: `RET5`, packed.
 pub const RET_WORD: u64 = pack_const(RET5);
-/// Padding key and slot of the search tree.
+/// Padding key and slot of the search tree. The asm check of a sealed
+/// batch (asm/sealed.S `SEALED_VALID`) compares keys with -1: all ones.
 const PAD_KEY: u64 = u64::MAX;
+const _: () = assert!(PAD_KEY == !0);
 const PAD_SLOT: u32 = u32::MAX;
 
 /// Why `SealedBatch::from_raw` or `SealedBatch::verify` refused some bytes.

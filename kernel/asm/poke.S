@@ -13,9 +13,9 @@
 
 .section .text.entry, "ax"
 
-/* r8 := this CPU's alias PTE address, r9 := its private PML4 (from RSP and
- * the static layout: the boot stack is CPU 0's). Clobbers rax, rcx, rdx. */
-.macro POKE_TABLES
+/* rax := this CPU's index (from SSP with shadow stacks, else from RSP and
+ * the static layout: the boot stack is CPU 0's). Clobbers rcx, rdx. */
+.macro POKE_CPU
     /* With shadow stacks: the CPU whose stack area holds SSP (RSP may come
      * back from a trap frame; SSP cannot be forged). */
     movq %cr4, %rax
@@ -33,10 +33,66 @@
     xorl %eax, %eax
     jmp 2f
 1:  STACK_CPU sc_poke_bad
-2:  imulq ${POKE_TABLES_SIZE}, %rax
+2:
+.endm
+
+/* r8 := the alias PTE address, r9 := the private PML4 of CPU rax (from
+ * POKE_CPU). Clobbers rax. */
+.macro POKE_TABLES_OF
+    imulq ${POKE_TABLES_SIZE}, %rax
     leaq sc_shared_tables+{POKE_TABLES_OFF}(%rip), %r9
     addq %rax, %r9
     leaq {POKE_PT_OFF}+8*{ALIAS_PT_INDEX}(%r9), %r8
+.endm
+
+/* r8 := this CPU's alias PTE address, r9 := its private PML4. Clobbers
+ * rax, rcx, rdx. */
+.macro POKE_TABLES
+    POKE_CPU
+    POKE_TABLES_OF
+.endm
+
+/* Map the sealed area's page that holds the magic word at the alias (PTE
+ * at r8; inside the private tables): rdx := the magic word's address
+ * there. Clobbers rax, rcx. A `lock cmpxchg` through it is an atomic
+ * compare-and-swap on the magic word itself (one physical word, whatever
+ * the mapping), the only read-modify-write any CPU does on it. */
+.macro ALIAS_MAGIC
+    leaq __sealed_start+{SEALED_STATE}(%rip), %rdx
+    movq %rdx, %rax
+    andq $-4096, %rax
+    movabsq ${ALIAS_FLAGS}, %rcx
+    orq %rcx, %rax
+    movq %rax, (%r8)
+    movabsq ${ALIAS_VA}, %rcx
+    invlpg (%rcx)
+    andl $4095, %edx
+    addq %rcx, %rdx
+.endm
+
+/* r15 := the address of the writer word (emul::record::WRITER_WORD) on the
+ * record page of CPU rax (from POKE_CPU; rax kept), or 0 without shadow
+ * stacks (CR4.CET clear: no WRSS, and no threat model to exclude).
+ * Clobbers rcx. */
+.macro WRITER_WORD_OF
+    xorl %r15d, %r15d
+    movq %cr4, %rcx
+    btq ${CR4_CET_BIT}, %rcx
+    jnc 7f
+    movq %rax, %r15
+    imulq ${RECORD_PAGE_SIZE}, %r15
+    leaq sc_tramp_records+{WRITER}(%rip), %rcx
+    addq %rcx, %r15
+7:
+.endm
+
+/* This CPU's writer word (r15, if any) := \value (0 or 1), with WRSS. */
+.macro WRITER_SET value
+    testq %r15, %r15
+    jz 7f
+    movl $\value, %ecx
+    wrssq %rcx, (%r15)
+7:
 .endm
 
 /* Store byte %bl at text/rodata/sealed address %r12 through the alias (PTE
@@ -213,45 +269,29 @@ sc_poke_head:
     ret
 
 /* void sc_poke_sealed(u64 offset, const u8 *src, u64 len): copy into the
- * sealed area at `offset`, past its magic word (published separately):
- * {MAGIC_LEN} <= offset and offset + len <= the area's size. The bytes come
- * from ordinary memory; the patcher verifies the read-only copy before it
- * publishes it, and every user checks each entry against the read-only
- * tables anyway (CHECKED_ENTRY). Never while a #BP exit may still read an
- * entry of the previous batch: every CPU's in-exit count (on its record
- * page, written only with WRSS by its own exits) must be 0; the writer
- * waits for that, at most {SEALED_WAIT_SPINS} rounds, then refuses. */
+ * sealed area at `offset`, past its magic word: {MAGIC_LEN} <= offset and
+ * offset + len <= the area's size. The bytes come from ordinary memory;
+ * the publisher validates the area in asm before the batch goes live
+ * (sc_poke_publish, sealed.S SEALED_VALID). Inside the private tables,
+ * this CPU's writer word (its record page, WRSS) is raised, then, after a
+ * full fence, the magic word must be 0: neither live nor claimed by a
+ * publisher (Dekker with sc_poke_publish's claim and scan: either this
+ * writer sees the claim and refuses, or the publisher sees this word and
+ * waits for it to drop, which it does only after the last store). Never
+ * while a #BP exit may still read an entry of the previous batch: every
+ * CPU's in-exit count (on its record page, written only with WRSS by its
+ * own exits) must be 0; the writer waits for that, at most
+ * {SEALED_WAIT_SPINS} rounds, then refuses. Every refusal leaves the
+ * window and lowers the writer word first. An exception inside the window
+ * takes this CPU out of it for good (entry.S): the stores after fault, and
+ * the word stays raised until the patcher redoes the write. */
 .globl sc_poke_sealed
 sc_poke_sealed:
     SAVE
     pushq %r13
     pushq %r14
-    /* Never while a batch is live: its header and entries must not change
-     * under the exits and the step writers (the fourth review did). */
-    leaq __sealed_start(%rip), %rax
-    movabsq ${SEALED_LIVE}, %rcx
-    cmpq %rcx, {SEALED_STATE}(%rax)
-    je sc_poke_bad
-    /* Dekker with BPX_ENTRY (entry.S): the magic word is 0 and visible to
-     * all (cleared by sc_poke_unseal, whose CR3 write serialized) before
-     * the counts are read; an exit raises its count, fences, then reads the
-     * magic word. So either that exit sees no live batch and refuses, or
-     * this scan sees its count. */
-    mfence
-    movq ${SEALED_WAIT_SPINS}, %r8
-8:  leaq sc_tramp_records+{IN_EXIT}(%rip), %rax
-    movl ${MAX_CPUS}, %ecx
-9:  cmpq $0, (%rax)
-    jne 10f
-    addq ${RECORD_PAGE_SIZE}, %rax
-    decl %ecx
-    jnz 9b
-    jmp 11f
-10: pause
-    decq %r8
-    jnz 8b
-    jmp sc_poke_bad                 /* an exit stays in flight: refuse */
-11: cmpq ${MAGIC_LEN}, %rdi
+    pushq %r15
+    cmpq ${MAGIC_LEN}, %rdi
     jb sc_poke_bad
     leaq __sealed_end(%rip), %rax
     leaq __sealed_start(%rip), %rcx
@@ -264,9 +304,35 @@ sc_poke_sealed:
     leaq (%rcx,%rdi), %r12          /* first destination byte */
     movq %rsi, %r13                 /* source */
     movq %rdx, %r14                 /* bytes left */
-    POKE_TABLES
+    POKE_CPU
+    WRITER_WORD_OF
+    POKE_TABLES_OF
     POKE_ENTER
-    testq %r14, %r14
+    WRITER_SET 1
+    /* The raised word is visible to every CPU before the magic word is
+     * read. */
+    mfence
+    cmpq $0, __sealed_start+{SEALED_STATE}(%rip)
+    jne 12f                         /* live or claimed: refuse */
+    /* Dekker with BPX_ENTRY (asm/bp.S): the magic word is 0 and visible to
+     * all (cleared by sc_poke_unseal's locked compare-and-swap) before the
+     * counts are read; an exit raises its count, fences, then reads the
+     * magic word. So either that exit sees no live batch and refuses, or
+     * this scan sees its count. */
+    movq ${SEALED_WAIT_SPINS}, %rbx
+8:  leaq sc_tramp_records+{IN_EXIT}(%rip), %rax
+    movl ${MAX_CPUS}, %ecx
+9:  cmpq $0, (%rax)
+    jne 10f
+    addq ${RECORD_PAGE_SIZE}, %rax
+    decl %ecx
+    jnz 9b
+    jmp 11f
+10: pause
+    decq %rbx
+    jnz 8b
+    jmp 12f                         /* an exit stays in flight: refuse */
+11: testq %r14, %r14
     jz 4f
 3:  movb (%r13), %bl
     POKE_BYTE
@@ -274,34 +340,118 @@ sc_poke_sealed:
     incq %r13
     decq %r14
     jnz 3b
+    /* Every store is globally visible before the word drops: the CR3
+     * write of POKE_LEAVE serializes. */
 4:  POKE_LEAVE
+    WRITER_SET 0
+    popq %r15
     popq %r14
     popq %r13
     RESTORE
     ret
+12: POKE_LEAVE
+    WRITER_SET 0
+    jmp sc_poke_bad
 
-/* void sc_poke_publish(void) / sc_poke_unseal(void): the sealed batch's
- * magic word := SEALED_MAGIC / 0 (constants). */
-.globl sc_poke_publish, sc_poke_unseal
+/* void sc_poke_publish(void): make the sealed batch live, decided here:
+ *  1. claim: compare-and-swap the magic word 0 -> SEALED_PENDING | this
+ *     CPU (through the alias: atomic). Found this CPU's own claim: an
+ *     earlier attempt that an exception cut short (the patcher redoes the
+ *     write), taken over. Found SEALED_MAGIC: an earlier attempt that
+ *     completed before an exception made the patcher redo it; nothing to
+ *     do (a live batch is a validated one). Anything else (another CPU's
+ *     claim): refuse, nothing written.
+ *  2. exclude: every CPU's writer word must be 0 (waits at most
+ *     {SEALED_WAIT_SPINS} rounds). The claim's locked instruction orders
+ *     it before these loads; a writer raises its word, fences, then reads
+ *     the magic word: a writer that is not seen here sees the claim and
+ *     refuses, and one seen here has finished (its stores visible) once
+ *     its word is 0. No other CPU writes the area from here on while the
+ *     word is claimed or live.
+ *  3. validate: sealed.S SEALED_VALID on the area as it now is.
+ *  4. publish: compare-and-swap SEALED_PENDING | this CPU -> SEALED_MAGIC.
+ * A failed step 2 or 3 swaps the claim back to 0 and refuses. All of it
+ * runs in one window: an exception inside takes this CPU out of it for
+ * good (entry.S), so the final swap (an alias store) happens only if
+ * nothing else ran on this CPU since the claim; and only this CPU's
+ * publisher ever swaps this CPU's claim. Hence SEALED_MAGIC in the word
+ * implies the area passed SEALED_VALID and no writer has stored since. */
+.globl sc_poke_publish
 sc_poke_publish:
-    movabsq ${SEALED_LIVE}, %rsi
-    jmp 5f
-sc_poke_unseal:
-    xorl %esi, %esi
-5:  SAVE
+    SAVE
     pushq %r13
-    movq %rsi, %r13
+    pushq %r14
+    pushq %r15
+    POKE_CPU
+    movabsq ${SEALED_PENDING}, %r14
+    orq %rax, %r14                  /* this CPU's claim */
+    POKE_TABLES_OF
+    movq %r8, %r12                  /* SEALED_VALID clobbers r8 */
+    POKE_ENTER
+    ALIAS_MAGIC
+    xorl %eax, %eax
+    lock cmpxchgq %r14, (%rdx)
+    je 13f
+    cmpq %r14, %rax
+    je 13f                          /* this CPU's own claim: take it over */
+    movabsq ${SEALED_LIVE}, %rcx
+    cmpq %rcx, %rax
+    jne 16f                         /* another claim: refuse */
+    jmp 15f                         /* already live: done */
+13: movq ${SEALED_WAIT_SPINS}, %rbx
+8:  leaq sc_tramp_records+{WRITER}(%rip), %rax
+    movl ${MAX_CPUS}, %ecx
+9:  cmpq $0, (%rax)
+    jne 10f
+    addq ${RECORD_PAGE_SIZE}, %rax
+    decl %ecx
+    jnz 9b
+    jmp 11f
+10: pause
+    decq %rbx
+    jnz 8b
+    jmp 14f                         /* a writer stays: unclaim, refuse */
+11: SEALED_VALID 14f
+    movq %r12, %r8
+    ALIAS_MAGIC
+    movq %r14, %rax
+    movabsq ${SEALED_LIVE}, %rcx
+    lock cmpxchgq %rcx, (%rdx)
+    jne 16f                         /* the claim is gone: refuse */
+15: POKE_LEAVE
+    popq %r15
+    popq %r14
+    popq %r13
+    RESTORE
+    ret
+14: movq %r12, %r8
+    ALIAS_MAGIC
+    movq %r14, %rax
+    xorl %ecx, %ecx
+    lock cmpxchgq %rcx, (%rdx)      /* unclaim (only this CPU's claim) */
+16: POKE_LEAVE
+    jmp sc_poke_bad
+
+/* void sc_poke_unseal(void): retire the live batch, magic word
+ * SEALED_MAGIC -> 0 (compare-and-swap through the alias). Already 0: an
+ * earlier attempt completed before an exception made the patcher redo it.
+ * Anything else (a publisher's claim: the area is being validated) is
+ * refused, nothing written. */
+.globl sc_poke_unseal
+sc_poke_unseal:
+    SAVE
     POKE_TABLES
     POKE_ENTER
-    leaq __sealed_start+{SEALED_STATE}(%rip), %r12
-.rept 8
-    movq %r13, %rbx
-    POKE_BYTE
-    incq %r12
-    shrq $8, %r13
-.endr
+    ALIAS_MAGIC
+    movabsq ${SEALED_LIVE}, %rax
+    xorl %ecx, %ecx
+    lock cmpxchgq %rcx, (%rdx)
+    je 5f
+    testq %rax, %rax
+    je 5f
     POKE_LEAVE
-    popq %r13
+    jmp sc_poke_bad
+5:  POKE_LEAVE
     RESTORE
     ret
 
@@ -344,4 +494,5 @@ sc_poke_region_end:
 .purgem LIVE_ENTRY
 .purgem TABLE_AT
 .purgem CHECKED_ENTRY
+.purgem SEALED_VALID
 .purgem STACK_CPU

@@ -5,7 +5,7 @@
 //! depend on each other for it. Fault recovery frees the records it unwinds
 //! past in asm (asm/recover.S `sc_unwind_shadow`, the same layout).
 
-use shadowcall::emul::record::{IN_EXIT_WORD, RECORDS_PER_PAGE, RECORD_SIZE, REC_SSP, SYNC_WORD};
+use shadowcall::emul::record::{IN_EXIT_WORD, RECORDS_PER_PAGE, RECORD_SIZE, REC_SSP, SYNC_WORD, WRITER_WORD};
 #[cfg(feature = "test-hooks")]
 use shadowcall::emul::record::{REC_RSP_IF, REC_SITE, REC_TARGET};
 
@@ -92,6 +92,25 @@ pub fn find_record(f_base: u64, bound_ssp: u64) -> Option<u64> {
 /// CPU `cpu`'s in-exit count (see `shadowcall::emul::record::IN_EXIT_WORD`).
 pub fn in_exit_count(cpu: usize) -> u64 {
     cet::read_slot(mm::tramp_record_page_of_cpu(cpu) + IN_EXIT_WORD)
+}
+
+// A publisher's claim of the magic word names its CPU in the low bits.
+const _: () = assert!(mm::MAX_CPUS <= 1 << shadowcall::patch::PENDING_CPU_BITS);
+
+/// CPU `cpu`'s sealed-writer word (see `shadowcall::emul::record::WRITER_WORD`).
+pub fn writer_word(cpu: usize) -> u64 {
+    cet::read_slot(mm::tramp_record_page_of_cpu(cpu) + WRITER_WORD)
+}
+
+/// Self-test support: set CPU `cpu`'s sealed-writer word with WRSS, as a
+/// sealed-area writer in flight on that CPU would have. Test builds only,
+/// shadow stacks on.
+#[cfg(feature = "test-hooks")]
+pub fn test_set_writer(cpu: usize, value: u64) {
+    assert!(cpu < mm::MAX_CPUS && cet::active(), "test_set_writer: CPU {cpu} or no shadow stacks");
+    // SAFETY: the writer word of a record page (shadow-stack memory no CPU
+    // uses as its stack); test builds only.
+    unsafe { cet::wrss(mm::tramp_record_page_of_cpu(cpu) + WRITER_WORD, value) };
 }
 
 /// Self-test support: set CPU `cpu`'s in-exit count with WRSS, as an exit

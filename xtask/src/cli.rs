@@ -57,8 +57,10 @@ pub enum Command {
     /// Instruction trace of one call of each #BP hot-path figure (production build, Bochs), by phase.
     ///
     /// Boots Bochs twice (CET on, `--cet off`) under its debugger and traces one call of
-    /// `int3_iret`, `emul_call/trampoline`, `emul_call/shadowgap` and `emul_call/classic`;
-    /// prints the per-phase table of DESIGN §7.4 and writes the annotated traces to `--out`.
+    /// `int3_iret`, `emul_call/trampoline`, `emul_call/shadowgap` and `emul_call/classic`
+    /// (and the shadow gap's `emul_jmp`, `emul_nop`, `emul_call_1site`), through the #BP
+    /// stub's fast path or the handler; prints the per-phase tables of DESIGN §7.4 and
+    /// writes the annotated traces to `--out`.
     Trace(TraceArgs),
 }
 

@@ -1,8 +1,13 @@
 //! `cargo xtask trace`: an instruction trace, on Bochs, of one iteration of
 //! each #BP hot-path benchmark of the production build (`int3_iret`,
-//! `emul_call/shadowgap`, `emul_call/trampoline` with CET on;
+//! `emul_call/trampoline`, `emul_call/shadowgap`, and the shadow gap's
+//! `emul_jmp`, `emul_nop` and `emul_call_1site` with CET on;
 //! `emul_call/classic` with `--cet off`), every retired instruction
 //! attributed to a phase (DESIGN §7.4): entry, lookup, checks, writes, exit.
+//! Both paths of the crate's #BP stub (asm/bp.S) are attributed: the
+//! production fast path (`sc_bp_fast*`, emulating in the stub and returning
+//! through `sc_bp_fast_return`) and the slow path (`sc_bp_slow`, the Rust
+//! handler, the `sc_bpx_*` exits, `sc_bp_return`).
 //!
 //! How: the kernel boots with `bench=1` under Bochs's built-in debugger; an rc
 //! file sets a breakpoint at the benchmark's int3, lets it pass until a call
@@ -11,8 +16,8 @@
 //! end, so the traced count is checked against the figure it printed.
 //! Each traced RIP is named with the kernel ELF's symbols; instructions of
 //! Rust code are attributed through their DWARF inline chains and source
-//! lines (binutils `addr2line -i`), the asm exits by their labels (see
-//! [`Phase`] for the rules).
+//! lines (binutils `addr2line -i`), the asm by its labels (see [`Phase`]
+//! for the rules).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
@@ -45,18 +50,32 @@ const TIMEOUT: Duration = Duration::from_secs(1500);
 /// The phases of DESIGN §7.4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Phase {
-    /// The int3 itself and the crate's `sc_isr_3` stub up to its `call sc_bp_handler`.
+    /// The int3 itself and the stub's saves: `sc_isr_3` (the frame copy,
+    /// `PUSH_GPRS_LOW`) and, on the slow path, `sc_bp_slow` up to and
+    /// including its `call sc_bp_handler`.
     Entry,
-    /// Rust code whose DWARF inline chain passes through `SealedBatch` or `live_batch`.
+    /// The search: the fast path's inlined search and the entry's fields
+    /// ([`FAST_LOOKUP`] labels); on the slow path, Rust code whose DWARF
+    /// inline chain passes through `SealedBatch` or `live_batch`.
     Lookup,
-    /// The rest of the Rust handler, the exit dispatch, and each asm exit up
-    /// to its last branch to `sc_bpx_refuse*` (BPX_FRAME, BPX_ENTRY, ...).
+    /// Everything else the #BP path runs: the fast path's checks
+    /// ([`FAST_CHECKS`] labels, and each [`FAST_TAILS`] label up to its last
+    /// conditional branch), the rest of the Rust handler, the exit dispatch,
+    /// and each asm exit up to its last branch to `sc_bpx_refuse*`
+    /// (BPX_FRAME, BPX_ENTRY, ...).
     Checks,
-    /// Rust lines that write the trap frame or the interrupted stack
-    /// (`frame.rip/rsp/rflags = ...`, `write_volatile`), and each asm exit
-    /// after its last branch to `sc_bpx_refuse*` up to `jmp sc_bp_return`.
+    /// The stores of the emulation's results (frame RIP/RSP/RFLAGS, the
+    /// normal-stack slots, WRSS of the shadow frame and records) and the
+    /// values they store: in each fast-path tail ([`FAST_TAILS`]) the
+    /// instructions after its last conditional branch (each leaves for
+    /// `sc_bp_slow` or picks the tail's own path); Rust lines that write the
+    /// trap frame or the interrupted stack (`frame.rip/rsp/rflags = ...`,
+    /// `write_volatile`); each asm exit after its last branch to
+    /// `sc_bpx_refuse*`. The jump into the return is not a write (exit).
     Writes,
-    /// `sc_bp_return` onwards: register restore and IRET.
+    /// `sc_bp_fast_return` (the register pops and IRET) and the fast path's
+    /// jump to it; on the slow path `sc_bpx_plain`, the exit's `jmp
+    /// sc_bp_return`, and `sc_bp_return` onwards.
     Exit,
     /// Not the #BP path: the benchmark's own code (the site's function, the
     /// call target, the trampoline page's instructions).
@@ -89,36 +108,97 @@ pub struct Case {
     pub int3: &'static str,
     /// Calls of that int3 before the traced one, in the boot.
     pub skip: u32,
-    /// A label the traced iteration must pass through (the exit it takes).
+    /// Calls of that int3 made before its breakpoint is armed (right after
+    /// the previous case's traced call, when that case's int3 is another).
+    pub before_armed: u32,
+    /// Labels the traced iteration must pass through (the path it takes).
     pub must_pass: &'static [&'static str],
+    /// Labels it must not pass (the fast path's figures: not the handler).
+    pub must_avoid: &'static [&'static str],
+    /// Its row in the tables (the cases are in the boots' time order).
+    pub row: u8,
 }
 
-/// The four figures, in the order each boot reaches them: `int3_iret`
+/// The fast path's figures take neither the handler nor its exits.
+const NOT_SLOW: &[&str] = &["sc_bp_slow"];
+
+/// The traced figures, in the order each boot reaches them: `int3_iret`
 /// first; then, per strategy of `strategies_here()` (CET on: trampoline,
-/// shadow gap; off: classic, trampoline), `emul_call` and `emul_call_nmi`
-/// on the same site.
-pub const CASES: [Case; 4] = [
-    Case { key: "int3_iret", cet_off: false, int3: "sc_b_int3", skip: TRACED_CALL, must_pass: &["sc_bpx_plain"] },
+/// shadow gap; off: classic, trampoline), `emul_call`, `emul_jmp`,
+/// `emul_nop`, `emul_ret` and `emul_call_nmi` (on `emul_call`'s site);
+/// then `emul_call_1site` per strategy (kernel/src/bench.rs `run_all`).
+pub const CASES: [Case; 7] = [
+    Case {
+        key: "int3_iret",
+        cet_off: false,
+        int3: "sc_b_int3",
+        skip: TRACED_CALL,
+        before_armed: 0,
+        must_pass: &["sc_bp_fast_idle", "sc_bp_fast_return"],
+        must_avoid: NOT_SLOW,
+        row: 0,
+    },
     Case {
         key: "emul_call/trampoline",
         cet_off: false,
         int3: "sc_b_site_call",
         skip: TRACED_CALL,
-        must_pass: &["sc_bpx_tramp1", "sc_bpx_tramp2"],
+        before_armed: 0,
+        must_pass: &["sc_bp_fast_tramp1", "sc_bp_fast_tramp2", "sc_bp_fast_return"],
+        must_avoid: NOT_SLOW,
+        row: 1,
     },
     Case {
         key: "emul_call/shadowgap",
         cet_off: false,
         int3: "sc_b_site_call",
+        // After the trampoline's emul_call and emul_call_nmi.
         skip: 2 * CALLS_PER_FIGURE + TRACED_CALL,
-        must_pass: &["sc_bpx_call_sg"],
+        before_armed: 0,
+        must_pass: &["sc_bp_fast_call", "sc_bp_fast_return"],
+        must_avoid: NOT_SLOW,
+        row: 2,
+    },
+    Case {
+        key: "emul_jmp/shadowgap",
+        cet_off: false,
+        int3: "sc_b_site_jmp",
+        skip: CALLS_PER_FIGURE + TRACED_CALL,
+        // The trampoline's emul_jmp ran before the shadow gap's emul_call.
+        before_armed: CALLS_PER_FIGURE,
+        must_pass: &["sc_bp_fast_jmp", "sc_bp_fast_return"],
+        must_avoid: NOT_SLOW,
+        row: 4,
+    },
+    Case {
+        key: "emul_nop/shadowgap",
+        cet_off: false,
+        int3: "sc_b_site_nop",
+        skip: CALLS_PER_FIGURE + TRACED_CALL,
+        before_armed: CALLS_PER_FIGURE,
+        must_pass: &["sc_bp_fast_nop", "sc_bp_fast_return"],
+        must_avoid: NOT_SLOW,
+        row: 5,
+    },
+    Case {
+        key: "emul_call_1site/shadowgap",
+        cet_off: false,
+        int3: "sc_b_site_call1",
+        skip: CALLS_PER_FIGURE + TRACED_CALL,
+        before_armed: 0,
+        must_pass: &["sc_bp_fast_call", "sc_bp_fast_return"],
+        must_avoid: NOT_SLOW,
+        row: 6,
     },
     Case {
         key: "emul_call/classic",
         cet_off: true,
         int3: "sc_b_site_call",
         skip: TRACED_CALL,
-        must_pass: &["sc_bpx_plain"],
+        before_armed: 0,
+        must_pass: &["sc_bp_fast_nocet", "sc_bp_fast_nocet_kind", "sc_bp_fast_return"],
+        must_avoid: NOT_SLOW,
+        row: 3,
     },
 ];
 
@@ -154,13 +234,20 @@ impl Symbols {
         self.syms.iter().find(|s| s.2 == name).map(|s| s.0)
     }
 
-    /// The nearest symbol at or below `addr` (an asm label counts).
+    /// The nearest symbol at or below `addr` (an asm label counts); of
+    /// several at one address, one that is not a [`MARKERS`] name
+    /// (`sc_bpx_region_start` is also `sc_bp_fast` or `sc_bp_slow`).
     pub fn at(&self, addr: u64) -> Option<(&str, u64)> {
         let i = self.syms.partition_point(|s| s.0 <= addr);
         let (start, _, name) = self.syms.get(i.checked_sub(1)?)?;
-        Some((name.as_str(), addr - start))
+        let same = self.syms[..i].iter().rev().take_while(|s| s.0 == *start);
+        let name = same.map(|s| s.2.as_str()).find(|n| !MARKERS.contains(n)).unwrap_or(name);
+        Some((name, addr - start))
     }
 }
+
+/// Symbols that mark a region, not code of their own.
+pub const MARKERS: [&str; 2] = ["sc_bpx_region_start", "sc_bpx_region_end"];
 
 /// Instructions of each benchmark call outside the traced window (which
 /// runs from the int3 to the return into `sc_b_loop`): the loop's
@@ -177,8 +264,10 @@ pub struct TraceLine {
 }
 
 /// Parses `(0).[408650035] [0x0000001023f0] 0008:00000000001023f0 (unk. ctxt): sub rsp, 0x8 ; 4883ec08`.
+/// The guest's serial output shares Bochs's stdout and may precede a line
+/// without a newline (`#(0).[...`): anything before `(0).[` is skipped.
 pub fn parse_trace_line(line: &str) -> Option<TraceLine> {
-    let rest = line.strip_prefix("(0).[")?;
+    let rest = &line[line.find("(0).[")? + "(0).[".len()..];
     let (tick, rest) = rest.split_once("] [0x")?;
     let (_, rest) = rest.split_once("] ")?;
     let (_, rest) = rest.split_once(':')?;
@@ -225,15 +314,19 @@ pub fn captures(stdout: &str) -> Vec<Capture> {
     out
 }
 
+/// One case's breakpoint: the int3's address, the calls of it before the
+/// traced one (from the boot's start), and the calls made before its
+/// breakpoint is armed (when the previous case's int3 is another).
+pub type Int3 = (u64, u32, u32);
+
 /// The debugger commands of one boot: for each case in order, break at its
 /// int3 until the traced call, then trace to the loop's return.
-/// `int3s` are the cases' int3 addresses and skip counts (calls before the
-/// traced one, counted from the boot's start), in time order.
-pub fn rc_script(int3s: &[(u64, u32)], loop_return: u64) -> std::result::Result<String, String> {
+/// `int3s` are the cases' breakpoints ([`Int3`]), in time order.
+pub fn rc_script(int3s: &[Int3], loop_return: u64) -> std::result::Result<String, String> {
     let mut rc = String::new();
     let mut bp = 0u32; // Bochs numbers breakpoints from 1, never reusing a number.
     let mut armed: Option<(u64, u32, u32)> = None; // (address, breakpoint, calls so far)
-    for &(addr, skip) in int3s {
+    for &(addr, skip, before_armed) in int3s {
         let seen = match armed {
             Some((a, _, seen)) if a == addr => seen,
             other => {
@@ -242,8 +335,8 @@ pub fn rc_script(int3s: &[(u64, u32)], loop_return: u64) -> std::result::Result<
                 }
                 bp += 1;
                 rc += &format!("lb {addr:#x}\n");
-                armed = Some((addr, bp, 0));
-                0
+                armed = Some((addr, bp, before_armed));
+                before_armed
             }
         };
         // Each `c` stops at the next call; the first stop is call 0.
@@ -307,6 +400,72 @@ fn loop_return(elf: &Path, syms: &Symbols) -> Result<u64> {
         .position(|i| i.text.starts_with("call") && i.text.contains("*%r12"))
         .ok_or_else(|| Error::new("sc_b_loop has no `call *%r12` (kernel/asm/bench.S changed?)"))?;
     insns.get(i + 1).map(|i| i.addr).ok_or_else(|| Error::new("sc_b_loop ends at its call"))
+}
+
+/// The fast path's search (asm/bp.S FAST_LOOKUP, inlined twice): lookup.
+pub const FAST_LOOKUP: [&str; 2] = ["sc_bp_fast_lookup", "sc_bp_fast_nocet_lookup"];
+/// The fast path's checks: the pre-filter, CR4.CET and RDSSP, the CPU and
+/// NMI tests, the record page, S, the trampoline-trap test, the in-exit
+/// count's raise and lower, the kind dispatch, the classic path's NMI test,
+/// the probe's tests, and the lowering on a miss.
+pub const FAST_CHECKS: [&str; 5] =
+    ["sc_bp_fast", "sc_bp_fast_kind", "sc_bp_fast_nocet", "sc_bp_fast_idle", "sc_bp_fast_out"];
+/// The fast path's tails: checks up to the last conditional branch taken
+/// or not in the visit, then the stores of the emulation (writes).
+pub const FAST_TAILS: [&str; 7] = [
+    "sc_bp_fast_nop",
+    "sc_bp_fast_jmp",
+    "sc_bp_fast_ret",
+    "sc_bp_fast_call",
+    "sc_bp_fast_tramp1",
+    "sc_bp_fast_tramp2",
+    "sc_bp_fast_nocet_kind",
+];
+/// The fast path's return: the register pops and IRET.
+pub const FAST_RETURN: &str = "sc_bp_fast_return";
+/// Its return inside an NMI handler: the rest of the registers saved, then
+/// the slow path's return without IRET (`sc_bp_return_in_nmi`).
+pub const FAST_RETURN_NMI: &str = "sc_bp_fast_return_nmi";
+
+/// A conditional branch in Bochs's disassembly (`jnz .+12 (0x...)`).
+fn is_conditional_branch(insn: &str) -> bool {
+    insn.starts_with('j') && !insn.starts_with("jmp")
+}
+
+/// The phases of the fast path's instructions of a traced call, `None` for
+/// the others. `labels[i]` names the symbol of instruction `i` (`insns[i]`);
+/// `to_return[i]` is true when it is a `jmp` that lands on
+/// [`FAST_RETURN`]. A visit is a run of instructions under one label: in a
+/// [`FAST_TAILS`] visit, the instructions up to its last conditional branch
+/// are checks, the rest writes (the jump into the return: exit).
+pub fn fast_phases(labels: &[&str], insns: &[&str], to_return: &[bool]) -> Result<Vec<Option<Phase>>> {
+    let mut out = vec![None; labels.len()];
+    let mut start = 0;
+    while start < labels.len() {
+        let label = labels[start];
+        let end = start + labels[start..].iter().take_while(|&&l| l == label).count();
+        let last_branch = (start..end).rev().find(|&i| is_conditional_branch(insns[i]));
+        for i in start..end {
+            out[i] = if FAST_LOOKUP.contains(&label) {
+                Some(Phase::Lookup)
+            } else if label == FAST_RETURN
+                || label == FAST_RETURN_NMI
+                || (to_return[i] && label.starts_with("sc_bp_fast"))
+            {
+                Some(Phase::Exit)
+            } else if FAST_CHECKS.contains(&label) {
+                Some(Phase::Checks)
+            } else if FAST_TAILS.contains(&label) {
+                Some(if last_branch.is_some_and(|b| i <= b) { Phase::Checks } else { Phase::Writes })
+            } else if label.starts_with("sc_bp_fast") {
+                return Err(Error::new(format!("no rule for the fast path's label {label}")));
+            } else {
+                None
+            };
+        }
+        start = end;
+    }
+    Ok(out)
 }
 
 /// A branch to the exits' refusal (`sc_bpx_refuse`, `sc_bpx_refuse_entry`).
@@ -528,12 +687,22 @@ fn attribute(k: &Kernel, case: &Case, w: &[TraceLine]) -> Result<Vec<Attributed>
             .or_insert_with(|| std::fs::read_to_string(&f.file).ok().map(|s| s.lines().map(String::from).collect()));
         lines.as_ref()?.get((f.line as usize).checked_sub(1)?).cloned()
     };
+    let labels: Vec<(&str, u64)> = w.iter().map(|l| k.syms.at(l.rip).unwrap_or(("?", 0))).collect();
+    let fast_return = k.sym(FAST_RETURN)?;
+    let to_return: Vec<bool> = w
+        .iter()
+        .enumerate()
+        .map(|(i, l)| l.insn.starts_with("jmp") && w.get(i + 1).is_some_and(|n| n.rip == fast_return))
+        .collect();
+    let names: Vec<&str> = labels.iter().map(|l| l.0).collect();
+    let texts: Vec<&str> = w.iter().map(|l| l.insn.as_str()).collect();
+    let fast = fast_phases(&names, &texts, &to_return).map_err(|e| Error::new(format!("{}: {e}", case.key)))?;
     let mut out = Vec::new();
     // Inside the handler call: from `call sc_bp_handler` to the return into
     // sc_bpx_dispatch (and sc_bp_exit_refused's, should an exit refuse).
     let mut in_rust = false;
-    for l in w {
-        let (label, off) = k.syms.at(l.rip).unwrap_or(("?", 0));
+    for (i, l) in w.iter().enumerate() {
+        let (label, off) = labels[i];
         let mut place = format!("{}+{off:#x}", demangle(label));
         let mut part = Part::Asm;
         let phase = if in_rust {
@@ -560,20 +729,14 @@ fn attribute(k: &Kernel, case: &Case, w: &[TraceLine]) -> Result<Vec<Attributed>
         } else if l.insn.starts_with("int3") {
             Phase::Entry
         } else if matches!(label, "sc_isr_3" | "sc_bpx_region_start" | "sc_bp_slow") {
-            // The stub: the frame, the SSP read, the call of the handler.
+            // The stub: the frame, the saves, the call of the handler.
             if l.insn.starts_with("call") {
                 in_rust = true;
             }
             Phase::Entry
-        } else if matches!(label, "sc_bp_fast_search") {
-            // The stub's fast path (production): the search, the node's entry.
-            Phase::Lookup
-        } else if matches!(label, "sc_bp_fast" | "sc_bp_fast_kind") {
-            // Its checks: the live batch, the header's bounds, kind, strategy, push window.
-            Phase::Checks
-        } else if matches!(label, "sc_bp_fast_call" | "sc_bp_fast_jmp" | "sc_bp_fast_nop") {
-            // Its stores: the emulated push, the frame's RIP/RSP, the jump to the exit.
-            Phase::Writes
+        } else if let Some(p) = fast[i] {
+            // The stub's fast path (production builds).
+            p
         } else if label == "sc_bpx_dispatch" || label == "sc_bpx_refuse" || label == "sc_bpx_refuse_entry" {
             if label != "sc_bpx_dispatch" && l.insn.starts_with("call") {
                 in_rust = true;
@@ -640,7 +803,7 @@ fn short_file(f: &str) -> String {
 fn boot(k: &Kernel, cases: &[Case], cet_off: bool, keep: Option<&Path>) -> Result<(String, String)> {
     let mut int3s = Vec::new();
     for c in cases {
-        int3s.push((k.sym(c.int3)?, c.skip));
+        int3s.push((k.sym(c.int3)?, c.skip, c.before_armed));
     }
     let rc = rc_script(&int3s, k.loop_return).map_err(Error::new)?;
     let words = kernel_words(
@@ -729,9 +892,29 @@ pub fn trace_all(elf: &Path, keep: Option<&Path>) -> Result<Vec<CaseTrace>> {
         for (case, cap) in cases.iter().zip(&caps) {
             let w = window(&k, case, cap)?;
             let insns = attribute(&k, case, &w)?;
+            let figure = figure_of(&serial, case.key).or_else(|| figure_of(&stdout, case.key));
+            let t = CaseTrace { case: *case, insns, figure };
+            if let Some(dir) = keep {
+                // Written before the checks: a failed one is looked at here.
+                let path = dir.join(format!("{}.txt", case.key.replace('/', "-")));
+                std::fs::write(&path, annotated(&t)).context(|| format!("cannot write {}", path.display()))?;
+            }
+            let CaseTrace { insns, figure, .. } = t;
+            let passes = |label: &str| -> Result<bool> {
+                let at = k.sym(label)?;
+                Ok(insns.iter().any(|a| a.place.starts_with(&format!("{label}+")) || a.line.rip == at))
+            };
+            for avoid in case.must_avoid {
+                if passes(avoid)? {
+                    return Err(Error::new(format!(
+                        "{}: the traced call passes {avoid}: not the fast path (annotated trace: {})",
+                        case.key,
+                        keep.map_or("not kept".to_string(), |d| d.display().to_string())
+                    )));
+                }
+            }
             for must in case.must_pass {
-                let at = k.sym(must)?;
-                if !insns.iter().any(|a| a.place.starts_with(&format!("{must}+")) || a.line.rip == at) {
+                if !passes(must)? {
                     return Err(Error::new(format!(
                         "{}: the traced call does not pass {must}: not this figure",
                         case.key
@@ -741,7 +924,6 @@ pub fn trace_all(elf: &Path, keep: Option<&Path>) -> Result<Vec<CaseTrace>> {
             if insns.iter().any(|a| a.place.starts_with("sc_bp_return_in_nmi")) {
                 return Err(Error::new(format!("{}: the traced call ran inside an NMI handler", case.key)));
             }
-            let figure = figure_of(&serial, case.key).or_else(|| figure_of(&stdout, case.key));
             if let Some(f) = figure.filter(|&f| f != (insns.len() as u64 + LOOP_INSNS) as f64) {
                 return Err(Error::new(format!(
                     "{}: the trace has {} instructions + {LOOP_INSNS} of the loop, but the boot printed {f}",
@@ -752,6 +934,7 @@ pub fn trace_all(elf: &Path, keep: Option<&Path>) -> Result<Vec<CaseTrace>> {
             out.push(CaseTrace { case: *case, insns, figure });
         }
     }
+    out.sort_by_key(|t| t.case.row);
     Ok(out)
 }
 
@@ -782,7 +965,7 @@ pub fn markdown(traces: &[CaseTrace]) -> String {
 /// The detail table: lookup, checks and writes split by where they run.
 pub fn markdown_detail(traces: &[CaseTrace]) -> String {
     let mut s = String::from(
-        "| figure | lookup: the batch (`live_batch`, `from_raw`) | lookup: the search | checks: Rust | checks: asm exit | writes: Rust | writes: asm exit |\n\
+        "| figure | lookup: the batch (`live_batch`, `from_raw`) | lookup: the search (asm, Rust) | checks: Rust | checks: asm (fast path, dispatch, exit) | writes: Rust | writes: asm (fast path, exit) |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",
     );
     for t in traces {
@@ -790,7 +973,7 @@ pub fn markdown_detail(traces: &[CaseTrace]) -> String {
             "| `{}` | {} | {} | {} | {} | {} | {} |\n",
             t.case.key,
             t.count_part(Phase::Lookup, &[Part::Header]),
-            t.count_part(Phase::Lookup, &[Part::Rust]),
+            t.count_part(Phase::Lookup, &[Part::Asm, Part::Rust]),
             t.count_part(Phase::Checks, &[Part::Rust]),
             t.count_part(Phase::Checks, &[Part::Asm]),
             t.count_part(Phase::Writes, &[Part::Rust]),
@@ -826,11 +1009,6 @@ pub fn run_trace(kernel: Option<&Path>, out: &Path) -> Result<(String, Vec<CaseT
     };
     crate::install::ensure_machines(&[Machine::Bochs], Policy::Install)?;
     let traces = trace_all(&elf, Some(out))?;
-    for t in &traces {
-        let name = t.case.key.replace('/', "-");
-        let path = out.join(format!("{name}.txt"));
-        std::fs::write(&path, annotated(t)).context(|| format!("cannot write {}", path.display()))?;
-    }
     Ok((markdown(&traces) + "\n" + &markdown_detail(&traces), traces))
 }
 
@@ -864,6 +1042,11 @@ Tracing disabled for CPU0
         // The debugger's "next instruction" line is not a traced one.
         assert_eq!(parse_trace_line("(0) [0x000000163918] 0008:0000000000163918 (unk. ctxt): int3 ; cc"), None);
         assert_eq!(parse_trace_line("CPU 0: Interrupt 0x03 occurred (error_code=0x0000)"), None);
+        // The guest's serial output glued before a line.
+        let l = parse_trace_line(
+            "#(0).[617571856] [0x00000018d10d] 0008:000000000018d10d (unk. ctxt): mov al, 0x01 ; b001",
+        );
+        assert_eq!(l.map(|l| (l.tick, l.rip)), Some((617571856, 0x18d10d)));
     }
 
     #[test]
@@ -881,31 +1064,106 @@ Tracing disabled for CPU0
 
     #[test]
     fn rc_counts_calls_per_breakpoint() {
-        let rc = rc_script(&[(0x100, 2), (0x200, 1), (0x200, 4)], 0x50).unwrap();
+        let rc = rc_script(&[(0x100, 2, 0), (0x200, 1, 0), (0x200, 4, 0)], 0x50).unwrap();
         let expect = "lb 0x100\nc\nc\nc\nlb 0x50\ntrace on\nc\ntrace off\nd 2\n\
                       d 1\nlb 0x200\nc\nc\nlb 0x50\ntrace on\nc\ntrace off\nd 4\n\
                       c\nc\nc\nlb 0x50\ntrace on\nc\ntrace off\nd 5\n\
                       d 3\nc\nq\n";
         assert_eq!(rc, expect);
-        assert!(rc_script(&[(0x200, 4), (0x200, 1)], 0x50).is_err());
-        assert!(rc_script(&[(0x200, 4), (0x200, 4)], 0x50).is_err());
+        assert!(rc_script(&[(0x200, 4, 0), (0x200, 1, 0)], 0x50).is_err());
+        assert!(rc_script(&[(0x200, 4, 0), (0x200, 4, 0)], 0x50).is_err());
+        // An int3 hit 3 times before its breakpoint is armed: call 4 is the 2nd stop.
+        let rc = rc_script(&[(0x100, 0, 0), (0x300, 4, 3)], 0x50).unwrap();
+        assert!(rc.contains("d 1\nlb 0x300\nc\nc\nlb 0x50\ntrace on\n"), "{rc}");
+        // ... and one armed after the traced call has passed.
+        assert!(rc_script(&[(0x100, 0, 0), (0x300, 2, 3)], 0x50).is_err());
     }
 
     #[test]
     fn cases_in_boot_order() {
         for cet_off in [false, true] {
             let mut last: HashMap<&str, u32> = HashMap::new();
-            let cases: Vec<(u64, u32)> = CASES
+            let mut addrs: Vec<&str> = Vec::new();
+            let cases: Vec<Int3> = CASES
                 .iter()
                 .filter(|c| c.cet_off == cet_off)
                 .map(|c| {
                     assert!(last.get(c.int3).is_none_or(|&s| s < c.skip), "{}", c.key);
+                    assert!(c.before_armed <= c.skip, "{}", c.key);
                     last.insert(c.int3, c.skip);
-                    (if c.int3 == "sc_b_int3" { 1 } else { 2 }, c.skip)
+                    if !addrs.contains(&c.int3) {
+                        addrs.push(c.int3);
+                    }
+                    let addr = addrs.iter().position(|&a| a == c.int3).unwrap() as u64;
+                    (addr, c.skip, c.before_armed)
                 })
                 .collect();
-            rc_script(&cases, 3).unwrap();
+            rc_script(&cases, 0x50).unwrap();
         }
+        // One row each, the four of DESIGN §7.4 first.
+        let mut rows: Vec<u8> = CASES.iter().map(|c| c.row).collect();
+        rows.sort_unstable();
+        assert_eq!(rows, (0..CASES.len() as u8).collect::<Vec<_>>());
+        let first: Vec<&str> = (0..4).map(|r| CASES.iter().find(|c| c.row == r).unwrap().key).collect();
+        assert_eq!(first, ["int3_iret", "emul_call/trampoline", "emul_call/shadowgap", "emul_call/classic"]);
+    }
+
+    #[test]
+    fn fast_path_phases() {
+        // The shadow gap's call: kind dispatch, the tail's checks up to its
+        // last conditional branch, the stores, the jump into the return.
+        let trace = [
+            ("sc_bp_fast", "mov rax, cr4"),
+            ("sc_bp_fast", "jnb .+12 (0x1)"),
+            ("sc_bp_fast_lookup", "cmp qword ptr ds:[rdx+rbx*8], rbp"),
+            ("sc_bp_fast_lookup", "jnz .+3 (0x2)"),
+            ("sc_bp_fast_kind", "cmp cl, 0x01"),
+            ("sc_bp_fast_kind", "jz .+4 (0x3)"),
+            ("sc_bp_fast_call", "lea rax, ds:[rsi+24]"),
+            ("sc_bp_fast_call", "jnz .+5 (0x4)"),
+            ("sc_bp_fast_call", "mov qword ptr ss:[rsp+104], rcx"),
+            ("sc_bp_fast_call", "call .+1 (0x5)"),
+            ("sc_bp_fast_call", "wrssq qword ptr ds:[rsi], r8"),
+            ("sc_bp_fast_call", "jmp .-100 (0x6)"),
+            ("sc_bp_fast_return", "pop r8"),
+            ("sc_bp_fast_return", "iret"),
+            ("sc_b_target", "ret"),
+        ];
+        let labels: Vec<&str> = trace.iter().map(|t| t.0).collect();
+        let insns: Vec<&str> = trace.iter().map(|t| t.1).collect();
+        let mut to_return = vec![false; trace.len()];
+        to_return[11] = true;
+        let p = fast_phases(&labels, &insns, &to_return).unwrap();
+        use Phase::*;
+        let expect = [
+            Some(Checks),
+            Some(Checks),
+            Some(Lookup),
+            Some(Lookup),
+            Some(Checks),
+            Some(Checks),
+            Some(Checks),
+            Some(Checks),
+            Some(Writes),
+            Some(Writes),
+            Some(Writes),
+            Some(Exit),
+            Some(Exit),
+            Some(Exit),
+            None,
+        ];
+        assert_eq!(p, expect);
+        // A tail without a conditional branch (jmp, nop) is all writes; a
+        // visit per run of one label (a tail left by a branch is all checks).
+        let labels = ["sc_bp_fast_jmp", "sc_bp_fast_jmp", "sc_bp_fast_call", "sc_bp_fast_tramp1"];
+        let insns = ["mov qword ptr ss:[rsp+80], r8", "wrssq qword ptr ds:[rsi+8], r8", "jz .+9 (0x1)", "wrssq"];
+        let p = fast_phases(&labels, &insns, &[false; 4]).unwrap();
+        assert_eq!(p, [Some(Writes), Some(Writes), Some(Checks), Some(Writes)]);
+        // The probe's jump into the return is exit, its tests checks.
+        let p = fast_phases(&["sc_bp_fast_idle"; 2], &["jb .+3 (0x1)", "jmp .+9 (0x2)"], &[false, true]).unwrap();
+        assert_eq!(p, [Some(Checks), Some(Exit)]);
+        // A label of the fast path without a rule is an error, not "other".
+        assert!(fast_phases(&["sc_bp_fast_new"], &["nop"], &[false]).is_err());
     }
 
     #[test]
@@ -994,7 +1252,16 @@ sc_isr_3
 
     #[test]
     fn symbols_and_names() {
-        let s = Symbols { syms: vec![(0x100, 0, "a".into()), (0x110, 0, "b".into())] };
+        let s = Symbols {
+            syms: vec![
+                (0x100, 0, "a".into()),
+                (0x110, 0, "b".into()),
+                (0x120, 0, "sc_bp_fast".into()),
+                (0x120, 0, "sc_bpx_region_start".into()),
+            ],
+        };
+        // A region's marker does not hide the code's own label at its address.
+        assert_eq!(s.at(0x124), Some(("sc_bp_fast", 4)));
         assert_eq!(s.at(0x10f), Some(("a", 0xf)));
         assert_eq!(s.at(0x110), Some(("b", 0)));
         assert_eq!(s.at(0xff), None);
@@ -1022,5 +1289,26 @@ sc_isr_3
         for exit in ["sc_bpx_call_sg", "sc_bpx_tramp1", "sc_bpx_tramp2", "sc_bpx_classic"] {
             assert!(k.boundaries.contains_key(exit), "{exit}");
         }
+        // Every label of the fast path has a rule, and every rule a label.
+        for c in CASES {
+            for l in c.must_pass.iter().chain(c.must_avoid) {
+                assert!(k.syms.addr(l).is_some(), "{l}");
+            }
+        }
+        let rules: Vec<&str> = FAST_LOOKUP.iter().chain(&FAST_CHECKS).chain(&FAST_TAILS).copied().collect();
+        for l in rules.iter().chain(&[FAST_RETURN, FAST_RETURN_NMI]) {
+            assert!(k.syms.addr(l).is_some(), "{l}");
+        }
+        for (_, _, name) in &k.syms.syms {
+            if name.starts_with("sc_bp_fast") {
+                assert!(
+                    rules.contains(&name.as_str()) || name == FAST_RETURN || name == FAST_RETURN_NMI,
+                    "{name} has no rule"
+                );
+            }
+        }
+        // The fast path's first label, not the region's marker at its address.
+        let fast = k.syms.addr("sc_bp_fast").unwrap();
+        assert_eq!(k.syms.at(fast), Some(("sc_bp_fast", 0)));
     }
 }

@@ -176,6 +176,12 @@ unsafe impl Platform for ExamplePlatform {
     }
 }
 
+extern "C" {
+    /// The crate's check of the sealed area before publication (asm/publish.S):
+    /// 1 if every user may trust its content, else 0.
+    fn sc_sealed_check() -> u64;
+}
+
 /// One write through the text window. Stops the kernel on a destination
 /// that is not what the engine may write (the values to write come from
 /// read-only memory, but for the sealed batch's bytes, which the engine
@@ -227,7 +233,18 @@ fn poke_one(p: Poke<'_>) {
             }
             alias_write(sealed + offset, bytes);
         }
-        Poke::Publish => alias_write(sealed, &SEALED_MAGIC.to_le_bytes()),
+        Poke::Publish => {
+            // The crate decides publication (asm/publish.S, sealed.S
+            // SEALED_VALID): every user trusts a live batch's header, tree
+            // and entries from here on. One CPU with interrupts off: no
+            // other writer of the area runs until the magic word is written.
+            // SAFETY: reads only the sealed area and the read-only tables.
+            if unsafe { sc_sealed_check() } != 1 {
+                println!("# PANIC: poke: the sealed batch fails the crate's check (sc_sealed_check): not published");
+                crate::exit(false)
+            }
+            alias_write(sealed, &SEALED_MAGIC.to_le_bytes())
+        }
         Poke::Unseal => alias_write(sealed, &0u64.to_le_bytes()),
         Poke::Tramp => alias_write(sym!(sc_tramp_page), &TRAMP_BYTES),
     }

@@ -30,6 +30,7 @@ pub mod emul_tests;
 pub mod nmi_tests;
 pub mod sec_alias;
 pub mod sec_nested;
+pub mod sec_publish;
 pub mod sec_recover;
 pub mod sec_sync;
 pub mod sec_tests;
@@ -226,8 +227,11 @@ const TESTS: &[(&str, TestFn)] = &[
     ("sec_stale_int3_race", sec_tests::sec_stale_int3_race),
     ("sec_poke_forged_entry", sec_tests::sec_poke_forged_entry),
     ("sec_exit_nmi_regs", sec_tests::sec_exit_nmi_regs),
+    ("sec_fast_path", sec_tests::sec_fast_path),
     ("sec_seal_unverified", sec_tests::sec_seal_unverified),
     ("sec_unseal_in_exit", sec_tests::sec_unseal_in_exit),
+    ("sec_publish_unverified", sec_publish::sec_publish_unverified),
+    ("sec_publish_exclusive", sec_publish::sec_publish_exclusive),
     ("sec_poke_step_order", sec_tests::sec_poke_step_order),
     ("sec_tramp_bytes", sec_tests::sec_tramp_bytes),
     ("nmi_bp_keeps_nmi_masked", nmi_tests::nmi_bp_keeps_nmi_masked),

@@ -148,6 +148,14 @@ pub fn after_bp_checks(frame: &mut TrapFrame) {
 pub static SC_T_EXIT_NMI: AtomicBool = AtomicBool::new(false);
 /// That NMI's handler forges the registers saved in its trap frame.
 static FORGE_NMI_REGS: AtomicBool = AtomicBool::new(false);
+/// The #BP stub's fast path runs (off in self-test builds otherwise).
+#[no_mangle]
+pub static SC_T_FAST: AtomicBool = AtomicBool::new(false);
+/// The fast path raises a (software) NMI right after its lookup, once.
+#[no_mangle]
+pub static SC_T_FAST_NMI: AtomicBool = AtomicBool::new(false);
+/// That NMI's handler forges the fast path's registers in its trap frame.
+static FORGE_NMI_FAST: AtomicBool = AtomicBool::new(false);
 
 /// A handler of a vector other than #BP ran (the common exit comes next).
 pub fn after_dispatch(frame: &mut TrapFrame) {
@@ -156,6 +164,18 @@ pub fn after_dispatch(frame: &mut TrapFrame) {
         // WRSS at the victim slots, with the attacker's values.
         frame.r8 = victim() + 8;
         frame.rcx = landing();
+        frame.rax = landing();
+        frame.rdx = landing();
+    }
+    if frame.vector == crate::recover::VEC_NMI && FORGE_NMI_FAST.swap(false, Ordering::Relaxed) {
+        // The fast path holds F in rsi, its record page in rdi, S in rbp,
+        // T in r8 and the kind in rcx: aim its WRSS at the victim slots
+        // (and the victim page as the record page), with the attacker's
+        // values.
+        frame.rsi = victim() + 8;
+        frame.rdi = victim() & !0xfff;
+        frame.rbp = landing();
+        frame.r8 = landing();
         frame.rax = landing();
         frame.rdx = landing();
     }
@@ -670,6 +690,92 @@ pub fn sec_exit_nmi_regs(st: &BootState) -> Outcome<'static> {
     }
     if c.counters.nmis.load(Ordering::SeqCst) == nmis0 {
         errors.push(String::from("no NMI was taken inside the exit: the test tested nothing"));
+    }
+    if victim_slots() != before {
+        errors.push(format!("the forged registers steered a WRSS: {before:x?} -> {:x?}", victim_slots()));
+    }
+    if cet::read_slot(mm::irq_save_page(c.index) + shadowcall::emul::save::BOUND) != 0 {
+        errors.push(String::from("the register save was left bound"));
+    }
+    if patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {}).is_err() {
+        errors.push(String::from("restore failed"));
+    }
+    super::outcome_of(&errors)
+}
+
+// ---- sec_fast_path -------------------------------------------------------------
+
+/// The engine's counts of the calls its handler emulated (shadow gap,
+/// trampoline first and second traps).
+#[cfg(feature = "test-hooks")]
+fn handler_emulations() -> [u64; 3] {
+    let n = &this_cpu().engine.counters;
+    [&n.shadow_gap_calls, &n.tramp_calls, &n.second_traps].map(|a| a.load(Ordering::SeqCst))
+}
+#[cfg(not(feature = "test-hooks"))]
+fn handler_emulations() -> [u64; 3] {
+    [0; 3]
+}
+
+/// The #BP stub's fast path (DESIGN §6; the production build's, turned on
+/// here with SC_T_FAST) emulates the call under the shadow gap and the
+/// trampoline without the handler (its counters stay still), right; and with
+/// an NMI taken inside it, right after its lookup, whose trap frame's saved
+/// registers are forged (F, the record page, S, T): it gets its own
+/// registers back from the WRSS-only save page, writes the right slots with
+/// the right values, and the victim slots stay untouched.
+pub fn sec_fast_path(st: &BootState) -> Outcome<'static> {
+    if let Some(o) = skip_without_shstk(st) {
+        return o;
+    }
+    if !HOOKS {
+        return NO_HOOKS;
+    }
+    let mut errors: Vec<String> = Vec::new();
+    let c = this_cpu();
+    let before = victim_slots();
+    for strategy in [shadowcall_cmdline::EmulStrategy::ShadowGap, shadowcall_cmdline::EmulStrategy::Trampoline] {
+        patching::set_strategy(strategy);
+        let handled0 = handler_emulations();
+        let nmis0 = c.counters.nmis.load(Ordering::SeqCst);
+        let r = patching::patch(&[(site(), NewInsn::Call(target(1)))], |step| {
+            if step != Step::Int3Written {
+                return;
+            }
+            for forged in [false, true] {
+                tlog_reset();
+                SC_T_FAST.store(true, Ordering::SeqCst);
+                FORGE_NMI_FAST.store(forged, Ordering::SeqCst);
+                SC_T_FAST_NMI.store(forged, Ordering::SeqCst);
+                // SAFETY: a site function of the batch.
+                let v = try_run(|| unsafe { sc_t_fn_call(0) });
+                SC_T_FAST.store(false, Ordering::SeqCst);
+                SC_T_FAST_NMI.store(false, Ordering::SeqCst);
+                FORGE_NMI_FAST.store(false, Ordering::SeqCst);
+                let log = tlog();
+                match v {
+                    Err(f) => errors.push(format!("{strategy:?}, forged NMI {forged}: the call faulted: {f}")),
+                    Ok(_) if log.count[1] != 1 || log.last_ret != site() + SITE_LEN as u64 => errors.push(format!(
+                        "{strategy:?}, forged NMI {forged}: the emulated call went wrong: target b ran {} times, ret {:#x} (shadow {:#x})",
+                        log.count[1], log.last_ret, log.last_shret
+                    )),
+                    Ok(_) => {}
+                }
+            }
+        });
+        patching::set_strategy(crate::state().strategy);
+        if let Err(e) = r {
+            errors.push(format!("{strategy:?}: patch: {e}"));
+        }
+        if handler_emulations() != handled0 {
+            errors.push(format!(
+                "{strategy:?}: the handler emulated ({handled0:?} -> {:?}): the fast path did not run",
+                handler_emulations()
+            ));
+        }
+        if c.counters.nmis.load(Ordering::SeqCst) != nmis0 + 1 {
+            errors.push(format!("{strategy:?}: no NMI was taken inside the fast path: the test tested nothing"));
+        }
     }
     if victim_slots() != before {
         errors.push(format!("the forged registers steered a WRSS: {before:x?} -> {:x?}", victim_slots()));
