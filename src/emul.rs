@@ -255,6 +255,15 @@ pub mod save {
     pub const R15: u64 = 120;
     /// The interrupted SSP (0: no save is live).
     pub const BOUND: u64 = 128;
+    /// The interrupted arithmetic flags, taken in registers at the stub's
+    /// entry (delivery leaves them as they were): LAHF's AH in bits 8..15,
+    /// SETO's OF in bit 0.
+    pub const FLAGS: u64 = 136;
+    /// The 5-word IRET frame (RIP, CS, RFLAGS, RSP, SS) the exit builds here,
+    /// so that IRET reads nothing an attacker can write.
+    pub const IRET: u64 = 144;
+    /// The linear address of `IRET` (the exit's last RSP).
+    pub const IRET_PTR: u64 = IRET + 5 * 8;
 }
 
 /// The two slots the second trap inspects on one stack: `[top]` must be the

@@ -232,6 +232,13 @@ ISR_NOERR {VEC_SPURIOUS}
 .macro ISR_CET_IST vec, area
 sc_isr_cet_\vec:
     wrssq %rax, %fs:\area+{SAVE_SCRATCH}
+    /* The interrupted arithmetic flags, in registers (delivery left them
+     * as they were), before anything changes them: the exit gives them back
+     * from here, not from the frame (review 10 F1). */
+    lahf
+    seto %al
+    wrssq %rax, %fs:\area+{SAVE_FLAGS}
+    movq %fs:\area+{SAVE_SCRATCH}, %rax
     NESTED_TEST_HOOK \vec, {NESTED_AT_ENTRY}
     rdsspq %rax
     movq 8(%rax), %rax
@@ -250,6 +257,35 @@ sc_isr_cet_\vec:
     jne sc_isr_save_lost
     xorl %ecx, %ecx
     wrssq %rcx, %fs:\area+{SAVE_BOUND}
+    /* IRET's frame, built in the area (only WRSS writes it): RIP = LIP and
+     * CS from this interrupt's shadow frame (RAX), RFLAGS the frame's with
+     * the arithmetic flags saved at entry, RSP and SS the frame's. IRET then
+     * reads nothing an attacker can write (review 10 F1). */
+    movq 8(%rax), %rcx
+    wrssq %rcx, %fs:\area+{SAVE_IRET}
+    movq 16(%rax), %rcx
+    wrssq %rcx, %fs:\area+{SAVE_IRET}+8
+    movq %fs:\area+{SAVE_FLAGS}, %rax
+    movq %rax, %rdx
+    shrq $8, %rax
+    andl ${LAHF_FLAGS}, %eax
+    andl $1, %edx
+    shlq ${OF_BIT}, %rdx
+    orq %rdx, %rax
+    movq {FRAME_RFLAGS}(%rsp), %rcx
+    andq $~{ARITH_FLAGS}, %rcx
+    orq %rax, %rcx
+    wrssq %rcx, %fs:\area+{SAVE_IRET}+16
+    movq {FRAME_RSP}(%rsp), %rcx
+    wrssq %rcx, %fs:\area+{SAVE_IRET}+24
+    movq {FRAME_SS}(%rsp), %rcx
+    wrssq %rcx, %fs:\area+{SAVE_IRET}+32
+    movl ${MSR_FS_BASE}, %ecx
+    rdmsr
+    shlq $32, %rdx
+    orq %rdx, %rax
+    addq $\area+{SAVE_IRET}, %rax
+    wrssq %rax, %fs:\area+{SAVE_IRET_PTR}
     addq $16 + 15 * 8, %rsp         /* ssp, shadow_push, the frame's copies of the registers */
     movq %fs:\area+{SAVE_R15}, %r15
     movq %fs:\area+{SAVE_R14}, %r14
@@ -267,7 +303,7 @@ sc_isr_cet_\vec:
     movq %fs:\area+{SAVE_RCX}, %rcx
     movq %fs:\area+{SAVE_RBX}, %rbx
     movq %fs:\area+{SAVE_RAX}, %rax
-    addq $16, %rsp                  /* TrapFrame.vector, .error_code */
+    movq %fs:\area+{SAVE_IRET_PTR}, %rsp
     iretq
 2:  ISR_EXIT
 .endm
@@ -354,6 +390,18 @@ sc_t_nested_probe:
     popq %r12
     popq %rbp
     popq %rbx
+    ret
+
+/* sec_region_flags (review 10 PoC): u64 sc_t_flags_probe(void): ZF := 1,
+ * a software NMI inside this critical region (its handler flips ZF in its
+ * trap frame, as an attacker who writes the NMI stack would), then return
+ * the ZF that came back (1: kept, 0: the forged one). The caller keeps IF=0. */
+.globl sc_t_flags_probe
+sc_t_flags_probe:
+    xorl %eax, %eax                 /* ZF = 1 */
+    int ${VEC_NMI}
+    setz %al
+    movzbl %al, %eax
     ret
 .endif
 sc_isr_region_end:

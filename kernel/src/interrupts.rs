@@ -69,6 +69,16 @@ core::arch::global_asm!(
     SAVE_R14 = const shadowcall::emul::save::R14,
     SAVE_R15 = const shadowcall::emul::save::R15,
     SAVE_BOUND = const shadowcall::emul::save::BOUND,
+    SAVE_FLAGS = const shadowcall::emul::save::FLAGS,
+    SAVE_IRET = const shadowcall::emul::save::IRET,
+    SAVE_IRET_PTR = const shadowcall::emul::save::IRET_PTR,
+    FRAME_RFLAGS = const core::mem::offset_of!(TrapFrame, rflags),
+    FRAME_RSP = const core::mem::offset_of!(TrapFrame, rsp),
+    FRAME_SS = const core::mem::offset_of!(TrapFrame, ss),
+    ARITH_FLAGS = const ARITH_FLAGS,
+    LAHF_FLAGS = const LAHF_FLAGS,
+    OF_BIT = const OF_BIT,
+    MSR_FS_BASE = const 0xc000_0100u32,
     SAVE_AREA_NMI = const mm::SAVE_AREA_NMI,
     SAVE_AREA_MC = const mm::SAVE_AREA_MC,
     VEC_NMI = const VEC_NMI,
@@ -82,6 +92,13 @@ core::arch::global_asm!(
     TEST_HOOKS = const cfg!(feature = "test-hooks") as u8,
     options(att_syntax)
 );
+
+/// RFLAGS.CF, PF, AF, ZF, SF (the bits LAHF copies into AH) ...
+const LAHF_FLAGS: u64 = 0xd5;
+/// ... and OF: the arithmetic flags a critical region's `cmp`/`jcc` carries
+/// across an NMI or #MC, given back from the save area (review 10 F1).
+const OF_BIT: u64 = 11;
+const ARITH_FLAGS: u64 = LAHF_FLAGS | 1 << OF_BIT;
 
 // The layout the engine's #BP exits read (shadowcall `entry`, README "Use
 // it in your kernel"): link-time constants, next to `sc_stacks` and

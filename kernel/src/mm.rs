@@ -886,7 +886,7 @@ pub const SAVE_AREA_SIZE: u64 = 256;
 pub const SAVE_AREA_NMI: u64 = 0;
 /// The #MC's area on a save page.
 pub const SAVE_AREA_MC: u64 = SAVE_AREA_SIZE;
-const _: () = assert!(shadowcall::emul::save::BOUND + shstk::SLOT <= SAVE_AREA_SIZE);
+const _: () = assert!(shadowcall::emul::save::IRET_PTR + shstk::SLOT <= SAVE_AREA_SIZE);
 const _: () = assert!(SAVE_AREA_MC + SAVE_AREA_SIZE <= PAGE_SIZE);
 
 fn tramp_records_base() -> u64 {

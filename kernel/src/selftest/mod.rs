@@ -239,6 +239,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("sec_sync_forged_ack", sec_sync::sec_sync_forged_ack),
     ("sec_poke_nmi_abort", nmi_tests::sec_poke_nmi_abort),
     ("sec_nested_save", sec_nested::sec_nested_save),
+    ("sec_region_flags", sec_nested::sec_region_flags),
 ];
 
 /// Run every test and print the report. True when none failed.

@@ -42,6 +42,12 @@ static NESTED_VEC: AtomicU64 = AtomicU64::new(0);
 #[cfg(feature = "test-hooks")]
 static OUTER_MC: AtomicU64 = AtomicU64::new(0);
 static NESTED_TAKEN: AtomicU64 = AtomicU64::new(0);
+/// review 10 PoC (`sec_region_flags`): the next NMI flips ZF in its frame.
+static FORGE_ZF: AtomicU64 = AtomicU64::new(0);
+/// Where that NMI interrupted.
+static FORGED_ZF_RIP: AtomicU64 = AtomicU64::new(0);
+/// RFLAGS.ZF
+const RFLAGS_ZF: u64 = 1 << 6;
 static NESTED_RIP: AtomicU64 = AtomicU64::new(0);
 static OUTER_MC_TAKEN: AtomicU64 = AtomicU64::new(0);
 
@@ -53,6 +59,7 @@ extern "C" {
 #[cfg(feature = "test-hooks")]
 extern "C" {
     fn sc_t_nested_probe(out: *mut [u64; 15], mc: u64);
+    fn sc_t_flags_probe() -> u64;
 }
 
 #[cfg(feature = "test-hooks")]
@@ -75,6 +82,12 @@ pub fn nested_hook(frame: &mut shadowcall::frame::TrapFrame) -> bool {
     let v = frame.vector;
     if v != VEC_NMI && v != VEC_MC {
         return false;
+    }
+    if v == VEC_NMI && FORGE_ZF.swap(0, Ordering::SeqCst) != 0 {
+        // review 10 PoC: the attacker flips ZF in the NMI's saved RFLAGS.
+        FORGED_ZF_RIP.store(frame.rip, Ordering::SeqCst);
+        frame.rflags ^= RFLAGS_ZF;
+        return true;
     }
     if NESTED_VEC.compare_exchange(v, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
         NESTED_RIP.store(frame.rip, Ordering::SeqCst);
@@ -167,4 +180,40 @@ pub fn sec_nested_save(st: &BootState) -> Outcome<'static> {
         }
     }
     super::outcome_of(&errors)
+}
+
+/// `sec_region_flags` (review 10 PoC): an NMI inside a critical region gets
+/// its GPRs back from the WRSS-only save page, but RFLAGS from its trap
+/// frame (ordinary memory): the arithmetic flags a region's `cmp`/`jcc`
+/// (or `adc`) pair carries across the NMI are the attacker's. The probe sets
+/// ZF, takes a software NMI whose handler flips ZF in its frame, and must get
+/// ZF = 1 back.
+pub fn sec_region_flags(st: &BootState) -> Outcome<'static> {
+    if let Some(o) = skip_without_shstk(st) {
+        return o;
+    }
+    if !HOOKS {
+        return Outcome::Skip("needs the test-hooks build");
+    }
+    #[cfg(feature = "test-hooks")]
+    {
+        let region = core::ptr::addr_of!(sc_isr_region_start) as u64..core::ptr::addr_of!(sc_isr_region_end) as u64;
+        FORGE_ZF.store(1, Ordering::SeqCst);
+        // SAFETY: asm probe (kernel/asm/entry.S): clobbers RAX only; IF=0
+        // so that only the probe's own NMI lands in the region.
+        let zf = x86_64::instructions::interrupts::without_interrupts(|| unsafe { sc_t_flags_probe() });
+        let armed = FORGE_ZF.swap(0, Ordering::SeqCst);
+        let rip = FORGED_ZF_RIP.load(Ordering::SeqCst);
+        let mut errors: Vec<String> = Vec::new();
+        if armed != 0 {
+            errors.push(String::from("the probe's NMI was not taken by the hook: the test tested nothing"));
+        } else if !region.contains(&rip) {
+            errors.push(format!("the NMI interrupted {rip:#x}, outside the region"));
+        } else if zf != 1 {
+            errors.push(format!("ZF came back {zf} from an NMI in the critical region at {rip:#x}: the forged RFLAGS"));
+        }
+        return super::outcome_of(&errors);
+    }
+    #[allow(unreachable_code)]
+    Outcome::Pass
 }
