@@ -35,9 +35,9 @@
  * after the Rust checks is refused, nothing written). With shadow stacks
  * off the handler changes the frame itself and returns BPX_PLAIN. */
 /* The fast path's frame (below) is the TrapFrame less its lowest FAST
- * bytes (ssp, shadow_push, r15..r9), not yet pushed: it uses only the
+ * bytes (ssp, shadow_push, r15..r10), not yet pushed: it uses only the
  * registers PUSH_GPRS_LOW saved. */
-.set FAST, {FRAME_R8}
+.set FAST, {FRAME_R9}
 
 /* FAST_LOOKUP fail: rbp = S. The live sealed batch's entry for S: rcx :=
  * its kind word, r8 := its target; `fail` if the batch is not live or has
@@ -221,9 +221,8 @@ sc_bp_fast:
     jz sc_bp_fast_nocet
     /* This CPU: the one whose stack area holds F (static layout; SSP cannot
      * be forged), and whether F is on its NMI shadow stack: a #BP inside an
-     * NMI handler returns without IRET (sc_bp_fast_return, §8.3); the mark
-     * is the frame's error code (ordinary memory: a forged one only picks
-     * the other return, which checks the frame itself). */
+     * NMI handler returns without IRET (sc_bp_fast_return, §8.3). The mark
+     * is r9 (a register: review 10 F6), kept to the return. */
     leaq sc_stacks(%rip), %rcx
     movq %rsi, %rax
     subq %rcx, %rax
@@ -234,9 +233,8 @@ sc_bp_fast:
     jae sc_bp_slow
     subq $SC_NMI_SHSTK_OFF, %rdx
     cmpq $SC_NMI_SHSTK_SIZE, %rdx
-    jae 1f
-    movq $1, {FRAME_ERR}-FAST(%rsp) /* in an NMI: no IRET (sc_bp_fast_return) */
-1:  shlq ${RECORD_PAGE_SHIFT}, %rax
+    sbbq %r9, %r9                   /* in an NMI: r9 = -1 (no IRET), else 0 */
+    shlq ${RECORD_PAGE_SHIFT}, %rax
     leaq sc_tramp_records(%rip), %rdi
     addq %rax, %rdi                 /* this CPU's record page */
     movq 8(%rsi), %rbp
@@ -370,9 +368,11 @@ sc_bp_fast_tramp2:
     leaq {BP_RSP_MIN}-FAST(%rsp), %rcx
     cmpq %rcx, %rbp
     jb sc_bp_slow
-    leaq {BP_RSP_MAX}-FAST(%rsp), %rcx
-    cmpq %rcx, %rbp
+    leaq {BP_RSP_MAX}-8-FAST(%rsp), %rcx
+    cmpq %rcx, %rbp                 /* R and R+8 inside the window */
     ja sc_bp_slow
+    testl $7, %ebp
+    jnz sc_bp_slow
     cmpq %rax, (%rbp)
     jne sc_bp_slow
     cmpq %rbx, 8(%rbp)
@@ -403,12 +403,12 @@ sc_bp_fast_nocet:
     /* Without shadow stacks (classic): S from the saved RIP (there is no
      * shadow stack to protect); inside an NMI or not from RSP (on this
      * CPU's NMI stack: the same test as sc_bp_return). */
+    xorl %r9d, %r9d
     movq %rsp, %rax
     STACK_CPU 1f                    /* outside the area: not an NMI stack */
     subq $SC_NMI_STACK_OFF, %rdx
     cmpq $SC_IST_STACK_SIZE, %rdx
-    jae 1f
-    movq $1, {FRAME_ERR}-FAST(%rsp)
+    sbbq %r9, %r9                   /* in an NMI: -1 */
 1:  movq {FRAME_RIP}-FAST(%rsp), %rbp
     subq $1, %rbp                   /* S (never the padding key) */
     jb sc_bp_slow
@@ -454,22 +454,21 @@ sc_bp_fast_idle:
     STACK_CPU sc_bp_slow
     subq $SC_NMI_SHSTK_OFF, %rdx
     cmpq $SC_NMI_SHSTK_SIZE, %rdx
-    jae sc_bp_fast_return
-    movq $1, {FRAME_ERR}-FAST(%rsp)
+    sbbq %r9, %r9                   /* in an NMI: -1 */
     jmp sc_bp_fast_return
-2:  movq %rsp, %rax
+2:  xorl %r9d, %r9d
+    movq %rsp, %rax
     STACK_CPU sc_bp_fast_return     /* outside the area: not an NMI stack */
     subq $SC_NMI_STACK_OFF, %rdx
     cmpq $SC_IST_STACK_SIZE, %rdx
-    jae sc_bp_fast_return
-    movq $1, {FRAME_ERR}-FAST(%rsp)
+    sbbq %r9, %r9
 
-/* The end of the fast path: IRET, or inside an NMI handler (marked in the
- * error code above) the return without IRET that keeps NMIs blocked
+/* The end of the fast path: IRET, or inside an NMI handler (r9 non-zero,
+ * above) the return without IRET that keeps NMIs blocked
  * (sc_bp_return_in_nmi, §8.3), from the whole TrapFrame. */
 sc_bp_fast_return:
-    cmpq $0, {FRAME_ERR}-FAST(%rsp)
-    jne sc_bp_fast_return_nmi
+    testq %r9, %r9
+    jnz sc_bp_fast_return_nmi
     POP_GPRS_LOW
     addq $16, %rsp                  /* vector, error code */
     iretq
@@ -484,7 +483,6 @@ sc_bp_fast_out:
     decq %rax
     wrssq %rax, {IN_EXIT}(%rdi)
 sc_bp_slow:
-    movq $0, {FRAME_ERR}-FAST(%rsp) /* the fast path's NMI mark */
     PUSH_GPRS_HIGH
     subq $16, %rsp                  /* TrapFrame.ssp, TrapFrame.shadow_push */
     movq $0, 8(%rsp)

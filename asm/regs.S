@@ -19,9 +19,9 @@
     pushq %rdi
     pushq %rbp
     pushq %r8
+    pushq %r9
 .endm
 .macro PUSH_GPRS_HIGH
-    pushq %r9
     pushq %r10
     pushq %r11
     pushq %r12
@@ -30,8 +30,9 @@
     pushq %r15
 .endm
 
-/* Undo PUSH_GPRS_LOW (RSP at the saved R8). */
+/* Undo PUSH_GPRS_LOW (RSP at the saved R9). */
 .macro POP_GPRS_LOW
+    popq %r9
     popq %r8
     popq %rbp
     popq %rdi
@@ -52,7 +53,6 @@
     popq %r12
     popq %r11
     popq %r10
-    popq %r9
     POP_GPRS_LOW
     addq $16, %rsp                  /* TrapFrame.vector, .error_code */
 .endm

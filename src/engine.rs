@@ -774,6 +774,14 @@ impl<P: Platform> Patcher<P> {
                 core::hint::spin_loop();
             }
         });
+        if !cet::active() {
+            // Without shadow stacks no in-exit count (WRSS) keeps the sealed
+            // area from being rewritten under the #BP stub's fast path,
+            // which takes no batch reference: one more round, after which
+            // every CPU has left any #BP entered before the unseal (it acks
+            // with interrupts on), so none still reads this batch (review 10 F2).
+            self.sync();
+        }
         self.in_flight.store(false, Ordering::Release);
         PatchStats { sites, sync_rounds: self.sync_rounds() - flight.rounds0, table_bytes }
     }
@@ -1478,7 +1486,8 @@ mod tests {
             })
             .expect("a valid batch");
         assert_eq!(seen, [Step::Int3Written, Step::TailsWritten]);
-        assert_eq!(stats.sync_rounds, 3);
+        // Three steps, and without shadow stacks the retirement's round.
+        assert_eq!(stats.sync_rounds, 4);
         assert_eq!(&m.text_bytes()[SITE_OFF..SITE_OFF + 5], &NewInsn::Call(b).encode(site).unwrap());
         assert!(!p.batch_live(), "the batch retired");
         #[cfg(feature = "test-hooks")]

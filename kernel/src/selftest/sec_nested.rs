@@ -42,11 +42,14 @@ static NESTED_VEC: AtomicU64 = AtomicU64::new(0);
 #[cfg(feature = "test-hooks")]
 static OUTER_MC: AtomicU64 = AtomicU64::new(0);
 static NESTED_TAKEN: AtomicU64 = AtomicU64::new(0);
-/// review 10 PoC (`sec_region_flags`): the next NMI flips ZF in its frame.
+/// `sec_region_flags`: the next NMI flips ZF in its frame.
+#[cfg(feature = "test-hooks")]
 static FORGE_ZF: AtomicU64 = AtomicU64::new(0);
 /// Where that NMI interrupted.
+#[cfg(feature = "test-hooks")]
 static FORGED_ZF_RIP: AtomicU64 = AtomicU64::new(0);
 /// RFLAGS.ZF
+#[cfg(feature = "test-hooks")]
 const RFLAGS_ZF: u64 = 1 << 6;
 static NESTED_RIP: AtomicU64 = AtomicU64::new(0);
 static OUTER_MC_TAKEN: AtomicU64 = AtomicU64::new(0);
@@ -84,7 +87,7 @@ pub fn nested_hook(frame: &mut shadowcall::frame::TrapFrame) -> bool {
         return false;
     }
     if v == VEC_NMI && FORGE_ZF.swap(0, Ordering::SeqCst) != 0 {
-        // review 10 PoC: the attacker flips ZF in the NMI's saved RFLAGS.
+        // The attacker flips ZF in the NMI's saved RFLAGS (review 10 F1).
         FORGED_ZF_RIP.store(frame.rip, Ordering::SeqCst);
         frame.rflags ^= RFLAGS_ZF;
         return true;
@@ -182,12 +185,13 @@ pub fn sec_nested_save(st: &BootState) -> Outcome<'static> {
     super::outcome_of(&errors)
 }
 
-/// `sec_region_flags` (review 10 PoC): an NMI inside a critical region gets
-/// its GPRs back from the WRSS-only save page, but RFLAGS from its trap
-/// frame (ordinary memory): the arithmetic flags a region's `cmp`/`jcc`
-/// (or `adc`) pair carries across the NMI are the attacker's. The probe sets
-/// ZF, takes a software NMI whose handler flips ZF in its frame, and must get
-/// ZF = 1 back.
+/// `sec_region_flags` (review 10 F1): an NMI inside a critical region gets
+/// its GPRs back from the WRSS-only save page, and its arithmetic flags too
+/// (taken in registers at its entry): not from its trap frame (ordinary
+/// memory), where an attacker could flip the flag a region's `cmp`/`jcc`
+/// (or `cmp`/`adc`) pair carries across the NMI. The probe sets ZF, takes a
+/// software NMI whose handler flips ZF in its frame, and must get ZF = 1
+/// back.
 pub fn sec_region_flags(st: &BootState) -> Outcome<'static> {
     if let Some(o) = skip_without_shstk(st) {
         return o;
