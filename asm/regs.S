@@ -1,7 +1,9 @@
 /* The general registers of a trap frame (shadowcall::frame::TrapFrame):
  * saved by the entry stubs, restored by their exits. The crate's #BP stub
  * (bp.S) uses them; a host's own stubs may include this file too, and purge
- * the macros at the end of its asm. */
+ * its macros at the end of its asm (PUSH_GPRS, PUSH_GPRS_LOW,
+ * PUSH_GPRS_HIGH, POP_GPRS, POP_GPRS_LOW, ISR_EXIT: all global_asm! of a
+ * crate form one module). */
 
 .macro PUSH_GPRS
     PUSH_GPRS_LOW
