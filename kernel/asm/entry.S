@@ -403,6 +403,24 @@ sc_t_flags_probe:
     setz %al
     movzbl %al, %eax
     ret
+
+/* sec_region_df (review 11 PoC): u64 sc_t_df_probe(u64 mc): DF := 0, a
+ * software NMI (mc = 0) or #MC (mc != 0) inside this critical region (its
+ * handler sets DF in its trap frame, as an attacker who writes the IST
+ * stack would), then return the RFLAGS that came back, with DF cleared
+ * again. The caller keeps IF=0. */
+.globl sc_t_df_probe
+sc_t_df_probe:
+    cld
+    testq %rdi, %rdi
+    jnz 1f
+    int ${VEC_NMI}
+    jmp 2f
+1:  int ${VEC_MC}
+2:  pushfq
+    popq %rax
+    cld
+    ret
 .endif
 sc_isr_region_end:
 

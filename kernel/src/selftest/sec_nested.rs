@@ -51,6 +51,16 @@ static FORGED_ZF_RIP: AtomicU64 = AtomicU64::new(0);
 /// RFLAGS.ZF
 #[cfg(feature = "test-hooks")]
 const RFLAGS_ZF: u64 = 1 << 6;
+/// `sec_region_df` (review 11 F1): the vector (NMI or #MC) whose next
+/// event sets DF in its frame (0: none).
+#[cfg(feature = "test-hooks")]
+static FORGE_DF: AtomicU64 = AtomicU64::new(0);
+/// Where that event interrupted.
+#[cfg(feature = "test-hooks")]
+static FORGED_DF_RIP: AtomicU64 = AtomicU64::new(0);
+/// RFLAGS.DF
+#[cfg(feature = "test-hooks")]
+const RFLAGS_DF: u64 = 1 << 10;
 static NESTED_RIP: AtomicU64 = AtomicU64::new(0);
 static OUTER_MC_TAKEN: AtomicU64 = AtomicU64::new(0);
 
@@ -63,6 +73,7 @@ extern "C" {
 extern "C" {
     fn sc_t_nested_probe(out: *mut [u64; 15], mc: u64);
     fn sc_t_flags_probe() -> u64;
+    fn sc_t_df_probe(mc: u64) -> u64;
 }
 
 #[cfg(feature = "test-hooks")]
@@ -90,6 +101,12 @@ pub fn nested_hook(frame: &mut shadowcall::frame::TrapFrame) -> bool {
         // The attacker flips ZF in the NMI's saved RFLAGS (review 10 F1).
         FORGED_ZF_RIP.store(frame.rip, Ordering::SeqCst);
         frame.rflags ^= RFLAGS_ZF;
+        return true;
+    }
+    if FORGE_DF.compare_exchange(v, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+        // The attacker sets DF in the event's saved RFLAGS (review 11 F1).
+        FORGED_DF_RIP.store(frame.rip, Ordering::SeqCst);
+        frame.rflags |= RFLAGS_DF;
         return true;
     }
     if NESTED_VEC.compare_exchange(v, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
@@ -215,6 +232,47 @@ pub fn sec_region_flags(st: &BootState) -> Outcome<'static> {
             errors.push(format!("the NMI interrupted {rip:#x}, outside the region"));
         } else if zf != 1 {
             errors.push(format!("ZF came back {zf} from an NMI in the critical region at {rip:#x}: the forged RFLAGS"));
+        }
+        return super::outcome_of(&errors);
+    }
+    #[allow(unreachable_code)]
+    Outcome::Pass
+}
+
+/// `sec_region_df` (review 11 F1): an NMI or #MC inside a critical region
+/// must not hand the region a direction flag (or TF, AC, NT) from its trap
+/// frame: no region runs with DF=1, and the Rust handlers a region calls
+/// (`sc_bp_handler`, `sc_exception_dispatch`, right after their `cld`)
+/// assume DF=0. The probe clears DF, takes a software NMI (then #MC) whose
+/// handler sets DF in its frame, and must get DF = 0 back.
+pub fn sec_region_df(st: &BootState) -> Outcome<'static> {
+    if let Some(o) = skip_without_shstk(st) {
+        return o;
+    }
+    if !HOOKS {
+        return Outcome::Skip("needs the test-hooks build");
+    }
+    #[cfg(feature = "test-hooks")]
+    {
+        let region = core::ptr::addr_of!(sc_isr_region_start) as u64..core::ptr::addr_of!(sc_isr_region_end) as u64;
+        let mut errors: Vec<String> = Vec::new();
+        for (name, vec, mc) in [("NMI", VEC_NMI, 0u64), ("#MC", VEC_MC, 1u64)] {
+            FORGE_DF.store(vec, Ordering::SeqCst);
+            // SAFETY: asm probe (kernel/asm/entry.S): clobbers RAX only and
+            // leaves DF clear; IF=0 so that only the probe's own event lands
+            // in the region.
+            let rflags = x86_64::instructions::interrupts::without_interrupts(|| unsafe { sc_t_df_probe(mc) });
+            let armed = FORGE_DF.swap(0, Ordering::SeqCst);
+            let rip = FORGED_DF_RIP.load(Ordering::SeqCst);
+            if armed != 0 {
+                errors.push(format!("the probe's {name} was not taken by the hook: the test tested nothing"));
+            } else if !region.contains(&rip) {
+                errors.push(format!("the {name} interrupted {rip:#x}, outside the region"));
+            } else if rflags & RFLAGS_DF != 0 {
+                errors.push(format!(
+                    "DF came back 1 from an {name} in the critical region at {rip:#x}: the forged RFLAGS"
+                ));
+            }
         }
         return super::outcome_of(&errors);
     }
