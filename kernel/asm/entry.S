@@ -274,6 +274,10 @@ sc_isr_cet_\vec:
     orq %rdx, %rax
     movq {FRAME_RFLAGS}(%rsp), %rcx
     andq $~{ARITH_FLAGS}, %rcx
+    /* No region runs with DF, TF, AC or NT set (nor calls Rust so): never
+     * from the frame (review 11 F1: a forged DF reached the Rust handlers
+     * a region calls right after its CLD). */
+    andq $~{REGION_CLEAR_FLAGS}, %rcx
     orq %rax, %rcx
     wrssq %rcx, %fs:\area+{SAVE_IRET}+16
     movq {FRAME_RSP}(%rsp), %rcx

@@ -78,6 +78,7 @@ core::arch::global_asm!(
     ARITH_FLAGS = const ARITH_FLAGS,
     LAHF_FLAGS = const LAHF_FLAGS,
     OF_BIT = const OF_BIT,
+    REGION_CLEAR_FLAGS = const REGION_CLEAR_FLAGS,
     MSR_FS_BASE = const 0xc000_0100u32,
     SAVE_AREA_NMI = const mm::SAVE_AREA_NMI,
     SAVE_AREA_MC = const mm::SAVE_AREA_MC,
@@ -99,6 +100,10 @@ const LAHF_FLAGS: u64 = 0xd5;
 /// across an NMI or #MC, given back from the save area (review 10 F1).
 const OF_BIT: u64 = 11;
 const ARITH_FLAGS: u64 = LAHF_FLAGS | 1 << OF_BIT;
+/// RFLAGS.TF, DF, NT and AC: clear in every critical region, so its
+/// NMI/#MC exit clears them rather than take them from the frame (review 11
+/// F1).
+const REGION_CLEAR_FLAGS: u64 = 1 << 8 | 1 << 10 | 1 << 14 | 1 << 18;
 
 // The layout the engine's #BP exits read (shadowcall `entry`, README "Use
 // it in your kernel"): link-time constants, next to `sc_stacks` and
