@@ -308,6 +308,7 @@ sc_isr_cet_\vec:
     movq %fs:\area+{SAVE_RBX}, %rbx
     movq %fs:\area+{SAVE_RAX}, %rax
     movq %fs:\area+{SAVE_IRET_PTR}, %rsp
+    NESTED_TEST_HOOK \vec, {NESTED_AT_IRET}
     iretq
 2:  ISR_EXIT
 .endm
@@ -404,6 +405,16 @@ sc_t_nested_probe:
 sc_t_flags_probe:
     xorl %eax, %eax                 /* ZF = 1 */
     int ${VEC_NMI}
+    setz %al
+    movzbl %al, %eax
+    ret
+
+/* sec_nested_iret_rsp (review 11 PoC): u64 sc_t_flags_probe_mc(void): as
+ * sc_t_flags_probe, with a software #MC instead of an NMI. */
+.globl sc_t_flags_probe_mc
+sc_t_flags_probe_mc:
+    xorl %eax, %eax                 /* ZF = 1 */
+    int ${VEC_MC}
     setz %al
     movzbl %al, %eax
     ret

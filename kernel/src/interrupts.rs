@@ -30,6 +30,9 @@ pub const NESTED_AT_ENTRY: u8 = 1;
 pub const NESTED_IN_SAVE: u8 = 2;
 /// In the middle of the NMI exit's restore (R15..R8 loaded, the rest not yet).
 pub const NESTED_IN_RESTORE: u8 = 3;
+/// Right before the exit's IRETQ, RSP already at the save area's IRET frame
+/// (review 11 F2).
+pub const NESTED_AT_IRET: u8 = 7;
 /// Added to a point: the #MC path raises a software NMI there instead.
 pub const NESTED_MC_OUTER: u8 = 3;
 /// `sc_t_nested_probe` loads `NESTED_PATTERN + i` into GPR i.
@@ -87,6 +90,7 @@ core::arch::global_asm!(
     NESTED_AT_ENTRY = const NESTED_AT_ENTRY,
     NESTED_IN_SAVE = const NESTED_IN_SAVE,
     NESTED_IN_RESTORE = const NESTED_IN_RESTORE,
+    NESTED_AT_IRET = const NESTED_AT_IRET,
     NESTED_PATTERN = const NESTED_PATTERN,
     NESTED_MC_OUTER = const NESTED_MC_OUTER,
     CR4_CET_BIT = const 23,

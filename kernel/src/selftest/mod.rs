@@ -241,6 +241,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("sec_nested_save", sec_nested::sec_nested_save),
     ("sec_region_flags", sec_nested::sec_region_flags),
     ("sec_region_df", sec_nested::sec_region_df),
+    ("sec_nested_iret_rsp", sec_nested::sec_nested_iret_rsp),
 ];
 
 /// Run every test and print the report. True when none failed.
