@@ -280,8 +280,19 @@ sc_isr_cet_\vec:
     andq $~{REGION_CLEAR_FLAGS}, %rcx
     orq %rax, %rcx
     wrssq %rcx, %fs:\area+{SAVE_IRET}+16
+    /* RSP the frame's, unless this event interrupted the other vector's
+     * final IRETQ (its RSP then points at that vector's WRSS-built IRET
+     * frame, and a forged one would hand its region forged flags: review
+     * 11 F2): then that pointer, from its area. */
     movq {FRAME_RSP}(%rsp), %rcx
-    wrssq %rcx, %fs:\area+{SAVE_IRET}+24
+    movq %fs:\area+{SAVE_IRET}, %rdx  /* the interrupted LIP */
+    cmpq $sc_isr_cet_iret_{VEC_NMI}, %rdx
+    jne 3f
+    movq %fs:{SAVE_AREA_NMI}+{SAVE_IRET_PTR}, %rcx
+3:  cmpq $sc_isr_cet_iret_{VEC_MC}, %rdx
+    jne 4f
+    movq %fs:{SAVE_AREA_MC}+{SAVE_IRET_PTR}, %rcx
+4:  wrssq %rcx, %fs:\area+{SAVE_IRET}+24
     movq {FRAME_SS}(%rsp), %rcx
     wrssq %rcx, %fs:\area+{SAVE_IRET}+32
     movl ${MSR_FS_BASE}, %ecx
@@ -309,6 +320,7 @@ sc_isr_cet_\vec:
     movq %fs:\area+{SAVE_RAX}, %rax
     movq %fs:\area+{SAVE_IRET_PTR}, %rsp
     NESTED_TEST_HOOK \vec, {NESTED_AT_IRET}
+sc_isr_cet_iret_\vec:
     iretq
 2:  ISR_EXIT
 .endm
