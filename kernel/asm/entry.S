@@ -274,10 +274,25 @@ sc_isr_cet_\vec:
     orq %rdx, %rax
     movq {FRAME_RFLAGS}(%rsp), %rcx
     andq $~{ARITH_FLAGS}, %rcx
+    /* No region runs with DF, TF, AC or NT set (nor calls Rust so): never
+     * from the frame (review 11 F1: a forged DF reached the Rust handlers
+     * a region calls right after its CLD). */
+    andq $~{REGION_CLEAR_FLAGS}, %rcx
     orq %rax, %rcx
     wrssq %rcx, %fs:\area+{SAVE_IRET}+16
+    /* RSP the frame's, unless this event interrupted the other vector's
+     * final IRETQ (its RSP then points at that vector's WRSS-built IRET
+     * frame, and a forged one would hand its region forged flags: review
+     * 11 F2): then that pointer, from its area. */
     movq {FRAME_RSP}(%rsp), %rcx
-    wrssq %rcx, %fs:\area+{SAVE_IRET}+24
+    movq %fs:\area+{SAVE_IRET}, %rdx  /* the interrupted LIP */
+    cmpq $sc_isr_cet_iret_{VEC_NMI}, %rdx
+    jne 3f
+    movq %fs:{SAVE_AREA_NMI}+{SAVE_IRET_PTR}, %rcx
+3:  cmpq $sc_isr_cet_iret_{VEC_MC}, %rdx
+    jne 4f
+    movq %fs:{SAVE_AREA_MC}+{SAVE_IRET_PTR}, %rcx
+4:  wrssq %rcx, %fs:\area+{SAVE_IRET}+24
     movq {FRAME_SS}(%rsp), %rcx
     wrssq %rcx, %fs:\area+{SAVE_IRET}+32
     movl ${MSR_FS_BASE}, %ecx
@@ -304,6 +319,8 @@ sc_isr_cet_\vec:
     movq %fs:\area+{SAVE_RBX}, %rbx
     movq %fs:\area+{SAVE_RAX}, %rax
     movq %fs:\area+{SAVE_IRET_PTR}, %rsp
+    NESTED_TEST_HOOK \vec, {NESTED_AT_IRET}
+sc_isr_cet_iret_\vec:
     iretq
 2:  ISR_EXIT
 .endm
@@ -402,6 +419,34 @@ sc_t_flags_probe:
     int ${VEC_NMI}
     setz %al
     movzbl %al, %eax
+    ret
+
+/* sec_nested_iret_rsp (review 11 PoC): u64 sc_t_flags_probe_mc(void): as
+ * sc_t_flags_probe, with a software #MC instead of an NMI. */
+.globl sc_t_flags_probe_mc
+sc_t_flags_probe_mc:
+    xorl %eax, %eax                 /* ZF = 1 */
+    int ${VEC_MC}
+    setz %al
+    movzbl %al, %eax
+    ret
+
+/* sec_region_df (review 11 PoC): u64 sc_t_df_probe(u64 mc): DF := 0, a
+ * software NMI (mc = 0) or #MC (mc != 0) inside this critical region (its
+ * handler sets DF in its trap frame, as an attacker who writes the IST
+ * stack would), then return the RFLAGS that came back, with DF cleared
+ * again. The caller keeps IF=0. */
+.globl sc_t_df_probe
+sc_t_df_probe:
+    cld
+    testq %rdi, %rdi
+    jnz 1f
+    int ${VEC_NMI}
+    jmp 2f
+1:  int ${VEC_MC}
+2:  pushfq
+    popq %rax
+    cld
     ret
 .endif
 sc_isr_region_end:

@@ -30,6 +30,9 @@ pub const NESTED_AT_ENTRY: u8 = 1;
 pub const NESTED_IN_SAVE: u8 = 2;
 /// In the middle of the NMI exit's restore (R15..R8 loaded, the rest not yet).
 pub const NESTED_IN_RESTORE: u8 = 3;
+/// Right before the exit's IRETQ, RSP already at the save area's IRET frame
+/// (review 11 F2).
+pub const NESTED_AT_IRET: u8 = 7;
 /// Added to a point: the #MC path raises a software NMI there instead.
 pub const NESTED_MC_OUTER: u8 = 3;
 /// `sc_t_nested_probe` loads `NESTED_PATTERN + i` into GPR i.
@@ -78,6 +81,7 @@ core::arch::global_asm!(
     ARITH_FLAGS = const ARITH_FLAGS,
     LAHF_FLAGS = const LAHF_FLAGS,
     OF_BIT = const OF_BIT,
+    REGION_CLEAR_FLAGS = const REGION_CLEAR_FLAGS,
     MSR_FS_BASE = const 0xc000_0100u32,
     SAVE_AREA_NMI = const mm::SAVE_AREA_NMI,
     SAVE_AREA_MC = const mm::SAVE_AREA_MC,
@@ -86,6 +90,7 @@ core::arch::global_asm!(
     NESTED_AT_ENTRY = const NESTED_AT_ENTRY,
     NESTED_IN_SAVE = const NESTED_IN_SAVE,
     NESTED_IN_RESTORE = const NESTED_IN_RESTORE,
+    NESTED_AT_IRET = const NESTED_AT_IRET,
     NESTED_PATTERN = const NESTED_PATTERN,
     NESTED_MC_OUTER = const NESTED_MC_OUTER,
     CR4_CET_BIT = const 23,
@@ -99,6 +104,10 @@ const LAHF_FLAGS: u64 = 0xd5;
 /// across an NMI or #MC, given back from the save area (review 10 F1).
 const OF_BIT: u64 = 11;
 const ARITH_FLAGS: u64 = LAHF_FLAGS | 1 << OF_BIT;
+/// RFLAGS.TF, DF, NT and AC: clear in every critical region, so its
+/// NMI/#MC exit clears them rather than take them from the frame (review 11
+/// F1).
+const REGION_CLEAR_FLAGS: u64 = 1 << 8 | 1 << 10 | 1 << 14 | 1 << 18;
 
 // The layout the engine's #BP exits read (shadowcall `entry`, README "Use
 // it in your kernel"): link-time constants, next to `sc_stacks` and

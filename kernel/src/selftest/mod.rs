@@ -240,6 +240,8 @@ const TESTS: &[(&str, TestFn)] = &[
     ("sec_poke_nmi_abort", nmi_tests::sec_poke_nmi_abort),
     ("sec_nested_save", sec_nested::sec_nested_save),
     ("sec_region_flags", sec_nested::sec_region_flags),
+    ("sec_region_df", sec_nested::sec_region_df),
+    ("sec_nested_iret_rsp", sec_nested::sec_nested_iret_rsp),
 ];
 
 /// Run every test and print the report. True when none failed.

@@ -51,6 +51,24 @@ static FORGED_ZF_RIP: AtomicU64 = AtomicU64::new(0);
 /// RFLAGS.ZF
 #[cfg(feature = "test-hooks")]
 const RFLAGS_ZF: u64 = 1 << 6;
+/// `sec_region_df` (review 11 F1): the vector (NMI or #MC) whose next
+/// event sets DF in its frame (0: none).
+#[cfg(feature = "test-hooks")]
+static FORGE_DF: AtomicU64 = AtomicU64::new(0);
+/// Where that event interrupted.
+#[cfg(feature = "test-hooks")]
+static FORGED_DF_RIP: AtomicU64 = AtomicU64::new(0);
+/// RFLAGS.DF
+#[cfg(feature = "test-hooks")]
+const RFLAGS_DF: u64 = 1 << 10;
+/// `sec_nested_iret_rsp` (review 11 F2): the vector whose next event,
+/// nested at the other vector's final IRETQ, points its frame's RSP at
+/// [`FAKE_IRET`] (0: none).
+#[cfg(feature = "test-hooks")]
+static FORGE_IRET_RSP: AtomicU64 = AtomicU64::new(0);
+/// The forged IRET frame: the outer exit's own, with ZF flipped.
+#[cfg(feature = "test-hooks")]
+static FAKE_IRET: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 static NESTED_RIP: AtomicU64 = AtomicU64::new(0);
 static OUTER_MC_TAKEN: AtomicU64 = AtomicU64::new(0);
 
@@ -63,6 +81,8 @@ extern "C" {
 extern "C" {
     fn sc_t_nested_probe(out: *mut [u64; 15], mc: u64);
     fn sc_t_flags_probe() -> u64;
+    fn sc_t_df_probe(mc: u64) -> u64;
+    fn sc_t_flags_probe_mc() -> u64;
 }
 
 #[cfg(feature = "test-hooks")]
@@ -86,10 +106,31 @@ pub fn nested_hook(frame: &mut shadowcall::frame::TrapFrame) -> bool {
     if v != VEC_NMI && v != VEC_MC {
         return false;
     }
+    if FORGE_IRET_RSP.compare_exchange(v, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+        // Nested at the outer exit's IRETQ: its RSP (this frame's) points at
+        // the outer IRET frame in the outer save area. The attacker, who
+        // writes this frame, points it at a copy with ZF flipped instead.
+        let outer = frame.rsp as *const u64;
+        for (i, w) in FAKE_IRET.iter().enumerate() {
+            // SAFETY: the outer save area's 5-word IRET frame (mapped, readable).
+            w.store(unsafe { outer.add(i).read_volatile() }, Ordering::SeqCst);
+        }
+        FAKE_IRET[2].fetch_xor(RFLAGS_ZF, Ordering::SeqCst);
+        FORGED_ZF_RIP.store(frame.rip, Ordering::SeqCst);
+        frame.rsp = FAKE_IRET.as_ptr() as u64;
+        NESTED_TAKEN.fetch_add(1, Ordering::SeqCst);
+        return true;
+    }
     if v == VEC_NMI && FORGE_ZF.swap(0, Ordering::SeqCst) != 0 {
         // The attacker flips ZF in the NMI's saved RFLAGS (review 10 F1).
         FORGED_ZF_RIP.store(frame.rip, Ordering::SeqCst);
         frame.rflags ^= RFLAGS_ZF;
+        return true;
+    }
+    if FORGE_DF.compare_exchange(v, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+        // The attacker sets DF in the event's saved RFLAGS (review 11 F1).
+        FORGED_DF_RIP.store(frame.rip, Ordering::SeqCst);
+        frame.rflags |= RFLAGS_DF;
         return true;
     }
     if NESTED_VEC.compare_exchange(v, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
@@ -215,6 +256,106 @@ pub fn sec_region_flags(st: &BootState) -> Outcome<'static> {
             errors.push(format!("the NMI interrupted {rip:#x}, outside the region"));
         } else if zf != 1 {
             errors.push(format!("ZF came back {zf} from an NMI in the critical region at {rip:#x}: the forged RFLAGS"));
+        }
+        return super::outcome_of(&errors);
+    }
+    #[allow(unreachable_code)]
+    Outcome::Pass
+}
+
+/// `sec_region_df` (review 11 F1): an NMI or #MC inside a critical region
+/// must not hand the region a direction flag (or TF, AC, NT) from its trap
+/// frame: no region runs with DF=1, and the Rust handlers a region calls
+/// (`sc_bp_handler`, `sc_exception_dispatch`, right after their `cld`)
+/// assume DF=0. The probe clears DF, takes a software NMI (then #MC) whose
+/// handler sets DF in its frame, and must get DF = 0 back.
+pub fn sec_region_df(st: &BootState) -> Outcome<'static> {
+    if let Some(o) = skip_without_shstk(st) {
+        return o;
+    }
+    if !HOOKS {
+        return Outcome::Skip("needs the test-hooks build");
+    }
+    #[cfg(feature = "test-hooks")]
+    {
+        let region = core::ptr::addr_of!(sc_isr_region_start) as u64..core::ptr::addr_of!(sc_isr_region_end) as u64;
+        let mut errors: Vec<String> = Vec::new();
+        for (name, vec, mc) in [("NMI", VEC_NMI, 0u64), ("#MC", VEC_MC, 1u64)] {
+            FORGE_DF.store(vec, Ordering::SeqCst);
+            // SAFETY: asm probe (kernel/asm/entry.S): clobbers RAX only and
+            // leaves DF clear; IF=0 so that only the probe's own event lands
+            // in the region.
+            let rflags = x86_64::instructions::interrupts::without_interrupts(|| unsafe { sc_t_df_probe(mc) });
+            let armed = FORGE_DF.swap(0, Ordering::SeqCst);
+            let rip = FORGED_DF_RIP.load(Ordering::SeqCst);
+            if armed != 0 {
+                errors.push(format!("the probe's {name} was not taken by the hook: the test tested nothing"));
+            } else if !region.contains(&rip) {
+                errors.push(format!("the {name} interrupted {rip:#x}, outside the region"));
+            } else if rflags & RFLAGS_DF != 0 {
+                errors.push(format!(
+                    "DF came back 1 from an {name} in the critical region at {rip:#x}: the forged RFLAGS"
+                ));
+            }
+        }
+        return super::outcome_of(&errors);
+    }
+    #[allow(unreachable_code)]
+    Outcome::Pass
+}
+
+/// `sec_nested_iret_rsp` (review 11 F2): a #MC (NMI) whose exit has loaded
+/// RSP with its save area's IRET frame and is about to IRETQ, interrupted
+/// there by an NMI (#MC): the nested exit gives the outer one its registers
+/// back from its own area, but RSP from its trap frame (ordinary memory). An
+/// attacker who points it at a copy of the outer IRET frame with ZF flipped
+/// hands the critical region the outer event interrupted a forged flag (the
+/// RIP check of IRET passes: the copy keeps LIP). The probe sets ZF, takes
+/// the outer event, and must get ZF = 1 back.
+pub fn sec_nested_iret_rsp(st: &BootState) -> Outcome<'static> {
+    if let Some(o) = skip_without_shstk(st) {
+        return o;
+    }
+    if !HOOKS {
+        return Outcome::Skip("needs the test-hooks build");
+    }
+    #[cfg(feature = "test-hooks")]
+    {
+        use crate::interrupts::NESTED_AT_IRET;
+        let region = core::ptr::addr_of!(sc_isr_region_start) as u64..core::ptr::addr_of!(sc_isr_region_end) as u64;
+        let mut errors: Vec<String> = Vec::new();
+        for (outer, nested) in [(VEC_MC, VEC_NMI), (VEC_NMI, VEC_MC)] {
+            let name = |v| if v == VEC_NMI { "NMI" } else { "#MC" };
+            let taken0 = NESTED_TAKEN.load(Ordering::SeqCst);
+            FORGE_IRET_RSP.store(nested, Ordering::SeqCst);
+            OUTER_MC.store((outer == VEC_MC) as u64, Ordering::SeqCst);
+            let at = if outer == VEC_MC { NESTED_AT_IRET + NESTED_MC_OUTER } else { NESTED_AT_IRET };
+            SC_T_NESTED.store(at, Ordering::SeqCst);
+            // SAFETY: asm probes (kernel/asm/entry.S): clobber RAX only; IF=0
+            // so that only the probe's own events land in the region.
+            let zf = x86_64::instructions::interrupts::without_interrupts(|| unsafe {
+                if outer == VEC_MC {
+                    sc_t_flags_probe_mc()
+                } else {
+                    sc_t_flags_probe()
+                }
+            });
+            SC_T_NESTED.store(0, Ordering::SeqCst);
+            OUTER_MC.store(0, Ordering::SeqCst);
+            let armed = FORGE_IRET_RSP.swap(0, Ordering::SeqCst);
+            let rip = FORGED_ZF_RIP.load(Ordering::SeqCst);
+            if armed != 0 || NESTED_TAKEN.load(Ordering::SeqCst) == taken0 {
+                errors.push(format!("the nested {} was not taken: the test tested nothing", name(nested)));
+            } else if !region.contains(&rip) {
+                errors.push(format!("the nested {} interrupted {rip:#x}, outside the region", name(nested)));
+            } else if zf != 1 {
+                errors.push(format!(
+                    "ZF came back {zf} from a {} whose exit's IRETQ a {} interrupted (at {rip:#x}): RSP from the \
+                     nested frame",
+                    name(outer),
+                    name(nested)
+                ));
+            }
         }
         return super::outcome_of(&errors);
     }
