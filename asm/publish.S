@@ -5,7 +5,11 @@
  * with the other writers excluded (the reference kernel's poke.S
  * sc_poke_publish); a host that writes the area from Rust calls this
  * before it writes the magic word, with no other writer of the area
- * running (the example kernel: one CPU, interrupts off). */
+ * running (the example kernel: one CPU, interrupts off). Its verdict is a
+ * return value: it must not cross an interrupt whose trap frame an attacker
+ * can write (an NMI with forged registers) between this check and the magic
+ * word's write; a host with such interrupts decides in asm, as above
+ * (review 11 F3). */
 
 .pushsection .text, "ax"
 

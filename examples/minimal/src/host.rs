@@ -231,6 +231,13 @@ fn poke_one(p: Poke<'_>) {
                 println!("# PANIC: poke: {} bytes at offset {offset:#x} outside the sealed area", bytes.len());
                 crate::exit(false)
             }
+            // Never under a published (or claimed) batch: the #BP fast path
+            // trusts a live one as it was checked (review 11 F3).
+            // SAFETY: the sealed area's first word, mapped read-only.
+            if unsafe { (sealed as *const u64).read_volatile() } != 0 {
+                println!("# PANIC: poke: the sealed area written while its magic word is set");
+                crate::exit(false)
+            }
             alias_write(sealed + offset, bytes);
         }
         Poke::Publish => {
