@@ -93,6 +93,38 @@
  * 8-aligned), so the slot R-8 lies on this stack above the frame (else the
  * handler); then [R-8] := S+5 (rbp = S), RSP := R-8, RIP := T (r8). rax :=
  * S+5. Clobbers rcx, rdx. */
+/* SHADOW_GAP_REBUILD f, t, cs, ret, tmp: the shadow gap's writes (DESIGN
+ * §7.3), for the shadow frame at F (`f`, from RDSSP) of a trap at S: one
+ * call with a non-zero displacement takes a shadow slot (SSP = F-8), its
+ * normal-stack copy is dropped, and the frame is rebuilt one slot lower:
+ *   [F-8] = F+16 (previous SSP)  [F] = T (LIP)  [F+8] = CS
+ *   [F+16] = S+5 (`ret`: the emulated call's shadow slot)
+ * IRET pops that frame and leaves SSP = F+16 with S+5 on top. Clobbers
+ * `tmp`. */
+.macro SHADOW_GAP_REBUILD f, t, cs, ret, tmp
+    call .Lsg_slot\@
+    int3
+.Lsg_slot\@:
+    addq $8, %rsp
+    leaq 16(\f), \tmp
+    wrssq \tmp, -8(\f)
+    wrssq \t, (\f)
+    wrssq \cs, 8(\f)
+    wrssq \ret, 16(\f)
+.endm
+
+/* HOOK_NMI flag: self-test builds only: a (software) NMI right here, once,
+ * if the hook byte `flag` is set (its handler forges the frame). */
+.macro HOOK_NMI flag
+.if {TEST_HOOKS}
+    cmpb $0, \flag(%rip)
+    je .Lhook_nmi\@
+    movb $0, \flag(%rip)
+    int $2
+.Lhook_nmi\@:
+.endif
+.endm
+
 /* RECORD_CLAIM ssp, end, tmp, fail: rdi (a CPU's record page) := its
  * first record that is free or bound to `ssp` (left by an abandoned
  * emulation at the same SSP); `fail` if none. Clobbers `end`, `tmp`. */
@@ -223,14 +255,8 @@ sc_bp_fast:
      * be forged), and whether F is on its NMI shadow stack: a #BP inside an
      * NMI handler returns without IRET (sc_bp_fast_return, §8.3). The mark
      * is r9 (a register: review 10 F6), kept to the return. */
-    leaq sc_stacks(%rip), %rcx
     movq %rsi, %rax
-    subq %rcx, %rax
-    jb sc_bp_slow
-    xorl %edx, %edx
-    divq sc_cpu_stacks_size(%rip)
-    cmpq $SC_MAX_CPUS, %rax
-    jae sc_bp_slow
+    STACK_CPU sc_bp_slow            /* rdx := F's offset in the area */
     subq $SC_NMI_SHSTK_OFF, %rdx
     cmpq $SC_NMI_SHSTK_SIZE, %rdx
     sbbq %r9, %r9                   /* in an NMI: r9 = -1 (no IRET), else 0 */
@@ -253,14 +279,7 @@ sc_bp_fast:
 sc_bp_fast_lookup:
     FAST_LOOKUP sc_bp_fast_out
 sc_bp_fast_kind:
-.if {TEST_HOOKS}
-    /* sec_fast_path: an NMI right here, whose frame the test forges. */
-    cmpb $0, SC_T_FAST_NMI(%rip)
-    je 8f
-    movb $0, SC_T_FAST_NMI(%rip)
-    int $2
-8:
-.endif
+    HOOK_NMI SC_T_FAST_NMI          /* sec_fast_path */
     movq {IN_EXIT}(%rdi), %rax      /* the entry's last read is done */
     decq %rax
     wrssq %rax, {IN_EXIT}(%rdi)
@@ -312,18 +331,8 @@ sc_bp_fast_call:
     testl $0xff8, %esi
     jz sc_bp_slow
     FAST_PUSH
-    /* One call with a non-zero displacement takes a shadow slot (SSP =
-     * F-8), its normal-stack copy is dropped, and the frame is rebuilt one
-     * slot lower: [F-8] = F+16, [F] = T, [F+8] = CS, [F+16] = S+5. */
     movq 16(%rsi), %rdx             /* CS, from the shadow frame */
-    call 1f
-    int3
-1:  addq $8, %rsp
-    leaq 16(%rsi), %rcx
-    wrssq %rcx, -8(%rsi)
-    wrssq %r8, (%rsi)
-    wrssq %rdx, 8(%rsi)
-    wrssq %rax, 16(%rsi)
+    SHADOW_GAP_REBUILD %rsi, %r8, %rdx, %rax, %rcx
     jmp sc_bp_fast_return
 
 sc_bp_fast_tramp1:
@@ -601,14 +610,9 @@ sc_bpx_plain:
     RECORD_PAGE %rdi, sc_bpx_refuse
 .endm
 
-/* Shadow gap: emulate `call T` at site S with one trap. After the checks,
- * one call with a non-zero displacement takes a shadow slot (SSP = F-8),
- * its normal-stack copy is dropped, and the frame is rebuilt one slot
- * lower:
- *   [F-8] = F+16 (previous SSP)  [F] = T (LIP)  [F+8] = CS
- *   [F+16] = S+5 (the emulated call's shadow slot)
- * IRET pops that frame and leaves SSP = F+16 with S+5 on top; the handler
- * stored the same S+5 on the normal stack, in the stub's gap. */
+/* Shadow gap: emulate `call T` at site S with one trap: after the checks,
+ * SHADOW_GAP_REBUILD; the handler stored the same S+5 on the normal stack,
+ * in the stub's gap. */
 sc_bpx_call_sg:
     BPX_FRAME
     BPX_ENTRY {KIND_CALL}
@@ -618,22 +622,8 @@ sc_bpx_call_sg:
     jne sc_bpx_refuse
     leaq 4(%r9), %rax               /* S+5 = LIP+4 */
     movq 16(%r8), %rdx              /* CS, from the shadow frame */
-.if {TEST_HOOKS}
-    /* sec_exit_nmi_regs: an NMI right here, whose frame the test forges. */
-    cmpb $0, SC_T_EXIT_NMI(%rip)
-    je 8f
-    movb $0, SC_T_EXIT_NMI(%rip)
-    int $2
-8:
-.endif
-    call 1f
-    int3
-1:  addq $8, %rsp
-    leaq 16(%r8), %rsi
-    wrssq %rsi, -8(%r8)
-    wrssq %rcx, (%r8)
-    wrssq %rdx, 8(%r8)
-    wrssq %rax, 16(%r8)
+    HOOK_NMI SC_T_EXIT_NMI          /* sec_exit_nmi_regs */
+    SHADOW_GAP_REBUILD %r8, %rcx, %rdx, %rax, %rsi
     jmp sc_bp_return
 
 /* `jmp T`, and `call T` the classic way (the negative control: shadow stack
@@ -948,9 +938,6 @@ sc_bpx_region_end:
 /* #BP exit actions, indexed by shadowcall::engine::Action (Plain = 0). */
 .pushsection .rodata
 .align 8
-/* SC_CPU_STACKS_SIZE as a memory operand (the fast path's DIV). */
-sc_cpu_stacks_size:
-    .quad SC_CPU_STACKS_SIZE
 /* The host's optional probe int3 (0 without one: no trap is at 0+1). */
 .weak sc_bp_probe
 .globl sc_bp_probe_ref
@@ -976,4 +963,6 @@ sc_bpx_table:
 .purgem FAST_POP
 .purgem RECORD_CLAIM
 .purgem RECORD_FIND
+.purgem SHADOW_GAP_REBUILD
+.purgem HOOK_NMI
 .purgem FAST_LOOKUP

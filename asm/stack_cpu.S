@@ -6,14 +6,18 @@
 
 /* STACK_CPU fail: rax (an address in the static stack area: an SSP, or an
  * RSP on an AP or IST stack) := the CPU whose stack area holds it. Jumps to
- * `fail` outside the area. Clobbers rcx, rdx. */
+ * `fail` outside the area; rdx := its offset in that area. Clobbers rcx. */
 .macro STACK_CPU fail
+    .pushsection .rodata
+    .balign 8
+.Lstack_cpu_size\@:                /* the DIV's memory operand */
+    .quad SC_CPU_STACKS_SIZE
+    .popsection
     leaq sc_stacks(%rip), %rcx
     subq %rcx, %rax
     jb \fail
     xorl %edx, %edx
-    movq $SC_CPU_STACKS_SIZE, %rcx
-    divq %rcx
+    divq .Lstack_cpu_size\@(%rip)
     cmpq $SC_MAX_CPUS, %rax
     jae \fail
 .endm
