@@ -38,6 +38,9 @@ pub mod site_tests;
 pub mod smp_tests;
 
 use core::mem::offset_of;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use spin::Mutex;
 
 use shadowcall_support::ktap::{Ktap, Outcome};
 
@@ -131,6 +134,48 @@ pub fn tlog() -> TargetLog {
 pub fn tlog_reset() {
     // SAFETY: as above.
     unsafe { core::ptr::addr_of_mut!(SC_TLOG).write_volatile(TargetLog::default()) }
+}
+
+/// Spins the helper CPU of [`lowered_during`] waits before it lowers its word.
+const HOLD_SPINS: u64 = 200_000;
+/// [`lowered_during`]'s operation has started.
+static HOLD_GO: AtomicBool = AtomicBool::new(false);
+/// The helper CPU has lowered its word.
+static HOLD_LOWERED: AtomicBool = AtomicBool::new(false);
+/// How the helper CPU lowers its word (given its index).
+static HOLD_LOWER: Mutex<Option<fn(usize)>> = Mutex::new(None);
+
+/// On the helper CPU: a while after the operation started, lower its word.
+fn hold_then_lower(_: u64) {
+    while !HOLD_GO.load(Ordering::SeqCst) {
+        core::hint::spin_loop();
+    }
+    for _ in 0..HOLD_SPINS {
+        core::hint::spin_loop();
+    }
+    if let Some(lower) = *HOLD_LOWER.lock() {
+        lower(this_cpu().index);
+    }
+    HOLD_LOWERED.store(true, Ordering::SeqCst);
+}
+
+/// Run `op` on this CPU while CPU `w` keeps a word of its own raised (the
+/// caller raised it: an in-exit count, a writer word) and lowers it with
+/// `lower`, on its own CPU, a while after `op` started. Returns `op`'s
+/// result and whether the word was lowered before `op` returned (an `op`
+/// that waits for the word must see that).
+pub fn lowered_during<R>(w: usize, lower: fn(usize), op: impl FnOnce() -> R) -> (R, bool) {
+    *HOLD_LOWER.lock() = Some(lower);
+    HOLD_LOWERED.store(false, Ordering::SeqCst);
+    HOLD_GO.store(false, Ordering::SeqCst);
+    let t = crate::smp::run_on(w, hold_then_lower, 0);
+    HOLD_GO.store(true, Ordering::SeqCst);
+    let r = op();
+    // Read right after `op` returned: the lowering must have come first.
+    let lowered = HOLD_LOWERED.load(Ordering::SeqCst);
+    crate::smp::wait(w, t);
+    HOLD_GO.store(false, Ordering::SeqCst);
+    (r, lowered)
 }
 
 /// FNV-1a over kernel text, leaving out `[skip, skip + SITE_LEN)` (pass

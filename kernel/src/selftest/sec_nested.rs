@@ -226,6 +226,29 @@ pub fn sec_nested_save(st: &BootState) -> Outcome<'static> {
     super::outcome_of(&errors)
 }
 
+/// The verdict of a region probe whose event (`what`) a hook forged: the
+/// event was taken (`taken`, else the test tested nothing), it interrupted
+/// the critical region (at `rip`), and the probe got back what it had
+/// (`kept`; else `forged` says what came back).
+#[cfg(feature = "test-hooks")]
+fn region_probe_verdict(
+    what: &str,
+    taken: bool,
+    rip: u64,
+    kept: bool,
+    errors: &mut Vec<String>,
+    forged: impl FnOnce() -> String,
+) {
+    let region = core::ptr::addr_of!(sc_isr_region_start) as u64..core::ptr::addr_of!(sc_isr_region_end) as u64;
+    if !taken {
+        errors.push(format!("the {what} was not taken by the hook: the test tested nothing"));
+    } else if !region.contains(&rip) {
+        errors.push(format!("the {what} interrupted {rip:#x}, outside the region"));
+    } else if !kept {
+        errors.push(forged());
+    }
+}
+
 /// `sec_region_flags` (review 10 F1): an NMI inside a critical region gets
 /// its GPRs back from the WRSS-only save page, and its arithmetic flags too
 /// (taken in registers at its entry): not from its trap frame (ordinary
@@ -242,7 +265,6 @@ pub fn sec_region_flags(st: &BootState) -> Outcome<'static> {
     }
     #[cfg(feature = "test-hooks")]
     {
-        let region = core::ptr::addr_of!(sc_isr_region_start) as u64..core::ptr::addr_of!(sc_isr_region_end) as u64;
         FORGE_ZF.store(1, Ordering::SeqCst);
         // SAFETY: asm probe (kernel/asm/entry.S): clobbers RAX only; IF=0
         // so that only the probe's own NMI lands in the region.
@@ -250,13 +272,9 @@ pub fn sec_region_flags(st: &BootState) -> Outcome<'static> {
         let armed = FORGE_ZF.swap(0, Ordering::SeqCst);
         let rip = FORGED_ZF_RIP.load(Ordering::SeqCst);
         let mut errors: Vec<String> = Vec::new();
-        if armed != 0 {
-            errors.push(String::from("the probe's NMI was not taken by the hook: the test tested nothing"));
-        } else if !region.contains(&rip) {
-            errors.push(format!("the NMI interrupted {rip:#x}, outside the region"));
-        } else if zf != 1 {
-            errors.push(format!("ZF came back {zf} from an NMI in the critical region at {rip:#x}: the forged RFLAGS"));
-        }
+        region_probe_verdict("probe's NMI", armed == 0, rip, zf == 1, &mut errors, || {
+            format!("ZF came back {zf} from an NMI in the critical region at {rip:#x}: the forged RFLAGS")
+        });
         return super::outcome_of(&errors);
     }
     #[allow(unreachable_code)]
@@ -278,7 +296,6 @@ pub fn sec_region_df(st: &BootState) -> Outcome<'static> {
     }
     #[cfg(feature = "test-hooks")]
     {
-        let region = core::ptr::addr_of!(sc_isr_region_start) as u64..core::ptr::addr_of!(sc_isr_region_end) as u64;
         let mut errors: Vec<String> = Vec::new();
         for (name, vec, mc) in [("NMI", VEC_NMI, 0u64), ("#MC", VEC_MC, 1u64)] {
             FORGE_DF.store(vec, Ordering::SeqCst);
@@ -288,15 +305,14 @@ pub fn sec_region_df(st: &BootState) -> Outcome<'static> {
             let rflags = x86_64::instructions::interrupts::without_interrupts(|| unsafe { sc_t_df_probe(mc) });
             let armed = FORGE_DF.swap(0, Ordering::SeqCst);
             let rip = FORGED_DF_RIP.load(Ordering::SeqCst);
-            if armed != 0 {
-                errors.push(format!("the probe's {name} was not taken by the hook: the test tested nothing"));
-            } else if !region.contains(&rip) {
-                errors.push(format!("the {name} interrupted {rip:#x}, outside the region"));
-            } else if rflags & RFLAGS_DF != 0 {
-                errors.push(format!(
-                    "DF came back 1 from an {name} in the critical region at {rip:#x}: the forged RFLAGS"
-                ));
-            }
+            region_probe_verdict(
+                &format!("probe's {name}"),
+                armed == 0,
+                rip,
+                rflags & RFLAGS_DF == 0,
+                &mut errors,
+                || format!("DF came back 1 from an {name} in the critical region at {rip:#x}: the forged RFLAGS"),
+            );
         }
         return super::outcome_of(&errors);
     }
@@ -322,7 +338,6 @@ pub fn sec_nested_iret_rsp(st: &BootState) -> Outcome<'static> {
     #[cfg(feature = "test-hooks")]
     {
         use crate::interrupts::NESTED_AT_IRET;
-        let region = core::ptr::addr_of!(sc_isr_region_start) as u64..core::ptr::addr_of!(sc_isr_region_end) as u64;
         let mut errors: Vec<String> = Vec::new();
         for (outer, nested) in [(VEC_MC, VEC_NMI), (VEC_NMI, VEC_MC)] {
             let name = |v| if v == VEC_NMI { "NMI" } else { "#MC" };
@@ -344,18 +359,15 @@ pub fn sec_nested_iret_rsp(st: &BootState) -> Outcome<'static> {
             OUTER_MC.store(0, Ordering::SeqCst);
             let armed = FORGE_IRET_RSP.swap(0, Ordering::SeqCst);
             let rip = FORGED_ZF_RIP.load(Ordering::SeqCst);
-            if armed != 0 || NESTED_TAKEN.load(Ordering::SeqCst) == taken0 {
-                errors.push(format!("the nested {} was not taken: the test tested nothing", name(nested)));
-            } else if !region.contains(&rip) {
-                errors.push(format!("the nested {} interrupted {rip:#x}, outside the region", name(nested)));
-            } else if zf != 1 {
-                errors.push(format!(
+            let taken = armed == 0 && NESTED_TAKEN.load(Ordering::SeqCst) != taken0;
+            region_probe_verdict(&format!("nested {}", name(nested)), taken, rip, zf == 1, &mut errors, || {
+                format!(
                     "ZF came back {zf} from a {} whose exit's IRETQ a {} interrupted (at {rip:#x}): RSP from the \
                      nested frame",
                     name(outer),
                     name(nested)
-                ));
-            }
+                )
+            });
         }
         return super::outcome_of(&errors);
     }

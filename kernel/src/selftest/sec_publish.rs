@@ -13,7 +13,6 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::mem::{offset_of, size_of};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use shadowcall::patch::{
     build_batch, NewInsn, SealedBatch, SealedEntry, SealedHeader, SEALED_MAGIC, SEALED_PENDING, SITE_LEN,
@@ -247,26 +246,6 @@ pub fn sec_publish_unverified(_st: &BootState) -> Outcome<'static> {
     super::outcome_of(&errors)
 }
 
-/// The helper CPU's simulated sealed writer: 1 in flight, 2 ended.
-static HELD_WRITER: AtomicU64 = AtomicU64::new(0);
-/// The publisher is about to start.
-static PUBLISH_GO: AtomicBool = AtomicBool::new(false);
-/// Spins the helper waits before its writer ends.
-const WRITER_HOLD_SPINS: u64 = 200_000;
-
-/// On the helper CPU: its sealed writer (writer word 1) is in flight until
-/// a while after the publisher started; then it ends (word 0, on its CPU).
-fn hold_writer(_: u64) {
-    while !PUBLISH_GO.load(Ordering::SeqCst) {
-        core::hint::spin_loop();
-    }
-    for _ in 0..WRITER_HOLD_SPINS {
-        core::hint::spin_loop();
-    }
-    test_set_writer(this_cpu().index, 0);
-    HELD_WRITER.store(2, Ordering::SeqCst);
-}
-
 /// The publisher excludes the sealed-area writers, and they it: with a
 /// writer word raised (this CPU's; another CPU's) the publication waits,
 /// then refuses with the magic word back to 0; with another CPU's writer
@@ -306,17 +285,11 @@ pub fn sec_publish_exclusive(_st: &BootState) -> Outcome<'static> {
         if let Some(w) = other {
             test_set_writer(w, 1);
             publish_refused(&format!("CPU {w}'s writer word set"), &mut errors);
-            // CPU w's writer ends while the publisher waits.
-            HELD_WRITER.store(1, Ordering::SeqCst);
-            PUBLISH_GO.store(false, Ordering::SeqCst);
-            let t = crate::smp::run_on(w, hold_writer, 0);
-            PUBLISH_GO.store(true, Ordering::SeqCst);
-            let r = poke(mm::Poke::Publish);
-            let held = HELD_WRITER.load(Ordering::SeqCst);
-            crate::smp::wait(w, t);
+            // CPU w's writer ends (word 0, on its CPU) while the publisher waits.
+            let (r, ended) = super::lowered_during(w, |cpu| test_set_writer(cpu, 0), || poke(mm::Poke::Publish));
             match r {
-                Ok(()) if held == 2 && magic() == SEALED_MAGIC => {}
-                Ok(()) if held != 2 => errors.push(format!("CPU {w}'s writer in flight: published without waiting")),
+                Ok(()) if ended && magic() == SEALED_MAGIC => {}
+                Ok(()) if !ended => errors.push(format!("CPU {w}'s writer in flight: published without waiting")),
                 other => errors.push(format!("CPU {w}'s writer ended: expected the publication, got {other:?}")),
             }
             if crate::records::writer_word(w) != 0 {

@@ -647,6 +647,21 @@ pub fn sec_poke_forged_entry(_st: &BootState) -> Outcome<'static> {
 
 // ---- sec_exit_nmi_regs --------------------------------------------------------
 
+/// After calls in which an NMI's forged registers aimed at the victim slots
+/// (`before`: their values before): the slots untouched, this CPU's register
+/// save (`cpu`) unbound, and the test site restored.
+fn after_forged_nmi(before: &[u64; 4], cpu: usize, errors: &mut Vec<String>) {
+    if victim_slots() != *before {
+        errors.push(format!("the forged registers steered a WRSS: {before:x?} -> {:x?}", victim_slots()));
+    }
+    if cet::read_slot(mm::irq_save_page(cpu) + shadowcall::emul::save::BOUND) != 0 {
+        errors.push(String::from("the register save was left bound"));
+    }
+    if patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {}).is_err() {
+        errors.push(String::from("restore failed"));
+    }
+}
+
 /// Call the test site's function while the batch makes the site `call
 /// target b`, with the hook flags `armed` set around the call: it must not
 /// fault, and target b must run once and return to the site + 5.
@@ -700,15 +715,7 @@ pub fn sec_exit_nmi_regs(st: &BootState) -> Outcome<'static> {
     if c.counters.nmis.load(Ordering::SeqCst) == nmis0 {
         errors.push(String::from("no NMI was taken inside the exit: the test tested nothing"));
     }
-    if victim_slots() != before {
-        errors.push(format!("the forged registers steered a WRSS: {before:x?} -> {:x?}", victim_slots()));
-    }
-    if cet::read_slot(mm::irq_save_page(c.index) + shadowcall::emul::save::BOUND) != 0 {
-        errors.push(String::from("the register save was left bound"));
-    }
-    if patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {}).is_err() {
-        errors.push(String::from("restore failed"));
-    }
+    after_forged_nmi(&before, c.index, &mut errors);
     super::outcome_of(&errors)
 }
 
@@ -769,15 +776,7 @@ pub fn sec_fast_path(st: &BootState) -> Outcome<'static> {
             errors.push(format!("{strategy:?}: no NMI was taken inside the fast path: the test tested nothing"));
         }
     }
-    if victim_slots() != before {
-        errors.push(format!("the forged registers steered a WRSS: {before:x?} -> {:x?}", victim_slots()));
-    }
-    if cet::read_slot(mm::irq_save_page(c.index) + shadowcall::emul::save::BOUND) != 0 {
-        errors.push(String::from("the register save was left bound"));
-    }
-    if patching::patch(&[(site(), NewInsn::Call(target(0)))], |_| {}).is_err() {
-        errors.push(String::from("restore failed"));
-    }
+    after_forged_nmi(&before, c.index, &mut errors);
     super::outcome_of(&errors)
 }
 
@@ -933,26 +932,6 @@ pub fn sec_seal_unverified(st: &BootState) -> Outcome<'static> {
 
 // ---- sec_unseal_in_exit --------------------------------------------------------
 
-/// Spins the helper CPU waits before it ends its simulated exit.
-const EXIT_HOLD_SPINS: u64 = 200_000;
-/// The helper's simulated exit: 1 held, 2 ended.
-static HELD_EXIT: AtomicU64 = AtomicU64::new(0);
-/// The writer is about to start.
-static WRITER_GO: AtomicBool = AtomicBool::new(false);
-
-/// On the helper CPU: its exit (in-exit count 1) is in flight until a while
-/// after the writer started; then it ends (count 0, with WRSS, on its own CPU).
-fn hold_exit(_: u64) {
-    while !WRITER_GO.load(Ordering::SeqCst) {
-        core::hint::spin_loop();
-    }
-    for _ in 0..EXIT_HOLD_SPINS {
-        core::hint::spin_loop();
-    }
-    test_set_in_exit(this_cpu().index, 0);
-    HELD_EXIT.store(2, Ordering::SeqCst);
-}
-
 /// The sealed area is not rewritten while a #BP exit may still read the
 /// previous batch's entries: with an in-exit count set (the WRSS-only word
 /// on a CPU's record page an exit raises before its `LIVE_ENTRY`), the
@@ -999,18 +978,12 @@ pub fn sec_unseal_in_exit(st: &BootState) -> Outcome<'static> {
     // 2. Another CPU's exit in flight, ending while the writer waits.
     let other = crate::percpu::online().map(|c| c.index).find(|&i| i != me);
     if let Some(w) = other {
-        HELD_EXIT.store(1, Ordering::SeqCst);
-        WRITER_GO.store(false, Ordering::SeqCst);
         test_set_in_exit(w, 1);
-        let t = crate::smp::run_on(w, hold_exit, 0);
-        WRITER_GO.store(true, Ordering::SeqCst);
-        let r = write(&changed);
-        // Read right after the write returned: it must not have finished first.
-        let held = HELD_EXIT.load(Ordering::SeqCst);
-        crate::smp::wait(w, t);
+        // Its exit ends (count 0, with WRSS, on its own CPU) while the writer waits.
+        let (r, ended) = super::lowered_during(w, |cpu| test_set_in_exit(cpu, 0), || write(&changed));
         match r {
-            Ok(_) if held == 2 && read() == u64::from_ne_bytes(changed) => {}
-            Ok(_) if held != 2 => errors.push(format!("CPU {w}'s exit in flight: the writer did not wait for it")),
+            Ok(_) if ended && read() == u64::from_ne_bytes(changed) => {}
+            Ok(_) if !ended => errors.push(format!("CPU {w}'s exit in flight: the writer did not wait for it")),
             other => errors.push(format!("CPU {w}'s exit ended: expected the write, got {other:?}")),
         }
         if crate::records::in_exit_count(w) != 0 {
